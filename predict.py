@@ -1,0 +1,117 @@
+"""Grade colonoscopy images with a model trained by qq.py.
+
+    python predict.py image.jpg                         # uses best.pt of the newest run under outputs/
+    python predict.py a.jpg b.png folder/ --weights outputs/train2/best.pt
+    python predict.py folder/ --json > grades.json      # machine-readable output
+    python predict.py image.jpg --cam heatmaps/         # also write a Grad-CAM overlay per image
+
+Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
+cannot be read are reported and skipped; the exit code is 1 if any failed.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ucgrade.data import IMAGE_EXTENSIONS, UnreadableImage
+from ucgrade.device import PRECISIONS, choose_device, choose_precision
+from ucgrade.engine import predict_probabilities
+from ucgrade.errors import UserError, run_cli
+from ucgrade.model import load_checkpoint, model_from_checkpoint
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Grade colonoscopy images with a model trained by qq.py.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    parser.add_argument("--weights", default=None, help="a best.pt or last.pt written by qq.py (default: best.pt of the newest run under --out)")
+    parser.add_argument("--out", default="outputs", help="where to look for the newest run when --weights is not given (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where supported, as in training (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    parser.add_argument("--cam", default=None, metavar="DIR", help="write a Grad-CAM overlay of the predicted grade for each image into DIR")
+    return parser
+
+
+def newest_checkpoint(out_dir):
+    """best.pt of the most recently written run folder under out_dir."""
+    candidates = sorted(Path(out_dir).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt.")
+    return candidates[-1]
+
+
+def collect_images(inputs):
+    """(image paths, errors): folders are searched for images, files are taken as they are."""
+    images, errors = [], []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            if not found:
+                errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
+            images.extend(found)
+        elif path.exists():
+            images.append(path)
+        else:
+            errors.append((name, "no such file or folder"))
+    return images, errors
+
+
+def unique_path(folder, stem):
+    path = folder / f"{stem}_cam.png"
+    k = 2
+    while path.exists():  # never overwrite an earlier overlay
+        path = folder / f"{stem}_cam{k}.png"
+        k += 1
+    return path
+
+
+def main(args):
+    weights = Path(args.weights) if args.weights else newest_checkpoint(args.out)
+    if not args.weights:
+        print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)
+    device = choose_device(args.device)
+    precision = choose_precision(device, args.precision)
+    checkpoint = load_checkpoint(weights)
+    model = model_from_checkpoint(checkpoint, weights).to(device).eval()
+    class_names, img_size = checkpoint["class_names"], checkpoint["img_size"]
+    cam_dir = Path(args.cam) if args.cam else None
+    if cam_dir is not None:
+        if cam_dir.exists() and not cam_dir.is_dir():
+            raise UserError(f"--cam '{cam_dir}' is a file; give a folder for the Grad-CAM overlays.")
+        cam_dir.mkdir(parents=True, exist_ok=True)
+
+    images, errors = collect_images(args.inputs)
+    for name, reason in errors:
+        print(f"error: {name}: {reason}", file=sys.stderr)
+    results = []
+    for path in images:
+        try:
+            grade, probabilities = predict_probabilities(path, model, device, class_names, img_size, precision)
+            result = {"path": str(path), "grade": grade, "probability": probabilities[grade], "probabilities": probabilities}
+            if cam_dir is not None:
+                from ucgrade.cam import cam_overlay
+
+                overlay, _, _ = cam_overlay(model, path, img_size, class_names)
+                result["cam"] = str(unique_path(cam_dir, path.stem))
+                overlay.save(result["cam"])
+        except UnreadableImage as error:
+            errors.append((str(path), str(error)))
+            print(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        results.append(result)
+        if not args.json:
+            others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
+            print(f"{path}: {grade} (p={probabilities[grade]:.2f})  {others}", flush=True)
+
+    if args.json:
+        print(json.dumps({"weights": str(weights), "class_names": class_names, "predictions": results, "errors": [{"path": n, "error": r} for n, r in errors]}, indent=2))
+    if errors:
+        print(f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))

@@ -1,0 +1,479 @@
+"""Fine-tune an ImageNet ResNet50 to grade the endoscopic severity of ulcerative colitis.
+
+Put the images in data/<grade>/<image> (one sub-folder per grade, in grade order), then:
+
+    python qq.py                                       # train on data/ with the method's defaults
+    python qq.py --epochs 3 --img-size 128             # a quick run on a CPU
+    python qq.py --data /path/to/images --remission-upto mayo1
+    python qq.py --data images --groups patients.csv --folds 5
+    python qq.py --resume outputs/train2               # continue an interrupted run
+
+Each run writes a new folder under outputs/ (train, train2, ...) with best.pt, last.pt,
+history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and report.html.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from sklearn.utils.class_weight import compute_class_weight
+
+from ucgrade import data, engine, files, metrics, report
+from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
+from ucgrade.errors import RunInterrupted, UserError, run_cli
+from ucgrade.interrupt import GracefulStop
+from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, save_checkpoint, unwrap
+
+DEFAULT_EPOCHS = 25
+# Settings that define a run; --resume takes them from the run's config.json.
+RUN_SETTINGS = (
+    "data", "epochs", "batch_size", "lr", "momentum", "step_size", "gamma", "val_split", "seed", "img_size",
+    "precision", "pretrained", "weights", "class_order", "remission_upto", "groups", "folds", "balance",
+    "freeze_backbone", "cache",
+)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Fine-tune an ImageNet ResNet50 to grade the endoscopic severity of ulcerative colitis.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  python qq.py\n  python qq.py --data images --remission-upto mayo1 --folds 5\n  python qq.py --resume outputs/train2",
+    )
+    add = parser.add_argument
+    add("--data", default="data", help="folder with one sub-folder of images per grade (default: %(default)s)")
+    add("--out", default="outputs", help="folder that receives a new run folder (default: %(default)s)")
+    add("--name", default=None, help="run folder name; a number is added if it exists (default: train, train2, ...)")
+    add("--epochs", type=int, default=None, help=f"training epochs (default: {DEFAULT_EPOCHS})")
+    add("--batch-size", type=int, default=16, help="images per training step (default: %(default)s)")
+    add("--lr", type=float, default=0.001, help="SGD learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    add("--step-size", type=int, default=7, help="StepLR: multiply the learning rate by --gamma every this many epochs (default: %(default)s)")
+    add("--gamma", type=float, default=0.1, help="StepLR decay factor (default: %(default)s)")
+    add("--val-split", type=float, default=0.2, help="fraction of each class held out for validation (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation (default: %(default)s)")
+    add("--img-size", type=int, default=224, help="input size in pixels, at least 64 (default: %(default)s)")
+    add("--workers", type=int, default=-1, help="data loading processes; -1 picks a number that suits the device (default: %(default)s)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps; auto prefers a GPU (default: %(default)s)")
+    add("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where the GPU or CPU supports it, fp16 on older GPUs, else fp32 (default: %(default)s)")
+    add("--pretrained", default="auto", choices=("auto", "yes", "no"), help="ImageNet weights: auto falls back to random weights if they cannot be had, yes insists, no skips them (default: %(default)s)")
+    add("--weights", default=None, help="a local ImageNet ResNet50 state_dict to start from, for machines without internet (default: none)")
+    add("--class-order", default=None, help="the grades from mildest to most severe, comma-separated (default: folder names in sorted order)")
+    add("--remission-upto", default=None, metavar="CLASS", help="also report remission (grades up to CLASS) vs active disease, e.g. mayo1 (default: off)")
+    add("--groups", default=None, metavar="CSV", help="CSV with columns path,group (e.g. patient id); a group never spans train and validation (default: none)")
+    add("--folds", type=int, default=0, metavar="K", help="K-fold cross-validation with K >= 2; 0 is a single train/validation split (default: %(default)s)")
+    add("--balance", default="none", choices=("none", "weights", "sampler"), help="class imbalance: none, class-weighted loss, or a class-balanced sampler (default: %(default)s)")
+    add("--freeze-backbone", action="store_true", help="train only the new fc layer on features computed once (fast; default: fine-tune all layers)")
+    add("--cache", default="auto", choices=("auto", "ram", "off"), help="keep decoded images in memory; auto does so when they fit in half the free memory (default: %(default)s)")
+    add("--compile", action="store_true", help="torch.compile the model; pays only for long runs (default: off)")
+    add("--cam-examples", type=int, default=6, help="Grad-CAM overlays of validation images shown in the report (default: %(default)s)")
+    add("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its settings (default: none)")
+    return parser
+
+
+def check_args(args):
+    """Reject impossible settings before any work starts."""
+    checks = [
+        (args.epochs is None or args.epochs >= 1, f"--epochs must be at least 1 (got {args.epochs})"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
+        (0 < args.val_split < 1, f"--val-split must be between 0 and 1, for example 0.2 (got {args.val_split})"),
+        (args.img_size >= 64, f"--img-size must be at least 64 pixels, because ResNet50 shrinks its input 32-fold (got {args.img_size})"),
+        (args.lr > 0, f"--lr must be positive (got {args.lr})"),
+        (0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})"),
+        (args.step_size >= 1, f"--step-size must be at least 1 (got {args.step_size})"),
+        (0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
+        (args.workers >= -1, f"--workers must be -1 (automatic) or at least 0 (got {args.workers})"),
+        (args.folds == 0 or args.folds >= 2, f"--folds must be 0 (a single split) or at least 2 (got {args.folds})"),
+        (args.cam_examples >= 0, f"--cam-examples must be 0 or more (got {args.cam_examples})"),
+        (not (args.weights and args.pretrained == "no"), "--weights and --pretrained no contradict each other; drop one of them"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message + ".")
+    for flag, value in (("--weights", args.weights), ("--groups", args.groups)):
+        if value and not Path(value).is_file():
+            raise UserError(f"{flag} file '{value}' does not exist; check the path.")
+    if isinstance(args.class_order, str):
+        args.class_order = [name.strip() for name in args.class_order.split(",") if name.strip()]
+
+
+def settings_for_resume(args, run_dir):
+    """The run's own settings from its config.json; --epochs may extend it, --device and --workers may change."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"--resume '{run_dir}' is not a run folder (it has no config.json); give a folder under outputs/ written by qq.py.")
+    config = json.loads(config_path.read_text())
+    epochs = args.epochs
+    for key in RUN_SETTINGS:
+        setattr(args, key, config[key])
+    args.epochs = epochs or config["epochs"]
+    return args
+
+
+def read_data(args, stop):
+    """Scan the data folder, decode every image once, and report what was skipped."""
+    image_set, empty = data.scan_folder(args.data, args.class_order)
+    for name in empty:
+        print(f"warning: class folder '{name}' holds no images and is ignored.")
+    resize = data.resize_size_for(args.img_size)
+    need = data.estimate_cache_bytes(image_set.paths, resize)
+    keep = args.cache == "ram" or (args.cache == "auto" and need < data.available_memory_bytes() / 2)
+    print(f"reading {len(image_set.paths)} images from {args.data} ...")
+    data.read_images(image_set, resize, keep=keep, stop=stop)
+    if stop():
+        raise RunInterrupted("stopped while reading the images; nothing was trained, so run qq.py again")
+    if keep:
+        print(f"decoded images cached in memory: {need / 2**20:.0f} MB")
+    else:
+        print(f"streaming images from disk (cache {args.cache}; decoded they would need {need / 2**30:.1f} GB)")
+    if image_set.skipped:
+        print(f"warning: skipped {len(image_set.skipped)} file(s) that cannot be used (listed in skipped.csv of the run):")
+        for path, reason in image_set.skipped:
+            print(f"  {path}: {reason}")
+    data.check_class_sizes(image_set)
+    if args.remission_upto is not None:
+        if args.remission_upto not in image_set.class_names:
+            raise UserError(f"--remission-upto {args.remission_upto!r} is not one of the classes ({', '.join(image_set.class_names)}).")
+        if args.remission_upto == image_set.class_names[-1]:
+            raise UserError(f"--remission-upto {args.remission_upto!r} is the most severe grade, which leaves no active grades; name a milder grade.")
+    print("classes (grade order): " + ", ".join(f"{n} ({c})" for n, c in zip(image_set.class_names, image_set.class_counts())))
+    return image_set
+
+
+def split_rows(image_set, train, val, groups):
+    subset = {int(i): "train" for i in train} | {int(i): "val" for i in val}
+    rows = []
+    for i in sorted(subset):
+        row = {"path": image_set.relpath(i), "class": image_set.class_names[image_set.labels[i]], "subset": subset[i]}
+        if groups is not None:
+            row["group"] = groups[i]
+        rows.append(row)
+    return rows
+
+
+def read_split(path, image_set):
+    """The (train, val) indices recorded in a run's split.csv, for --resume."""
+    index = {image_set.relpath(i): i for i in range(len(image_set.paths))}
+    train, val = [], []
+    for row in files.read_csv(path):
+        if row["path"] not in index:
+            raise UserError(f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming.")
+        (train if row["subset"] == "train" else val).append(index[row["path"]])
+    return np.array(sorted(train)), np.array(sorted(val))
+
+
+def make_criterion(balance, train_labels, num_classes, device):
+    if balance != "weights":
+        return torch.nn.CrossEntropyLoss()
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(train_labels))
+    return torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+
+
+def make_loaders(args, image_set, train, val, model, device, precision, generator, stop):
+    """(train_loader, val_loader, module to train). With --freeze-backbone they yield features."""
+    resize = data.resize_size_for(args.img_size)
+    workers = args.workers
+    if workers < 0:  # the cache makes loading cheap; a 2-core CPU needs its cores for the model
+        workers = 0 if image_set.images is not None and device.type == "cpu" else min(4, max(1, (torch.get_num_threads() or 2) - 1))
+    train_set = data.ImageDataset(image_set, train, data.train_transform(args.img_size), resize)
+    val_set = data.ImageDataset(image_set, val, data.val_transform(args.img_size), resize)
+    val_loader = data.make_loader(val_set, args.batch_size, workers, device)
+    sampler = None
+    if args.balance == "sampler":
+        labels = np.asarray(image_set.labels)[train]
+        weights = 1.0 / np.bincount(labels, minlength=len(image_set.class_names))[labels]
+        sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(train), replacement=True, generator=generator)
+    if not args.freeze_backbone:
+        train_loader = data.make_loader(train_set, args.batch_size, workers, device, shuffle=True, generator=generator, sampler=sampler)
+        return train_loader, val_loader, val_set, model
+    # Frozen backbone: its features never change, so compute them once per view (the centre crop
+    # and its mirror image) and train only the fc layer on them.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    backbone = torch.nn.Sequential(*list(model.children())[:-1], torch.nn.Flatten())
+    train_plain = data.make_loader(data.ImageDataset(image_set, train, data.val_transform(args.img_size), resize), args.batch_size, workers, device)
+    start = time.perf_counter()
+    views = [engine.extract_features(backbone, train_plain, device, precision, flip=flip)[0] for flip in (False, True)]
+    val_features, val_labels = engine.extract_features(backbone, val_loader, device, precision)
+    print(f"backbone features computed once in {time.perf_counter() - start:.1f} s ({2 * len(train) + len(val)} image views)")
+    labels = torch.as_tensor(np.asarray(image_set.labels)[train])
+    train_features = data.FeatureViews(torch.stack(views), labels)
+    train_loader = data.make_loader(train_features, args.batch_size, 0, device, shuffle=True, generator=generator, sampler=sampler)
+    val_loader = data.make_loader(torch.utils.data.TensorDataset(val_features, val_labels), args.batch_size, 0, device)
+    return train_loader, val_loader, val_set, model.fc
+
+
+def rng_state(generator, device):
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, generator, device):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def fit(args, image_set, train, val, groups, run_dir, device, precision, imagenet_state, config, stop):
+    """Train one model on `train`, validate on `val`, and write every output file into run_dir."""
+    class_names = image_set.class_names
+    files.write_json(run_dir / "config.json", config)
+    files.write_csv(run_dir / "split.csv", split_rows(image_set, train, val, groups), ["path", "class", "subset"] + (["group"] if groups is not None else []))
+    last_path = run_dir / "last.pt"
+    resuming = last_path.is_file()
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = build_model(len(class_names), None if resuming else imagenet_state)
+    last = None
+    if resuming:
+        last = load_checkpoint(last_path)
+        model.load_state_dict(last["model"])
+    model = model.to(device, memory_format=torch.channels_last)
+    train_loader, val_loader, val_set, trainable = make_loaders(args, image_set, train, val, model, device, precision, generator, stop)
+    criterion = make_criterion(args.balance, np.asarray(image_set.labels)[train], len(class_names), device)
+    optimizer = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=args.lr, momentum=args.momentum)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    scaler = make_grad_scaler(device, precision)
+    step_model = torch.compile(trainable) if args.compile else trainable
+
+    history, best = [], {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")}
+    if resuming:
+        optimizer.load_state_dict(last["optimizer"])
+        lr_scheduler.load_state_dict(last["lr_scheduler"])
+        scaler.load_state_dict(last["scaler"])
+        history, best = last["history"], last["best"]
+        set_rng_state(last["rng"], generator, device)
+        print(f"resuming {run_dir} after epoch {last['epoch']} of {args.epochs}")
+
+    def checkpoint(epoch, val_metrics, **extra):
+        return make_checkpoint(model, class_names, args.img_size, epoch, val_metrics, config["pretrained_used"], config, **extra)
+
+    epoch = len(history)
+    try:
+        for epoch in range(len(history) + 1, args.epochs + 1):
+            start = time.perf_counter()
+            train_stats = engine.train_one_epoch(step_model, criterion, optimizer, train_loader, device, precision, scaler, epoch, args.epochs, stop)
+            val_loss, val_acc, _, _ = engine.evaluate(step_model, val_loader, device, precision, stop)
+            lr = optimizer.param_groups[0]["lr"]
+            lr_scheduler.step()
+            seconds = time.perf_counter() - start
+            history.append({
+                "epoch": epoch, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"], "val_loss": val_loss, "val_acc": val_acc,
+                "lr": lr, "epoch_time_s": seconds, "train_images_per_s": train_stats["images_per_s"],
+            })
+            improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
+            if improved:
+                best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
+                save_checkpoint(run_dir / "best.pt", checkpoint(epoch, {"val_acc": val_acc, "val_loss": val_loss}))
+            save_checkpoint(last_path, checkpoint(
+                epoch, {"val_acc": val_acc, "val_loss": val_loss}, history=history, best=best, rng=rng_state(generator, device),
+                optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(),
+            ))
+            report.write_history(run_dir / "history.csv", history)
+            print(
+                f"epoch {epoch}/{args.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.3f}  "
+                f"val loss {val_loss:.4f} acc {val_acc:.3f}  lr {lr:.2g}  {seconds:.1f} s "
+                f"({train_stats['images_per_s']:.1f} img/s){'  best' if improved else ''}",
+                flush=True,
+            )
+        outputs = evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history, best)
+    except RunInterrupted:
+        write_interrupted(run_dir, history, best, args)
+        done = f"after epoch {len(history)}" if history else "before the first epoch finished"
+        raise RunInterrupted(
+            f"training stopped {done} of {args.epochs}; {run_dir} keeps best.pt, last.pt, history.csv and curves.png of the finished epochs. "
+            f"Resume with: python qq.py --resume {run_dir}"
+        ) from None
+    return outputs
+
+
+def write_interrupted(run_dir, history, best, args):
+    if history:
+        report.plot_curves(history, run_dir / "curves.png")
+    files.write_json(run_dir / "metrics.json", {
+        "status": "interrupted", "epochs_completed": len(history), "epochs": args.epochs,
+        "best_epoch": best["epoch"] or None, "best_val_acc": best["val_acc"] if history else None,
+        "resume": f"python qq.py --resume {run_dir}",
+    })
+
+
+def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history, best):
+    """Evaluate best.pt on the validation images and write metrics, predictions, plots and the report."""
+    class_names = image_set.class_names
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+    val_loader = data.make_loader(val_set, args.batch_size, 0, device)
+    val_loss, _, probs, targets = engine.evaluate(model, val_loader, device, precision, stop, desc="best model")
+    result = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
+    timing = engine.measure_inference_time(model, [val_set[i][0] for i in range(len(val_set))], device, precision, args.batch_size)
+    result.update({
+        "status": "finished", "epochs_completed": len(history), "epochs": args.epochs, "best_epoch": best["epoch"], "val_loss": val_loss,
+        "device": str(device), "precision": precision, "inference_time": timing,
+    })
+    relpaths = [image_set.relpath(i) for i in val]
+    extra = {"group": [groups[i] for i in val]} if groups is not None else None
+    rows = report.prediction_rows(relpaths, targets, probs, class_names, extra)
+    report.write_predictions(run_dir / "predictions.csv", rows)
+    report.plot_curves(history, run_dir / "curves.png")
+    report.plot_confusion(result["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
+    report.plot_confusion(result["confusion_matrix"], class_names, run_dir / "confusion_matrix_normalized.png", normalize=True)
+    report.plot_roc(targets, probs, class_names, run_dir / "roc.png", args.remission_upto)
+    (run_dir / "errors.png").unlink(missing_ok=True)
+    report.plot_errors(rows, image_set.root, args.img_size, run_dir / "errors.png")
+    cams = write_cams(model, image_set, val, targets, probs, run_dir, args.img_size, args.cam_examples)
+    files.write_json(run_dir / "metrics.json", result)
+    report.run_report(run_dir, cams)
+    print(metrics.format_metrics(result))
+    print(
+        f"inference on {device} ({precision}): batch 1 mean {timing['batch1_mean_ms']:.1f} ms, median {timing['batch1_median_ms']:.1f} ms, "
+        f"p95 {timing['batch1_p95_ms']:.1f} ms per image; {timing['throughput_images_per_s']:.1f} img/s at batch {timing['throughput_batch_size']}"
+    )
+    return result, probs, targets
+
+
+def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
+    """Grad-CAM overlays for a few validation images: the most confident right one per grade, then errors."""
+    from ucgrade.cam import cam_overlay
+
+    if count == 0:
+        return []
+    preds = probs.argmax(1)
+    chosen = []
+    for c in range(len(image_set.class_names)):
+        right = np.flatnonzero((targets == c) & (preds == c))
+        if len(right):
+            chosen.append(right[np.argmax(probs[right, c])])
+    wrong = np.flatnonzero(preds != targets)
+    chosen += list(wrong[np.argsort(-probs[wrong].max(1))])
+    cam_dir = run_dir / "cam"
+    cam_dir.mkdir(exist_ok=True)
+    cams = []
+    for k in chosen[:count]:
+        path = image_set.paths[val[k]]
+        image, _, predicted = cam_overlay(model, path, img_size, image_set.class_names)
+        image.thumbnail((512, 512))
+        out = cam_dir / f"{len(cams) + 1:02d}_{path.stem}.png"
+        image.save(out)
+        cams.append((f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})", out))
+    return cams
+
+
+def cross_validate(args, image_set, groups, run_dir, device, precision, imagenet_state, config, stop):
+    """K-fold cross-validation: K models in fold1..foldK, then the pooled out-of-fold predictions."""
+    folds = data.split_folds(image_set.labels, args.folds, args.seed, groups)
+    fold_rows, fold_metrics, pooled_probs, pooled_targets, pooled_index, fold_of = [], [], [], [], [], {}
+    for k, (train, val) in enumerate(folds, 1):
+        data.check_split(image_set, train, val, groups)
+        fold_of.update({int(i): k for i in val})
+        fold_dir = run_dir / f"fold{k}"
+        fold_dir.mkdir(exist_ok=True)
+        previous = fold_dir / "metrics.json"
+        if previous.is_file() and json.loads(previous.read_text()).get("status") == "finished":
+            result = json.loads(previous.read_text())
+            _, targets, probs = report.read_predictions(fold_dir / "predictions.csv", image_set.class_names)
+            print(f"fold {k}/{args.folds} already finished")
+        else:
+            print(f"\n=== fold {k}/{args.folds}: {len(train)} training, {len(val)} validation images ===")
+            result, probs, targets = fit(args, image_set, train, val, groups, fold_dir, device, precision, imagenet_state, config | {"fold": k}, stop)
+        fold_metrics.append(result)
+        pooled_probs.append(probs)
+        pooled_targets.append(targets)
+        pooled_index.extend(int(i) for i in val)
+    probs, targets = np.concatenate(pooled_probs), np.concatenate(pooled_targets)
+    pooled = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
+    summary = metrics.summarize_folds(fold_metrics)
+    files.write_json(run_dir / "cv_summary.json", {"folds": args.folds, "grouped": groups is not None, "mean_std": summary, "pooled_out_of_fold": pooled, "per_fold": [
+        {name: m[name] for name in list(metrics.SCALARS) + ["num_images", "best_epoch"]} for m in fold_metrics]})
+    table = [{"metric": name, "mean": _fmt(s["mean"]), "std": _fmt(s["std"]), **{f"fold{k}": _fmt(_metric(m, name)) for k, m in enumerate(fold_metrics, 1)}, "pooled": _fmt(_metric(pooled, name))} for name, s in summary.items()]
+    files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
+    extra = {"fold": [fold_of[i] for i in pooled_index]} | ({"group": [groups[i] for i in pooled_index]} if groups is not None else {})
+    rows = report.prediction_rows([image_set.relpath(i) for i in pooled_index], targets, probs, image_set.class_names, extra)
+    report.write_predictions(run_dir / "predictions.csv", rows)
+    files.write_json(run_dir / "metrics.json", pooled | {"status": "finished", "folds": args.folds})
+    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix.png", title="Pooled out-of-fold confusion matrix (counts)")
+    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix_normalized.png", normalize=True)
+    report.plot_roc(targets, probs, image_set.class_names, run_dir / "roc.png", args.remission_upto)
+    report.cv_report(run_dir, table, pooled)
+    print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
+    for row in table:
+        print(f"  {row['metric']:<20}{row['mean']:>7} ± {row['std']:<7} pooled {row['pooled']}")
+    return pooled
+
+
+def _metric(result, name):
+    return result["remission"][name.removeprefix("remission_")] if name.startswith("remission_") else result[name]
+
+
+def _fmt(value):
+    return "" if value is None else f"{value:.4f}"
+
+
+def main(args):
+    check_args(args)
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None:
+        args = settings_for_resume(args, resume_dir)
+    args.epochs = args.epochs or DEFAULT_EPOCHS
+    device = choose_device(args.device)
+    precision = choose_precision(device, args.precision)
+    setup_backends(device)
+
+    print_settings(args, device, precision)
+
+    with GracefulStop() as stop:
+        image_set = read_data(args, stop)
+        groups = data.read_groups(args.groups, image_set) if args.groups else None
+        if args.folds == 0:
+            train, val = (read_split(resume_dir / "split.csv", image_set) if resume_dir else data.split_holdout(image_set.labels, args.val_split, args.seed, groups))
+            data.check_split(image_set, train, val, groups)
+        needs_weights = resume_dir is None or not any(resume_dir.glob("**/last.pt")) or args.folds > 0
+        imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights) if needs_weights else (None, "from the resumed run")
+        run_dir = resume_dir or files.new_run_dir(args.out, args.name)
+        config = {key: getattr(args, key) for key in RUN_SETTINGS} | {
+            "run_dir": str(run_dir), "device": str(device), "precision_used": precision,
+            "pretrained_used": imagenet_state is not None or (resume_dir is not None and _was_pretrained(resume_dir)),
+            "weights_source": source, "class_names": image_set.class_names, "class_counts": image_set.class_counts(),
+            "skipped_files": len(image_set.skipped), "cached_in_memory": image_set.images is not None,
+            "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+        }
+        files.write_json(run_dir / "config.json", config)
+        files.write_csv(run_dir / "skipped.csv", [{"path": str(p), "reason": r} for p, r in image_set.skipped], ["path", "reason"])
+        print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
+        try:
+            if args.folds:
+                cross_validate(args, image_set, groups, run_dir, device, precision, imagenet_state, config, stop)
+            else:
+                fit(args, image_set, train, val, groups, run_dir, device, precision, imagenet_state, config, stop)
+        except torch.OutOfMemoryError:
+            raise UserError(f"ran out of GPU memory with --batch-size {args.batch_size}; try a smaller --batch-size, for example {max(1, args.batch_size // 2)}.") from None
+        except RuntimeError as error:
+            if "allocate" in str(error) and "memory" in str(error):
+                raise UserError(f"ran out of memory with --batch-size {args.batch_size}; try a smaller --batch-size, for example {max(1, args.batch_size // 2)}, or a smaller --img-size.") from None
+            raise
+    print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")
+    return 0
+
+
+def _was_pretrained(run_dir):
+    return bool(json.loads((run_dir / "config.json").read_text()).get("pretrained_used"))
+
+
+def print_settings(args, device, precision):
+    print("settings:")
+    for key in RUN_SETTINGS:
+        print(f"  {key:<16} {getattr(args, key)}")
+    print(f"  {'device':<16} {device}\n  {'precision used':<16} {precision}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser().parse_args()))

@@ -1,0 +1,179 @@
+"""The whole pipeline: qq.py trains and writes every output, predict.py grades images (issue 2)."""
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, make_folder, run_script, train
+from ucgrade import data
+from ucgrade.device import choose_device, choose_precision
+from ucgrade.engine import predict_image, predict_probabilities
+from ucgrade.model import load_checkpoint, model_from_checkpoint
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_every_output(trained_run):
+    run = trained_run
+    for name in ["best.pt", "last.pt", "history.csv", "curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png",
+                 "metrics.json", "split.csv", "config.json", "predictions.csv", "roc.png", "report.html", "skipped.csv"]:
+        assert (run / name).is_file(), name
+    for png in run.glob("*.png"):
+        with Image.open(png) as image:
+            image.load()
+            assert image.size[0] > 100 and image.size[1] > 100
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 3 and config["img_size"] == 64 and config["pretrained_used"] is False
+
+    history = read_rows(run / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert set(history[0]) >= {"train_loss", "val_loss", "train_acc", "val_acc", "lr", "epoch_time_s"}
+
+    split = read_rows(run / "split.csv")
+    n_val = sum(r["subset"] == "val" for r in split)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["class_names"] == ["mild", "moderate", "severe"]
+    assert np.array(metrics["confusion_matrix"]).sum() == n_val == metrics["num_images"]
+    assert 0 <= metrics["accuracy"] <= 1
+    timing = metrics["inference_time"]
+    assert timing["batch1_mean_ms"] > 0 and timing["batch1_median_ms"] > 0 and timing["batch1_p95_ms"] >= timing["batch1_median_ms"]
+    assert timing["throughput_images_per_s"] > 0 and timing["throughput_batch_size"] == 8
+    assert len(read_rows(run / "predictions.csv")) == n_val
+
+
+def test_checkpoints_describe_themselves(trained_run):
+    history = read_rows(trained_run / "history.csv")
+    best_epoch = max(history, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))["epoch"]
+    for name, epoch in (("best.pt", int(best_epoch)), ("last.pt", 3)):
+        checkpoint = torch.load(trained_run / name, map_location="cpu", weights_only=True)
+        assert checkpoint["arch"] == "resnet50"
+        assert checkpoint["class_names"] == ["mild", "moderate", "severe"]
+        assert checkpoint["img_size"] == 64 and checkpoint["resize_size"] == 73
+        assert checkpoint["mean"] == [0.485, 0.456, 0.406] and checkpoint["std"] == [0.229, 0.224, 0.225]
+        assert checkpoint["epoch"] == epoch
+        assert set(checkpoint["val_metrics"]) == {"val_acc", "val_loss"}
+        assert checkpoint["model"]["fc.weight"].shape == (3, 2048)
+    assert "optimizer" in torch.load(trained_run / "last.pt", weights_only=True)
+
+
+def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data):
+    """The saved best.pt, run again over the validation images, gives the metrics.json accuracy."""
+    checkpoint = load_checkpoint(trained_run / "best.pt")
+    model = model_from_checkpoint(checkpoint)
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    device = torch.device("cpu")
+    precision = metrics["precision"]
+    rows = [r for r in read_rows(trained_run / "split.csv") if r["subset"] == "val"]
+    correct = sum(predict_image(small_data / r["path"], model, device, checkpoint["class_names"], 64, precision) == r["class"] for r in rows)
+    assert correct / len(rows) == pytest.approx(metrics["accuracy"])
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    labels = [0] * 50 + [1] * 30 + [2] * 11
+    train, val = data.split_holdout(labels, 0.2, seed=3)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == len(labels)
+    counts = np.bincount(np.array(labels)[val])
+    assert counts.tolist() == [10, 6, 2]  # round(0.2 * n) per class
+    again_train, again_val = data.split_holdout(labels, 0.2, seed=3)
+    assert again_val.tolist() == val.tolist() and again_train.tolist() == train.tolist()
+    assert data.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
+    # tiny classes still get one image on each side
+    train, val = data.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
+    assert sorted(np.array([0, 0, 1, 1, 1])[val].tolist()) == [0, 1]
+
+
+def test_split_csv_matches_seed(small_data, tmp_path):
+    for name in ("a", "b"):
+        assert train(["--data", small_data, "--out", tmp_path, "--name", name, "--epochs", "1", "--seed", "7", *FAST]) == 0
+    a, b = read_rows(tmp_path / "a" / "split.csv"), read_rows(tmp_path / "b" / "split.csv")
+    assert a == b
+    val = [r for r in a if r["subset"] == "val"]
+    assert {r["class"] for r in val} == {"mild", "moderate", "severe"} and len(val) == 6
+    # the same seed also gives the same training: identical histories apart from the timing
+    ha, hb = read_rows(tmp_path / "a" / "history.csv"), read_rows(tmp_path / "b" / "history.csv")
+    for ra, rb in zip(ha, hb):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6)
+
+
+def test_validation_transform_is_deterministic_and_matches_prediction(tmp_path):
+    path = make_folder(tmp_path, {"mild": 1}, size=150) / "mild" / "mild_000.jpg"
+    Image.open(path).resize((150, 110)).save(path)  # not square
+    cached = data.read_resized(path, data.resize_size_for(96))
+    crop = data.val_transform(96)
+    first, second = crop(cached), crop(cached)
+    assert torch.equal(first, second) and first.shape == (3, 96, 96)
+    # the cache path used in validation and the file path used by predict.py give the same pixels
+    assert torch.equal(first, data.eval_transform(96)(data.load_image(path)))
+
+
+def test_training_transform_is_random():
+    image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
+    transform = data.train_transform(64)
+    views = [transform(image) for _ in range(4)]
+    assert all(v.shape == (3, 64, 64) for v in views)
+    assert not all(torch.equal(views[0], v) for v in views[1:])
+
+
+def test_predict_cli_matches_model_in_memory(trained_run, small_data):
+    images = sorted((small_data / "severe").glob("*.jpg"))[:2] + sorted((small_data / "mild").glob("*.jpg"))[:1]
+    result = run_script("predict.py", *images, "--weights", trained_run / "best.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    checkpoint = load_checkpoint(trained_run / "best.pt")
+    model = model_from_checkpoint(checkpoint)
+    device = choose_device("cpu")
+    precision = choose_precision(device, "auto")
+    for image, predicted in zip(images, output["predictions"]):
+        grade, probabilities = predict_probabilities(image, model, device, checkpoint["class_names"], checkpoint["img_size"], precision)
+        assert predicted["path"] == str(image) and predicted["grade"] == grade
+        assert predicted["probabilities"] == pytest.approx(probabilities, abs=1e-6)
+        assert sum(predicted["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_cli_text_output_and_folders(trained_run, small_data):
+    result = run_script("predict.py", small_data / "moderate", small_data / "mild" / "mild_000.jpg", "--out", trained_run.parent)
+    assert result.returncode == 0, result.stderr
+    assert f"using {trained_run / 'best.pt'}" in result.stderr  # the newest run, said out loud
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 11
+    first = lines[0]
+    path, rest = first.split(": ", 1)
+    assert path.endswith("moderate_000.jpg")
+    grade = rest.split(" ")[0]
+    assert grade in ("mild", "moderate", "severe") and "(p=" in rest
+    assert all(f"{name}=" in rest for name in ("mild", "moderate", "severe"))
+
+
+def test_second_run_does_not_overwrite_the_first(small_data, tmp_path):
+    assert train(["--data", small_data, "--out", tmp_path, "--epochs", "1", *FAST]) == 0
+    first = tmp_path / "train"
+    digest = hashlib.sha256((first / "best.pt").read_bytes()).hexdigest()
+    history = (first / "history.csv").read_text()
+    assert train(["--data", small_data, "--out", tmp_path, "--epochs", "1", "--seed", "5", *FAST]) == 0
+    assert (tmp_path / "train2" / "best.pt").is_file()
+    assert hashlib.sha256((first / "best.pt").read_bytes()).hexdigest() == digest
+    assert (first / "history.csv").read_text() == history
+    # a named run that exists gets a number too
+    assert train(["--data", small_data, "--out", tmp_path, "--name", "train", "--epochs", "1", *FAST]) == 0
+    assert (tmp_path / "train3" / "best.pt").is_file()
+
+
+def test_help_shows_every_flag_with_default():
+    result = run_script("qq.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ["--data", "--out", "--name", "--epochs", "--batch-size", "--lr", "--momentum", "--step-size", "--gamma",
+                 "--val-split", "--seed", "--img-size", "--workers", "--device", "--precision", "--pretrained", "--weights"]:
+        assert flag in text
+    for default in ["(default: data)", "(default: outputs)", "(default: 25)", "(default: 16)", "(default: 0.001)", "(default: 0.9)",
+                    "(default: 7)", "(default: 0.1)", "(default: 0.2)", "(default: 224)", "(default: auto)"]:
+        assert default in text, default

@@ -1,0 +1,140 @@
+"""ImageNet weights: a local --weights file, the torch hub cache with no network, and the offline fallback."""
+
+import functools
+import hashlib
+import http.server
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import torchvision
+
+from conftest import make_folder, run_script, train
+from ucgrade import model as model_module
+from ucgrade.errors import UserError
+
+ARGS = ["--img-size", "64", "--batch-size", "8", "--epochs", "1", "--cam-examples", "0"]
+UNREACHABLE = "http://127.0.0.1:9/models/resnet50-0676ba61.pth"  # the discard port: refused at once
+
+
+@pytest.fixture(scope="module")
+def imagenet_like():
+    """A ResNet50 state_dict with 1000 classes, like torchvision's file, but made up here."""
+    torch.manual_seed(123)
+    return torchvision.models.resnet50().state_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"), {"mild": 5, "moderate": 5, "severe": 5})
+
+
+def backbone_matches(run_dir, state):
+    best = torch.load(run_dir / "best.pt", weights_only=True)["model"]
+    return all(torch.equal(best[k], v) for k, v in state.items() if not k.startswith("fc.") and v.is_floating_point())
+
+
+def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like):
+    weights = tmp_path / "my_resnet50.pth"
+    torch.save(imagenet_like, weights)
+    # with a frozen backbone the trained model keeps the loaded weights exactly
+    assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--freeze-backbone", *ARGS]) == 0
+    run = tmp_path / "out" / "train"
+    config = json.loads((run / "config.json").read_text())
+    assert config["pretrained_used"] is True and config["weights_source"] == str(weights)
+    assert torch.load(run / "best.pt", weights_only=True)["pretrained"] is True
+    assert backbone_matches(run, imagenet_like)
+
+
+def test_hub_cache_is_used_without_network(tmp_path, tiny_data, imagenet_like, isolated_torch_home, monkeypatch):
+    cached = isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(imagenet_like, cached)
+    monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)  # any network use would fail
+    assert model_module.imagenet_weights_path() == cached
+    assert train(["--data", tiny_data, "--out", tmp_path, "--pretrained", "yes", "--freeze-backbone", *ARGS]) == 0
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert config["pretrained_used"] is True and config["weights_source"] == str(cached)
+    assert backbone_matches(tmp_path / "train", imagenet_like)
+
+
+def test_offline_auto_warns_and_trains_from_random_weights(tmp_path, tiny_data, isolated_torch_home, monkeypatch, capsys):
+    monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)
+    start = time.perf_counter()
+    state, source = model_module.get_imagenet_weights("auto")
+    assert time.perf_counter() - start < 12
+    assert state is None and "random" in source
+    out = capsys.readouterr().out
+    expected = isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    assert "could not be had" in out and str(expected) in out and "--weights FILE" in out and "random weights" in out
+
+    assert train(["--data", tiny_data, "--out", tmp_path, *ARGS]) == 0
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert config["pretrained_used"] is False and config["pretrained"] == "auto"
+    assert torch.load(tmp_path / "train" / "best.pt", weights_only=True)["pretrained"] is False
+
+
+def test_pretrained_yes_fails_clearly_offline(tmp_path, tiny_data, isolated_torch_home, monkeypatch):
+    monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)
+    with pytest.raises(UserError) as error:
+        model_module.get_imagenet_weights("yes")
+    message = str(error.value)
+    assert str(isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in message and "--weights FILE" in message
+
+
+def test_pretrained_yes_cli_exit_code_and_message(tmp_path, tiny_data, isolated_torch_home):
+    """As a user offline would see it: one line, exit code 2, no traceback, no run folder."""
+    result = run_script("qq.py", "--data", tiny_data, "--out", tmp_path / "out", "--pretrained", "yes", *ARGS,
+                        env={"TORCH_HOME": str(isolated_torch_home)}, timeout=120)
+    if "could not be had" not in result.stderr:
+        pytest.skip("this machine can download the ImageNet weights")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "resnet50-0676ba61.pth" in result.stderr and "--weights FILE" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_silent_server_gives_up_within_the_timeout(tmp_path):
+    """A server (or proxy) that accepts the connection but never answers must not hang the run."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/resnet50-0676ba61.pth"
+        start = time.perf_counter()
+        error = model_module._download(url, tmp_path / "resnet50-0676ba61.pth", timeout=1.0)
+        assert "no answer" in error and time.perf_counter() - start < 3
+    assert not (tmp_path / "resnet50-0676ba61.pth").exists()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/www over HTTP on localhost."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_into_the_hub_cache_checks_the_hash(http_server, tiny_data, tmp_path, imagenet_like, isolated_torch_home, monkeypatch):
+    www, base = http_server
+    torch.save(imagenet_like, www / "weights.pth")
+    digest = hashlib.sha256((www / "weights.pth").read_bytes()).hexdigest()
+    (www / f"resnet50-{digest[:8]}.pth").write_bytes((www / "weights.pth").read_bytes())
+    (www / "resnet50-00000000.pth").write_bytes((www / "weights.pth").read_bytes())  # a name whose hash is wrong
+
+    monkeypatch.setattr(model_module, "IMAGENET_URL", f"{base}/resnet50-{digest[:8]}.pth")
+    state, source = model_module.get_imagenet_weights("yes")
+    cached = isolated_torch_home / "hub" / "checkpoints" / f"resnet50-{digest[:8]}.pth"
+    assert source == str(cached) and cached.is_file()
+    assert all(torch.equal(state[k], v) for k, v in imagenet_like.items())
+
+    monkeypatch.setattr(model_module, "IMAGENET_URL", f"{base}/resnet50-00000000.pth")
+    with pytest.raises(UserError, match="damaged"):
+        model_module.get_imagenet_weights("yes")
+    assert not (isolated_torch_home / "hub" / "checkpoints" / "resnet50-00000000.pth").exists()

@@ -1,0 +1,396 @@
+"""Data: scan an ImageFolder tree, read images safely, split them, and feed them to the model.
+
+Images are decoded once, before training starts. Each one is resized so that its shorter side is
+`resize_size` (256 for a 224 crop) and kept in memory as uint8. Training crops and flips from that
+cache; validation and prediction take the centre crop. Files that cannot be used are found in this
+first pass and listed, instead of failing halfway through an epoch.
+"""
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be used; the message says why."""
+
+
+@dataclass
+class ImageSet:
+    """The images found under a data folder, in class order."""
+
+    root: Path
+    class_names: list
+    paths: list  # Path of each usable image
+    labels: list  # class index of each image
+    skipped: list = field(default_factory=list)  # (path, reason) of each file not used
+    images: list = None  # decoded uint8 CHW tensors, or None when streaming from disk
+
+    def relpath(self, i):
+        return self.paths[i].relative_to(self.root).as_posix()
+
+    def class_counts(self):
+        return np.bincount(self.labels, minlength=len(self.class_names)).tolist()
+
+
+# ----------------------------------------------------------------------------- reading images
+
+
+def resize_size_for(img_size):
+    """The shorter side to resize to before a centre crop of img_size (256 for 224, as for ImageNet)."""
+    return int(round(img_size * 256 / 224))
+
+
+def _to_rgb(image):
+    """Convert any Pillow mode to 8-bit RGB: 16-bit scaled down, transparency over black."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # convert("RGB") would clip 16-bit values at 255 and turn the picture white
+        array = np.asarray(image).astype(np.float64)
+        if array.max(initial=0) > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path):
+    """Open an image as 8-bit RGB with its EXIF orientation applied; raise UnreadableImage if it cannot be."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF and palette warnings: the conversion handles them
+            with Image.open(path) as image:
+                image.load()  # a full decode, so that truncated files fail here and not mid-epoch
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(f"too large for a safe decode ({error}); downscale it") from None
+    except FileNotFoundError:
+        raise UnreadableImage("file not found") from None
+    except IsADirectoryError:
+        raise UnreadableImage("is a folder, not an image") from None
+    except PermissionError:
+        raise UnreadableImage("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise UnreadableImage(f"truncated or corrupt image ({error})") from None
+
+
+def read_resized(path, resize_size):
+    """Load an image and resize its shorter side to resize_size: a uint8 tensor of shape (3, H, W)."""
+    image = F.resize(load_image(path), resize_size)  # PIL resize, antialiased
+    return F.pil_to_tensor(image)
+
+
+# ----------------------------------------------------------------------------- scanning a folder
+
+
+def _class_folders(root, class_order):
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"the data folder '{root}' does not exist; pass --data with a folder that has one sub-folder per grade.")
+    if not root.is_dir():
+        raise UserError(f"--data '{root}' is a file, not a folder; pass the folder that holds one sub-folder per grade.")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"the data folder '{root}' has no class sub-folders; put the images in '{root}/<grade>/<image>' with one sub-folder per grade.")
+    if class_order:
+        missing = [name for name in class_order if name not in folders]
+        if missing:
+            raise UserError(f"--class-order names {', '.join(missing)}, which is not a sub-folder of '{root}' (found: {', '.join(folders)}).")
+        unused = [name for name in folders if name not in class_order]
+        if unused:
+            raise UserError(f"--class-order leaves out the sub-folder(s) {', '.join(unused)} of '{root}'; list every class, in grade order.")
+        if len(set(class_order)) != len(class_order):
+            raise UserError("--class-order lists a class twice; list each class once, in grade order.")
+        folders = list(class_order)
+    return root, folders
+
+
+def _files_under(folder):
+    """Every file below folder, nested sub-folders included, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / name for name in sorted(filenames))
+    return found
+
+
+def scan_folder(root, class_order=None):
+    """List the candidate images of an ImageFolder tree: root/<class>/[sub-folders/]<image>.
+
+    Files whose names do not end in an image extension are skipped with a reason. A class folder
+    with no image files is reported and left out; at least two classes must remain.
+    """
+    root, folders = _class_folders(root, class_order)
+    class_names, paths, labels, skipped, empty = [], [], [], [], []
+    for name in folders:
+        images = []
+        for path in _files_under(root / name):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                images.append(path)
+            else:
+                skipped.append((path, "not an image file (by its extension)"))
+        if not images:
+            empty.append(name)
+            continue
+        labels += [len(class_names)] * len(images)
+        class_names.append(name)
+        paths += images
+    if empty and class_order:
+        raise UserError(f"the class folder(s) {', '.join(empty)} in '{root}' hold no images; add images or leave the class out of --class-order.")
+    if len(class_names) < 2:
+        detail = f" (empty: {', '.join(empty)})" if empty else ""
+        raise UserError(f"'{root}' has images for only {len(class_names)} class(es){detail}; a classifier needs at least two grades with images.")
+    return ImageSet(root, class_names, paths, labels, skipped), empty
+
+
+def estimate_cache_bytes(paths, resize_size):
+    """Bytes needed to hold every image resized to resize_size on its shorter side, from the headers alone."""
+    total = 0
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as image:
+                    w, h = image.size
+        except Exception:  # unreadable files are reported by the decode pass
+            continue
+        short, long = min(w, h), max(w, h)
+        total += 3 * resize_size * math.ceil(long * resize_size / max(short, 1))
+    return total
+
+
+def available_memory_bytes():
+    """Memory the process could still use, from /proc/meminfo where present."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def read_images(image_set, resize_size, keep, stop=None):
+    """Decode every image once. Keep the resized uint8 tensors when keep is True.
+
+    Files that fail to decode move from image_set.paths to image_set.skipped with the reason.
+    stop() is polled between images so that Ctrl-C stops a long scan promptly.
+    """
+    paths, labels, images = [], [], []
+    for path, label in zip(tqdm(image_set.paths, desc="reading images", unit="img", leave=False), image_set.labels):
+        if stop is not None and stop():
+            break
+        try:
+            image = read_resized(path, resize_size)
+        except UnreadableImage as error:
+            image_set.skipped.append((path, str(error)))
+            continue
+        paths.append(path)
+        labels.append(label)
+        if keep:
+            images.append(image)
+    image_set.paths, image_set.labels = paths, labels
+    image_set.images = images if keep else None
+    return image_set
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def check_class_sizes(image_set, minimum=2):
+    for name, count in zip(image_set.class_names, image_set.class_counts()):
+        if count == 0:
+            raise UserError(f"class '{name}' has no readable images left after skipping bad files; add images to '{image_set.root / name}'.")
+        if count < minimum:
+            raise UserError(f"class '{name}' has only {count} usable image(s); it needs at least {minimum} so that training and validation each get one. Add images or remove the folder.")
+
+
+def split_holdout(labels, val_fraction, seed, groups=None):
+    """Split indices into train and validation, stratified per class and seeded.
+
+    Without groups, each class puts round(n * val_fraction) images (at least one, and at most n - 1)
+    in validation. With groups, scikit-learn's StratifiedGroupKFold keeps each group on one side;
+    the validation side is one of round(1 / val_fraction) folds.
+    """
+    labels = np.asarray(labels)
+    if groups is not None:
+        n_splits = max(2, int(round(1 / val_fraction)))
+        return split_folds(labels, n_splits, seed, groups)[0]
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n_val = min(max(1, int(round(len(members) * val_fraction))), len(members) - 1)
+        val.extend(rng.permutation(members)[:n_val].tolist())
+    val = np.sort(np.array(val, dtype=int))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def split_folds(labels, n_splits, seed, groups=None):
+    """K stratified folds (grouped when groups is given): a list of (train, val) index arrays."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    labels = np.asarray(labels)
+    x = np.zeros(len(labels))
+    if groups is None:
+        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels)
+    else:
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels, groups)
+    return [(np.sort(train), np.sort(val)) for train, val in folds]
+
+
+def read_groups(path, image_set):
+    """Read a path,group CSV (paths relative to the data folder): one group id per image."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--groups file '{path}' does not exist; give a CSV with the columns path,group.")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"--groups file '{path}' is not a readable CSV ({error}); save it as UTF-8 CSV with the columns path,group.") from None
+    if not rows or not {"path", "group"} <= set(rows[0]):
+        raise UserError(f"--groups file '{path}' needs the header 'path,group' (path relative to --data, group e.g. a patient id).")
+    group_of = {Path(row["path"].strip()).as_posix(): row["group"].strip() for row in rows}
+    groups, missing = [], []
+    for i in range(len(image_set.paths)):
+        rel = image_set.relpath(i)
+        if rel in group_of and group_of[rel]:
+            groups.append(group_of[rel])
+        else:
+            missing.append(rel)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"--groups file '{path}' has no group for {len(missing)} image(s): {shown}; add a row 'path,group' for each (paths relative to --data).")
+    return groups
+
+
+def check_split(image_set, train, val, groups=None):
+    """Every class needs images on both sides of a split; say which one does not."""
+    labels = np.asarray(image_set.labels)
+    for side, indices in (("training", train), ("validation", val)):
+        present = set(labels[indices].tolist())
+        for label, name in enumerate(image_set.class_names):
+            if label not in present:
+                n_groups = len({groups[i] for i in np.flatnonzero(labels == label)}) if groups is not None else None
+                hint = f" (its images come from {n_groups} group(s), and a group cannot be split)" if groups is not None else ""
+                raise UserError(f"class '{name}' has no {side} images in this split{hint}; add images of that class or use a different --val-split.")
+
+
+# ----------------------------------------------------------------------------- transforms and loaders
+
+
+def train_transform(img_size):
+    """Random crop and flip of a cached uint8 tensor."""
+    return v2.Compose([v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def val_transform(img_size):
+    """The centre crop of a cached, already resized uint8 tensor: the same pixels as eval_transform."""
+    return v2.CenterCrop(img_size)
+
+
+def eval_transform(img_size):
+    """The one evaluation preprocessing: PIL image -> resize -> centre crop -> uint8 tensor.
+
+    Validation takes the same centre crop of the cached, already resized tensor, which gives the
+    same pixels; normalize() then maps either to the model's input.
+    """
+    return v2.Compose([v2.Resize(resize_size_for(img_size)), v2.CenterCrop(img_size), v2.PILToTensor()])
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 (N, 3, H, W) on any device -> normalised float32 in channels_last."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    images = images.float().div_(255).sub_(mean).div_(std)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items of an ImageSet, from the in-memory cache or, when streaming, from disk."""
+
+    def __init__(self, image_set, indices, transform, resize_size):
+        self.image_set = image_set
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+        self.resize_size = resize_size
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        i = self.indices[item]
+        if self.image_set.images is not None:
+            image = self.image_set.images[i]
+        else:
+            image = read_resized(self.image_set.paths[i], self.resize_size)
+        return self.transform(image), self.image_set.labels[i]
+
+
+class FeatureViews(torch.utils.data.Dataset):
+    """Precomputed backbone features of several views (V x N x D); each item is one view, drawn at random."""
+
+    def __init__(self, views, labels):
+        self.views = views
+        self.labels = labels
+
+    def __len__(self):
+        return self.views.shape[1]
+
+    def __getitem__(self, i):
+        view = int(torch.randint(len(self.views), ()))
+        return self.views[view, i], self.labels[i]
+
+
+def make_loader(dataset, batch_size, workers, device, shuffle=False, generator=None, sampler=None):
+    if sampler is None and shuffle:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=generator,
+    )

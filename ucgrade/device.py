@@ -1,0 +1,82 @@
+"""Choose the device and the numeric precision once, and pass them on."""
+
+import contextlib
+
+import torch
+
+from .errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def choose_device(name="auto"):
+    """auto: CUDA, then Apple MPS, then the CPU. An explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but Apple's MPS backend is not available here; use --device cpu or auto.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def cpu_has_fast_bf16():
+    """True where the CPU computes bf16 natively (AVX-512 BF16 or AMX), so bf16 autocast pays."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def choose_precision(device, name="auto"):
+    """auto: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, fp32 otherwise."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return "bf16"
+        return "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 is for GPUs; on the CPU use bf16 or fp32.")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16 is not supported by this GPU; use fp16 or fp32.")
+    return name
+
+
+def autocast(device, precision):
+    """The autocast context for a precision, or a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device, precision):
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def setup_backends(device):
+    if device.type == "cuda":
+        # fixed input sizes: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,173 @@
+"""Engine: one training epoch, one evaluation pass, prediction, features and timing."""
+
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
+from .device import autocast, synchronize
+from .errors import RunInterrupted, UserError
+
+
+def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 images are moved and normalised on the device; float tensors (features) are only moved."""
+    batch = batch.to(device, non_blocking=True)
+    return normalize(batch, mean, std) if batch.dtype == torch.uint8 else batch
+
+
+def _check_stop(should_stop):
+    if should_stop is not None and should_stop():
+        raise RunInterrupted("stop requested")
+
+
+def _check_finite(loss, epoch, step):
+    if not math.isfinite(loss):
+        raise UserError(
+            f"the training loss became {loss} in epoch {epoch}, batch {step}, so the run stopped instead of training on garbage; "
+            "lower the learning rate (for example --lr 0.0001) or check the images for extreme values."
+        )
+
+
+def train_one_epoch(model, criterion, optimizer, data_loader, device, precision, scaler, epoch, epochs, should_stop=None):
+    """Train for one pass over data_loader; return the mean loss, the accuracy and images/s."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(data_loader, desc=f"epoch {epoch}/{epochs} train", unit="batch", leave=False, dynamic_ncols=True)
+    for step, (images, targets) in enumerate(bar, 1):
+        _check_stop(should_stop)
+        images, targets = to_input(images, device), targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        loss_value = loss.item()
+        _check_finite(loss_value, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = targets.size(0)
+        total_loss += loss_value * n
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    bar.close()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / seconds, "seconds": seconds}
+
+
+@torch.inference_mode()
+def evaluate(model, data_loader, device, precision, should_stop=None, desc="val"):
+    """Run the model over data_loader; return (loss, accuracy, probabilities N x C, targets N).
+
+    The loss is the plain (unweighted) cross-entropy, whatever loss training used.
+
+    The metrics come from all predictions of the whole set, never from averages of batch averages.
+    """
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets in tqdm(data_loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        _check_stop(should_stop)
+        with autocast(device, precision):
+            logits = model(to_input(images, device))
+        all_logits.append(logits.float().cpu())
+        all_targets.append(targets)
+    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    loss = torch.nn.functional.cross_entropy(logits, targets).item()
+    probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
+    targets = targets.numpy()
+    accuracy = float((probs.argmax(1) == targets).mean())
+    return loss, accuracy, probs, targets
+
+
+@torch.inference_mode()
+def extract_features(backbone, data_loader, device, precision, flip=False):
+    """Pooled backbone features (N x 2048) of every image in data_loader, optionally mirrored."""
+    backbone.eval()
+    features, targets = [], []
+    for images, labels in tqdm(data_loader, desc="features" + (" (mirrored)" if flip else ""), unit="batch", leave=False, dynamic_ncols=True):
+        images = to_input(images, device)
+        if flip:
+            images = images.flip(3)
+        with autocast(device, precision):
+            features.append(backbone(images).float().cpu())
+        targets.append(labels)
+    return torch.cat(features), torch.cat(targets)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def load_for_prediction(image_path, img_size):
+    """The validation preprocessing of one image file: a uint8 (1, 3, img_size, img_size) tensor."""
+    return eval_transform(img_size)(load_image(image_path)).unsqueeze(0)
+
+
+@torch.inference_mode()
+def predict_probabilities(image_path, model, device, class_names, img_size=224, precision="fp32"):
+    """Return (predicted class name, {class name: probability}) for one image file."""
+    model.eval()
+    with autocast(device, precision):
+        logits = model(to_input(load_for_prediction(image_path, img_size), device))
+    probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return class_names[best], dict(zip(class_names, probs))
+
+
+def predict_image(image_path, model, device, class_names, img_size=224, precision="fp32"):
+    """The predicted class name of one image file (EXIF orientation applied, any mode converted to RGB)."""
+    return predict_probabilities(image_path, model, device, class_names, img_size, precision)[0]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@torch.inference_mode()
+def measure_inference_time(model, images, device, precision, batch_size, max_images=50, warmup=5):
+    """Honest inference timing on already decoded, cropped uint8 images (list of 3 x H x W tensors).
+
+    Batch size 1: warm up, then time each image from host tensor to prediction, synchronising the
+    device before the clock is read. Also the throughput at batch_size.
+    """
+    model.eval()
+    images = list(images)[:max_images]
+
+    def run(batch):
+        with autocast(device, precision):
+            logits = model(to_input(batch, device))
+        logits.argmax(1)
+        synchronize(device)
+
+    singles = [image.unsqueeze(0) for image in images]
+    for batch in (singles * warmup)[:warmup]:
+        run(batch)
+    times = []
+    for batch in singles:
+        start = time.perf_counter()
+        run(batch)
+        times.append((time.perf_counter() - start) * 1000)
+
+    full = torch.stack(images)
+    reps = max(1, math.ceil(2 * batch_size / len(images)))  # at least two full batches
+    batches = [full.repeat(reps, 1, 1, 1)[i:i + batch_size] for i in range(0, len(images) * reps, batch_size)]
+    batches = [b for b in batches if len(b) == batch_size] or [batches[0]]
+    run(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    seconds = time.perf_counter() - start
+    return {
+        "device": str(device),
+        "precision": precision,
+        "images_timed": len(times),
+        "batch1_mean_ms": statistics.fmean(times),
+        "batch1_median_ms": statistics.median(times),
+        "batch1_p95_ms": float(np.percentile(times, 95)),
+        "throughput_batch_size": len(batches[0]),
+        "throughput_images_per_s": sum(len(b) for b in batches) / seconds,
+    }

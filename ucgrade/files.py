@@ -1,0 +1,90 @@
+"""Run folders and atomic writes: a kill at any moment never leaves a half-written file behind."""
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp alone gives 0600
+
+
+def _atomic_write(path, write):
+    """Write through write(file) into a temporary file beside path, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path, data):
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path, rows, fieldnames):
+    """rows: a list of dicts with the keys in fieldnames."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def save_torch(path, obj):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_figure(path, fig):
+    """Save a matplotlib figure as PNG atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+
+
+def new_run_dir(out_dir, name=None):
+    """Create and return a fresh folder under out_dir: name, name2, name3, ... (default name: train).
+
+    os.mkdir fails if the folder exists, so two runs started at once never share a folder.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = name or "train"
+    for i in range(1, 100_000):
+        run_dir = out_dir / (base if i == 1 else f"{base}{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"too many runs named {base!r} under {out_dir}")

@@ -1,0 +1,37 @@
+"""Ctrl-C and SIGTERM ask a run to stop after the current batch, so that what finished is kept."""
+
+import signal
+import sys
+import threading
+
+
+class GracefulStop:
+    """A context manager and a callable: stop() is True once SIGINT or SIGTERM has arrived.
+
+    A second Ctrl-C raises KeyboardInterrupt at once, for a user who really wants out.
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: stopping after the current batch (Ctrl-C again stops at once).", file=sys.stderr, flush=True)
+
+    def __call__(self):
+        return self.signal_name is not None

@@ -1,0 +1,145 @@
+"""Metrics from all validation predictions, computed by scikit-learn.
+
+The classes are ordered grades (class index = grade step), so grade-aware metrics are reported
+next to the usual ones: quadratic weighted kappa and the mean absolute error in grade steps.
+"""
+
+import math
+
+import numpy as np
+from sklearn import metrics as skm
+
+# The scalar metrics, in the order tables show them, with a one-line meaning for clinicians.
+SCALARS = {
+    "accuracy": "share of images graded exactly right",
+    "balanced_accuracy": "mean of the per-grade recalls: accuracy that a large grade cannot inflate",
+    "macro_f1": "F1 averaged over grades with equal weight",
+    "qwk": "quadratic weighted kappa: agreement with the reference grade beyond chance, larger misses cost more (1 = perfect, 0 = chance)",
+    "mae_grades": "mean absolute error in grade steps (0 = always right, 1 = off by one grade on average)",
+    "roc_auc_ovr_macro": "one-vs-rest ROC AUC averaged over grades: how well the probabilities rank each grade",
+}
+REMISSION_SCALARS = {
+    "sensitivity": "share of active-disease images called active",
+    "specificity": "share of remission images called remission",
+    "ppv": "share of images called active that are active",
+    "npv": "share of images called remission that are in remission",
+    "auroc": "ROC AUC of the summed probability of the active grades",
+}
+
+
+def _number(value):
+    """A float for JSON, or None where the metric is undefined (NaN)."""
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def compute_metrics(targets, probs, class_names, remission_upto=None):
+    """All metrics for true class indices `targets` and class probabilities `probs` (N x C)."""
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    preds = probs.argmax(1)
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
+    result = {
+        "num_images": int(len(targets)),
+        "class_names": list(class_names),
+        "accuracy": _number(skm.accuracy_score(targets, preds)),
+        "balanced_accuracy": _number(_balanced_accuracy(targets, preds, labels)),
+        "macro_f1": _number(skm.f1_score(targets, preds, labels=labels, average="macro", zero_division=0)),
+        "qwk": _number(_qwk(targets, preds, labels)),
+        "mae_grades": _number(skm.mean_absolute_error(targets, preds)),
+        "roc_auc_ovr_macro": _number(_auc_ovr(targets, probs, labels)),
+        "per_class": {
+            name: {"precision": _number(p), "recall": _number(r), "f1": _number(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+        },
+        "confusion_matrix": skm.confusion_matrix(targets, preds, labels=labels).tolist(),
+    }
+    if remission_upto is not None:
+        result["remission"] = remission_metrics(targets, probs, class_names, remission_upto)
+    return result
+
+
+def _balanced_accuracy(targets, preds, labels):
+    # the mean recall over the grades present in the data, without sklearn's warning for absent ones
+    recalls = skm.recall_score(targets, preds, labels=sorted(set(targets.tolist())), average=None, zero_division=0)
+    return float(np.mean(recalls)) if len(recalls) else float("nan")
+
+
+def _qwk(targets, preds, labels):
+    if len(set(targets.tolist()) | set(preds.tolist())) < 2:
+        return float("nan")  # kappa is undefined when a single grade appears at all
+    return skm.cohen_kappa_score(targets, preds, labels=labels, weights="quadratic")
+
+
+def _auc_ovr(targets, probs, labels):
+    present = sorted(set(targets.tolist()))
+    if len(present) < 2:
+        return float("nan")
+    if len(present) < len(labels):
+        # one-vs-rest AUC over the grades that occur; the others have no positives to rank
+        return float(np.mean([skm.roc_auc_score(targets == c, probs[:, c]) for c in present]))
+    if len(labels) == 2:
+        return skm.roc_auc_score(targets, probs[:, 1])
+    return skm.roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=labels)
+
+
+def remission_metrics(targets, probs, class_names, remission_upto):
+    """Remission (grades up to and including remission_upto) versus active disease (the grades above).
+
+    An image is called active when its predicted grade is above remission_upto; the AUROC ranks
+    images by the summed probability of the active grades.
+    """
+    cut = class_names.index(remission_upto)
+    active = np.asarray(targets) > cut
+    called_active = probs.argmax(1) > cut
+    score = probs[:, cut + 1:].sum(1)
+    tn, fp, fn, tp = skm.confusion_matrix(active, called_active, labels=[False, True]).ravel()
+    return {
+        "remission_classes": class_names[: cut + 1],
+        "active_classes": class_names[cut + 1:],
+        "sensitivity": _number(skm.recall_score(active, called_active, pos_label=True, zero_division=np.nan)),
+        "specificity": _number(skm.recall_score(active, called_active, pos_label=False, zero_division=np.nan)),
+        "ppv": _number(skm.precision_score(active, called_active, pos_label=True, zero_division=np.nan)),
+        "npv": _number(skm.precision_score(active, called_active, pos_label=False, zero_division=np.nan)),
+        "auroc": _number(skm.roc_auc_score(active, score)) if 0 < active.sum() < len(active) else None,
+        "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def format_metrics(metrics):
+    """The metrics as a plain-text table for the terminal."""
+    lines = [f"{'metric':<20}{'value':>8}"]
+    lines += [f"{name:<20}{_fmt(metrics[name]):>8}" for name in SCALARS]
+    lines.append("")
+    lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:<20}{_fmt(row['precision']):>10}{_fmt(row['recall']):>10}{_fmt(row['f1']):>10}{row['support']:>10}")
+    remission = metrics.get("remission")
+    if remission:
+        lines.append("")
+        lines.append(f"remission ({', '.join(remission['remission_classes'])}) vs active ({', '.join(remission['active_classes'])}):")
+        lines += [f"  {name:<18}{_fmt(remission[name]):>8}" for name in REMISSION_SCALARS]
+    return "\n".join(lines)
+
+
+def summarize_folds(fold_metrics):
+    """Mean and standard deviation over folds of every scalar metric (remission ones included)."""
+    summary = {}
+    for name in SCALARS:
+        summary[name] = _mean_std([m[name] for m in fold_metrics])
+    if all("remission" in m for m in fold_metrics) and fold_metrics:
+        for name in REMISSION_SCALARS:
+            summary[f"remission_{name}"] = _mean_std([m["remission"][name] for m in fold_metrics])
+    return summary
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}

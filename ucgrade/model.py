@@ -1,0 +1,217 @@
+"""Model: build ResNet50, get its ImageNet weights, and save and load self-describing checkpoints."""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import threading
+import urllib.request
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import ResNet50_Weights
+from tqdm import tqdm
+
+from . import files
+from .data import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .errors import UserError
+
+ARCH = "resnet50"
+# IMAGENET1K_V1 are the weights of the original recipe (torchvision's pretrained=True), made for
+# a Resize(256) + CenterCrop(224) evaluation transform, which is the transform used here.
+IMAGENET_URL = ResNet50_Weights.IMAGENET1K_V1.url
+CHECKPOINT_FORMAT = "ucgrade-checkpoint"
+CONNECT_TIMEOUT_S = 10.0
+
+
+def build_model(num_classes, imagenet_state_dict=None):
+    """A torchvision ResNet50 with its fc replaced by a layer for num_classes; every layer trains."""
+    model = torchvision.models.resnet50()
+    if imagenet_state_dict is not None:
+        model.load_state_dict(imagenet_state_dict)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def unwrap(model):
+    """The plain module under a torch.compile wrapper, so saved keys have no '_orig_mod.' prefix."""
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------- ImageNet weights
+
+
+def imagenet_weights_path(url=None):
+    """Where torch hub keeps (and looks for) the downloaded weights: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url or IMAGENET_URL).path)
+
+
+def _fetch(url, destination, timeout, answered, result):
+    """Download url into destination (via a temporary file), checking the hash in its name."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # the timeout also bounds every read
+            answered.set()
+            total = int(response.headers.get("Content-Length") or 0)
+            digest = hashlib.sha256()
+            partial = destination.with_name(destination.name + ".partial")
+            with open(partial, "wb") as f, tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        expected = re.search(r"-([a-f0-9]{6,})\.", destination.name)
+        if expected and not digest.hexdigest().startswith(expected.group(1)):
+            partial.unlink(missing_ok=True)
+            result["error"] = "the downloaded file is damaged (its SHA-256 does not match)"
+            return
+        partial.replace(destination)
+    except Exception as error:  # DNS, refused, proxy, HTTP and timeout errors all mean: not available
+        result["error"] = str(error) or type(error).__name__
+    finally:
+        answered.set()
+
+
+def _download(url, destination, timeout):
+    """Download the weights into the hub cache; return None, or why they could not be had.
+
+    The server must answer within timeout seconds. The request runs in a thread, because a DNS
+    lookup or a silent proxy can hang far longer than any socket timeout; once the server has
+    answered, a large file may take as long as it needs, but a stalled read still fails.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    answered, result = threading.Event(), {}
+    thread = threading.Thread(target=_fetch, args=(url, destination, timeout, answered, result), daemon=True)
+    thread.start()
+    if not answered.wait(timeout):
+        return f"no answer from {urlparse(url).hostname} within {timeout:.0f} s"
+    thread.join()
+    return f"download from {url} failed ({result['error']})" if "error" in result else None
+
+
+def offline_hint(url):
+    return (
+        f"to use them offline, download {url} on a machine with internet and copy it to "
+        f"{imagenet_weights_path(url)} (or set TORCH_HOME), or pass --weights FILE"
+    )
+
+
+def load_imagenet_file(path):
+    """Load an ImageNet ResNet50 state_dict from a local file, checking that it is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights file '{path}' does not exist; give the path of an ImageNet ResNet50 state_dict (.pth).")
+    state = load_weights_only(path, what="--weights file")
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        raise UserError(f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it using predict.py --weights, or continue its run with --resume.")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--weights '{path}' does not hold a state_dict of tensors; give an ImageNet ResNet50 state_dict such as torchvision's {imagenet_weights_path().name}.")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        torchvision.models.resnet50().load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"--weights '{path}' is not an ImageNet ResNet50 state_dict ({first}); give torchvision's {imagenet_weights_path().name} or an equivalent file.") from None
+    return state
+
+
+def get_imagenet_weights(pretrained="auto", weights_file=None, timeout=CONNECT_TIMEOUT_S):
+    """Return (state_dict or None, source). pretrained: auto | yes | no.
+
+    A local --weights file wins. Otherwise the torch hub cache is used, downloading into it when
+    needed. With auto, weights that cannot be had give a warning and None (random initialisation);
+    with yes they stop the run.
+    """
+    if weights_file:
+        return load_imagenet_file(weights_file), str(weights_file)
+    if pretrained == "no":
+        return None, "none (random initialisation, --pretrained no)"
+    url = IMAGENET_URL
+    path = imagenet_weights_path(url)
+    error = None if path.is_file() else _download(url, path, timeout)
+    if error is None:
+        try:
+            return load_imagenet_file(path), str(path)
+        except UserError as bad_file:
+            error = f"the cached file is unusable: {bad_file}"
+    message = f"the ImageNet weights for ResNet50 could not be had: {error}; {offline_hint(url)}"
+    if pretrained == "yes":
+        raise UserError(message[0].upper() + message[1:] + ".")
+    print(f"warning: {message}.\nwarning: training continues from random weights, which needs far more data and epochs to do well.", flush=True)
+    return None, "none (ImageNet weights unavailable, random initialisation)"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def make_checkpoint(model, class_names, img_size, epoch, val_metrics, pretrained, config, **extra):
+    """Plain tensors and simple types only, so that torch.load(weights_only=True) reads it."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "arch": ARCH,
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
+        "img_size": int(img_size),
+        "resize_size": resize_size_for(img_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "epoch": int(epoch),
+        "val_metrics": _plain(val_metrics),
+        "pretrained": bool(pretrained),
+        "config": _plain(config),
+    }
+    checkpoint.update(extra)
+    return checkpoint
+
+
+def _plain(obj):
+    """Only JSON types (a str subclass such as torch.__version__ would need pickle's trust)."""
+    return json.loads(json.dumps(obj))
+
+
+def save_checkpoint(path, checkpoint):
+    files.save_torch(path, checkpoint)
+
+
+def load_weights_only(path, what="checkpoint"):
+    """torch.load with weights_only=True, so a crafted file cannot run code; clear errors otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded (it could run code); use a file written by this tool or by torch.save of a state_dict.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({str(error).splitlines()[0][:120]}).") from None
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by qq.py (best.pt or last.pt) and check that it is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist; pass --weights with a best.pt from a run folder under outputs/.")
+    checkpoint = load_weights_only(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+            raise UserError(f"'{path}' holds a bare state_dict without class names or preprocessing; use best.pt or last.pt from a run folder written by qq.py.")
+        raise UserError(f"'{path}' is not a checkpoint written by qq.py; use best.pt or last.pt from a run folder.")
+    if checkpoint.get("arch") != ARCH:
+        raise UserError(f"checkpoint '{path}' is for the architecture {checkpoint.get('arch')!r}, but this tool runs {ARCH}; use a checkpoint written by qq.py.")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """Rebuild the fine-tuned model from a checkpoint; its weights must fit ResNet50 with its classes."""
+    model = build_model(checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"the weights in '{path}' do not fit a ResNet50 with {checkpoint['num_classes']} classes ({first}); the file is damaged or was edited.") from None
+    return model
