@@ -107,6 +107,8 @@ def main(args):
 
     if args.json:
         print(json.dumps({"weights": str(weights), "class_names": class_names, "predictions": results, "errors": [{"path": n, "error": r} for n, r in errors]}, indent=2))
+    if cam_dir is not None:
+        print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
     if errors:
         print(f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.", file=sys.stderr)
         return 1

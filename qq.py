@@ -14,6 +14,7 @@ history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and r
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -28,7 +29,7 @@ from ucgrade import data, engine, files, metrics, report
 from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
 from ucgrade.errors import RunInterrupted, UserError, run_cli
 from ucgrade.interrupt import GracefulStop
-from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, save_checkpoint, unwrap
+from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
 
 DEFAULT_EPOCHS = 25
 # Settings that define a run; --resume takes them from the run's config.json.
@@ -70,7 +71,7 @@ def get_args_parser():
     add("--balance", default="none", choices=("none", "weights", "sampler"), help="class imbalance: none, class-weighted loss, or a class-balanced sampler (default: %(default)s)")
     add("--freeze-backbone", action="store_true", help="train only the new fc layer on features computed once (fast; default: fine-tune all layers)")
     add("--cache", default="auto", choices=("auto", "ram", "off"), help="keep decoded images in memory; auto does so when they fit in half the free memory (default: %(default)s)")
-    add("--compile", action="store_true", help="torch.compile the model; pays only for long runs (default: off)")
+    add("--compile", action="store_true", help="torch.compile the model; on a CPU it compiles for about a minute and trains no faster (BENCHMARKS.md), so it is for GPUs (default: off)")
     add("--cam-examples", type=int, default=6, help="Grad-CAM overlays of validation images shown in the report (default: %(default)s)")
     add("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its settings (default: none)")
     return parser
@@ -83,7 +84,7 @@ def check_args(args):
         (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
         (0 < args.val_split < 1, f"--val-split must be between 0 and 1, for example 0.2 (got {args.val_split})"),
         (args.img_size >= 64, f"--img-size must be at least 64 pixels, because ResNet50 shrinks its input 32-fold (got {args.img_size})"),
-        (args.lr > 0, f"--lr must be positive (got {args.lr})"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number (got {args.lr})"),
         (0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})"),
         (args.step_size >= 1, f"--step-size must be at least 1 (got {args.step_size})"),
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
@@ -107,7 +108,7 @@ def settings_for_resume(args, run_dir):
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"--resume '{run_dir}' is not a run folder (it has no config.json); give a folder under outputs/ written by qq.py.")
-    config = json.loads(config_path.read_text())
+    config = read_run_config(run_dir)
     epochs = args.epochs
     for key in RUN_SETTINGS:
         setattr(args, key, config[key])
@@ -115,11 +116,37 @@ def settings_for_resume(args, run_dir):
     return args
 
 
+def read_run_config(run_dir):
+    """A run's config.json, with the settings that resuming needs."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"the config.json of '{run_dir}' is unreadable ({error}), so the run cannot be resumed; start a new run.") from None
+    missing = [key for key in RUN_SETTINGS + ("class_names", "class_counts") if key not in config]
+    if missing:
+        raise UserError(f"the config.json of '{run_dir}' lacks {', '.join(missing)}, so the run cannot be resumed; start a new run.")
+    return config
+
+
+def check_resume_data(run_dir, image_set):
+    """Resuming needs the images the run started with: the same classes with the same counts."""
+    config = read_run_config(run_dir)
+    before = ", ".join(f"{n} {c}" for n, c in zip(config["class_names"], config["class_counts"]))
+    now = ", ".join(f"{n} {c}" for n, c in zip(image_set.class_names, image_set.class_counts()))
+    if before != now:
+        raise UserError(f"the usable images in '{image_set.root}' changed since the run started (then: {before}; now: {now}); resuming needs the same data, so start a new run instead.")
+
+
 def read_data(args, stop):
     """Scan the data folder, decode every image once, and report what was skipped."""
     image_set, empty = data.scan_folder(args.data, args.class_order)
     for name in empty:
         print(f"warning: class folder '{name}' holds no images and is ignored.")
+    if args.remission_upto is not None:  # checked before the slow decode: the grades are known from the folders
+        if args.remission_upto not in image_set.class_names:
+            raise UserError(f"--remission-upto {args.remission_upto!r} is not one of the grades ({', '.join(image_set.class_names)}); name the last grade that counts as remission.")
+        if args.remission_upto == image_set.class_names[-1]:
+            raise UserError(f"--remission-upto {args.remission_upto!r} is the most severe grade, which leaves no active grades; name a milder grade.")
     resize = data.resize_size_for(args.img_size)
     need = data.estimate_cache_bytes(image_set.paths, resize)
     keep = args.cache == "ram" or (args.cache == "auto" and need < data.available_memory_bytes() / 2)
@@ -136,11 +163,6 @@ def read_data(args, stop):
         for path, reason in image_set.skipped:
             print(f"  {path}: {reason}")
     data.check_class_sizes(image_set)
-    if args.remission_upto is not None:
-        if args.remission_upto not in image_set.class_names:
-            raise UserError(f"--remission-upto {args.remission_upto!r} is not one of the classes ({', '.join(image_set.class_names)}).")
-        if args.remission_upto == image_set.class_names[-1]:
-            raise UserError(f"--remission-upto {args.remission_upto!r} is the most severe grade, which leaves no active grades; name a milder grade.")
     print("classes (grade order): " + ", ".join(f"{n} ({c})" for n, c in zip(image_set.class_names, image_set.class_counts())))
     return image_set
 
@@ -233,11 +255,8 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = build_model(len(class_names), None if resuming else imagenet_state)
-    last = None
-    if resuming:
-        last = load_checkpoint(last_path)
-        model.load_state_dict(last["model"])
+    last = read_last_checkpoint(last_path, class_names) if resuming else None
+    model = model_from_checkpoint(last, last_path) if resuming else build_model(len(class_names), imagenet_state)
     model = model.to(device, memory_format=torch.channels_last)
     train_loader, val_loader, val_set, trainable = make_loaders(args, image_set, train, val, model, device, precision, generator, stop)
     criterion = make_criterion(args.balance, np.asarray(image_set.labels)[train], len(class_names), device)
@@ -264,6 +283,8 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
             start = time.perf_counter()
             train_stats = engine.train_one_epoch(step_model, criterion, optimizer, train_loader, device, precision, scaler, epoch, args.epochs, stop)
             val_loss, val_acc, _, _ = engine.evaluate(step_model, val_loader, device, precision, stop)
+            if not math.isfinite(val_loss):
+                raise UserError(f"the validation loss became {val_loss} in epoch {epoch}, so the run stopped instead of keeping a broken model; lower the learning rate (for example --lr {args.lr / 10:g}).")
             lr = optimizer.param_groups[0]["lr"]
             lr_scheduler.step()
             seconds = time.perf_counter() - start
@@ -287,7 +308,7 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
                 flush=True,
             )
         outputs = evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history, best)
-    except RunInterrupted:
+    except (RunInterrupted, KeyboardInterrupt):  # KeyboardInterrupt: a second Ctrl-C, which stops at once
         write_interrupted(run_dir, history, best, args)
         done = f"after epoch {len(history)}" if history else "before the first epoch finished"
         raise RunInterrupted(
@@ -295,6 +316,17 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
             f"Resume with: python qq.py --resume {run_dir}"
         ) from None
     return outputs
+
+
+def read_last_checkpoint(path, class_names):
+    """The last.pt of a run being resumed: it must hold the training state and the run's classes."""
+    last = load_checkpoint(path)
+    missing = [key for key in ("optimizer", "lr_scheduler", "scaler", "history", "best", "rng") if key not in last]
+    if missing:
+        raise UserError(f"'{path}' holds no training state ({', '.join(missing)} missing), so the run cannot continue from it; start a new run instead of resuming.")
+    if last["class_names"] != list(class_names):
+        raise UserError(f"'{path}' was trained on the classes {', '.join(last['class_names'])}, but the data folder now has {', '.join(class_names)}; the data changed, so start a new run instead of resuming.")
+    return last
 
 
 def write_interrupted(run_dir, history, best, args):
@@ -364,16 +396,17 @@ def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
         out = cam_dir / f"{len(cams) + 1:02d}_{path.stem}.png"
         image.save(out)
         cams.append((f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})", out))
+    files.write_csv(cam_dir / "index.csv", [{"file": out.name, "caption": caption} for caption, out in cams], ["file", "caption"])
     return cams
 
 
-def cross_validate(args, image_set, groups, run_dir, device, precision, imagenet_state, config, stop):
+def cross_validate(args, image_set, folds, groups, run_dir, device, precision, imagenet_state, config, stop):
     """K-fold cross-validation: K models in fold1..foldK, then the pooled out-of-fold predictions."""
-    folds = data.split_folds(image_set.labels, args.folds, args.seed, groups)
-    fold_rows, fold_metrics, pooled_probs, pooled_targets, pooled_index, fold_of = [], [], [], [], [], {}
+    fold_of = {int(i): k for k, (_, val) in enumerate(folds, 1) for i in val}
+    split = [{"path": image_set.relpath(i), "class": image_set.class_names[image_set.labels[i]], "fold": fold_of[i]} | ({"group": groups[i]} if groups is not None else {}) for i in sorted(fold_of)]
+    files.write_csv(run_dir / "split.csv", split, list(split[0].keys()))  # the fold that validates each image
+    fold_metrics, pooled_probs, pooled_targets, pooled_index = [], [], [], []
     for k, (train, val) in enumerate(folds, 1):
-        data.check_split(image_set, train, val, groups)
-        fold_of.update({int(i): k for i in val})
         fold_dir = run_dir / f"fold{k}"
         fold_dir.mkdir(exist_ok=True)
         previous = fold_dir / "metrics.json"
@@ -392,20 +425,22 @@ def cross_validate(args, image_set, groups, run_dir, device, precision, imagenet
     pooled = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
     summary = metrics.summarize_folds(fold_metrics)
     files.write_json(run_dir / "cv_summary.json", {"folds": args.folds, "grouped": groups is not None, "mean_std": summary, "pooled_out_of_fold": pooled, "per_fold": [
-        {name: m[name] for name in list(metrics.SCALARS) + ["num_images", "best_epoch"]} for m in fold_metrics]})
+        {name: m[name] for name in list(metrics.SCALARS) + ["num_images", "best_epoch"] + (["remission"] if "remission" in m else [])} for m in fold_metrics]})
     table = [{"metric": name, "mean": _fmt(s["mean"]), "std": _fmt(s["std"]), **{f"fold{k}": _fmt(_metric(m, name)) for k, m in enumerate(fold_metrics, 1)}, "pooled": _fmt(_metric(pooled, name))} for name, s in summary.items()]
     files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
     extra = {"fold": [fold_of[i] for i in pooled_index]} | ({"group": [groups[i] for i in pooled_index]} if groups is not None else {})
     rows = report.prediction_rows([image_set.relpath(i) for i in pooled_index], targets, probs, image_set.class_names, extra)
     report.write_predictions(run_dir / "predictions.csv", rows)
     files.write_json(run_dir / "metrics.json", pooled | {"status": "finished", "folds": args.folds})
-    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix.png", title="Pooled out-of-fold confusion matrix (counts)")
-    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix_normalized.png", normalize=True)
+    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix.png", title="Pooled out-of-fold confusion matrix\n(counts)")
+    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix_normalized.png", normalize=True, title="Pooled out-of-fold confusion matrix\nnormalised by true grade")
     report.plot_roc(targets, probs, image_set.class_names, run_dir / "roc.png", args.remission_upto)
+    (run_dir / "errors.png").unlink(missing_ok=True)
+    report.plot_errors(rows, image_set.root, args.img_size, run_dir / "errors.png")
     report.cv_report(run_dir, table, pooled)
     print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
     for row in table:
-        print(f"  {row['metric']:<20}{row['mean']:>7} ± {row['std']:<7} pooled {row['pooled']}")
+        print(f"  {row['metric']:<24}{row['mean'] or 'n/a':>7} ± {row['std'] or 'n/a':<7} pooled {row['pooled'] or 'n/a'}")
     return pooled
 
 
@@ -431,10 +466,16 @@ def main(args):
 
     with GracefulStop() as stop:
         image_set = read_data(args, stop)
+        if resume_dir is not None:
+            check_resume_data(resume_dir, image_set)
         groups = data.read_groups(args.groups, image_set) if args.groups else None
         if args.folds == 0:
             train, val = (read_split(resume_dir / "split.csv", image_set) if resume_dir else data.split_holdout(image_set.labels, args.val_split, args.seed, groups))
             data.check_split(image_set, train, val, groups)
+        else:
+            folds = data.split_folds(image_set.labels, args.folds, args.seed, groups)
+            for train, val in folds:  # every fold, before a run folder exists or a fold trains for nothing
+                data.check_split(image_set, train, val, groups, remedy="use fewer --folds")
         needs_weights = resume_dir is None or not any(resume_dir.glob("**/last.pt")) or args.folds > 0
         imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights) if needs_weights else (None, "from the resumed run")
         run_dir = resume_dir or files.new_run_dir(args.out, args.name)
@@ -451,13 +492,13 @@ def main(args):
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
         try:
             if args.folds:
-                cross_validate(args, image_set, groups, run_dir, device, precision, imagenet_state, config, stop)
+                cross_validate(args, image_set, folds, groups, run_dir, device, precision, imagenet_state, config, stop)
             else:
                 fit(args, image_set, train, val, groups, run_dir, device, precision, imagenet_state, config, stop)
         except torch.OutOfMemoryError:
             raise UserError(f"ran out of GPU memory with --batch-size {args.batch_size}; try a smaller --batch-size, for example {max(1, args.batch_size // 2)}.") from None
-        except RuntimeError as error:
-            if "allocate" in str(error) and "memory" in str(error):
+        except (RuntimeError, MemoryError) as error:  # MemoryError: Python or NumPy could not allocate
+            if isinstance(error, MemoryError) or ("allocate" in str(error) and "memory" in str(error)):
                 raise UserError(f"ran out of memory with --batch-size {args.batch_size}; try a smaller --batch-size, for example {max(1, args.batch_size // 2)}, or a smaller --img-size.") from None
             raise
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")

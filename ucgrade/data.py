@@ -8,6 +8,7 @@ first pass and listed, instead of failing halfway through an epoch.
 
 import math
 import os
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +60,10 @@ def resize_size_for(img_size):
 def _to_rgb(image):
     """Convert any Pillow mode to 8-bit RGB: 16-bit scaled down, transparency over black."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # convert("RGB") would clip 16-bit values at 255 and turn the picture white
+        # convert("RGB") would clip 16-bit values at 255 and turn the picture white. I;16 is known
+        # to be 16-bit; a 32-bit "I" image is taken as 16-bit only when its values need more than 8 bits.
         array = np.asarray(image).astype(np.float64)
-        if array.max(initial=0) > 255:
+        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
             array = array / 257.0
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
@@ -146,6 +148,14 @@ def _files_under(folder):
     return found
 
 
+def _is_utf8(path):
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def scan_folder(root, class_order=None):
     """List the candidate images of an ImageFolder tree: root/<class>/[sub-folders/]<image>.
 
@@ -157,7 +167,9 @@ def scan_folder(root, class_order=None):
     for name in folders:
         images = []
         for path in _files_under(root / name):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            if not _is_utf8(path):  # e.g. Latin-1 bytes from an old export: CSV and JSON outputs need UTF-8
+                skipped.append((Path(os.fsencode(path).decode("utf-8", "replace")), "the file name is not valid UTF-8; rename the file"))
+            elif path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
                 images.append(path)
             else:
                 skipped.append((path, "not an image file (by its extension)"))
@@ -269,11 +281,17 @@ def split_folds(labels, n_splits, seed, groups=None):
 
     labels = np.asarray(labels)
     x = np.zeros(len(labels))
-    if groups is None:
-        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels)
-    else:
-        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels, groups)
-    return [(np.sort(train), np.sort(val)) for train, val in folds]
+    units, unit = (len(labels), "images") if groups is None else (len(set(groups)), "groups")
+    if n_splits > units:
+        raise UserError(f"a split into {n_splits} parts needs at least {n_splits} {unit}, but there are {units}; use fewer --folds (or a larger --val-split) or add {unit}.")
+    with warnings.catch_warnings():
+        # sklearn warns when a class has fewer members than folds; check_split then names the class
+        warnings.filterwarnings("ignore", message="The least populated class")
+        if groups is None:
+            folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels)
+        else:
+            folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, labels, groups)
+        return [(np.sort(train), np.sort(val)) for train, val in folds]
 
 
 def read_groups(path, image_set):
@@ -304,7 +322,7 @@ def read_groups(path, image_set):
     return groups
 
 
-def check_split(image_set, train, val, groups=None):
+def check_split(image_set, train, val, groups=None, remedy="use a different --val-split"):
     """Every class needs images on both sides of a split; say which one does not."""
     labels = np.asarray(image_set.labels)
     for side, indices in (("training", train), ("validation", val)):
@@ -313,7 +331,7 @@ def check_split(image_set, train, val, groups=None):
             if label not in present:
                 n_groups = len({groups[i] for i in np.flatnonzero(labels == label)}) if groups is not None else None
                 hint = f" (its images come from {n_groups} group(s), and a group cannot be split)" if groups is not None else ""
-                raise UserError(f"class '{name}' has no {side} images in this split{hint}; add images of that class or use a different --val-split.")
+                raise UserError(f"class '{name}' has no {side} images in this split{hint}; add images of that class or {remedy}.")
 
 
 # ----------------------------------------------------------------------------- transforms and loaders
@@ -391,6 +409,14 @@ def make_loader(dataset, batch_size, workers, device, shuffle=False, generator=N
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=False,  # new worker seeds each epoch come from `generator`, so --resume replays them exactly
         generator=generator,
+        worker_init_fn=_leave_signals_to_the_main_process if workers > 0 else None,
     )
+
+
+def _leave_signals_to_the_main_process(worker_id):
+    """Ctrl-C and SIGTERM reach every process of the group. A worker that died of them would crash
+    the run; ignoring them lets the main process stop after the batch and then shut the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

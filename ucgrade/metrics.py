@@ -12,18 +12,25 @@ from sklearn import metrics as skm
 # The scalar metrics, in the order tables show them, with a one-line meaning for clinicians.
 SCALARS = {
     "accuracy": "share of images graded exactly right",
-    "balanced_accuracy": "mean of the per-grade recalls: accuracy that a large grade cannot inflate",
-    "macro_f1": "F1 averaged over grades with equal weight",
-    "qwk": "quadratic weighted kappa: agreement with the reference grade beyond chance, larger misses cost more (1 = perfect, 0 = chance)",
-    "mae_grades": "mean absolute error in grade steps (0 = always right, 1 = off by one grade on average)",
-    "roc_auc_ovr_macro": "one-vs-rest ROC AUC averaged over grades: how well the probabilities rank each grade",
+    "balanced_accuracy": "mean of the per-grade recalls, so that a large grade cannot inflate it (always guessing one grade scores 1/number of grades)",
+    "macro_f1": "F1 (the balance of precision and recall) averaged over grades with equal weight, so rare grades count as much as common ones",
+    "qwk": "quadratic weighted kappa: agreement with the reference grade beyond chance, where a miss by two grades costs four times a miss by one (1 = perfect, 0 = chance)",
+    "mae_grades": "mean absolute error in grade steps (0 = always right, 0.3 = off by 0.3 grades on average)",
+    "roc_auc_ovr_macro": "how well the probabilities rank each grade above the others, averaged over grades (0.5 = chance, 1 = perfect)",
 }
 REMISSION_SCALARS = {
     "sensitivity": "share of active-disease images called active",
     "specificity": "share of remission images called remission",
     "ppv": "share of images called active that are active",
     "npv": "share of images called remission that are in remission",
-    "auroc": "ROC AUC of the summed probability of the active grades",
+    "auroc": "how well the summed probability of the active grades separates active from remission images (0.5 = chance, 1 = perfect)",
+}
+
+# How reports name the metrics; metrics.json and the terminal use the keys.
+LABELS = {
+    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1", "qwk": "QWK",
+    "mae_grades": "MAE (grade steps)", "roc_auc_ovr_macro": "ROC AUC (one-vs-rest, macro)",
+    "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "auroc": "AUROC",
 }
 
 

@@ -7,7 +7,6 @@ import pickle
 import re
 import threading
 import urllib.request
-import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -87,7 +86,7 @@ def _download(url, destination, timeout):
     answered, result = threading.Event(), {}
     thread = threading.Thread(target=_fetch, args=(url, destination, timeout, answered, result), daemon=True)
     thread.start()
-    if not answered.wait(timeout):
+    if not answered.wait(timeout + 1):  # usually the socket timeout inside fires first; this catches DNS hangs
         return f"no answer from {urlparse(url).hostname} within {timeout:.0f} s"
     thread.join()
     return f"download from {url} failed ({result['error']})" if "error" in result else None
@@ -116,8 +115,7 @@ def load_imagenet_file(path):
     try:
         torchvision.models.resnet50().load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise UserError(f"--weights '{path}' is not an ImageNet ResNet50 state_dict ({first}); give torchvision's {imagenet_weights_path().name} or an equivalent file.") from None
+        raise UserError(f"--weights '{path}' is not an ImageNet ResNet50 state_dict ({short_error(error)}); give torchvision's {imagenet_weights_path().name} or an equivalent file.") from None
     return state
 
 
@@ -185,10 +183,24 @@ def load_weights_only(path, what="checkpoint"):
     """torch.load with weights_only=True, so a crafted file cannot run code; clear errors otherwise."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded (it could run code); use a file written by this tool or by torch.save of a state_dict.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({str(error).splitlines()[0][:120]}).") from None
+    except pickle.UnpicklingError as error:
+        # torch names the class or function a file asks to import ("Unsupported global", "not an
+        # allowed global"); any other unpickling error means the bytes are not a PyTorch file.
+        if "global" in str(error).lower():
+            raise UserError(f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded (it could run code); use a file written by this tool or by torch.save of a state_dict.") from None
+        problem = "its bytes are not what torch.save writes"
+    except Exception as error:  # a truncated zip, an empty or a text file: torch.load raises many types
+        problem = short_error(error, 100) if isinstance(error, RuntimeError) else "its bytes are not what torch.save writes"
+    raise UserError(f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({problem}), so copy it again or use another file.")
+
+
+def short_error(error, limit=160):
+    """The telling line of an exception message (the second for load_state_dict), cut to one short line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict") else lines[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_checkpoint(path):
@@ -203,6 +215,9 @@ def load_checkpoint(path):
         raise UserError(f"'{path}' is not a checkpoint written by qq.py; use best.pt or last.pt from a run folder.")
     if checkpoint.get("arch") != ARCH:
         raise UserError(f"checkpoint '{path}' is for the architecture {checkpoint.get('arch')!r}, but this tool runs {ARCH}; use a checkpoint written by qq.py.")
+    missing = [key for key in ("model", "class_names", "num_classes", "img_size") if key not in checkpoint]
+    if missing or not isinstance(checkpoint["class_names"], list) or len(checkpoint["class_names"]) != checkpoint["num_classes"]:
+        raise UserError(f"checkpoint '{path}' is incomplete ({'no ' + ', '.join(missing) if missing else 'its class names do not match its class count'}); the file is damaged or was edited, so use another best.pt or last.pt.")
     return checkpoint
 
 
@@ -211,7 +226,8 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     model = build_model(checkpoint["num_classes"])
     try:
         model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, TypeError) as error:
-        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise UserError(f"the weights in '{path}' do not fit a ResNet50 with {checkpoint['num_classes']} classes ({first}); the file is damaged or was edited.") from None
-    return model
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"the weights in '{path}' do not fit a ResNet50 with {checkpoint['num_classes']} classes ({short_error(error)}); the file is damaged or was edited.") from None
+    # channels_last, as in training: the inputs are channels_last, and a model in the default layout
+    # has its weights converted at every call (about 1.1x slower at batch 1 on a CPU: BENCHMARKS.md)
+    return model.to(memory_format=torch.channels_last)

@@ -7,6 +7,7 @@ Plots are drawn from the saved CSV and JSON files, so that they can be drawn aga
 import base64
 import datetime
 import html
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -17,10 +18,11 @@ matplotlib.use("Agg")  # no screen on a hospital server or in CI
 
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
-from .metrics import REMISSION_SCALARS, SCALARS  # noqa: E402
+from .metrics import LABELS, REMISSION_SCALARS, SCALARS  # noqa: E402
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_images_per_s"]
 
@@ -76,6 +78,7 @@ def plot_curves(history, path):
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not epoch 1.2
         if key == "acc":
             ax.set_ylim(0, 1.02)
     fig.tight_layout()
@@ -85,8 +88,8 @@ def plot_curves(history, path):
 def plot_confusion(matrix, class_names, path, normalize=False, title=None):
     """Counts, or rows normalised by true class; readable for up to about 10 classes."""
     matrix = np.asarray(matrix, dtype=float if normalize else int)
+    totals = matrix.sum(1, keepdims=True)
     if normalize:
-        totals = matrix.sum(1, keepdims=True)
         matrix = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
     n = len(class_names)
     size = max(4.5, 0.75 * n + 2.5)
@@ -96,9 +99,14 @@ def plot_confusion(matrix, class_names, path, normalize=False, title=None):
     display.plot(ax=ax, cmap="Blues", colorbar=True, values_format=".2f" if normalize else "d", xticks_rotation=45 if n > 4 else "horizontal")
     if normalize:
         display.im_.set_clim(0, 1)
+        # a row of fractions hides how few images it may rest on
+        ax.set_yticks(range(n), [f"{name} (n={int(t)})" for name, t in zip(class_names, totals[:, 0])])
+    else:
+        display.im_.colorbar.locator = MaxNLocator(integer=True)  # counts have no fractional ticks
+        display.im_.colorbar.update_ticks()
     ax.set_xlabel("predicted grade")
     ax.set_ylabel("true grade")
-    ax.set_title(title or ("Confusion matrix (normalised by true grade)" if normalize else "Confusion matrix (counts)"))
+    ax.set_title(title or ("Confusion matrix\nnormalised by true grade" if normalize else "Confusion matrix\n(counts)"))
     fig.tight_layout()
     files.save_figure(path, fig)
 
@@ -107,16 +115,28 @@ def plot_roc(targets, probs, class_names, path, remission=None):
     """One-vs-rest ROC curve per grade, and remission vs active when that split is given."""
     fig = Figure(figsize=(6, 6))
     ax = fig.add_subplot()
+
+    def curve(positives, scores, label, **style):
+        # drawn with plain matplotlib: RocCurveDisplay's styling arguments change between sklearn versions
+        fpr, tpr, _ = roc_curve(positives, scores)
+        ax.plot(fpr, tpr, label=f"{label} (AUC = {roc_auc_score(positives, scores):.2f})", **style)
+
     for c, name in enumerate(class_names):
         positives = np.asarray(targets) == c
         if 0 < positives.sum() < len(positives):
-            RocCurveDisplay.from_predictions(positives, probs[:, c], ax=ax, name=name, plot_chance_level=False)
+            curve(positives, probs[:, c], name)
     if remission is not None:
         cut = class_names.index(remission)
         active = np.asarray(targets) > cut
         if 0 < active.sum() < len(active):
-            RocCurveDisplay.from_predictions(active, probs[:, cut + 1:].sum(1), ax=ax, name="active vs remission", linestyle="--", color="black")
+            curve(active, probs[:, cut + 1:].sum(1), "active vs remission", linestyle="--", color="black")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
     ax.set_title("ROC curves (one grade vs the rest)")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
@@ -132,7 +152,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
         return 0
     cols = min(4, len(wrong))
     nrows = (len(wrong) + cols - 1) // cols
-    fig = Figure(figsize=(3 * cols, 3.4 * nrows))
+    fig = Figure(figsize=(3 * cols, 3.6 * nrows + 0.4))
     for k, row in enumerate(wrong):
         ax = fig.add_subplot(nrows, cols, k + 1)
         try:
@@ -140,10 +160,12 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
             ax.imshow(image)
         except UnreadableImage:
             ax.text(0.5, 0.5, "image missing", ha="center")
-        ax.set_title(f"true: {row['true']}\npredicted: {row['predicted']} (p={float(row['p_predicted']):.2f})", fontsize=9)
+        name = Path(row["path"]).name
+        name = name if len(name) <= 30 else name[:13] + "..." + name[-14:]
+        ax.set_title(f"{name}\ntrue: {row['true']}\npredicted: {row['predicted']} (p={float(row['p_predicted']):.2f})", fontsize=9)
         ax.axis("off")
     fig.suptitle("Most confidently wrong validation images")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * nrows + 0.4)))  # the top 0.4 inch holds the title, clear of the captions
     files.save_figure(path, fig)
     return len(wrong)
 
@@ -153,22 +175,38 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pair{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.pair img{max-width:calc(50% - 1em);box-sizing:border-box}
 img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:.9em}.warn{color:#a40}
-.gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery figcaption{font-size:.85em}
+.gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery img{width:100%}.gallery figcaption{font-size:.85em}
 """
 
 
+def _is_number(value):
+    try:
+        float(str(value).split(" ± ")[0])
+        return True
+    except ValueError:
+        return False
+
+
 def table(header, rows):
+    """An HTML table; numbers are right-aligned so that their digits line up, text stays left-aligned."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f'<td{" class=num" if _is_number(c) else ""}>{html.escape(str(c))}</td>' for c in row) + "</tr>" for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def embed_png(path_or_bytes, alt=""):
     data = Path(path_or_bytes).read_bytes() if isinstance(path_or_bytes, (str, Path)) else path_or_bytes
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+def pair(*images):
+    return '<div class="pair">' + "".join(images) + "</div>"
 
 
 def _fmt(value, digits=3):
@@ -178,13 +216,18 @@ def _fmt(value, digits=3):
 
 
 def metrics_html(metrics):
-    parts = [table(["metric", "value", "meaning"], [[name, _fmt(metrics.get(name)), SCALARS[name]] for name in SCALARS])]
+    parts = [table(["metric", "value", "meaning"], [[LABELS[name], _fmt(metrics.get(name)), SCALARS[name]] for name in SCALARS])]
     per_class = [[name, _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), r["support"]] for name, r in metrics["per_class"].items()]
     parts.append(table(["grade", "precision", "recall", "F1", "support"], per_class))
     remission = metrics.get("remission")
     if remission:
         parts.append(f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>")
-        parts.append(table(["metric", "value", "meaning"], [[name, _fmt(remission[name]), REMISSION_SCALARS[name]] for name in REMISSION_SCALARS]))
+        parts.append(table(["metric", "value", "meaning"], [[LABELS[name], _fmt(remission[name]), REMISSION_SCALARS[name]] for name in REMISSION_SCALARS]))
+        c = remission["confusion"]
+        parts.append(
+            f'<p class="note">An image is called active when its predicted grade is above {html.escape(remission["remission_classes"][-1])}. '
+            f"Active images: {c['tp']} called active, {c['fn']} called remission; remission images: {c['tn']} called remission, {c['fp']} called active.</p>"
+        )
     return "\n".join(parts)
 
 
@@ -197,19 +240,33 @@ def inference_html(timing):
     )
 
 
-def dataset_html(run_dir):
+def dataset_html(run_dir, split=None, class_names=None):
+    """Images per grade and subset, the groups, and the skipped files.
+
+    split: rows with the keys class, subset (and group); default: the run's split.csv.
+    """
     run_dir = Path(run_dir)
-    split = files.read_csv(run_dir / "split.csv") if (run_dir / "split.csv").exists() else []
-    counts = {}
+    if split is None:
+        split = files.read_csv(run_dir / "split.csv") if (run_dir / "split.csv").exists() else []
+    counts = {name: {} for name in class_names or []}  # grade order, not the order of the rows
     for row in split:
         counts.setdefault(row["class"], {}).setdefault(row["subset"], 0)
         counts[row["class"]][row["subset"]] += 1
-    subsets = sorted({row["subset"] for row in split})
+    subsets = sorted({row["subset"] for row in split}, key=lambda s: (s != "train", len(s), s))  # train, val; fold2 before fold10
     rows = [[name] + [c.get(s, 0) for s in subsets] + [sum(c.values())] for name, c in counts.items()]
+    rows.append(["all grades"] + [sum(r[k] for r in rows) for k in range(1, len(subsets) + 2)])
     parts = [table(["grade"] + subsets + ["total"], rows)]
     if split and "group" in split[0]:
         groups = {s: len({r["group"] for r in split if r["subset"] == s}) for s in subsets}
         parts.append("<p>Split by group (for example patient): " + ", ".join(f"{n} groups in {s}" for s, n in groups.items()) + ".</p>")
+        subsets_of = {}
+        for r in split:
+            subsets_of.setdefault(r["group"], set()).add(r["subset"])
+        leaks = sorted(g for g, found in subsets_of.items() if len(found) > 1)
+        if leaks:
+            parts.append(f'<p class="warn">{len(leaks)} group(s) appear in more than one subset: {html.escape(", ".join(leaks[:10]))}.</p>')
+        else:
+            parts.append("<p>Checked: no group appears in more than one subset.</p>")
     skipped_path = run_dir / "skipped.csv"
     skipped = files.read_csv(skipped_path) if skipped_path.exists() else []
     if skipped:
@@ -249,10 +306,10 @@ def run_report(run_dir, cams=()):
         f"QWK {_fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
     )
-    sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir))]
+    sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"]))]
     sections.append(("Settings", table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()])))
     sections.append(("Training curves", embed_png(run_dir / "curves.png", "loss and accuracy curves")))
-    sections.append(("Confusion matrices (best model, validation set)", embed_png(run_dir / "confusion_matrix.png", "confusion matrix") + embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix")))
+    sections.append(("Confusion matrices (best model, validation set)", pair(embed_png(run_dir / "confusion_matrix.png", "confusion matrix"), embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"))))
     sections.append(("Metrics (best model, validation set)", metrics_html(metrics)))
     if (run_dir / "roc.png").exists():
         sections.append(("ROC curves", embed_png(run_dir / "roc.png", "ROC curves")))
@@ -262,27 +319,64 @@ def run_report(run_dir, cams=()):
     else:
         sections.append(("Most confidently wrong images", "<p>No validation image was misclassified.</p>"))
     if cams:
-        figures = "".join(f"<figure>{embed_png(p, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, p in cams)
-        sections.append(("Grad-CAM: where the model looked", '<p class="note">Red marks the regions that raised the score of the predicted grade most.</p><div class="gallery">' + figures + "</div>"))
+        sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
     write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", sections)
 
 
+def read_cams(run_dir):
+    """The Grad-CAM overlays listed in run_dir/cam/index.csv: a list of (caption, PNG path)."""
+    index = Path(run_dir) / "cam" / "index.csv"
+    return [(row["caption"], index.parent / row["file"]) for row in files.read_csv(index)] if index.exists() else []
+
+
+def cams_html(cams):
+    figures = "".join(f"<figure>{embed_png(p, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, p in cams)
+    return '<p class="note">Red marks the regions that raised the score of the predicted grade most.</p><div class="gallery">' + figures + "</div>"
+
+
+def _label(name):
+    return "remission " + LABELS[name.removeprefix("remission_")] if name.startswith("remission_") else LABELS[name]
+
+
 def cv_report(run_dir, summary_table, pooled):
-    """report.html of a cross-validation run: the fold table, pooled metrics and links to each fold's report."""
+    """report.html of a cross-validation run: the fold table, the pooled metrics and plots, and each fold's curves.
+
+    Everything is embedded, as in a single run's report; each fold folder also keeps its own report.html.
+    """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     folds = config["folds"]
-    header = list(summary_table[0].keys())
+    fold_dirs = [run_dir / f"fold{k}" for k in range(1, folds + 1)]
+    predictions = files.read_csv(run_dir / "predictions.csv")
+    split = [{"class": r["true"], "subset": f"fold{r['fold']}"} | ({"group": r["group"]} if "group" in r else {}) for r in predictions]
+    fold_table = table(
+        ["metric", "mean ± std"] + [f"fold{k}" for k in range(1, folds + 1)] + ["pooled"],
+        [[_label(row["metric"]), f"{row['mean']} ± {row['std']}" if row["mean"] else "n/a"] + [row[f"fold{k}"] or "n/a" for k in range(1, folds + 1)] + [row["pooled"] or "n/a"] for row in summary_table],
+    )
+    timings = [json.loads((d / "metrics.json").read_text()).get("inference_time") for d in fold_dirs]
+    timing_rows = [[f"fold{k}", t["device"], t["precision"], _fmt(t["batch1_mean_ms"], 1), _fmt(t["batch1_median_ms"], 1), _fmt(t["batch1_p95_ms"], 1), _fmt(t["throughput_images_per_s"], 1)]
+                   for k, t in enumerate(timings, 1) if t]
+    # a few Grad-CAM overlays, taken from the folds in turn
+    per_fold = [[(f"fold{k}: {caption}", path) for caption, path in read_cams(d)] for k, d in enumerate(fold_dirs, 1)]
+    cams = [c for group in itertools.zip_longest(*per_fold) for c in group if c is not None][: max(map(len, per_fold), default=0)]
     sections = [
         ("Summary", f"<p>{folds}-fold cross-validation{' grouped by ' + html.escape(str(config['groups'])) if config.get('groups') else ''}. "
-                    f"Each image is validated exactly once; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored below. "
-                    f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>.</p>"),
-        ("Metrics per fold (mean ± standard deviation)", table(header, [[row[h] for h in header] for row in summary_table])),
+                    f"Each image is validated exactly once, by the model that did not train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored below. "
+                    f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>. ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"),
+        ("Dataset and folds", "<p>Images validated in each fold (each fold's model trained on the other folds):</p>" + dataset_html(run_dir, split, pooled["class_names"])),
+        ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
         ("Pooled out-of-fold metrics", metrics_html(pooled)),
-        ("Pooled confusion matrices", embed_png(run_dir / "confusion_matrix.png", "confusion matrix") + embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix")),
+        ("Pooled confusion matrices", pair(embed_png(run_dir / "confusion_matrix.png", "confusion matrix"), embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"))),
         ("ROC curves (pooled)", embed_png(run_dir / "roc.png", "ROC curves")),
+        ("Training curves", "".join(f"<h3>fold{k}</h3>" + embed_png(d / "curves.png", f"fold{k} curves") for k, d in enumerate(fold_dirs, 1) if (d / "curves.png").exists())),
+        ("Inference time", table(["fold", "device", "precision", "batch 1 mean (ms)", "median (ms)", "p95 (ms)", "throughput (img/s)"], timing_rows) if timing_rows else "<p>not measured</p>"),
+        ("Most confidently wrong images (pooled)", embed_png(run_dir / "errors.png", "errors") if (run_dir / "errors.png").exists() else "<p>No image was misclassified.</p>"),
+    ]
+    if cams:
+        sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
+    sections += [
         ("Settings", table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()])),
-        ("Folds", "<p>Each fold folder holds its own report.html, checkpoints, curves and Grad-CAM examples: "
+        ("Folds", "<p>Each fold folder also holds its own report.html, checkpoints, predictions and Grad-CAM overlays: "
                   + ", ".join(f"fold{k}/report.html" for k in range(1, folds + 1)) + ".</p>"),
     ]
     write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", sections)
@@ -293,9 +387,11 @@ def redraw(run_dir):
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     class_names = metrics["class_names"]
-    plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png")
-    plot_confusion(metrics["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    plot_confusion(metrics["confusion_matrix"], class_names, run_dir / "confusion_matrix_normalized.png", normalize=True)
+    if (run_dir / "history.csv").exists():  # a cross-validation folder has none; its folds do
+        plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png")
+    pooled = "Pooled out-of-fold confusion matrix\n" if "folds" in metrics else "Confusion matrix\n"
+    plot_confusion(metrics["confusion_matrix"], class_names, run_dir / "confusion_matrix.png", title=pooled + "(counts)")
+    plot_confusion(metrics["confusion_matrix"], class_names, run_dir / "confusion_matrix_normalized.png", normalize=True, title=pooled + "normalised by true grade")
     _, targets, probs = read_predictions(run_dir / "predictions.csv", class_names)
     plot_roc(targets, probs, class_names, run_dir / "roc.png", (metrics.get("remission") or {}).get("remission_classes", [None])[-1])
 

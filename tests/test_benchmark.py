@@ -1,0 +1,74 @@
+"""The speed benchmark (issue 5) runs end to end on tiny data, so that it cannot rot. No timing asserts:
+the numbers depend on the machine and on what else runs on it; they only have to be there and be sane."""
+
+import json
+import math
+
+from conftest import run_script
+
+# One thread: on a busy machine (a CI runner, tests in parallel) two spinning OpenMP threads can run
+# several times slower than one, and the smoke test only has to exercise every part.
+TINY = ["--quick", "--images", "12", "--img-size", "64", "--epochs", "1", "--frozen-epochs", "2", "--steps", "2", "--infer-batch", "4", "--threads", "1"]
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_benchmark_writes_every_number(tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_script("benchmarks/speed.py", *TINY, "--json", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "speed-up over the baseline" in result.stdout
+    numbers = json.loads(out.read_text())
+
+    setup = numbers["setup"]
+    assert setup["device"] and setup["threads"] == 1 and setup["img_size"] == 64 and setup["quick"] is True
+    assert math.isclose(setup["train_gflop_per_image"], 24.6 * (64 / 224) ** 2)
+    for precision in ("bf16", "fp32"):
+        ceiling = numbers["ceiling"][precision]
+        assert positive(ceiling["matmul_gflop_s"]) and positive(ceiling["conv_gflop_s"])
+        assert ceiling["gflop_s"] == max(ceiling["matmul_gflop_s"], ceiling["conv_gflop_s"])
+
+    data = numbers["data"]
+    assert data["images"] == 12 and data["train"] + data["val"] == 12 and data["classes"] == 3
+    assert data["cached"] is True and positive(data["cache_mb"])
+
+    runs = [numbers["project"], numbers["baseline"]] + ([numbers["project_fp32"]] if "project_fp32" in numbers else [])
+    for run in runs:
+        epochs = run["whole_epochs"]
+        assert len(epochs["epochs"]) >= 1
+        for key in ("images_per_s", "gflop_s", "of_bf16_ceiling", "of_fp32_ceiling", "epoch_s", "first_epoch_s", "epoch_s_per_800_images"):
+            assert positive(epochs[key]), key
+        assert math.isclose(epochs["images_per_s"], data["train"] / epochs["epoch_s"])
+        assert 0 <= epochs["val_acc"] <= 1
+        assert positive(run["part"]["peak_rss_mb"]) and positive(run["part"]["seconds"])
+    for run in (numbers["project"], numbers["baseline"]):
+        assert positive(run["steps_alone"]["images_per_s"]) and positive(run["steps_alone"]["gflop_s"])
+    assert numbers["project"]["batch_size"] == 16 and numbers["baseline"]["batch_size"] == 4
+
+    inference = numbers["inference"]
+    for run in (inference["project"], inference["baseline"]):
+        assert positive(run["batch1_mean_ms"]) and positive(run["batch1_median_ms"])
+    assert positive(inference["project"]["throughput_images_per_s"]) and inference["project"]["throughput_batch_size"] == 4
+    assert positive(inference["project"]["checkpoint_mb"])
+
+    accuracy = numbers["accuracy"]
+    assert 0 <= accuracy["val_acc"] <= 1 and 0 <= accuracy["fp32_val_acc"] <= 1 and accuracy["val_images"] == data["val"]
+    frozen = numbers["frozen_backbone"]
+    assert frozen["epochs"] == 2 and positive(frozen["total_s"]) and 0 < frozen["features_s"] <= frozen["total_s"]
+    assert all(positive(v) for v in numbers["speedup"].values())
+
+
+def test_ablations_run(tmp_path):
+    out = tmp_path / "ablations.json"
+    result = run_script("benchmarks/ablations.py", "--only", "layout", "normalize", "--img-size", "64", "--rounds", "1", "--threads", "1",
+                        "--json", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(out.read_text())
+    assert numbers["threads"] == 1 and numbers["img_size"] == 64
+    for question in ("layout", "normalize"):
+        options = {name: r for name, r in numbers[question].items() if isinstance(r, dict)}
+        assert len(options) >= 2
+        for r in options.values():
+            assert positive(r["best_images_per_s"]) and positive(r["ratio_best"])

@@ -1,0 +1,47 @@
+"""Invalid flag values (issue 3): one clear line naming the flag, exit code 2, before any work starts."""
+
+import pytest
+import torch
+
+import predict
+import qq
+from conftest import FAST, run_script, user_lines
+from ucgrade.errors import run_cli
+
+INVALID = [
+    (["--val-split", "0"], "--val-split must be between 0 and 1"),
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)."),
+    (["--batch-size", "-1"], "--batch-size must be at least 1 (got -1)."),
+    (["--img-size", "7"], "--img-size must be at least 64 pixels"),
+    (["--lr", "inf"], "--lr must be a positive number (got inf)."),
+    (["--lr", "0"], "--lr must be a positive number (got 0.0)."),
+]
+if not torch.cuda.is_available():
+    INVALID.append((["--device", "cuda"], "--device cuda was asked for, but this machine has no CUDA GPU"))
+
+
+def test_invalid_flag_on_the_command_line(small_data, tmp_path):
+    result = run_script("qq.py", "--data", small_data, "--out", tmp_path / "out", *FAST, "--val-split", "1.5")
+    assert result.returncode == 2
+    assert result.stderr == "error: --val-split must be between 0 and 1, for example 0.2 (got 1.5).\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, expected", INVALID, ids=[" ".join(flag) for flag, _ in INVALID])
+def test_invalid_flags_stop_before_any_work(flag, expected, small_data, tmp_path, capsys):
+    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", small_data, "--out", tmp_path / "out", "--epochs", "1", *FAST, *flag]])
+    assert run_cli(qq.main, args) == 2
+    captured = capsys.readouterr()
+    lines = user_lines(captured.err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert "reading" not in captured.out  # the data was not even scanned
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_predict_rejects_a_missing_device(trained_run, small_data, capsys):
+    args = predict.get_args_parser().parse_args([str(small_data / "mild" / "mild_000.jpg"), "--weights", str(trained_run / "best.pt"), "--device", "cuda"])
+    assert run_cli(predict.main, args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.\n"
+    assert captured.out == ""

@@ -1,0 +1,218 @@
+"""Interruptions and runs that go wrong (issue 3): real signals to real processes, resume, atomic
+files, a diverging loss and running out of memory.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST, ROOT, make_folder, run_script, run_scripts, train, user_lines
+from ucgrade import files
+from ucgrade.model import load_checkpoint
+
+EPOCHS = 3
+# --step-size 1: the learning rate halves every epoch, so a scheduler that is not restored shows
+RUN = [*FAST, "--cam-examples", "0", "--epochs", str(EPOCHS), "--seed", "3", "--step-size", "1", "--gamma", "0.5"]
+NUMBERS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history columns that do not depend on timing
+
+
+@pytest.fixture(scope="module")
+def data24(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"), {"mild": 8, "moderate": 8, "severe": 8})
+
+
+def history_of(run_dir):
+    return [{key: float(row[key]) for key in NUMBERS} for row in files.read_csv(run_dir / "history.csv")]
+
+
+def interrupt_after_first_epoch(args, run_dir, signum, log_dir, whole_group=False):
+    """Start qq.py, send signum once history.csv has a row, and wait for the process to end.
+
+    whole_group: signal the process and its DataLoader workers, as Ctrl-C in a terminal or a job
+    scheduler's SIGTERM does. Returns (exit code, seconds from the signal to the exit, stderr).
+    """
+    with open(log_dir / "stderr.txt", "wb") as err:
+        process = subprocess.Popen([sys.executable, str(ROOT / "qq.py"), *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=whole_group)
+        history = run_dir / "history.csv"
+        deadline = time.monotonic() + 300
+        try:
+            while not (history.is_file() and len(history.read_text().splitlines()) >= 2):  # written atomically: never half a file
+                assert process.poll() is None, "the run ended before its first epoch was written"
+                assert time.monotonic() < deadline, "no epoch finished within 5 minutes"
+                time.sleep(0.02)
+            if whole_group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
+            sent = time.monotonic()
+            code = process.wait(timeout=120)
+            seconds = time.monotonic() - sent
+        finally:
+            if process.poll() is None:
+                (os.killpg if whole_group else os.kill)(process.pid, signal.SIGKILL)
+                process.wait()
+    return code, seconds, (log_dir / "stderr.txt").read_bytes().decode("utf-8", "replace")
+
+
+def check_interrupted_run(run_dir, code, seconds, stderr):
+    """What an interrupted run must leave behind; returns the number of finished epochs."""
+    assert code != 0 and "Traceback" not in stderr
+    assert seconds < 20, f"took {seconds:.1f} s to stop"
+    message = user_lines(stderr)[-1]
+    assert message.startswith("interrupted: training stopped after epoch ") and message.endswith(f"Resume with: python qq.py --resume {run_dir}")
+    finished = len(history_of(run_dir))
+    assert 1 <= finished < EPOCHS
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["epochs_completed"] == finished and metrics["resume"] == f"python qq.py --resume {run_dir}"
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == finished
+    assert 1 <= load_checkpoint(run_dir / "best.pt")["epoch"] <= finished
+    with Image.open(run_dir / "curves.png") as curves:
+        curves.verify()
+    return finished
+
+
+def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(data24, tmp_path):
+    run = tmp_path / "out" / "cut"
+    code, seconds, stderr = interrupt_after_first_epoch(["--data", data24, "--out", tmp_path / "out", "--name", "cut", *RUN], run, signal.SIGINT, tmp_path)
+    assert code == 130
+    assert "SIGINT received: stopping after the current batch" in stderr
+    finished = check_interrupted_run(run, code, seconds, stderr)
+    before = history_of(run)
+
+    resumed = run_script("qq.py", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} after epoch {finished} of {EPOCHS}" in resumed.stdout
+    assert os.listdir(tmp_path / "out") == ["cut"]  # the same folder, no new one
+    history = history_of(run)
+    assert len(history) == EPOCHS and history[:finished] == before
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+    # the same seed without the interruption: the same history, metrics and weights
+    assert train(["--data", data24, "--out", tmp_path / "ref", "--name", "full", *RUN]) == 0
+    reference = tmp_path / "ref" / "full"
+    for epoch, (got, want) in enumerate(zip(history, history_of(reference)), 1):
+        for key in NUMBERS:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (epoch, key)
+    got, want = (json.loads((r / "metrics.json").read_text()) for r in (run, reference))
+    assert got["confusion_matrix"] == want["confusion_matrix"] and got["best_epoch"] == want["best_epoch"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "val_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    assert files.read_csv(run / "split.csv") == files.read_csv(reference / "split.csv")
+    got, want = (load_checkpoint(r / "best.pt")["model"] for r in (run, reference))
+    assert all(torch.allclose(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-6) for k in want)
+
+
+def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp_path):
+    run = tmp_path / "out" / "train"
+    args = ["--data", data24, "--out", tmp_path / "out", *RUN, "--cache", "off", "--workers", "2"]  # images read by 2 worker processes
+    code, seconds, stderr = interrupt_after_first_epoch(args, run, signal.SIGTERM, tmp_path, whole_group=True)
+    assert stderr.count("SIGTERM received: stopping after the current batch") == 1  # said by the main process, not by each worker
+    check_interrupted_run(run, code, seconds, stderr)
+
+
+def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path):
+    # 1e30: the training loss is nan at the second step. 50: the weights blow up so that the
+    # validation loss is nan while the training loss still looks finite.
+    results = run_scripts(*[
+        ("qq.py", "--data", small_data, "--out", tmp_path / f"lr{lr}", *FAST, "--epochs", "3", "--precision", "fp32", "--lr", lr)
+        for lr in ("1e30", "50")
+    ])
+    for lr, result in zip(("1e30", "50"), results):
+        lines = user_lines(result.stderr)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(lines) == 1 and "lower the learning rate (for example --lr" in lines[0], lines
+        assert ("the training loss became nan in epoch 1, batch 2" if lr == "1e30" else "the validation loss became nan in epoch 1") in lines[0]
+        run = tmp_path / f"lr{lr}" / "train"
+        assert not (run / "metrics.json").exists()
+        for name in ("best.pt", "last.pt"):  # nothing broken was kept as a model
+            if (run / name).exists():
+                assert all(torch.isfinite(t).all() for t in load_checkpoint(run / name)["model"].values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS limits memory this way on Linux only")
+def test_running_out_of_memory_suggests_a_smaller_batch(tmp_path):
+    """The real qq.main under a real memory limit: set after the imports, it leaves room to start
+    but not for a batch of 16 images of 448 x 448 pixels through ResNet50."""
+    data = make_folder(tmp_path / "data", {"mild": 6, "moderate": 6, "severe": 6})
+    driver = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import qq
+        from ucgrade.errors import run_cli
+
+        with open("/proc/self/status") as status:
+            in_use = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        limit = in_use + 1000 * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        sys.exit(run_cli(qq.main, qq.get_args_parser().parse_args(sys.argv[1:])))
+    """)
+    args = ["--data", data, "--out", tmp_path / "out", "--img-size", "448", "--batch-size", "32", "--epochs", "1", "--pretrained", "no", "--cam-examples", "0"]
+    result = subprocess.run([sys.executable, "-c", driver, *map(str, args)], cwd=ROOT, capture_output=True)
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert "run folder:" in result.stdout.decode()  # it got as far as training
+    assert result.returncode == 2 and "Traceback" not in stderr, stderr
+    assert user_lines(stderr) == ["error: ran out of memory with --batch-size 32; try a smaller --batch-size, for example 16, or a smaller --img-size."]
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
+    class FailsHalfway:
+        def __reduce__(self):
+            raise RuntimeError("disk full")  # as if the write broke off
+
+    path = tmp_path / "last.pt"
+    files.save_torch(path, {"epoch": 1, "weights": torch.ones(1000)})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        files.save_torch(path, {"epoch": 2, "weights": torch.zeros(1000), "bad": FailsHalfway()})
+    assert path.read_bytes() == before and torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # the temporary file is gone too
+
+    files.write_json(tmp_path / "metrics.json", {"status": "finished"})
+    with pytest.raises(ValueError):
+        files.write_json(tmp_path / "metrics.json", {"status": "interrupted", "loss": float("nan")})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"status": "finished"}
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_a_whole_file(tmp_path):
+    """SIGKILL a process that keeps rewriting a large checkpoint: whenever the kill lands, the file
+    holds one complete version, never a mix or a truncated one."""
+    target = tmp_path / "last.pt"
+    writer = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from ucgrade import files
+        versions = [{{"version": v, "weights": torch.full((4_000_000,), float(v))}} for v in range(2)]
+        i = 0
+        while True:
+            files.save_torch({str(target)!r}, versions[i % 2])
+            i += 1
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer])
+    try:
+        deadline = time.monotonic() + 120
+        while not target.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        mid_write = False
+        for _ in range(50):  # kill it while a temporary file is being written, which is most of the time
+            time.sleep(np.random.default_rng().uniform(0.05, 0.3))
+            if list(tmp_path.glob(".last.pt.*.tmp")):
+                process.kill()
+                process.wait()
+                mid_write = bool(list(tmp_path.glob(".last.pt.*.tmp")))
+                break
+    finally:
+        process.kill()
+        process.wait()
+    assert mid_write, "could not catch the writer in the middle of a write"
+    checkpoint = torch.load(target, weights_only=True)
+    assert checkpoint["weights"].shape == (4_000_000,) and (checkpoint["weights"] == checkpoint["version"]).all()

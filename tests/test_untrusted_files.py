@@ -1,0 +1,212 @@
+"""Untrusted and mismatched files (issue 3): checkpoints load with weights_only=True, and every
+damaged, crafted or wrong file gets one clear line instead of a traceback or, worse, running its code.
+"""
+
+import ast
+import json
+import shutil
+
+import torch
+import torchvision
+
+import predict
+import qq
+from conftest import ROOT, run_scripts, user_lines
+from ucgrade.errors import run_cli
+from ucgrade.model import build_model
+
+# qq.py flags for runs that pass --weights (which --pretrained no would contradict)
+WEIGHTS_RUN = ["--img-size", "64", "--batch-size", "8", "--epochs", "1", "--cam-examples", "0"]
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"), which creates the marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def run_in_process(module, argv, capsys):
+    """(exit code, stderr lines) of predict.py or qq.py run through the CLI wrapper in this process."""
+    code = run_cli(module.main, module.get_args_parser().parse_args([str(a) for a in argv]))
+    return code, user_lines(capsys.readouterr().err)
+
+
+def copy_run(run_dir, destination):
+    shutil.copytree(run_dir, destination)
+    return destination
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    sources = [p for p in ROOT.rglob("*.py") if not {"tests", ".venv", "venv"} & set(p.relative_to(ROOT).parts)]
+    calls = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "pickle.load", "pickle.loads", "torch.jit.load"):
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
+                calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", ast.unparse(node.func), safe))
+    assert calls, "found no torch.load at all"
+    assert all(safe for _, _, safe in calls), [c for c in calls if not c[2]]
+
+
+def test_the_payload_runs_when_loaded_without_weights_only(tmp_path):
+    """The control for the tests below: the crafted file really carries code that runs."""
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({"model": Payload(marker)}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    crafted = torch.load(trained_run / "last.pt", weights_only=True)  # a real checkpoint ...
+    crafted["model"] = Payload(marker)  # ... with the payload where the weights belong
+    evil = tmp_path / "evil.pt"
+    torch.save(crafted, evil)
+    run = copy_run(trained_run, tmp_path / "runs" / "train")
+    shutil.copy(evil, run / "last.pt")
+
+    results = run_scripts(
+        ("predict.py", small_data / "mild" / "mild_000.jpg", "--weights", evil),
+        ("qq.py", "--data", small_data, "--out", tmp_path / "out", "--weights", evil, *WEIGHTS_RUN),
+        ("qq.py", "--resume", run),
+    )
+    for result, path in zip(results, [evil, evil, run / "last.pt"]):
+        lines = user_lines(result.stderr)
+        assert result.returncode == 2, result.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{path}' holds Python objects other than tensors" in lines[0], lines
+        assert "it could run code" in lines[0] and "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_payloads_in_other_shapes_never_run(tmp_path, capsys, small_data):
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save(Payload(marker), tmp_path / "bare.pt")  # the payload is the whole file
+    torch.save({"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch's old format
+    for name in ("bare.pt", "legacy.pt"):
+        code, lines = run_in_process(predict, [small_data / "mild" / "mild_000.jpg", "--weights", tmp_path / name], capsys)
+        assert code == 2 and len(lines) == 1 and "it could run code" in lines[0], lines
+    assert not marker.exists()
+
+
+def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small_data, tmp_path, capsys):
+    good = torch.load(trained_run / "best.pt", weights_only=True)
+    raw = (trained_run / "best.pt").read_bytes()
+    cases = {
+        "truncated.pt": (raw[: len(raw) // 2], "is not a readable PyTorch file; it may be truncated or corrupt"),
+        "empty.pt": (b"", "is not a readable PyTorch file"),
+        "text.pt": (b"these are not weights\n", "is not a readable PyTorch file"),
+        "bare_state_dict.pt": (good["model"], "holds a bare state_dict without class names or preprocessing"),
+        "list.pt": ([1, 2, 3], "is not a checkpoint written by qq.py"),
+        "other_arch.pt": (good | {"arch": "vit_b_16"}, "is for the architecture 'vit_b_16', but this tool runs resnet50"),
+        "resnet18_weights.pt": (good | {"model": torchvision.models.resnet18(num_classes=3).state_dict()}, "do not fit a ResNet50 with 3 classes (Missing key(s)"),
+        "four_classes.pt": (good | {"class_names": ["a", "b", "c", "d"], "num_classes": 4}, "do not fit a ResNet50 with 4 classes (size mismatch for fc.weight"),
+        "no_class_names.pt": ({k: v for k, v in good.items() if k != "class_names"}, "is incomplete (no class_names)"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        code, lines = run_in_process(predict, [small_data / "mild" / "mild_000.jpg", "--weights", path], capsys)
+        assert code == 2, name
+        assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{path}'" in lines[0] and expected in lines[0], (name, lines)
+        assert len(lines[0]) < 400, lines[0]  # one sentence, not a list of 200 missing keys
+
+
+def test_weights_must_be_an_imagenet_resnet50(trained_run, small_data, tmp_path, capsys):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    torch.save(build_model(3).state_dict(), tmp_path / "resnet50_3_classes.pth")
+    raw = (trained_run / "best.pt").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(raw[: len(raw) // 3])
+    torch.save(["not", "weights"], tmp_path / "list.pth")
+    cases = {
+        "resnet18.pth": "is not an ImageNet ResNet50 state_dict (Missing key(s) in state_dict",
+        "resnet50_3_classes.pth": "is not an ImageNet ResNet50 state_dict (size mismatch for fc.weight",
+        "truncated.pth": "is not a readable PyTorch file; it may be truncated or corrupt",
+        "list.pth": "does not hold a state_dict of tensors",
+    }
+    for name, expected in cases.items():
+        out = tmp_path / f"out_{name}"
+        code, lines = run_in_process(qq, ["--data", small_data, "--out", out, "--weights", tmp_path / name, *WEIGHTS_RUN], capsys)
+        assert code == 2, name
+        assert len(lines) == 1 and expected in lines[0] and str(tmp_path / name) in lines[0] and len(lines[0]) < 400, (name, lines)
+        assert not out.exists()
+    code, lines = run_in_process(qq, ["--data", small_data, "--out", tmp_path / "out", "--weights", trained_run / "best.pt", *WEIGHTS_RUN], capsys)
+    assert code == 2 and "is a checkpoint of this tool, not ImageNet weights" in lines[0] and "--resume" in lines[0]
+
+
+def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_path, capsys):
+    last = torch.load(trained_run / "last.pt", weights_only=True)
+    raw = (trained_run / "last.pt").read_bytes()
+    cases = {
+        "bare": (last["model"], "holds a bare state_dict"),
+        "best_only": ({k: v for k, v in last.items() if k not in ("optimizer", "lr_scheduler", "history", "rng")}, "holds no training state"),
+        "truncated": (raw[:1000], "is not a readable PyTorch file"),
+        "other_classes": (last | {"class_names": ["a", "b", "c"]}, "was trained on the classes a, b, c, but the data folder now has mild, moderate, severe"),
+    }
+    history = (trained_run / "history.csv").read_text()
+    for name, (content, expected) in cases.items():
+        run = copy_run(trained_run, tmp_path / name)
+        if isinstance(content, bytes):
+            (run / "last.pt").write_bytes(content)
+        else:
+            torch.save(content, run / "last.pt")
+        code, lines = run_in_process(qq, ["--resume", run], capsys)
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (name, lines)
+        assert (run / "history.csv").read_text() == history  # nothing was trained or appended
+
+    # the data changed since the run started: one more image of a class
+    data = shutil.copytree(small_data, tmp_path / "data")
+    shutil.copy(data / "mild" / "mild_000.jpg", data / "mild" / "new.jpg")
+    run = copy_run(trained_run, tmp_path / "changed")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"data": str(data)}))
+    code, lines = run_in_process(qq, ["--resume", run], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "changed since the run started (then: mild 10, moderate 10, severe 10; now: mild 11, moderate 10, severe 10)" in lines[0]
+
+
+def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, small_data, tmp_path):
+    good = [small_data / "mild" / "mild_000.jpg", tmp_path / "Aufnahme ü 2.jpg"]
+    shutil.copy(small_data / "severe" / "severe_000.jpg", good[1])
+    jpeg = good[0].read_bytes()
+    bad = {
+        tmp_path / "no_such.jpg": "no such file or folder",
+        tmp_path / "truncated.jpg": "truncated or corrupt image",
+        tmp_path / "x.jpg": "not an image Pillow can read",
+        tmp_path / "empty.jpg": "empty file (0 bytes)",
+        tmp_path / "no_images": "folder has no images",
+    }
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "x.jpg").write_text("a text file with a .jpg name")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("no pictures here")
+    inputs = [good[0], *list(bad)[:3], good[1], *list(bad)[3:]]
+    (result,) = run_scripts(("predict.py", *inputs, "--weights", trained_run / "best.pt"))
+
+    assert result.returncode == 1, result.stderr
+    graded = result.stdout.strip().split("\n")
+    assert [line.split(": ")[0] for line in graded] == [str(p) for p in good]  # the good ones, in order
+    errors = user_lines(result.stderr)
+    for path, reason in bad.items():
+        assert any(line.startswith(f"error: {path}: {reason}") for line in errors), (path, errors)
+    assert errors[-1] == "5 input(s) failed and 2 image(s) were graded; see the errors above."
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "no_images").mkdir()
+    code, lines = run_in_process(predict, [tmp_path / "no_images", "--weights", trained_run / "best.pt"], capsys)
+    assert code == 1 and lines[0] == f"error: {tmp_path / 'no_images'}: folder has no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)"
+
+    monkeypatch.chdir(tmp_path)  # no outputs/ here, and no --weights
+    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
+    assert code == 2
+    assert lines == ["error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."]
