@@ -80,9 +80,10 @@ def check_interrupted_run(run_dir, code, seconds, stderr):
     return finished
 
 
-def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(data24, tmp_path):
+@pytest.mark.parametrize("loading", [[], ["--cache", "off", "--workers", "1"]], ids=["cached", "streamed-by-a-worker"])
+def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(data24, tmp_path, loading):
     run = tmp_path / "out" / "cut"
-    code, seconds, stderr = interrupt_after_first_epoch(["--data", data24, "--out", tmp_path / "out", "--name", "cut", *RUN], run, signal.SIGINT, tmp_path)
+    code, seconds, stderr = interrupt_after_first_epoch(["--data", data24, "--out", tmp_path / "out", "--name", "cut", *RUN, *loading], run, signal.SIGINT, tmp_path)
     assert code == 130
     assert "SIGINT received: stopping after the current batch" in stderr
     finished = check_interrupted_run(run, code, seconds, stderr)
@@ -97,7 +98,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(da
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
     # the same seed without the interruption: the same history, metrics and weights
-    assert train(["--data", data24, "--out", tmp_path / "ref", "--name", "full", *RUN]) == 0
+    assert train(["--data", data24, "--out", tmp_path / "ref", "--name", "full", *RUN, *loading]) == 0
     reference = tmp_path / "ref" / "full"
     for epoch, (got, want) in enumerate(zip(history, history_of(reference)), 1):
         for key in NUMBERS:
