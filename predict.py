@@ -14,7 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade.data import IMAGE_EXTENSIONS, UnreadableImage
+from ucgrade.data import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    UnreadableImage,
+    is_image_file,
+)
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_probabilities
 from ucgrade.errors import UserError, run_cli
@@ -35,6 +41,9 @@ def get_args_parser():
 
 def newest_checkpoint(out_dir):
     """best.pt of the most recently written run folder under out_dir."""
+    runs = sorted((p.parent for p in Path(out_dir).glob("*/config.json")), key=lambda p: p.stat().st_mtime)
+    if runs and not (runs[-1] / "best.pt").is_file() and (runs[-1] / "fold1").is_dir():
+        raise UserError(f"the newest run '{runs[-1]}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {runs[-1] / 'fold1' / 'best.pt'}.")
     candidates = sorted(Path(out_dir).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise UserError(f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt.")
@@ -47,7 +56,7 @@ def collect_images(inputs):
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
             if not found:
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
             images.extend(found)
@@ -76,6 +85,8 @@ def main(args):
     checkpoint = load_checkpoint(weights)
     model = model_from_checkpoint(checkpoint, weights).to(device).eval()
     class_names, img_size = checkpoint["class_names"], checkpoint["img_size"]
+    # the preprocessing the model was trained with, as its checkpoint records it
+    preprocessing = {"resize_size": checkpoint.get("resize_size"), "mean": checkpoint.get("mean", IMAGENET_MEAN), "std": checkpoint.get("std", IMAGENET_STD)}
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir is not None:
         if cam_dir.exists() and not cam_dir.is_dir():
@@ -88,14 +99,14 @@ def main(args):
     results = []
     for path in images:
         try:
-            grade, probabilities = predict_probabilities(path, model, device, class_names, img_size, precision)
+            grade, probabilities = predict_probabilities(path, model, device, class_names, img_size, precision, **preprocessing)
             result = {"path": str(path), "grade": grade, "probability": probabilities[grade], "probabilities": probabilities}
             if cam_dir is not None:
-                from ucgrade.cam import cam_overlay
+                from ucgrade.cam import cam_overlay, save_png
 
-                overlay, _, _ = cam_overlay(model, path, img_size, class_names)
+                overlay, _, _ = cam_overlay(model, path, img_size, class_names, preprocessing["resize_size"], target_class=class_names.index(grade))
                 result["cam"] = str(unique_path(cam_dir, path.stem))
-                overlay.save(result["cam"])
+                save_png(overlay, result["cam"])
         except UnreadableImage as error:
             errors.append((str(path), str(error)))
             print(f"error: {path}: {error}", file=sys.stderr)

@@ -23,13 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from sklearn.utils.class_weight import compute_class_weight
 
 from ucgrade import data, engine, files, metrics, report
-from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
+from ucgrade.cam import write_cams
+from ucgrade.device import (
+    PRECISIONS,
+    choose_device,
+    choose_precision,
+    make_grad_scaler,
+    setup_backends,
+)
 from ucgrade.errors import RunInterrupted, UserError, run_cli
 from ucgrade.interrupt import GracefulStop
-from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, unwrap
+from ucgrade.model import (
+    build_model,
+    get_imagenet_weights,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 DEFAULT_EPOCHS = 25
 # Settings that define a run; --resume takes them from the run's config.json.
@@ -104,33 +117,38 @@ def check_args(args):
 
 
 def settings_for_resume(args, run_dir):
-    """The run's own settings from its config.json; --epochs may extend it, --device and --workers may change."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"--resume '{run_dir}' is not a run folder (it has no config.json); give a folder under outputs/ written by qq.py.")
+    """The run's config.json; the run's settings replace args. --epochs may extend the run, and
+    --device, --precision, --workers, --compile and --cam-examples may change."""
     config = read_run_config(run_dir)
-    epochs = args.epochs
+    if "fold" in config:
+        raise UserError(f"'{run_dir}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run_dir.parent}")
+    epochs, precision = args.epochs, args.precision
+    trained = max((len(files.read_csv(h)) for h in [run_dir / "history.csv", *run_dir.glob("fold*/history.csv")] if h.is_file()), default=0)
+    if epochs is not None and epochs < trained:
+        raise UserError(f"--epochs {epochs} is fewer than the {trained} epochs the run has already trained; give --epochs {trained} or more, or leave it out.")
     for key in RUN_SETTINGS:
         setattr(args, key, config[key])
     args.epochs = epochs or config["epochs"]
-    return args
+    args.precision = precision if precision != "auto" else config["precision_used"]
+    return config
 
 
 def read_run_config(run_dir):
     """A run's config.json, with the settings that resuming needs."""
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume '{run_dir}' is not a run folder (it has no config.json); give a folder under outputs/ written by qq.py.")
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"the config.json of '{run_dir}' is unreadable ({error}), so the run cannot be resumed; start a new run.") from None
-    missing = [key for key in RUN_SETTINGS + ("class_names", "class_counts") if key not in config]
+    missing = [key for key in RUN_SETTINGS + ("class_names", "class_counts", "precision_used", "pretrained_used", "weights_source") if key not in config]
     if missing:
         raise UserError(f"the config.json of '{run_dir}' lacks {', '.join(missing)}, so the run cannot be resumed; start a new run.")
     return config
 
 
-def check_resume_data(run_dir, image_set):
+def check_resume_data(config, image_set):
     """Resuming needs the images the run started with: the same classes with the same counts."""
-    config = read_run_config(run_dir)
     before = ", ".join(f"{n} {c}" for n, c in zip(config["class_names"], config["class_counts"]))
     now = ", ".join(f"{n} {c}" for n, c in zip(image_set.class_names, image_set.class_counts()))
     if before != now:
@@ -167,41 +185,10 @@ def read_data(args, stop):
     return image_set
 
 
-def split_rows(image_set, train, val, groups):
-    subset = {int(i): "train" for i in train} | {int(i): "val" for i in val}
-    rows = []
-    for i in sorted(subset):
-        row = {"path": image_set.relpath(i), "class": image_set.class_names[image_set.labels[i]], "subset": subset[i]}
-        if groups is not None:
-            row["group"] = groups[i]
-        rows.append(row)
-    return rows
-
-
-def read_split(path, image_set):
-    """The (train, val) indices recorded in a run's split.csv, for --resume."""
-    index = {image_set.relpath(i): i for i in range(len(image_set.paths))}
-    train, val = [], []
-    for row in files.read_csv(path):
-        if row["path"] not in index:
-            raise UserError(f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming.")
-        (train if row["subset"] == "train" else val).append(index[row["path"]])
-    return np.array(sorted(train)), np.array(sorted(val))
-
-
-def make_criterion(balance, train_labels, num_classes, device):
-    if balance != "weights":
-        return torch.nn.CrossEntropyLoss()
-    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(train_labels))
-    return torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
-
-
 def make_loaders(args, image_set, train, val, model, device, precision, generator, stop):
     """(train_loader, val_loader, module to train). With --freeze-backbone they yield features."""
     resize = data.resize_size_for(args.img_size)
-    workers = args.workers
-    if workers < 0:  # the cache makes loading cheap; a 2-core CPU needs its cores for the model
-        workers = 0 if image_set.images is not None and device.type == "cpu" else min(4, max(1, (torch.get_num_threads() or 2) - 1))
+    workers = args.workers if args.workers >= 0 else data.default_workers(image_set.images is not None, device)
     train_set = data.ImageDataset(image_set, train, data.train_transform(args.img_size), resize)
     val_set = data.ImageDataset(image_set, val, data.val_transform(args.img_size), resize)
     val_loader = data.make_loader(val_set, args.batch_size, workers, device)
@@ -231,53 +218,38 @@ def make_loaders(args, image_set, train, val, model, device, precision, generato
     return train_loader, val_loader, val_set, model.fc
 
 
-def rng_state(generator, device):
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, generator, device):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def fit(args, image_set, train, val, groups, run_dir, device, precision, imagenet_state, config, stop):
     """Train one model on `train`, validate on `val`, and write every output file into run_dir."""
     class_names = image_set.class_names
     files.write_json(run_dir / "config.json", config)
-    files.write_csv(run_dir / "split.csv", split_rows(image_set, train, val, groups), ["path", "class", "subset"] + (["group"] if groups is not None else []))
+    subset_of = {int(i): "train" for i in train} | {int(i): "val" for i in val}
+    files.write_csv(run_dir / "split.csv", data.split_rows(image_set, subset_of, groups), ["path", "class", "subset"] + (["group"] if groups is not None else []))
     last_path = run_dir / "last.pt"
-    resuming = last_path.is_file()
+    last = read_last_checkpoint(last_path, class_names) if last_path.is_file() else None
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    last = read_last_checkpoint(last_path, class_names) if resuming else None
-    model = model_from_checkpoint(last, last_path) if resuming else build_model(len(class_names), imagenet_state)
+    model = model_from_checkpoint(last, last_path) if last else build_model(len(class_names), imagenet_state)
     model = model.to(device, memory_format=torch.channels_last)
     train_loader, val_loader, val_set, trainable = make_loaders(args, image_set, train, val, model, device, precision, generator, stop)
-    criterion = make_criterion(args.balance, np.asarray(image_set.labels)[train], len(class_names), device)
-    optimizer = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=args.lr, momentum=args.momentum)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    criterion = engine.make_criterion(args.balance, np.asarray(image_set.labels)[train], len(class_names), device)
+    optimizer, lr_scheduler = engine.make_optimizer(trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma)
     scaler = make_grad_scaler(device, precision)
     step_model = torch.compile(trainable) if args.compile else trainable
 
-    history, best = [], {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")}
-    if resuming:
+    history = []
+    if last:
         optimizer.load_state_dict(last["optimizer"])
         lr_scheduler.load_state_dict(last["lr_scheduler"])
-        scaler.load_state_dict(last["scaler"])
-        history, best = last["history"], last["best"]
-        set_rng_state(last["rng"], generator, device)
+        if last["scaler"] and scaler.is_enabled():  # fp16 state; empty after a bf16 or fp32 epoch
+            scaler.load_state_dict(last["scaler"])
+        history = last["history"]
+        engine.set_rng_state(last["rng"], generator, device)
         print(f"resuming {run_dir} after epoch {last['epoch']} of {args.epochs}")
 
     def checkpoint(epoch, val_metrics, **extra):
         return make_checkpoint(model, class_names, args.img_size, epoch, val_metrics, config["pretrained_used"], config, **extra)
 
-    epoch = len(history)
     try:
         for epoch in range(len(history) + 1, args.epochs + 1):
             start = time.perf_counter()
@@ -292,12 +264,11 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
                 "epoch": epoch, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"], "val_loss": val_loss, "val_acc": val_acc,
                 "lr": lr, "epoch_time_s": seconds, "train_images_per_s": train_stats["images_per_s"],
             })
-            improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
+            improved = engine.best_epoch(history)["epoch"] == epoch
             if improved:
-                best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
                 save_checkpoint(run_dir / "best.pt", checkpoint(epoch, {"val_acc": val_acc, "val_loss": val_loss}))
             save_checkpoint(last_path, checkpoint(
-                epoch, {"val_acc": val_acc, "val_loss": val_loss}, history=history, best=best, rng=rng_state(generator, device),
+                epoch, {"val_acc": val_acc, "val_loss": val_loss}, history=history, rng=engine.rng_state(generator, device),
                 optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), scaler=scaler.state_dict(),
             ))
             report.write_history(run_dir / "history.csv", history)
@@ -307,13 +278,14 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
                 f"({train_stats['images_per_s']:.1f} img/s){'  best' if improved else ''}",
                 flush=True,
             )
-        outputs = evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history, best)
+        outputs = evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history)
     except (RunInterrupted, KeyboardInterrupt):  # KeyboardInterrupt: a second Ctrl-C, which stops at once
-        write_interrupted(run_dir, history, best, args)
+        resume_dir = run_dir.parent if "fold" in config else run_dir  # a fold resumes with its whole run
+        write_interrupted(run_dir, history, args, resume_dir)
         done = f"after epoch {len(history)}" if history else "before the first epoch finished"
         raise RunInterrupted(
             f"training stopped {done} of {args.epochs}; {run_dir} keeps best.pt, last.pt, history.csv and curves.png of the finished epochs. "
-            f"Resume with: python qq.py --resume {run_dir}"
+            f"Resume with: python qq.py --resume {resume_dir}"
         ) from None
     return outputs
 
@@ -321,7 +293,7 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
 def read_last_checkpoint(path, class_names):
     """The last.pt of a run being resumed: it must hold the training state and the run's classes."""
     last = load_checkpoint(path)
-    missing = [key for key in ("optimizer", "lr_scheduler", "scaler", "history", "best", "rng") if key not in last]
+    missing = [key for key in ("optimizer", "lr_scheduler", "scaler", "history", "rng") if key not in last]
     if missing:
         raise UserError(f"'{path}' holds no training state ({', '.join(missing)} missing), so the run cannot continue from it; start a new run instead of resuming.")
     if last["class_names"] != list(class_names):
@@ -329,38 +301,32 @@ def read_last_checkpoint(path, class_names):
     return last
 
 
-def write_interrupted(run_dir, history, best, args):
+def write_interrupted(run_dir, history, args, resume_dir):
     if history:
         report.plot_curves(history, run_dir / "curves.png")
+    best = engine.best_epoch(history) or {}
     files.write_json(run_dir / "metrics.json", {
         "status": "interrupted", "epochs_completed": len(history), "epochs": args.epochs,
-        "best_epoch": best["epoch"] or None, "best_val_acc": best["val_acc"] if history else None,
-        "resume": f"python qq.py --resume {run_dir}",
+        "best_epoch": best.get("epoch"), "best_val_acc": best.get("val_acc"), "resume": f"python qq.py --resume {resume_dir}",
     })
 
 
-def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history, best):
+def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history):
     """Evaluate best.pt on the validation images and write metrics, predictions, plots and the report."""
     class_names = image_set.class_names
     model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
     val_loader = data.make_loader(val_set, args.batch_size, 0, device)
     val_loss, _, probs, targets = engine.evaluate(model, val_loader, device, precision, stop, desc="best model")
     result = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
-    timing = engine.measure_inference_time(model, [val_set[i][0] for i in range(len(val_set))], device, precision, args.batch_size)
+    timing = engine.measure_inference_time(model, [val_set[i][0] for i in range(min(50, len(val_set)))], device, precision, args.batch_size)
     result.update({
-        "status": "finished", "epochs_completed": len(history), "epochs": args.epochs, "best_epoch": best["epoch"], "val_loss": val_loss,
-        "device": str(device), "precision": precision, "inference_time": timing,
+        "status": "finished", "epochs_completed": len(history), "epochs": args.epochs, "best_epoch": engine.best_epoch(history)["epoch"],
+        "val_loss": val_loss, "device": str(device), "precision": precision, "inference_time": timing,
     })
-    relpaths = [image_set.relpath(i) for i in val]
     extra = {"group": [groups[i] for i in val]} if groups is not None else None
-    rows = report.prediction_rows(relpaths, targets, probs, class_names, extra)
-    report.write_predictions(run_dir / "predictions.csv", rows)
+    rows = report.prediction_rows([image_set.relpath(i) for i in val], targets, probs, class_names, extra)
     report.plot_curves(history, run_dir / "curves.png")
-    report.plot_confusion(result["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    report.plot_confusion(result["confusion_matrix"], class_names, run_dir / "confusion_matrix_normalized.png", normalize=True)
-    report.plot_roc(targets, probs, class_names, run_dir / "roc.png", args.remission_upto)
-    (run_dir / "errors.png").unlink(missing_ok=True)
-    report.plot_errors(rows, image_set.root, args.img_size, run_dir / "errors.png")
+    report.write_evaluation(run_dir, result, rows, targets, probs, image_set.root, args.img_size, args.remission_upto)
     cams = write_cams(model, image_set, val, targets, probs, run_dir, args.img_size, args.cam_examples)
     files.write_json(run_dir / "metrics.json", result)
     report.run_report(run_dir, cams)
@@ -372,71 +338,39 @@ def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device,
     return result, probs, targets
 
 
-def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
-    """Grad-CAM overlays for a few validation images: the most confident right one per grade, then errors."""
-    from ucgrade.cam import cam_overlay
-
-    if count == 0:
-        return []
-    preds = probs.argmax(1)
-    chosen = []
-    for c in range(len(image_set.class_names)):
-        right = np.flatnonzero((targets == c) & (preds == c))
-        if len(right):
-            chosen.append(right[np.argmax(probs[right, c])])
-    wrong = np.flatnonzero(preds != targets)
-    chosen += list(wrong[np.argsort(-probs[wrong].max(1))])
-    cam_dir = run_dir / "cam"
-    cam_dir.mkdir(exist_ok=True)
-    cams = []
-    for k in chosen[:count]:
-        path = image_set.paths[val[k]]
-        image, _, predicted = cam_overlay(model, path, img_size, image_set.class_names)
-        image.thumbnail((512, 512))
-        out = cam_dir / f"{len(cams) + 1:02d}_{path.stem}.png"
-        image.save(out)
-        cams.append((f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})", out))
-    files.write_csv(cam_dir / "index.csv", [{"file": out.name, "caption": caption} for caption, out in cams], ["file", "caption"])
-    return cams
-
-
 def cross_validate(args, image_set, folds, groups, run_dir, device, precision, imagenet_state, config, stop):
     """K-fold cross-validation: K models in fold1..foldK, then the pooled out-of-fold predictions."""
+    class_names = image_set.class_names
     fold_of = {int(i): k for k, (_, val) in enumerate(folds, 1) for i in val}
-    split = [{"path": image_set.relpath(i), "class": image_set.class_names[image_set.labels[i]], "fold": fold_of[i]} | ({"group": groups[i]} if groups is not None else {}) for i in sorted(fold_of)]
-    files.write_csv(run_dir / "split.csv", split, list(split[0].keys()))  # the fold that validates each image
+    files.write_csv(run_dir / "split.csv", data.split_rows(image_set, fold_of, groups, column="fold"), ["path", "class", "fold"] + (["group"] if groups is not None else []))
     fold_metrics, pooled_probs, pooled_targets, pooled_index = [], [], [], []
     for k, (train, val) in enumerate(folds, 1):
         fold_dir = run_dir / f"fold{k}"
         fold_dir.mkdir(exist_ok=True)
-        previous = fold_dir / "metrics.json"
-        if previous.is_file() and json.loads(previous.read_text()).get("status") == "finished":
-            result = json.loads(previous.read_text())
-            _, targets, probs = report.read_predictions(fold_dir / "predictions.csv", image_set.class_names)
+        if read_status(fold_dir) == "finished":
+            result, probs, targets = read_finished_fold(fold_dir, image_set, val)
             print(f"fold {k}/{args.folds} already finished")
         else:
             print(f"\n=== fold {k}/{args.folds}: {len(train)} training, {len(val)} validation images ===")
-            result, probs, targets = fit(args, image_set, train, val, groups, fold_dir, device, precision, imagenet_state, config | {"fold": k}, stop)
+            try:
+                result, probs, targets = fit(args, image_set, train, val, groups, fold_dir, device, precision, imagenet_state, config | {"fold": k}, stop)
+            except RunInterrupted:
+                files.write_json(run_dir / "metrics.json", {"status": "interrupted", "folds": args.folds, "folds_finished": k - 1, "resume": f"python qq.py --resume {run_dir}"})
+                raise
         fold_metrics.append(result)
         pooled_probs.append(probs)
         pooled_targets.append(targets)
         pooled_index.extend(int(i) for i in val)
     probs, targets = np.concatenate(pooled_probs), np.concatenate(pooled_targets)
-    pooled = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
-    summary = metrics.summarize_folds(fold_metrics)
-    files.write_json(run_dir / "cv_summary.json", {"folds": args.folds, "grouped": groups is not None, "mean_std": summary, "pooled_out_of_fold": pooled, "per_fold": [
+    pooled = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
+    files.write_json(run_dir / "cv_summary.json", {"folds": args.folds, "grouped": groups is not None, "mean_std": metrics.summarize_folds(fold_metrics), "pooled_out_of_fold": pooled, "per_fold": [
         {name: m[name] for name in list(metrics.SCALARS) + ["num_images", "best_epoch"] + (["remission"] if "remission" in m else [])} for m in fold_metrics]})
-    table = [{"metric": name, "mean": _fmt(s["mean"]), "std": _fmt(s["std"]), **{f"fold{k}": _fmt(_metric(m, name)) for k, m in enumerate(fold_metrics, 1)}, "pooled": _fmt(_metric(pooled, name))} for name, s in summary.items()]
+    table = metrics.fold_table(fold_metrics, pooled)
     files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
     extra = {"fold": [fold_of[i] for i in pooled_index]} | ({"group": [groups[i] for i in pooled_index]} if groups is not None else {})
-    rows = report.prediction_rows([image_set.relpath(i) for i in pooled_index], targets, probs, image_set.class_names, extra)
-    report.write_predictions(run_dir / "predictions.csv", rows)
+    rows = report.prediction_rows([image_set.relpath(i) for i in pooled_index], targets, probs, class_names, extra)
+    report.write_evaluation(run_dir, pooled, rows, targets, probs, image_set.root, args.img_size, args.remission_upto, pooled=True)
     files.write_json(run_dir / "metrics.json", pooled | {"status": "finished", "folds": args.folds})
-    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix.png", title="Pooled out-of-fold confusion matrix\n(counts)")
-    report.plot_confusion(pooled["confusion_matrix"], image_set.class_names, run_dir / "confusion_matrix_normalized.png", normalize=True, title="Pooled out-of-fold confusion matrix\nnormalised by true grade")
-    report.plot_roc(targets, probs, image_set.class_names, run_dir / "roc.png", args.remission_upto)
-    (run_dir / "errors.png").unlink(missing_ok=True)
-    report.plot_errors(rows, image_set.root, args.img_size, run_dir / "errors.png")
     report.cv_report(run_dir, table, pooled)
     print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
     for row in table:
@@ -444,19 +378,38 @@ def cross_validate(args, image_set, folds, groups, run_dir, device, precision, i
     return pooled
 
 
-def _metric(result, name):
-    return result["remission"][name.removeprefix("remission_")] if name.startswith("remission_") else result[name]
+def read_status(run_dir):
+    """The status in a run folder's metrics.json: finished, interrupted, or None if it has none yet."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
-def _fmt(value):
-    return "" if value is None else f"{value:.4f}"
+def read_finished_fold(fold_dir, image_set, val):
+    """The metrics and out-of-fold predictions of a fold that finished before the run was interrupted."""
+    rows, targets, probs = report.read_predictions(fold_dir / "predictions.csv", image_set.class_names)
+    if [r["path"] for r in rows] != [image_set.relpath(i) for i in val]:
+        raise UserError(f"the predictions.csv of '{fold_dir}' are not for the images of its fold in split.csv; the run folder changed, so start a new run instead of resuming.")
+    return json.loads((fold_dir / "metrics.json").read_text()), probs, targets
+
+
+def plan_split(args, image_set, groups, resume_dir):
+    """[(train, val)]: one hold-out split, or args.folds folds. A resumed run keeps its split.csv."""
+    column = "fold" if args.folds else "subset"
+    if resume_dir is not None and (resume_dir / "split.csv").is_file():
+        subset_of = data.read_split(resume_dir / "split.csv", image_set, column)
+        names = [str(k) for k in range(1, args.folds + 1)] if args.folds else ["val"]
+        return [(np.array(sorted(i for i, s in subset_of.items() if s != name)), np.array(sorted(i for i, s in subset_of.items() if s == name))) for name in names]
+    if args.folds:
+        return data.split_folds(image_set.labels, args.folds, args.seed, groups)
+    return [data.split_holdout(image_set.labels, args.val_split, args.seed, groups)]
 
 
 def main(args):
     check_args(args)
     resume_dir = Path(args.resume) if args.resume else None
-    if resume_dir is not None:
-        args = settings_for_resume(args, resume_dir)
+    original = settings_for_resume(args, resume_dir) if resume_dir else None
     args.epochs = args.epochs or DEFAULT_EPOCHS
     device = choose_device(args.device)
     precision = choose_precision(device, args.precision)
@@ -466,27 +419,31 @@ def main(args):
 
     with GracefulStop() as stop:
         image_set = read_data(args, stop)
-        if resume_dir is not None:
-            check_resume_data(resume_dir, image_set)
+        if original is not None:
+            check_resume_data(original, image_set)
         groups = data.read_groups(args.groups, image_set) if args.groups else None
-        if args.folds == 0:
-            train, val = (read_split(resume_dir / "split.csv", image_set) if resume_dir else data.split_holdout(image_set.labels, args.val_split, args.seed, groups))
-            data.check_split(image_set, train, val, groups)
-        else:
-            folds = data.split_folds(image_set.labels, args.folds, args.seed, groups)
-            for train, val in folds:  # every fold, before a run folder exists or a fold trains for nothing
-                data.check_split(image_set, train, val, groups, remedy="use fewer --folds")
-        needs_weights = resume_dir is None or not any(resume_dir.glob("**/last.pt")) or args.folds > 0
-        imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights) if needs_weights else (None, "from the resumed run")
+        if groups is None and original is None:
+            print("note: without --groups, images are split one by one; if a patient has several images, some may land in training and others in validation, which flatters the validation metrics. Give --groups patients.csv to keep each patient on one side.")
+        folds = plan_split(args, image_set, groups, resume_dir)
+        for train, val in folds:  # every fold, before a run folder exists or a fold trains for nothing
+            data.check_split(image_set, train, val, groups, remedy="use fewer --folds" if args.folds else "use a different --val-split")
+        needs_weights = resume_dir is None or args.folds > 0 or not (resume_dir / "last.pt").is_file()
+        if original is None:
+            imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights)
+        else:  # new folds start as the run's first ones did
+            pretrained = "yes" if original["pretrained_used"] and needs_weights else "no"
+            imagenet_state, source = get_imagenet_weights(pretrained, args.weights if pretrained == "yes" else None)[0], original["weights_source"]
         run_dir = resume_dir or files.new_run_dir(args.out, args.name)
-        config = {key: getattr(args, key) for key in RUN_SETTINGS} | {
-            "run_dir": str(run_dir), "device": str(device), "precision_used": precision,
-            "pretrained_used": imagenet_state is not None or (resume_dir is not None and _was_pretrained(resume_dir)),
-            "weights_source": source, "class_names": image_set.class_names, "class_counts": image_set.class_counts(),
-            "skipped_files": len(image_set.skipped), "cached_in_memory": image_set.images is not None,
-            "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-        }
+        now = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device), "precision_used": precision}
+        if original is None:
+            config = {key: getattr(args, key) for key in RUN_SETTINGS} | {"run_dir": str(run_dir)} | now | {
+                "pretrained_used": imagenet_state is not None, "weights_source": source,
+                "class_names": image_set.class_names, "class_counts": image_set.class_counts(),
+                "skipped_files": len(image_set.skipped), "cached_in_memory": image_set.images is not None,
+                "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+            }
+        else:  # the record of how the run started stays; each resumption is added to it
+            config = original | {"epochs": args.epochs, "resumed": original.get("resumed", []) + [now]}
         files.write_json(run_dir / "config.json", config)
         files.write_csv(run_dir / "skipped.csv", [{"path": str(p), "reason": r} for p, r in image_set.skipped], ["path", "reason"])
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
@@ -494,7 +451,7 @@ def main(args):
             if args.folds:
                 cross_validate(args, image_set, folds, groups, run_dir, device, precision, imagenet_state, config, stop)
             else:
-                fit(args, image_set, train, val, groups, run_dir, device, precision, imagenet_state, config, stop)
+                fit(args, image_set, *folds[0], groups, run_dir, device, precision, imagenet_state, config, stop)
         except torch.OutOfMemoryError:
             raise UserError(f"ran out of GPU memory with --batch-size {args.batch_size}; try a smaller --batch-size, for example {max(1, args.batch_size // 2)}.") from None
         except (RuntimeError, MemoryError) as error:  # MemoryError: Python or NumPy could not allocate
@@ -503,10 +460,6 @@ def main(args):
             raise
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")
     return 0
-
-
-def _was_pretrained(run_dir):
-    return bool(json.loads((run_dir / "config.json").read_text()).get("pretrained_used"))
 
 
 def print_settings(args, device, precision):

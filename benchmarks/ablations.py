@@ -34,13 +34,21 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+from speed import cpu_snapshot, others_cpu_share  # noqa: E402  (benchmarks/speed.py)
+
 import qq  # noqa: E402
 from ucgrade import data, engine  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
-from ucgrade.device import autocast, choose_device, choose_precision, make_grad_scaler, setup_backends, synchronize  # noqa: E402
+from ucgrade.device import (  # noqa: E402
+    autocast,
+    choose_device,
+    choose_precision,
+    make_grad_scaler,
+    setup_backends,
+    synchronize,
+)
 from ucgrade.errors import run_cli  # noqa: E402
 from ucgrade.model import build_model  # noqa: E402
-from speed import cpu_snapshot, others_cpu_share  # noqa: E402  (benchmarks/speed.py)
 
 QUESTIONS = ("threads", "omp_wait", "malloc", "batch", "layout", "normalize", "workers", "compile_train", "inference", "feature_batch")
 

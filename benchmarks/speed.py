@@ -56,9 +56,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import qq  # noqa: E402
 from ucgrade import data, engine  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
+from ucgrade.device import (  # noqa: E402
+    choose_device,
+    choose_precision,
+    make_grad_scaler,
+    setup_backends,
+    synchronize,
+)
 from ucgrade.errors import run_cli  # noqa: E402
-from ucgrade.device import choose_device, choose_precision, make_grad_scaler, setup_backends, synchronize  # noqa: E402
-from ucgrade.model import build_model, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from ucgrade.model import (  # noqa: E402
+    build_model,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 FORWARD_GFLOP_224 = 8.2  # ResNet50 forward pass at 224 px: 4.1 G multiply-adds
 TRAIN_STEP_FACTOR = 3  # forward + backward (gradients of the activations and of the weights)
@@ -205,7 +217,6 @@ def ceiling_rate(device, dtype, trials, seconds_per_trial):
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     matmul, matmul_median = peak_rate(device, lambda: a @ b, 2 * n**3, trials, seconds_per_trial)
-    del a, b
     batch, channels, side = 16, 256, 56  # a ResNet50-like layer, large enough to keep every core busy
     x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -257,9 +268,8 @@ def train_project(run_args, image_set, train, val, device, precision, epochs):
     start = time.perf_counter()
     train_loader, val_loader, val_set, trainable = qq.make_loaders(run_args, image_set, train, val, model, device, precision, generator, stop)
     setup_s = time.perf_counter() - start  # with --freeze-backbone: computing the features
-    criterion = qq.make_criterion(run_args.balance, np.asarray(image_set.labels)[train], num_classes, device)
-    optimizer = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=run_args.lr, momentum=run_args.momentum)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=run_args.step_size, gamma=run_args.gamma)
+    criterion = engine.make_criterion(run_args.balance, np.asarray(image_set.labels)[train], num_classes, device)
+    optimizer, lr_scheduler = engine.make_optimizer(trainable.parameters(), run_args.lr, run_args.momentum, run_args.step_size, run_args.gamma)
     scaler = make_grad_scaler(device, precision)
     history = []
     for epoch in range(1, epochs + 1):

@@ -13,13 +13,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, make_folder, run_script, run_scripts, user_lines
 from PIL import Image
 
 import qq
-from conftest import FAST, make_folder, run_script, run_scripts, user_lines
 from ucgrade import data, engine, files
-from ucgrade.errors import run_cli
 from ucgrade.demo import make_image
+from ucgrade.errors import run_cli
 
 RED, BLUE = (220, 40, 40), (40, 40, 220)
 

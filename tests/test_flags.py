@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import FAST, run_script, user_lines
 
 import predict
 import qq
-from conftest import FAST, run_script, user_lines
 from ucgrade.errors import run_cli
 
 INVALID = [

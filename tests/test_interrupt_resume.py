@@ -8,15 +8,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, ROOT, make_folder, run_script, run_scripts, train, user_lines
 from PIL import Image
 
-from conftest import FAST, ROOT, make_folder, run_script, run_scripts, train, user_lines
+import qq
 from ucgrade import files
+from ucgrade.errors import run_cli
 from ucgrade.model import load_checkpoint
 
 EPOCHS = 3
@@ -217,3 +220,45 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_whole_file(tmp_path):
     assert mid_write, "could not catch the writer in the middle of a write"
     checkpoint = torch.load(target, weights_only=True)
     assert checkpoint["weights"].shape == (4_000_000,) and (checkpoint["weights"] == checkpoint["version"]).all()
+
+
+def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, capsys):
+    """Ctrl-C in fold 1 of 2: the message names the whole run, which resumes with the folds of its
+    split.csv; a fold folder alone is refused, because resuming it would nest a new cross-validation."""
+    out = tmp_path / "out"
+    run = out / "cv"
+    history = run / "fold1" / "history.csv"
+
+    def press_ctrl_c_after_an_epoch():
+        deadline = time.monotonic() + 300
+        while not (history.is_file() and len(history.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # handled by qq.py's GracefulStop in the main thread
+
+    presser = threading.Thread(target=press_ctrl_c_after_an_epoch)
+    presser.start()
+    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", data24, "--out", out, "--name", "cv", "--folds", "2", *RUN]])
+    code = run_cli(qq.main, args)
+    presser.join()
+    lines = user_lines(capsys.readouterr().err)
+    assert code == 130, lines
+    assert lines[-1].startswith("interrupted: training stopped after epoch ") and lines[-1].endswith(f"Resume with: python qq.py --resume {run}")
+    assert json.loads((run / "metrics.json").read_text()) == {"status": "interrupted", "folds": 2, "folds_finished": 0, "resume": f"python qq.py --resume {run}"}
+    assert json.loads((run / "fold1" / "metrics.json").read_text())["resume"] == f"python qq.py --resume {run}"
+    assert not (run / "fold2").exists()
+    split = (run / "split.csv").read_text()
+
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run / "fold1")])) == 2
+    assert user_lines(capsys.readouterr().err) == [f"error: '{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run}"]
+
+    assert train(["--resume", run]) == 0
+    assert os.listdir(out) == ["cv"] and sorted(p.name for p in run.glob("fold*")) == ["fold1", "fold2"]
+    assert (run / "split.csv").read_text() == split
+    for k in (1, 2):
+        fold = run / f"fold{k}"
+        assert len(history_of(fold)) == EPOCHS and json.loads((fold / "metrics.json").read_text())["status"] == "finished"
+        validated = sorted(r["path"] for r in files.read_csv(run / "split.csv") if r["fold"] == str(k))
+        assert sorted(r["path"] for r in files.read_csv(fold / "predictions.csv")) == validated
+    pooled = files.read_csv(run / "predictions.csv")
+    assert sorted(r["path"] for r in pooled) == sorted(r["path"] for r in files.read_csv(run / "split.csv"))
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"

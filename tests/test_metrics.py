@@ -5,7 +5,6 @@ computed here from the textbook definitions (pairwise AUC, the kappa formula), n
 the scikit-learn functions that ucgrade.metrics calls.
 """
 
-import csv
 import json
 import statistics
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from ucgrade import metrics
+from ucgrade.files import read_csv
 
 # rows: true grade, columns: predicted grade
 KNOWN = [[6, 2, 0],
@@ -177,17 +177,12 @@ def test_fold_summary_is_mean_and_sample_std():
     assert summary["remission_sensitivity"]["std"] == pytest.approx(0.2)
 
 
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_run_metrics_match_its_predictions_file(trained_run):
     """metrics.json of a real run agrees with its predictions.csv, recomputed from the definitions."""
     result = json.loads((trained_run / "metrics.json").read_text())
     names = result["class_names"]
-    rows = read_rows(trained_run / "predictions.csv")
-    val = [r for r in read_rows(trained_run / "split.csv") if r["subset"] == "val"]
+    rows = read_csv(trained_run / "predictions.csv")
+    val = [r for r in read_csv(trained_run / "split.csv") if r["subset"] == "val"]
     assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in val)  # every validation image, once
     targets = np.array([names.index(r["true"]) for r in rows])
     preds = np.array([names.index(r["predicted"]) for r in rows])

@@ -1,24 +1,20 @@
 """The whole pipeline: qq.py trains and writes every output, predict.py grades images (issue 2)."""
 
-import csv
 import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, make_folder, run_script, train
 from PIL import Image
 
-from conftest import FAST, make_folder, run_script, train
+import qq
 from ucgrade import data
 from ucgrade.device import choose_device, choose_precision
 from ucgrade.engine import predict_image, predict_probabilities
+from ucgrade.files import read_csv
 from ucgrade.model import load_checkpoint, model_from_checkpoint
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_writes_every_output(trained_run):
@@ -33,11 +29,11 @@ def test_run_writes_every_output(trained_run):
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 3 and config["img_size"] == 64 and config["pretrained_used"] is False
 
-    history = read_rows(run / "history.csv")
+    history = read_csv(run / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert set(history[0]) >= {"train_loss", "val_loss", "train_acc", "val_acc", "lr", "epoch_time_s"}
 
-    split = read_rows(run / "split.csv")
+    split = read_csv(run / "split.csv")
     n_val = sum(r["subset"] == "val" for r in split)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["class_names"] == ["mild", "moderate", "severe"]
@@ -46,11 +42,11 @@ def test_run_writes_every_output(trained_run):
     timing = metrics["inference_time"]
     assert timing["batch1_mean_ms"] > 0 and timing["batch1_median_ms"] > 0 and timing["batch1_p95_ms"] >= timing["batch1_median_ms"]
     assert timing["throughput_images_per_s"] > 0 and timing["throughput_batch_size"] == 8
-    assert len(read_rows(run / "predictions.csv")) == n_val
+    assert len(read_csv(run / "predictions.csv")) == n_val
 
 
 def test_checkpoints_describe_themselves(trained_run):
-    history = read_rows(trained_run / "history.csv")
+    history = read_csv(trained_run / "history.csv")
     best_epoch = max(history, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))["epoch"]
     for name, epoch in (("best.pt", int(best_epoch)), ("last.pt", 3)):
         checkpoint = torch.load(trained_run / name, map_location="cpu", weights_only=True)
@@ -71,7 +67,7 @@ def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data
     metrics = json.loads((trained_run / "metrics.json").read_text())
     device = torch.device("cpu")
     precision = metrics["precision"]
-    rows = [r for r in read_rows(trained_run / "split.csv") if r["subset"] == "val"]
+    rows = [r for r in read_csv(trained_run / "split.csv") if r["subset"] == "val"]
     correct = sum(predict_image(small_data / r["path"], model, device, checkpoint["class_names"], 64, precision) == r["class"] for r in rows)
     assert correct / len(rows) == pytest.approx(metrics["accuracy"])
 
@@ -93,12 +89,12 @@ def test_split_is_stratified_disjoint_and_seeded():
 def test_split_csv_matches_seed(small_data, tmp_path):
     for name in ("a", "b"):
         assert train(["--data", small_data, "--out", tmp_path, "--name", name, "--epochs", "1", "--seed", "7", *FAST]) == 0
-    a, b = read_rows(tmp_path / "a" / "split.csv"), read_rows(tmp_path / "b" / "split.csv")
+    a, b = read_csv(tmp_path / "a" / "split.csv"), read_csv(tmp_path / "b" / "split.csv")
     assert a == b
     val = [r for r in a if r["subset"] == "val"]
     assert {r["class"] for r in val} == {"mild", "moderate", "severe"} and len(val) == 6
     # the same seed also gives the same training: identical histories apart from the timing
-    ha, hb = read_rows(tmp_path / "a" / "history.csv"), read_rows(tmp_path / "b" / "history.csv")
+    ha, hb = read_csv(tmp_path / "a" / "history.csv"), read_csv(tmp_path / "b" / "history.csv")
     for ra, rb in zip(ha, hb):
         for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6)
@@ -123,8 +119,9 @@ def test_training_transform_is_random():
     assert not all(torch.equal(views[0], v) for v in views[1:])
 
 
-def test_predict_cli_matches_model_in_memory(trained_run, small_data):
-    images = sorted((small_data / "severe").glob("*.jpg"))[:2] + sorted((small_data / "mild").glob("*.jpg"))[:1]
+def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run, small_data):
+    evaluated = {r["path"]: r for r in read_csv(trained_run / "predictions.csv")}  # the validation images
+    images = [small_data / path for path in sorted(evaluated)]
     result = run_script("predict.py", *images, "--weights", trained_run / "best.pt", "--json")
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
@@ -137,6 +134,11 @@ def test_predict_cli_matches_model_in_memory(trained_run, small_data):
         assert predicted["path"] == str(image) and predicted["grade"] == grade
         assert predicted["probabilities"] == pytest.approx(probabilities, abs=1e-6)
         assert sum(predicted["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        # predict.py sees an image as the run's evaluation did (the file decoded and cropped anew,
+        # one image at a time instead of a cached batch, both in bf16 on this CPU)
+        row = evaluated[image.relative_to(small_data).as_posix()]
+        assert predicted["grade"] == row["predicted"]
+        assert predicted["probabilities"] == pytest.approx({name: float(row[f"p_{name}"]) for name in checkpoint["class_names"]}, abs=5e-3)
 
 
 def test_predict_cli_text_output_and_folders(trained_run, small_data):
@@ -171,9 +173,14 @@ def test_help_shows_every_flag_with_default():
     result = run_script("qq.py", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    for flag in ["--data", "--out", "--name", "--epochs", "--batch-size", "--lr", "--momentum", "--step-size", "--gamma",
-                 "--val-split", "--seed", "--img-size", "--workers", "--device", "--precision", "--pretrained", "--weights"]:
-        assert flag in text
+    flags = ["--data", "--out", "--name", "--epochs", "--batch-size", "--lr", "--momentum", "--step-size", "--gamma", "--val-split",
+             "--seed", "--img-size", "--workers", "--device", "--precision", "--pretrained", "--weights", "--class-order", "--remission-upto",
+             "--groups", "--folds", "--balance", "--freeze-backbone", "--cache", "--compile", "--cam-examples", "--resume"]
+    options = [a for a in qq.get_args_parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert sorted(a.option_strings[0] for a in options) == sorted(flags)  # a new flag is added to this list, and to the README
+    for action in options:
+        assert action.option_strings[0] in text
+        assert "default" in action.help, f"{action.option_strings[0]} does not say its default"
     for default in ["(default: data)", "(default: outputs)", "(default: 25)", "(default: 16)", "(default: 0.001)", "(default: 0.9)",
                     "(default: 7)", "(default: 0.1)", "(default: 0.2)", "(default: 224)", "(default: auto)"]:
         assert default in text, default

@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 import torchvision
-
 from conftest import make_folder, run_script, train
+
 from ucgrade import model as model_module
 from ucgrade.errors import UserError
+from ucgrade.files import read_csv
 
 ARGS = ["--img-size", "64", "--batch-size", "8", "--epochs", "1", "--cam-examples", "0"]
 UNREACHABLE = "http://127.0.0.1:9/models/resnet50-0676ba61.pth"  # the discard port: refused at once
@@ -40,9 +41,12 @@ def backbone_matches(run_dir, state):
 def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like):
     weights = tmp_path / "my_resnet50.pth"
     torch.save(imagenet_like, weights)
-    # with a frozen backbone the trained model keeps the loaded weights exactly
-    assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--freeze-backbone", *ARGS]) == 0
+    # with a frozen backbone the trained model keeps the loaded weights exactly; Grad-CAM still
+    # works on it, although no weight of the backbone needs a gradient
+    assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--freeze-backbone", *ARGS, "--cam-examples", "2"]) == 0
     run = tmp_path / "out" / "train"
+    cams = read_csv(run / "cam" / "index.csv")
+    assert len(cams) == 2 and all((run / "cam" / row["file"]).stat().st_size > 1000 for row in cams)
     config = json.loads((run / "config.json").read_text())
     assert config["pretrained_used"] is True and config["weights_source"] == str(weights)
     assert torch.load(run / "best.pt", weights_only=True)["pretrained"] is True

@@ -1,26 +1,20 @@
 """The report, the plots and Grad-CAM (issue 4): what a clinician opens, checked on real runs."""
 
 import base64
-import csv
 import io
 import json
 from html.parser import HTMLParser
 
 import numpy as np
-import pytest
 import torch
+from conftest import make_folder, run_script
 from PIL import Image
 
-from conftest import make_folder, run_script
 from ucgrade import data, report
 from ucgrade.cam import cam_on_original, cam_overlay, grad_cam
 from ucgrade.demo import make_image
+from ucgrade.files import read_csv
 from ucgrade.model import build_model, load_checkpoint, model_from_checkpoint
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 class Page(HTMLParser):
@@ -65,11 +59,11 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
     # the run's own plots, byte for byte
     for name in ("curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png"):
         assert (run / name).read_bytes() in pngs, name
-    wrong = [r for r in read_rows(run / "predictions.csv") if r["true"] != r["predicted"]]
+    wrong = [r for r in read_csv(run / "predictions.csv") if r["true"] != r["predicted"]]
     assert (run / "errors.png").exists() == bool(wrong)
     if wrong:
         assert (run / "errors.png").read_bytes() in pngs
-    cams = read_rows(run / "cam" / "index.csv")
+    cams = read_csv(run / "cam" / "index.csv")
     assert 1 <= len(cams) <= 2  # --cam-examples 2
     for row in cams:
         assert (run / "cam" / row["file"]).read_bytes() in pngs
@@ -79,7 +73,7 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
                     "Inference time", "Most confidently wrong images", "Grad-CAM"):
         assert heading in text, heading
     # dataset counts, as split.csv has them
-    split = read_rows(run / "split.csv")
+    split = read_csv(run / "split.csv")
     for grade in ("mild", "moderate", "severe"):
         n_train = sum(r["class"] == grade and r["subset"] == "train" for r in split)
         n_val = sum(r["class"] == grade and r["subset"] == "val" for r in split)

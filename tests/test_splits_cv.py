@@ -11,20 +11,16 @@ import statistics
 import numpy as np
 import pytest
 import torch
-
-import qq
 from conftest import FAST, make_folder, run_script, train
 from test_metrics import kappa_by_definition
 from test_report_cam import Page, assert_self_contained, embedded_pngs
-from ucgrade import data
+
+import qq
+from ucgrade import data, engine
 from ucgrade.errors import run_cli
+from ucgrade.files import read_csv
 
 ONE_EPOCH = [*FAST, "--epochs", "1", "--precision", "fp32"]  # fp32: no bf16 kernel warm-up in a fresh process
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def write_groups(root, csv_path, leave_out=()):
@@ -78,14 +74,14 @@ def holdout_run(graded_data, tmp_path_factory):
 
 def test_holdout_keeps_every_patient_on_one_side(holdout_run, graded_data):
     run, _ = holdout_run
-    split = read_rows(run / "split.csv")
+    split = read_csv(run / "split.csv")
     assert len(split) == 24 and {r["path"] for r in split} == {p.relative_to(graded_data).as_posix() for p in graded_data.rglob("*.jpg")}
     assert all(r["group"] for r in split)
     assert_no_group_split(split)
     val = [r for r in split if r["subset"] == "val"]
     assert 0 < len(val) < len(split)
     assert {r["class"] for r in val} == {"normal", "mild", "severe"}  # as stratified as the patients allow
-    assert [r["group"] for r in read_rows(run / "predictions.csv")]  # predictions carry the patient too
+    assert [r["group"] for r in read_csv(run / "predictions.csv")]  # predictions carry the patient too
 
 
 def test_class_order_sets_the_grades(holdout_run):
@@ -95,7 +91,7 @@ def test_class_order_sets_the_grades(holdout_run):
     assert metrics["class_names"] == ["normal", "mild", "severe"]
     assert torch.load(run / "best.pt", weights_only=True)["class_names"] == ["normal", "mild", "severe"]
     # QWK and MAE use this order: recompute them from the predictions with normal=0, mild=1, severe=2
-    rows = read_rows(run / "predictions.csv")
+    rows = read_csv(run / "predictions.csv")
     order = {"normal": 0, "mild": 1, "severe": 2}
     targets = np.array([order[r["true"]] for r in rows])
     preds = np.array([order[r["predicted"]] for r in rows])
@@ -113,7 +109,7 @@ def test_remission_block_is_printed_stored_and_right(holdout_run):
     for name in ("sensitivity", "specificity", "ppv", "npv", "auroc"):
         assert any(line.strip().startswith(name) for line in stdout.splitlines()), name
     block = json.loads((run / "metrics.json").read_text())["remission"]
-    rows = read_rows(run / "predictions.csv")
+    rows = read_csv(run / "predictions.csv")
     active = np.array([r["true"] != "normal" for r in rows])
     called = np.array([r["predicted"] != "normal" for r in rows])
     tp, fn = int(np.sum(active & called)), int(np.sum(active & ~called))
@@ -187,6 +183,14 @@ def cv_run(tmp_path_factory):
     return tmp / "out" / "train", root, result.stdout
 
 
+def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run):
+    run, root, _ = cv_run
+    result = run_script("predict.py", root / "mild" / "mild_000.jpg", "--out", run.parent)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
+    assert run_script("predict.py", root / "mild" / "mild_000.jpg", "--weights", run / "fold1" / "best.pt").returncode == 0
+
+
 def test_cross_validation_validates_every_image_exactly_once(cv_run):
     run, root, _ = cv_run
     everything = {p.relative_to(root).as_posix() for p in root.rglob("*.jpg")}
@@ -197,16 +201,16 @@ def test_cross_validation_validates_every_image_exactly_once(cv_run):
         for name in ("best.pt", "last.pt", "metrics.json", "predictions.csv", "split.csv", "history.csv", "curves.png",
                      "confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png", "report.html"):
             assert (fold / name).is_file(), f"fold{k}/{name}"
-        split = read_rows(fold / "split.csv")
+        split = read_csv(fold / "split.csv")
         assert {r["path"] for r in split} == everything  # every image is on one side of every fold
         assert_no_group_split(split)  # and no patient is on both
         val = [r["path"] for r in split if r["subset"] == "val"]
-        assert sorted(r["path"] for r in read_rows(fold / "predictions.csv")) == sorted(val)
+        assert sorted(r["path"] for r in read_csv(fold / "predictions.csv")) == sorted(val)
         validated += val
         fold_of.update({path: k for path in val})
     assert sorted(validated) == sorted(everything)  # each image validated exactly once
 
-    pooled = read_rows(run / "predictions.csv")
+    pooled = read_csv(run / "predictions.csv")
     assert sorted(r["path"] for r in pooled) == sorted(everything)
     assert all(int(r["fold"]) == fold_of[r["path"]] for r in pooled)
     # a patient is validated in one fold only
@@ -220,7 +224,7 @@ def test_cross_validation_scores_the_pooled_predictions(cv_run):
     run, _, stdout = cv_run
     names = ["mild", "moderate", "severe"]
     pooled = json.loads((run / "metrics.json").read_text())
-    rows = read_rows(run / "predictions.csv")
+    rows = read_csv(run / "predictions.csv")
     targets = np.array([names.index(r["true"]) for r in rows])
     preds = np.array([names.index(r["predicted"]) for r in rows])
     assert pooled["num_images"] == 21
@@ -241,7 +245,7 @@ def test_cross_validation_scores_the_pooled_predictions(cv_run):
     sensitivities = [f["remission"]["sensitivity"] for f in folds if f["remission"]["sensitivity"] is not None]
     assert summary["mean_std"]["remission_sensitivity"]["mean"] == pytest.approx(statistics.mean(sensitivities))
 
-    table = {r["metric"]: r for r in read_rows(run / "cv_summary.csv")}
+    table = {r["metric"]: r for r in read_csv(run / "cv_summary.csv")}
     assert set(table) >= {"accuracy", "qwk", "macro_f1", "remission_sensitivity", "remission_auroc"}
     assert float(table["accuracy"]["mean"]) == pytest.approx(statistics.mean(f["accuracy"] for f in folds), abs=1e-4)
     assert float(table["accuracy"]["fold2"]) == pytest.approx(folds[1]["accuracy"], abs=1e-4)
@@ -258,12 +262,12 @@ def test_cross_validation_report_embeds_everything(cv_run):
     pngs = embedded_pngs(page)
     for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png", "fold1/curves.png", "fold2/curves.png", "fold3/curves.png"):
         assert (run / name).read_bytes() in pngs, name
-    if any(r["true"] != r["predicted"] for r in read_rows(run / "predictions.csv")):
+    if any(r["true"] != r["predicted"] for r in read_csv(run / "predictions.csv")):
         assert (run / "errors.png").read_bytes() in pngs
-    assert any((run / "fold1" / "cam" / r["file"]).read_bytes() in pngs for r in read_rows(run / "fold1" / "cam" / "index.csv"))
+    assert any((run / "fold1" / "cam" / r["file"]).read_bytes() in pngs for r in read_csv(run / "fold1" / "cam" / "index.csv"))
     text = " ".join(" ".join(page.text).split())
     assert "3-fold cross-validation" in text and "Checked: no group appears in more than one subset." in text
-    per_fold = [sum(r["fold"] == str(k) for r in read_rows(run / "predictions.csv")) for k in (1, 2, 3)]
+    per_fold = [sum(r["fold"] == str(k) for r in read_csv(run / "predictions.csv")) for k in (1, 2, 3)]
     assert f"all grades {per_fold[0]} {per_fold[1]} {per_fold[2]} 21" in text  # images validated per fold
     timing = json.loads((run / "fold2" / "metrics.json").read_text())["inference_time"]
     assert f"fold2 cpu fp32 {timing['batch1_mean_ms']:.1f} {timing['batch1_median_ms']:.1f}" in text
@@ -302,11 +306,11 @@ def test_sampler_draws_every_grade_about_equally(imbalanced):
 
 def test_weighted_loss_uses_balanced_class_weights():
     labels = np.array([0] * 19 + [1] * 6 + [2] * 3)
-    criterion = qq.make_criterion("weights", labels, 3, torch.device("cpu"))
+    criterion = engine.make_criterion("weights", labels, 3, torch.device("cpu"))
     # "balanced": n_samples / (n_classes * count) = 28 / (3 * count)
     assert criterion.weight.tolist() == pytest.approx([28 / 57, 28 / 18, 28 / 9])
-    assert qq.make_criterion("none", labels, 3, torch.device("cpu")).weight is None
-    assert qq.make_criterion("sampler", labels, 3, torch.device("cpu")).weight is None  # the sampler balances instead
+    assert engine.make_criterion("none", labels, 3, torch.device("cpu")).weight is None
+    assert engine.make_criterion("sampler", labels, 3, torch.device("cpu")).weight is None  # the sampler balances instead
     # a weighted loss puts the rare grade's mistakes first
     logits, targets = torch.zeros(2, 3), torch.tensor([0, 2])
     per_image = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
@@ -321,7 +325,7 @@ def test_balance_changes_training(tmp_path):
     for balance in ("none", "weights", "sampler"):
         argv = ["--data", root, "--out", tmp_path, "--name", balance, "--balance", balance, "--freeze-backbone", *ONE_EPOCH, "--cam-examples", "0"]
         assert train(argv) == 0
-        losses[balance] = float(read_rows(tmp_path / balance / "history.csv")[0]["train_loss"])
-        assert read_rows(tmp_path / balance / "split.csv") == read_rows(tmp_path / "none" / "split.csv")
+        losses[balance] = float(read_csv(tmp_path / balance / "history.csv")[0]["train_loss"])
+        assert read_csv(tmp_path / balance / "split.csv") == read_csv(tmp_path / "none" / "split.csv")
     assert losses["weights"] != pytest.approx(losses["none"], rel=1e-4)
     assert losses["sampler"] != pytest.approx(losses["none"], rel=1e-4)

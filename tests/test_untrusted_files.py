@@ -8,10 +8,11 @@ import shutil
 
 import torch
 import torchvision
+from conftest import ROOT, run_scripts, user_lines
 
 import predict
 import qq
-from conftest import ROOT, run_scripts, user_lines
+from ucgrade import files
 from ucgrade.errors import run_cli
 from ucgrade.model import build_model
 
@@ -160,6 +161,17 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
         code, lines = run_in_process(qq, ["--resume", run], capsys)
         assert code == 2 and len(lines) == 1 and expected in lines[0], (name, lines)
         assert (run / "history.csv").read_text() == history  # nothing was trained or appended
+
+    # fewer epochs than the run has trained cannot be continued; more extend it
+    run = copy_run(trained_run, tmp_path / "extended")
+    started = json.loads((run / "config.json").read_text())
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
+    assert code == 2 and lines == ["error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or leave it out."]
+    code, _ = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    assert code == 0 and len(files.read_csv(run / "history.csv")) == 4
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 4 and config["command"] == started["command"] and config["started"] == started["started"]  # how it began stays
+    assert len(config["resumed"]) == 1 and config["resumed"][0]["precision_used"] == started["precision_used"]
 
     # the data changed since the run started: one more image of a class
     data = shutil.copytree(small_data, tmp_path / "data")

@@ -4,11 +4,15 @@ A small hook-based implementation on the last convolutional stage (layer4): the 
 gradient, averaged over space, weights the activation maps; their positive sum is the heatmap.
 """
 
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from . import files
 from .data import eval_transform, load_image, resize_size_for
 from .engine import to_input
 from .model import unwrap
@@ -26,7 +30,9 @@ def grad_cam(model, images, target_class=None):
     handle = model.layer4.register_forward_hook(lambda module, inputs, output: captured.update(activations=output))
     try:
         with torch.enable_grad():
-            logits = model(to_input(images, device))
+            # an input that needs gradients makes layer4's output need them even with every weight
+            # frozen (--freeze-backbone); its own gradient is never computed
+            logits = model(to_input(images, device).requires_grad_())
             classes = logits.argmax(1) if target_class is None else torch.full((len(images),), int(target_class), device=device)
             score = logits.gather(1, classes[:, None]).sum()
             activations = captured["activations"]
@@ -40,14 +46,14 @@ def grad_cam(model, images, target_class=None):
     return (cams / peak).detach().cpu().numpy(), classes.cpu().tolist()
 
 
-def cam_on_original(cam, original_size, img_size):
+def cam_on_original(cam, original_size, img_size, resize_size=None):
     """Place a heatmap of the centre crop back onto the original image's pixel grid.
 
     The crop covers the middle of the image; the margins that the model never saw get no heat.
     Returns an array of shape (height, width) of the original image.
     """
     width, height = original_size
-    scale = min(width, height) / resize_size_for(img_size)  # original pixels per resized pixel
+    scale = min(width, height) / (resize_size or resize_size_for(img_size))  # original pixels per resized pixel
     side = int(round(img_size * scale))
     left, top = int(round((width - side) / 2)), int(round((height - side) / 2))
     patch = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
@@ -66,9 +72,50 @@ def overlay(image, heatmap, alpha=0.45):
     return Image.fromarray(np.clip(base * (1 - weight) + colours * weight, 0, 255).astype(np.uint8))
 
 
-def cam_overlay(model, image_path, img_size, class_names):
-    """(overlay PIL image at the original size, heatmap array, predicted class name) for one file."""
+def cam_overlay(model, image_path, img_size, class_names, resize_size=None, target_class=None):
+    """(overlay PIL image at the original size, heatmap array, explained class name) for one file.
+
+    target_class None explains the class the model predicts for this crop.
+    """
     image = load_image(image_path)
-    cams, classes = grad_cam(model, eval_transform(img_size)(image).unsqueeze(0))
-    heatmap = cam_on_original(cams[0], image.size, img_size)
+    cams, classes = grad_cam(model, eval_transform(img_size, resize_size)(image).unsqueeze(0), target_class)
+    heatmap = cam_on_original(cams[0], image.size, img_size, resize_size)
     return overlay(image, heatmap), heatmap, class_names[classes[0]]
+
+
+def save_png(image, path):
+    """Save a PIL image as PNG atomically, so an interrupted run never leaves half a file."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    files.write_bytes(path, buffer.getvalue())
+
+
+def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
+    """Grad-CAM overlays of the predicted grade for a few validation images, listed in cam/index.csv.
+
+    The most confident right image of each grade comes first, then the most confident errors.
+    Returns a list of (caption, PNG path).
+    """
+    if count == 0:
+        return []
+    preds = probs.argmax(1)
+    chosen = []
+    for c in range(len(image_set.class_names)):
+        right = np.flatnonzero((targets == c) & (preds == c))
+        if len(right):
+            chosen.append(right[np.argmax(probs[right, c])])
+    wrong = np.flatnonzero(preds != targets)
+    chosen += list(wrong[np.argsort(-probs[wrong].max(1))])
+    cam_dir = Path(run_dir) / "cam"
+    cam_dir.mkdir(exist_ok=True)
+    cams = []
+    for k in chosen[:count]:
+        path = image_set.paths[val[k]]
+        predicted = image_set.class_names[preds[k]]
+        image, _, _ = cam_overlay(model, path, img_size, image_set.class_names, target_class=preds[k])
+        image.thumbnail((512, 512))
+        out = cam_dir / f"{len(cams) + 1:02d}_{path.stem}.png"
+        save_png(image, out)
+        cams.append((f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})", out))
+    files.write_csv(cam_dir / "index.csv", [{"file": out.name, "caption": caption} for caption, out in cams], ["file", "caption"])
+    return cams

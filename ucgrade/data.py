@@ -6,6 +6,7 @@ cache; validation and prediction take the centre crop. Files that cannot be used
 first pass and listed, instead of failing halfway through an epoch.
 """
 
+import functools
 import math
 import os
 import signal
@@ -21,6 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from .errors import UserError
+from .files import read_csv
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,6 +158,11 @@ def _is_utf8(path):
         return False
 
 
+def is_image_file(path):
+    """An image by its extension, and not a hidden file (such as macOS's ._ copies)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
 def scan_folder(root, class_order=None):
     """List the candidate images of an ImageFolder tree: root/<class>/[sub-folders/]<image>.
 
@@ -169,7 +176,7 @@ def scan_folder(root, class_order=None):
         for path in _files_under(root / name):
             if not _is_utf8(path):  # e.g. Latin-1 bytes from an old export: CSV and JSON outputs need UTF-8
                 skipped.append((Path(os.fsencode(path).decode("utf-8", "replace")), "the file name is not valid UTF-8; rename the file"))
-            elif path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            elif is_image_file(path):
                 images.append(path)
             else:
                 skipped.append((path, "not an image file (by its extension)"))
@@ -322,6 +329,28 @@ def read_groups(path, image_set):
     return groups
 
 
+def split_rows(image_set, subset_of, groups=None, column="subset"):
+    """Rows of split.csv: path, class, and the subset (or fold) of every image in subset_of."""
+    rows = []
+    for i in sorted(subset_of):
+        row = {"path": image_set.relpath(i), "class": image_set.class_names[image_set.labels[i]], column: subset_of[i]}
+        if groups is not None:
+            row["group"] = groups[i]
+        rows.append(row)
+    return rows
+
+
+def read_split(path, image_set, column="subset"):
+    """{image index: subset (or fold)} from a run's split.csv, for --resume; the images must still be there."""
+    index = {image_set.relpath(i): i for i in range(len(image_set.paths))}
+    subset_of = {}
+    for row in read_csv(path):
+        if row["path"] not in index:
+            raise UserError(f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming.")
+        subset_of[index[row["path"]]] = row[column]
+    return subset_of
+
+
 def check_split(image_set, train, val, groups=None, remedy="use a different --val-split"):
     """Every class needs images on both sides of a split; say which one does not."""
     labels = np.asarray(image_set.labels)
@@ -347,19 +376,24 @@ def val_transform(img_size):
     return v2.CenterCrop(img_size)
 
 
-def eval_transform(img_size):
+def eval_transform(img_size, resize_size=None):
     """The one evaluation preprocessing: PIL image -> resize -> centre crop -> uint8 tensor.
 
     Validation takes the same centre crop of the cached, already resized tensor, which gives the
-    same pixels; normalize() then maps either to the model's input.
+    same pixels; normalize() then maps either to the model's input. A checkpoint stores both sizes.
     """
-    return v2.Compose([v2.Resize(resize_size_for(img_size)), v2.CenterCrop(img_size), v2.PILToTensor()])
+    return v2.Compose([v2.Resize(resize_size or resize_size_for(img_size)), v2.CenterCrop(img_size), v2.PILToTensor()])
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(device, mean, std):
+    # made once per device: a fresh tensor per batch would be a blocking host-to-GPU copy each step
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 (N, 3, H, W) on any device -> normalised float32 in channels_last."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device, tuple(mean), tuple(std))
     images = images.float().div_(255).sub_(mean).div_(std)
     return images.contiguous(memory_format=torch.channels_last)
 
@@ -398,6 +432,14 @@ class FeatureViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         view = int(torch.randint(len(self.views), ()))
         return self.views[view, i], self.labels[i]
+
+
+def default_workers(cached, device):
+    """Loader processes that suit the device: none for cached images on a CPU, whose cores the
+    model needs (1 worker made training 0.5x as fast on 2 cores: BENCHMARKS.md), else up to 4."""
+    if cached and device.type == "cpu":
+        return 0
+    return min(4, max(1, (os.cpu_count() or 2) - 1))
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, generator=None, sampler=None):

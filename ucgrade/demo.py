@@ -64,7 +64,7 @@ def _spots(draw, rng, size, count, radius, fill, rim=None):
 
 
 def make_image(grade, rng, size=256):
-    image, distance = _base(rng, size, MUCOSA[grade])
+    image, _ = _base(rng, size, MUCOSA[grade])
     if grade != "mild":  # granular, friable surface
         grain = rng.normal(0, 14 if grade == "moderate" else 20, (size // 4, size // 4, 1))
         image += np.kron(grain, np.ones((4, 4, 1)))

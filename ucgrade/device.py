@@ -39,11 +39,16 @@ def cpu_has_fast_bf16():
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+def cuda_has_fast_bf16(device):
+    """True from Ampere (compute capability 8.0) on; older GPUs only emulate bf16, slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_precision(device, name="auto"):
     """auto: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, fp32 otherwise."""
     if name == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if cuda_has_fast_bf16(device) else "fp16"
         if device.type == "cpu" and cpu_has_fast_bf16():
             return "bf16"
         return "fp32"

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
@@ -32,6 +33,40 @@ def _check_finite(loss, epoch, step):
         )
 
 
+def make_criterion(balance, train_labels, num_classes, device):
+    """Cross-entropy; with balance="weights", weighted by scikit-learn's "balanced" class weights."""
+    if balance != "weights":
+        return torch.nn.CrossEntropyLoss()
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(train_labels))
+    return torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+
+
+def make_optimizer(parameters, lr, momentum, step_size, gamma):
+    """The method's optimiser and schedule: SGD with momentum, and StepLR stepped once per epoch."""
+    optimizer = torch.optim.SGD([p for p in parameters if p.requires_grad], lr=lr, momentum=momentum)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+
+def rng_state(generator, device):
+    """Every random state that training draws from, for an exact --resume."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, generator, device):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def best_epoch(history):
+    """The history row of the best epoch: the highest validation accuracy, ties to the lower loss."""
+    return max(history, key=lambda row: (row["val_acc"], -row["val_loss"]), default=None)
+
+
 def train_one_epoch(model, criterion, optimizer, data_loader, device, precision, scaler, epoch, epochs, should_stop=None):
     """Train for one pass over data_loader; return the mean loss, the accuracy and images/s."""
     model.train()
@@ -44,15 +79,17 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, precision,
         with autocast(device, precision):
             logits = model(images)
             loss = criterion(logits, targets)
-        loss_value = loss.item()
-        _check_finite(loss_value, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        # one device-to-host copy per step, for the progress bar and the check; a diverged step
+        # changes only the weights in memory, never a checkpoint, because the run stops here
+        loss_value, batch_correct = torch.stack([loss.detach().float(), (logits.argmax(1) == targets).sum().float()]).tolist()
+        _check_finite(loss_value, epoch, step)
         n = targets.size(0)
         total_loss += loss_value * n
-        correct += (logits.argmax(1) == targets).sum().item()
+        correct += int(batch_correct)
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
     bar.close()
@@ -86,11 +123,12 @@ def evaluate(model, data_loader, device, precision, should_stop=None, desc="val"
 
 
 @torch.inference_mode()
-def extract_features(backbone, data_loader, device, precision, flip=False):
+def extract_features(backbone, data_loader, device, precision, flip=False, should_stop=None):
     """Pooled backbone features (N x 2048) of every image in data_loader, optionally mirrored."""
     backbone.eval()
     features, targets = [], []
     for images, labels in tqdm(data_loader, desc="features" + (" (mirrored)" if flip else ""), unit="batch", leave=False, dynamic_ncols=True):
+        _check_stop(should_stop)
         images = to_input(images, device)
         if flip:
             images = images.flip(3)
@@ -103,17 +141,20 @@ def extract_features(backbone, data_loader, device, precision, flip=False):
 # ----------------------------------------------------------------------------- prediction
 
 
-def load_for_prediction(image_path, img_size):
+def load_for_prediction(image_path, img_size, resize_size=None):
     """The validation preprocessing of one image file: a uint8 (1, 3, img_size, img_size) tensor."""
-    return eval_transform(img_size)(load_image(image_path)).unsqueeze(0)
+    return eval_transform(img_size, resize_size)(load_image(image_path)).unsqueeze(0)
 
 
 @torch.inference_mode()
-def predict_probabilities(image_path, model, device, class_names, img_size=224, precision="fp32"):
-    """Return (predicted class name, {class name: probability}) for one image file."""
+def predict_probabilities(image_path, model, device, class_names, img_size=224, precision="fp32", resize_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Return (predicted class name, {class name: probability}) for one image file.
+
+    resize_size, mean and std default to this tool's preprocessing; predict.py passes a checkpoint's own.
+    """
     model.eval()
     with autocast(device, precision):
-        logits = model(to_input(load_for_prediction(image_path, img_size), device))
+        logits = model(to_input(load_for_prediction(image_path, img_size, resize_size), device, mean, std))
     probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
     return class_names[best], dict(zip(class_names, probs))
@@ -152,9 +193,9 @@ def measure_inference_time(model, images, device, precision, batch_size, max_ima
         run(batch)
         times.append((time.perf_counter() - start) * 1000)
 
-    full = torch.stack(images)
     reps = max(1, math.ceil(2 * batch_size / len(images)))  # at least two full batches
-    batches = [full.repeat(reps, 1, 1, 1)[i:i + batch_size] for i in range(0, len(images) * reps, batch_size)]
+    full = torch.stack(images).repeat(reps, 1, 1, 1)
+    batches = list(full.split(batch_size))
     batches = [b for b in batches if len(b) == batch_size] or [batches[0]]
     run(batches[0])
     start = time.perf_counter()

@@ -51,7 +51,7 @@ def compute_metrics(targets, probs, class_names, remission_upto=None):
         "num_images": int(len(targets)),
         "class_names": list(class_names),
         "accuracy": _number(skm.accuracy_score(targets, preds)),
-        "balanced_accuracy": _number(_balanced_accuracy(targets, preds, labels)),
+        "balanced_accuracy": _number(_balanced_accuracy(targets, preds)),
         "macro_f1": _number(skm.f1_score(targets, preds, labels=labels, average="macro", zero_division=0)),
         "qwk": _number(_qwk(targets, preds, labels)),
         "mae_grades": _number(skm.mean_absolute_error(targets, preds)),
@@ -67,7 +67,7 @@ def compute_metrics(targets, probs, class_names, remission_upto=None):
     return result
 
 
-def _balanced_accuracy(targets, preds, labels):
+def _balanced_accuracy(targets, preds):
     # the mean recall over the grades present in the data, without sklearn's warning for absent ones
     recalls = skm.recall_score(targets, preds, labels=sorted(set(targets.tolist())), average=None, zero_division=0)
     return float(np.mean(recalls)) if len(recalls) else float("nan")
@@ -114,23 +114,26 @@ def remission_metrics(targets, probs, class_names, remission_upto):
     }
 
 
-def _fmt(value):
-    return "n/a" if value is None else f"{value:.3f}"
+def fmt(value, digits=3, missing="n/a"):
+    """A value for a table: a float with fixed decimals, `missing` for an undefined metric."""
+    if value is None:
+        return missing
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def format_metrics(metrics):
     """The metrics as a plain-text table for the terminal."""
     lines = [f"{'metric':<20}{'value':>8}"]
-    lines += [f"{name:<20}{_fmt(metrics[name]):>8}" for name in SCALARS]
+    lines += [f"{name:<20}{fmt(metrics[name]):>8}" for name in SCALARS]
     lines.append("")
     lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<20}{_fmt(row['precision']):>10}{_fmt(row['recall']):>10}{_fmt(row['f1']):>10}{row['support']:>10}")
+        lines.append(f"{name:<20}{fmt(row['precision']):>10}{fmt(row['recall']):>10}{fmt(row['f1']):>10}{row['support']:>10}")
     remission = metrics.get("remission")
     if remission:
         lines.append("")
         lines.append(f"remission ({', '.join(remission['remission_classes'])}) vs active ({', '.join(remission['active_classes'])}):")
-        lines += [f"  {name:<18}{_fmt(remission[name]):>8}" for name in REMISSION_SCALARS]
+        lines += [f"  {name:<18}{fmt(remission[name]):>8}" for name in REMISSION_SCALARS]
     return "\n".join(lines)
 
 
@@ -143,6 +146,18 @@ def summarize_folds(fold_metrics):
         for name in REMISSION_SCALARS:
             summary[f"remission_{name}"] = _mean_std([m["remission"][name] for m in fold_metrics])
     return summary
+
+
+def fold_table(fold_metrics, pooled):
+    """Rows of cv_summary.csv: per metric its mean and std over the folds, each fold's value and the pooled one."""
+    def value(result, name):
+        return result["remission"][name.removeprefix("remission_")] if name.startswith("remission_") else result[name]
+
+    return [
+        {"metric": name, "mean": fmt(s["mean"], 4, ""), "std": fmt(s["std"], 4, ""),
+         **{f"fold{k}": fmt(value(m, name), 4, "") for k, m in enumerate(fold_metrics, 1)}, "pooled": fmt(value(pooled, name), 4, "")}
+        for name, s in summarize_folds(fold_metrics).items()
+    ]
 
 
 def _mean_std(values):

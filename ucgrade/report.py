@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
-from .metrics import LABELS, REMISSION_SCALARS, SCALARS  # noqa: E402
+from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt  # noqa: E402
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_images_per_s"]
 
@@ -111,6 +111,13 @@ def plot_confusion(matrix, class_names, path, normalize=False, title=None):
     files.save_figure(path, fig)
 
 
+def plot_confusions(matrix, class_names, run_dir, pooled=False):
+    """confusion_matrix.png (counts) and confusion_matrix_normalized.png (by true grade)."""
+    title = "Pooled out-of-fold confusion matrix\n" if pooled else "Confusion matrix\n"
+    plot_confusion(matrix, class_names, Path(run_dir) / "confusion_matrix.png", title=title + "(counts)")
+    plot_confusion(matrix, class_names, Path(run_dir) / "confusion_matrix_normalized.png", normalize=True, title=title + "normalised by true grade")
+
+
 def plot_roc(targets, probs, class_names, path, remission=None):
     """One-vs-rest ROC curve per grade, and remission vs active when that split is given."""
     fig = Figure(figsize=(6, 6))
@@ -149,6 +156,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
 
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))[:max_images]
     if not wrong:
+        Path(path).unlink(missing_ok=True)  # a resumed or redone evaluation must not show old errors
         return 0
     cols = min(4, len(wrong))
     nrows = (len(wrong) + cols - 1) // cols
@@ -168,6 +176,14 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * nrows + 0.4)))  # the top 0.4 inch holds the title, clear of the captions
     files.save_figure(path, fig)
     return len(wrong)
+
+
+def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size, remission_upto, pooled=False):
+    """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png."""
+    write_predictions(Path(run_dir) / "predictions.csv", rows)
+    plot_confusions(result["confusion_matrix"], result["class_names"], run_dir, pooled)
+    plot_roc(targets, probs, result["class_names"], Path(run_dir) / "roc.png", remission_upto)
+    plot_errors(rows, data_root, img_size, Path(run_dir) / "errors.png")
 
 
 # ----------------------------------------------------------------------------- HTML report
@@ -209,20 +225,14 @@ def pair(*images):
     return '<div class="pair">' + "".join(images) + "</div>"
 
 
-def _fmt(value, digits=3):
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def metrics_html(metrics):
-    parts = [table(["metric", "value", "meaning"], [[LABELS[name], _fmt(metrics.get(name)), SCALARS[name]] for name in SCALARS])]
-    per_class = [[name, _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), r["support"]] for name, r in metrics["per_class"].items()]
+    parts = [table(["metric", "value", "meaning"], [[LABELS[name], fmt(metrics.get(name)), SCALARS[name]] for name in SCALARS])]
+    per_class = [[name, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), r["support"]] for name, r in metrics["per_class"].items()]
     parts.append(table(["grade", "precision", "recall", "F1", "support"], per_class))
     remission = metrics.get("remission")
     if remission:
         parts.append(f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>")
-        parts.append(table(["metric", "value", "meaning"], [[LABELS[name], _fmt(remission[name]), REMISSION_SCALARS[name]] for name in REMISSION_SCALARS]))
+        parts.append(table(["metric", "value", "meaning"], [[LABELS[name], fmt(remission[name]), REMISSION_SCALARS[name]] for name in REMISSION_SCALARS]))
         c = remission["confusion"]
         parts.append(
             f'<p class="note">An image is called active when its predicted grade is above {html.escape(remission["remission_classes"][-1])}. '
@@ -236,7 +246,7 @@ def inference_html(timing):
         return "<p>not measured</p>"
     return table(
         ["device", "precision", "batch 1 mean (ms)", "median (ms)", "p95 (ms)", f"throughput at batch {timing['throughput_batch_size']} (img/s)"],
-        [[timing["device"], timing["precision"], _fmt(timing["batch1_mean_ms"], 1), _fmt(timing["batch1_median_ms"], 1), _fmt(timing["batch1_p95_ms"], 1), _fmt(timing["throughput_images_per_s"], 1)]],
+        [[timing["device"], timing["precision"], fmt(timing["batch1_mean_ms"], 1), fmt(timing["batch1_median_ms"], 1), fmt(timing["batch1_p95_ms"], 1), fmt(timing["throughput_images_per_s"], 1)]],
     )
 
 
@@ -302,10 +312,15 @@ def run_report(run_dir, cams=()):
     summary = (
         f"<p>Grades in order: <b>{html.escape(' < '.join(metrics['class_names']))}</b>. "
         f"Best epoch {best} of {metrics.get('epochs_completed')} ({html.escape(status)}). "
-        f"Validation accuracy {_fmt(metrics['accuracy'])}, balanced accuracy {_fmt(metrics['balanced_accuracy'])}, "
-        f"QWK {_fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
+        f"Validation accuracy {fmt(metrics['accuracy'])}, balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
+        f"QWK {fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        '<p class="note">The best epoch was chosen by its accuracy on these same validation images, so these figures lean '
+        "optimistic; for an estimate to publish, grade a separate test set with predict.py, or compare runs by cross-validation (--folds).</p>"
     )
+    if not config.get("groups"):
+        summary += ('<p class="warn">The split was made image by image (no --groups file): if a patient contributed several images, '
+                    "some may be in training and others in validation, which flatters every metric here.</p>")
     sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"]))]
     sections.append(("Settings", table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()])))
     sections.append(("Training curves", embed_png(run_dir / "curves.png", "loss and accuracy curves")))
@@ -354,7 +369,7 @@ def cv_report(run_dir, summary_table, pooled):
         [[_label(row["metric"]), f"{row['mean']} ± {row['std']}" if row["mean"] else "n/a"] + [row[f"fold{k}"] or "n/a" for k in range(1, folds + 1)] + [row["pooled"] or "n/a"] for row in summary_table],
     )
     timings = [json.loads((d / "metrics.json").read_text()).get("inference_time") for d in fold_dirs]
-    timing_rows = [[f"fold{k}", t["device"], t["precision"], _fmt(t["batch1_mean_ms"], 1), _fmt(t["batch1_median_ms"], 1), _fmt(t["batch1_p95_ms"], 1), _fmt(t["throughput_images_per_s"], 1)]
+    timing_rows = [[f"fold{k}", t["device"], t["precision"], fmt(t["batch1_mean_ms"], 1), fmt(t["batch1_median_ms"], 1), fmt(t["batch1_p95_ms"], 1), fmt(t["throughput_images_per_s"], 1)]
                    for k, t in enumerate(timings, 1) if t]
     # a few Grad-CAM overlays, taken from the folds in turn
     per_fold = [[(f"fold{k}: {caption}", path) for caption, path in read_cams(d)] for k, d in enumerate(fold_dirs, 1)]
@@ -389,9 +404,7 @@ def redraw(run_dir):
     class_names = metrics["class_names"]
     if (run_dir / "history.csv").exists():  # a cross-validation folder has none; its folds do
         plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png")
-    pooled = "Pooled out-of-fold confusion matrix\n" if "folds" in metrics else "Confusion matrix\n"
-    plot_confusion(metrics["confusion_matrix"], class_names, run_dir / "confusion_matrix.png", title=pooled + "(counts)")
-    plot_confusion(metrics["confusion_matrix"], class_names, run_dir / "confusion_matrix_normalized.png", normalize=True, title=pooled + "normalised by true grade")
+    plot_confusions(metrics["confusion_matrix"], class_names, run_dir, pooled="folds" in metrics)
     _, targets, probs = read_predictions(run_dir / "predictions.csv", class_names)
     plot_roc(targets, probs, class_names, run_dir / "roc.png", (metrics.get("remission") or {}).get("remission_classes", [None])[-1])
 
