@@ -40,14 +40,15 @@ def get_args_parser():
 
 
 def newest_checkpoint(out_dir):
-    """best.pt of the most recently written run folder under out_dir."""
-    runs = sorted((p.parent for p in Path(out_dir).glob("*/config.json")), key=lambda p: p.stat().st_mtime)
-    if runs and not (runs[-1] / "best.pt").is_file() and (runs[-1] / "fold1").is_dir():
-        raise UserError(f"the newest run '{runs[-1]}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {runs[-1] / 'fold1' / 'best.pt'}.")
-    candidates = sorted(Path(out_dir).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    """best.pt of the run under out_dir whose best model was written last."""
+    candidates = sorted([*Path(out_dir).glob("*/best.pt"), *Path(out_dir).glob("*/fold*/best.pt")], key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise UserError(f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt.")
-    return candidates[-1]
+    newest = candidates[-1]
+    if newest.parent.parent != Path(out_dir):  # outputs/RUN/foldK/best.pt: a fold of a cross-validation run
+        run = newest.parent.parent
+        raise UserError(f"the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}.")
+    return newest
 
 
 def collect_images(inputs):
@@ -104,7 +105,7 @@ def main(args):
             if cam_dir is not None:
                 from ucgrade.cam import cam_overlay, save_png
 
-                overlay, _, _ = cam_overlay(model, path, img_size, class_names, preprocessing["resize_size"], target_class=class_names.index(grade))
+                overlay, _, _ = cam_overlay(model, path, img_size, class_names, target_class=class_names.index(grade), **preprocessing)
                 result["cam"] = str(unique_path(cam_dir, path.stem))
                 save_png(overlay, result["cam"])
         except UnreadableImage as error:

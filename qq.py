@@ -117,20 +117,36 @@ def check_args(args):
 
 
 def settings_for_resume(args, run_dir):
-    """The run's config.json; the run's settings replace args. --epochs may extend the run, and
+    """The run's config.json; the run's settings replace args. --epochs may extend a single run, and
     --device, --precision, --workers, --compile and --cam-examples may change."""
     config = read_run_config(run_dir)
     if "fold" in config:
         raise UserError(f"'{run_dir}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run_dir.parent}")
     epochs, precision = args.epochs, args.precision
+    if config["folds"] and epochs is not None and epochs != config["epochs"]:
+        raise UserError(f"--epochs cannot change when a cross-validation run is resumed, because every fold must train for the same {config['epochs']} epochs; leave --epochs out.")
     trained = max((len(files.read_csv(h)) for h in [run_dir / "history.csv", *run_dir.glob("fold*/history.csv")] if h.is_file()), default=0)
     if epochs is not None and epochs < trained:
         raise UserError(f"--epochs {epochs} is fewer than the {trained} epochs the run has already trained; give --epochs {trained} or more, or leave it out.")
     for key in RUN_SETTINGS:
         setattr(args, key, config[key])
     args.epochs = epochs or config["epochs"]
-    args.precision = precision if precision != "auto" else config["precision_used"]
+    args.precision = precision  # "auto": the precision the run last used (resume_precision)
     return config
+
+
+def resume_precision(device, requested, config):
+    """A resumed run goes on in the precision it last used, unless --precision asks for another
+    or the device it now runs on cannot use it (fp16 from a GPU, resumed on a CPU)."""
+    if requested != "auto":
+        return choose_precision(device, requested)
+    used = (config.get("resumed") or [config])[-1]["precision_used"]
+    try:
+        return choose_precision(device, used)
+    except UserError:
+        precision = choose_precision(device, "auto")
+        print(f"note: the run trained in {used}, which {device} cannot use; it goes on in {precision}.")
+        return precision
 
 
 def read_run_config(run_dir):
@@ -208,8 +224,8 @@ def make_loaders(args, image_set, train, val, model, device, precision, generato
     backbone = torch.nn.Sequential(*list(model.children())[:-1], torch.nn.Flatten())
     train_plain = data.make_loader(data.ImageDataset(image_set, train, data.val_transform(args.img_size), resize), args.batch_size, workers, device)
     start = time.perf_counter()
-    views = [engine.extract_features(backbone, train_plain, device, precision, flip=flip)[0] for flip in (False, True)]
-    val_features, val_labels = engine.extract_features(backbone, val_loader, device, precision)
+    views = [engine.extract_features(backbone, train_plain, device, precision, flip=flip, should_stop=stop)[0] for flip in (False, True)]
+    val_features, val_labels = engine.extract_features(backbone, val_loader, device, precision, should_stop=stop)
     print(f"backbone features computed once in {time.perf_counter() - start:.1f} s ({2 * len(train) + len(val)} image views)")
     labels = torch.as_tensor(np.asarray(image_set.labels)[train])
     train_features = data.FeatureViews(torch.stack(views), labels)
@@ -231,26 +247,26 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
     generator = torch.Generator().manual_seed(args.seed)
     model = model_from_checkpoint(last, last_path) if last else build_model(len(class_names), imagenet_state)
     model = model.to(device, memory_format=torch.channels_last)
-    train_loader, val_loader, val_set, trainable = make_loaders(args, image_set, train, val, model, device, precision, generator, stop)
-    criterion = engine.make_criterion(args.balance, np.asarray(image_set.labels)[train], len(class_names), device)
-    optimizer, lr_scheduler = engine.make_optimizer(trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma)
-    scaler = make_grad_scaler(device, precision)
-    step_model = torch.compile(trainable) if args.compile else trainable
-
-    history = []
-    if last:
-        optimizer.load_state_dict(last["optimizer"])
-        lr_scheduler.load_state_dict(last["lr_scheduler"])
-        if last["scaler"] and scaler.is_enabled():  # fp16 state; empty after a bf16 or fp32 epoch
-            scaler.load_state_dict(last["scaler"])
-        history = last["history"]
-        engine.set_rng_state(last["rng"], generator, device)
-        print(f"resuming {run_dir} after epoch {last['epoch']} of {args.epochs}")
 
     def checkpoint(epoch, val_metrics, **extra):
         return make_checkpoint(model, class_names, args.img_size, epoch, val_metrics, config["pretrained_used"], config, **extra)
 
-    try:
+    history = list(last["history"]) if last else []
+    try:  # from here on, a stop keeps what finished and says how to resume
+        train_loader, val_loader, val_set, trainable = make_loaders(args, image_set, train, val, model, device, precision, generator, stop)
+        criterion = engine.make_criterion(args.balance, np.asarray(image_set.labels)[train], len(class_names), device)
+        optimizer, lr_scheduler = engine.make_optimizer(trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma)
+        scaler = make_grad_scaler(device, precision)
+        step_model = torch.compile(trainable) if args.compile else trainable
+
+        if last:
+            optimizer.load_state_dict(last["optimizer"])
+            lr_scheduler.load_state_dict(last["lr_scheduler"])
+            if last["scaler"] and scaler.is_enabled():  # fp16 state; empty after a bf16 or fp32 epoch
+                scaler.load_state_dict(last["scaler"])
+            engine.set_rng_state(last["rng"], generator, device)
+            print(f"resuming {run_dir} after epoch {last['epoch']} of {args.epochs}")
+
         for epoch in range(len(history) + 1, args.epochs + 1):
             start = time.perf_counter()
             train_stats = engine.train_one_epoch(step_model, criterion, optimizer, train_loader, device, precision, scaler, epoch, args.epochs, stop)
@@ -354,7 +370,7 @@ def cross_validate(args, image_set, folds, groups, run_dir, device, precision, i
             print(f"\n=== fold {k}/{args.folds}: {len(train)} training, {len(val)} validation images ===")
             try:
                 result, probs, targets = fit(args, image_set, train, val, groups, fold_dir, device, precision, imagenet_state, config | {"fold": k}, stop)
-            except RunInterrupted:
+            except (RunInterrupted, KeyboardInterrupt):
                 files.write_json(run_dir / "metrics.json", {"status": "interrupted", "folds": args.folds, "folds_finished": k - 1, "resume": f"python qq.py --resume {run_dir}"})
                 raise
         fold_metrics.append(result)
@@ -412,7 +428,7 @@ def main(args):
     original = settings_for_resume(args, resume_dir) if resume_dir else None
     args.epochs = args.epochs or DEFAULT_EPOCHS
     device = choose_device(args.device)
-    precision = choose_precision(device, args.precision)
+    precision = resume_precision(device, args.precision, original) if original else choose_precision(device, args.precision)
     setup_backends(device)
 
     print_settings(args, device, precision)

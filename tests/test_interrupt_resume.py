@@ -223,11 +223,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_whole_file(tmp_path):
 
 
 def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, capsys):
-    """Ctrl-C in fold 1 of 2: the message names the whole run, which resumes with the folds of its
-    split.csv; a fold folder alone is refused, because resuming it would nest a new cross-validation."""
+    """Ctrl-C in fold 2 of 2: the message names the whole run, which resumes with the folds of its
+    split.csv, keeps the finished fold as it is and continues fold 2 from its last.pt. A fold folder
+    alone is refused, because resuming it would nest a new cross-validation."""
     out = tmp_path / "out"
     run = out / "cv"
-    history = run / "fold1" / "history.csv"
+    history = run / "fold2" / "history.csv"
 
     def press_ctrl_c_after_an_epoch():
         deadline = time.monotonic() + 300
@@ -243,17 +244,27 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
     lines = user_lines(capsys.readouterr().err)
     assert code == 130, lines
     assert lines[-1].startswith("interrupted: training stopped after epoch ") and lines[-1].endswith(f"Resume with: python qq.py --resume {run}")
-    assert json.loads((run / "metrics.json").read_text()) == {"status": "interrupted", "folds": 2, "folds_finished": 0, "resume": f"python qq.py --resume {run}"}
-    assert json.loads((run / "fold1" / "metrics.json").read_text())["resume"] == f"python qq.py --resume {run}"
-    assert not (run / "fold2").exists()
+    assert json.loads((run / "metrics.json").read_text()) == {"status": "interrupted", "folds": 2, "folds_finished": 1, "resume": f"python qq.py --resume {run}"}
+    assert json.loads((run / "fold2" / "metrics.json").read_text())["resume"] == f"python qq.py --resume {run}"
+    interrupted_after = len(history_of(run / "fold2"))
+    assert 1 <= interrupted_after < EPOCHS
     split = (run / "split.csv").read_text()
+    fold1 = {p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()}
 
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run / "fold1")])) == 2
-    assert user_lines(capsys.readouterr().err) == [f"error: '{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run}"]
+    for argv, message in [
+        (["--resume", run / "fold1"], f"'{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run}"),
+        (["--resume", run, "--epochs", "4"], "--epochs cannot change when a cross-validation run is resumed"),
+    ]:
+        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv])) == 2
+        lines = user_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and message in lines[0], lines
 
     assert train(["--resume", run]) == 0
+    said = capsys.readouterr().out
+    assert "fold 1/2 already finished" in said and f"resuming {run / 'fold2'} after epoch {interrupted_after} of {EPOCHS}" in said
     assert os.listdir(out) == ["cv"] and sorted(p.name for p in run.glob("fold*")) == ["fold1", "fold2"]
     assert (run / "split.csv").read_text() == split
+    assert {p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()} == fold1  # the finished fold is untouched
     for k in (1, 2):
         fold = run / f"fold{k}"
         assert len(history_of(fold)) == EPOCHS and json.loads((fold / "metrics.json").read_text())["status"] == "finished"

@@ -13,6 +13,7 @@ from conftest import ROOT, run_scripts, user_lines
 import predict
 import qq
 from ucgrade import files
+from ucgrade.device import choose_precision
 from ucgrade.errors import run_cli
 from ucgrade.model import build_model
 
@@ -167,11 +168,21 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     started = json.loads((run / "config.json").read_text())
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
     assert code == 2 and lines == ["error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or leave it out."]
-    code, _ = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    code, _ = run_in_process(qq, ["--resume", run, "--epochs", "4", "--precision", "fp32"], capsys)
     assert code == 0 and len(files.read_csv(run / "history.csv")) == 4
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 4 and config["command"] == started["command"] and config["started"] == started["started"]  # how it began stays
-    assert len(config["resumed"]) == 1 and config["resumed"][0]["precision_used"] == started["precision_used"]
+    assert [r["precision_used"] for r in config["resumed"]] == ["fp32"]
+    code, _ = run_in_process(qq, ["--resume", run, "--epochs", "5"], capsys)  # goes on in the precision it last used
+    assert code == 0 and [r["precision_used"] for r in json.loads((run / "config.json").read_text())["resumed"]] == ["fp32", "fp32"]
+
+    # an fp16 run from a GPU, resumed on this CPU, goes on in the CPU's own precision and says so
+    run = copy_run(trained_run, tmp_path / "from_gpu")
+    (run / "config.json").write_text(json.dumps(started | {"precision_used": "fp16", "device": "cuda"}))
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "4"])) == 0
+    cpu_choice = choose_precision(torch.device("cpu"), "auto")
+    assert f"note: the run trained in fp16, which cpu cannot use; it goes on in {cpu_choice}." in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["resumed"][0]["precision_used"] == cpu_choice
 
     # the data changed since the run started: one more image of a class
     data = shutil.copytree(small_data, tmp_path / "data")

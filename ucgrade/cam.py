@@ -13,12 +13,12 @@ from matplotlib import colormaps
 from PIL import Image
 
 from . import files
-from .data import eval_transform, load_image, resize_size_for
+from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, resize_size_for
 from .engine import to_input
 from .model import unwrap
 
 
-def grad_cam(model, images, target_class=None):
+def grad_cam(model, images, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Heatmaps for a batch of uint8 images (N, 3, S, S): (N, S, S) in [0, 1], and the classes used.
 
     target_class None explains the predicted class. Runs in fp32 with gradients, whatever the
@@ -32,7 +32,7 @@ def grad_cam(model, images, target_class=None):
         with torch.enable_grad():
             # an input that needs gradients makes layer4's output need them even with every weight
             # frozen (--freeze-backbone); its own gradient is never computed
-            logits = model(to_input(images, device).requires_grad_())
+            logits = model(to_input(images, device, mean, std).requires_grad_())
             classes = logits.argmax(1) if target_class is None else torch.full((len(images),), int(target_class), device=device)
             score = logits.gather(1, classes[:, None]).sum()
             activations = captured["activations"]
@@ -72,13 +72,14 @@ def overlay(image, heatmap, alpha=0.45):
     return Image.fromarray(np.clip(base * (1 - weight) + colours * weight, 0, 255).astype(np.uint8))
 
 
-def cam_overlay(model, image_path, img_size, class_names, resize_size=None, target_class=None):
+def cam_overlay(model, image_path, img_size, class_names, resize_size=None, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(overlay PIL image at the original size, heatmap array, explained class name) for one file.
 
-    target_class None explains the class the model predicts for this crop.
+    target_class None explains the class the model predicts for this crop. resize_size, mean and
+    std default to this tool's preprocessing; predict.py passes a checkpoint's own.
     """
     image = load_image(image_path)
-    cams, classes = grad_cam(model, eval_transform(img_size, resize_size)(image).unsqueeze(0), target_class)
+    cams, classes = grad_cam(model, eval_transform(img_size, resize_size)(image).unsqueeze(0), target_class, mean, std)
     heatmap = cam_on_original(cams[0], image.size, img_size, resize_size)
     return overlay(image, heatmap), heatmap, class_names[classes[0]]
 
