@@ -14,13 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade.data import (
-    IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    UnreadableImage,
-    is_image_file,
-)
+from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, is_image_file
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_probabilities
 from ucgrade.errors import UserError, run_cli

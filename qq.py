@@ -26,23 +26,10 @@ import torchvision
 
 from ucgrade import data, engine, files, metrics, report
 from ucgrade.cam import write_cams
-from ucgrade.device import (
-    PRECISIONS,
-    choose_device,
-    choose_precision,
-    make_grad_scaler,
-    setup_backends,
-)
+from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
 from ucgrade.errors import RunInterrupted, UserError, run_cli
 from ucgrade.interrupt import GracefulStop
-from ucgrade.model import (
-    build_model,
-    get_imagenet_weights,
-    load_checkpoint,
-    make_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 
 DEFAULT_EPOCHS = 25
 # Settings that define a run; --resume takes them from the run's config.json.
@@ -151,6 +138,8 @@ def resume_precision(device, requested, config):
 
 def read_run_config(run_dir):
     """A run's config.json, with the settings that resuming needs."""
+    if not run_dir.is_dir():
+        raise UserError(f"--resume '{run_dir}' does not exist; give a run folder under outputs/ written by qq.py.")
     if not (run_dir / "config.json").is_file():
         raise UserError(f"--resume '{run_dir}' is not a run folder (it has no config.json); give a folder under outputs/ written by qq.py.")
     try:
@@ -443,10 +432,11 @@ def main(args):
         folds = plan_split(args, image_set, groups, resume_dir)
         for train, val in folds:  # every fold, before a run folder exists or a fold trains for nothing
             data.check_split(image_set, train, val, groups, remedy="use fewer --folds" if args.folds else "use a different --val-split")
-        needs_weights = resume_dir is None or args.folds > 0 or not (resume_dir / "last.pt").is_file()
         if original is None:
             imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights)
-        else:  # new folds start as the run's first ones did
+        else:  # a model that starts afresh (a fold not begun yet) starts as the run's first one did
+            model_dirs = [resume_dir / f"fold{k}" for k in range(1, args.folds + 1)] if args.folds else [resume_dir]
+            needs_weights = any(not (d / "last.pt").is_file() for d in model_dirs)
             pretrained = "yes" if original["pretrained_used"] and needs_weights else "no"
             imagenet_state, source = get_imagenet_weights(pretrained, args.weights if pretrained == "yes" else None)[0], original["weights_source"]
         run_dir = resume_dir or files.new_run_dir(args.out, args.name)

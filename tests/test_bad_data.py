@@ -221,7 +221,7 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
         (tmp_path / "missing", ["'{data}' does not exist", "pass --data"]),
         (tmp_path / "a_file.txt", ["--data '{data}' is a file, not a folder"]),
         (flat, ["'{data}' has no class sub-folders", "'{data}/<grade>/<image>'"]),
-        (one_class, ["'{data}' has images for only 1 class(es) (empty: severe)"]),
+        (one_class, ["'{data}' has images for only 1 class (empty: severe)"]),
         (too_few, ["class 'severe' has only 1 usable image(s)", "at least 2", "Add images"]),
     ]
     for i, (folder, expected) in enumerate(cases):

@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, run_script, train
+from conftest import FAST, ROOT, make_folder, run_script, train
 from PIL import Image
 
 import qq
@@ -153,6 +155,18 @@ def test_predict_cli_text_output_and_folders(trained_run, small_data):
     grade = rest.split(" ")[0]
     assert grade in ("mild", "moderate", "severe") and "(p=" in rest
     assert all(f"{name}=" in rest for name in ("mild", "moderate", "severe"))
+
+
+def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data):
+    """`python predict.py folder/ | head -1`: the reader stops early, which is no reason for a traceback."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()  # as head does after its lines
+    code = process.wait(timeout=300)
+    stderr = process.stderr.read().decode()
+    assert first.startswith(str(small_data).encode()) and b": " in first
+    assert code == 141 and "Traceback" not in stderr and "Error" not in stderr, stderr
 
 
 def test_second_run_does_not_overwrite_the_first(small_data, tmp_path):

@@ -73,7 +73,7 @@ def test_offline_auto_warns_and_trains_from_random_weights(tmp_path, tiny_data, 
     assert state is None and "random" in source
     out = capsys.readouterr().out
     expected = isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
-    assert "could not be had" in out and str(expected) in out and "--weights FILE" in out and "random weights" in out
+    assert "are not available" in out and str(expected) in out and "--weights FILE" in out and "random weights" in out
 
     assert train(["--data", tiny_data, "--out", tmp_path, *ARGS]) == 0
     config = json.loads((tmp_path / "train" / "config.json").read_text())
@@ -93,7 +93,7 @@ def test_pretrained_yes_cli_exit_code_and_message(tmp_path, tiny_data, isolated_
     """As a user offline would see it: one line, exit code 2, no traceback, no run folder."""
     result = run_script("qq.py", "--data", tiny_data, "--out", tmp_path / "out", "--pretrained", "yes", *ARGS,
                         env={"TORCH_HOME": str(isolated_torch_home)}, timeout=120)
-    if "could not be had" not in result.stderr:
+    if "are not available" not in result.stderr:
         pytest.skip("this machine can download the ImageNet weights")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -163,6 +163,9 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
         assert code == 2 and len(lines) == 1 and expected in lines[0], (name, lines)
         assert (run / "history.csv").read_text() == history  # nothing was trained or appended
 
+    code, lines = run_in_process(qq, ["--resume", tmp_path / "no_such_run"], capsys)
+    assert code == 2 and lines == [f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by qq.py."]
+
     # fewer epochs than the run has trained cannot be continued; more extend it
     run = copy_run(trained_run, tmp_path / "extended")
     started = json.loads((run / "config.json").read_text())

@@ -190,7 +190,7 @@ def scan_folder(root, class_order=None):
         raise UserError(f"the class folder(s) {', '.join(empty)} in '{root}' hold no images; add images or leave the class out of --class-order.")
     if len(class_names) < 2:
         detail = f" (empty: {', '.join(empty)})" if empty else ""
-        raise UserError(f"'{root}' has images for only {len(class_names)} class(es){detail}; a classifier needs at least two grades with images.")
+        raise UserError(f"'{root}' has images for only {len(class_names)} {'class' if len(class_names) == 1 else 'classes'}{detail}; a classifier needs at least two grades with images.")
     return ImageSet(root, class_names, paths, labels, skipped), empty
 
 

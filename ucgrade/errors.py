@@ -1,5 +1,6 @@
 """One exception type for mistakes a user can fix, and one wrapper that turns it into a clean exit."""
 
+import os
 import sys
 
 
@@ -24,3 +25,6 @@ def run_cli(main, args):
     except KeyboardInterrupt:
         print("interrupted: stopped by Ctrl-C before anything was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to a reader that stopped, as in `predict.py folder/ | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's final flush cannot fail again
+        return 141  # what a shell reports for a process ended by SIGPIPE

@@ -76,7 +76,7 @@ def _fetch(url, destination, timeout, answered, result):
 
 
 def _download(url, destination, timeout):
-    """Download the weights into the hub cache; return None, or why they could not be had.
+    """Download the weights into the hub cache; return None, or why they are not available.
 
     The server must answer within timeout seconds. The request runs in a thread, because a DNS
     lookup or a silent proxy can hang far longer than any socket timeout; once the server has
@@ -138,7 +138,7 @@ def get_imagenet_weights(pretrained="auto", weights_file=None, timeout=CONNECT_T
             return load_imagenet_file(path), str(path)
         except UserError as bad_file:
             error = f"the cached file is unusable: {bad_file}"
-    message = f"the ImageNet weights for ResNet50 could not be had: {error}; {offline_hint(url)}"
+    message = f"the ImageNet weights for ResNet50 are not available: {error}; {offline_hint(url)}"
     if pretrained == "yes":
         raise UserError(message[0].upper() + message[1:] + ".")
     print(f"warning: {message}.\nwarning: training continues from random weights, which needs far more data and epochs to do well.", flush=True)
