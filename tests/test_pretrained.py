@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import json
+import shutil
 import socket
 import threading
 import time
@@ -142,3 +143,18 @@ def test_download_into_the_hub_cache_checks_the_hash(http_server, tiny_data, tmp
     with pytest.raises(UserError, match="damaged"):
         model_module.get_imagenet_weights("yes")
     assert not (isolated_torch_home / "hub" / "checkpoints" / "resnet50-00000000.pth").exists()
+
+
+def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(tmp_path, tiny_data, imagenet_like):
+    """A fold that had not begun when a --weights run stopped starts from that file too, not from
+    random weights; a fold that had begun continues from its own last.pt."""
+    weights = tmp_path / "my_resnet50.pth"
+    torch.save(imagenet_like, weights)
+    assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--folds", "2", "--freeze-backbone", *ARGS]) == 0
+    run = tmp_path / "out" / "train"
+    shutil.rmtree(run / "fold2")  # as if the run had stopped before fold 2 began
+    (run / "metrics.json").write_text(json.dumps({"status": "interrupted", "folds": 2, "folds_finished": 1}))
+    assert train(["--resume", run]) == 0
+    assert torch.load(run / "fold2" / "best.pt", weights_only=True)["pretrained"] is True
+    assert backbone_matches(run / "fold2", imagenet_like)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
