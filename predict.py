@@ -17,7 +17,7 @@ from pathlib import Path
 from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, is_image_file
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_probabilities
-from ucgrade.errors import UserError, run_cli
+from ucgrade.errors import UserError, main_entry
 from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 
@@ -122,4 +122,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, get_args_parser().parse_args()))
+    main_entry(main, get_args_parser())

@@ -27,7 +27,7 @@ import torchvision
 from ucgrade import data, engine, files, metrics, report
 from ucgrade.cam import write_cams
 from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
-from ucgrade.errors import RunInterrupted, UserError, run_cli
+from ucgrade.errors import RunInterrupted, UserError, main_entry
 from ucgrade.interrupt import GracefulStop
 from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -113,6 +113,11 @@ def settings_for_resume(args, run_dir):
     if config["folds"] and epochs is not None and epochs != config["epochs"]:
         raise UserError(f"--epochs cannot change when a cross-validation run is resumed, because every fold must train for the same {config['epochs']} epochs; leave --epochs out.")
     trained = max((len(files.read_csv(h)) for h in [run_dir / "history.csv", *run_dir.glob("fold*/history.csv")] if h.is_file()), default=0)
+    for folder in [run_dir, *run_dir.glob("fold*")]:  # a model that would continue (a finished fold does not)
+        if folder != run_dir and read_status(folder) == "finished":
+            continue
+        if not (folder / "last.pt").is_file() and (folder / "history.csv").is_file() and files.read_csv(folder / "history.csv"):
+            raise UserError(f"'{folder}' has finished epochs but no last.pt, which holds the training state, so the run cannot continue; start a new run (its best.pt still grades images with predict.py).")
     if epochs is not None and epochs < trained:
         raise UserError(f"--epochs {epochs} is fewer than the {trained} epochs the run has already trained; give --epochs {trained} or more, or leave it out.")
     for key in RUN_SETTINGS:
@@ -123,17 +128,17 @@ def settings_for_resume(args, run_dir):
 
 
 def resume_precision(device, requested, config):
-    """A resumed run goes on in the precision it last used, unless --precision asks for another
-    or the device it now runs on cannot use it (fp16 from a GPU, resumed on a CPU)."""
+    """A resumed run goes on in the precision it last used, unless --precision asks for another or
+    the device it now runs on has no fast support for it (fp16 or bf16 from a GPU, resumed on a
+    CPU without bf16): then in the device's own choice, with a note."""
     if requested != "auto":
         return choose_precision(device, requested)
     used = (config.get("resumed") or [config])[-1]["precision_used"]
-    try:
-        return choose_precision(device, used)
-    except UserError:
-        precision = choose_precision(device, "auto")
-        print(f"note: the run trained in {used}, which {device} cannot use; it goes on in {precision}.")
-        return precision
+    own = choose_precision(device, "auto")
+    if used in ("fp32", own):
+        return used
+    print(f"note: the run trained in {used}, which {device} does not run fast; it goes on in {own}.")
+    return own
 
 
 def read_run_config(run_dir):
@@ -284,7 +289,7 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
                 flush=True,
             )
         outputs = evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history)
-    except (RunInterrupted, KeyboardInterrupt):  # KeyboardInterrupt: a second Ctrl-C, which stops at once
+    except (RunInterrupted, KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C stops at once; so does output piped into a reader that stopped
         resume_dir = run_dir.parent if "fold" in config else run_dir  # a fold resumes with its whole run
         write_interrupted(run_dir, history, args, resume_dir)
         done = f"after epoch {len(history)}" if history else "before the first epoch finished"
@@ -436,7 +441,7 @@ def main(args):
             imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights)
         else:  # a model that starts afresh (a fold not begun yet) starts as the run's first one did
             model_dirs = [resume_dir / f"fold{k}" for k in range(1, args.folds + 1)] if args.folds else [resume_dir]
-            needs_weights = any(not (d / "last.pt").is_file() for d in model_dirs)
+            needs_weights = any(not (d / "last.pt").is_file() and read_status(d) != "finished" for d in model_dirs)
             pretrained = "yes" if original["pretrained_used"] and needs_weights else "no"
             imagenet_state, source = get_imagenet_weights(pretrained, args.weights if pretrained == "yes" else None)[0], original["weights_source"]
         run_dir = resume_dir or files.new_run_dir(args.out, args.name)
@@ -476,4 +481,4 @@ def print_settings(args, device, precision):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, get_args_parser().parse_args()))
+    main_entry(main, get_args_parser())

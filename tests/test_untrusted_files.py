@@ -12,6 +12,7 @@ from conftest import ROOT, run_scripts, user_lines
 
 import predict
 import qq
+from ucgrade import device as device_module
 from ucgrade import files
 from ucgrade.device import choose_precision
 from ucgrade.errors import run_cli
@@ -163,6 +164,14 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
         assert code == 2 and len(lines) == 1 and expected in lines[0], (name, lines)
         assert (run / "history.csv").read_text() == history  # nothing was trained or appended
 
+    # without last.pt a run cannot go on, and must not start over in its own folder
+    run = copy_run(trained_run, tmp_path / "no_last")
+    (run / "last.pt").unlink()
+    best = (run / "best.pt").read_bytes()
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    assert code == 2 and len(lines) == 1 and f"'{run}' has finished epochs but no last.pt" in lines[0], lines
+    assert (run / "history.csv").read_text() == history and (run / "best.pt").read_bytes() == best
+
     code, lines = run_in_process(qq, ["--resume", tmp_path / "no_such_run"], capsys)
     assert code == 2 and lines == [f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by qq.py."]
 
@@ -184,7 +193,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     (run / "config.json").write_text(json.dumps(started | {"precision_used": "fp16", "device": "cuda"}))
     assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "4"])) == 0
     cpu_choice = choose_precision(torch.device("cpu"), "auto")
-    assert f"note: the run trained in fp16, which cpu cannot use; it goes on in {cpu_choice}." in capsys.readouterr().out
+    assert f"note: the run trained in fp16, which cpu does not run fast; it goes on in {cpu_choice}." in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["resumed"][0]["precision_used"] == cpu_choice
 
     # the data changed since the run started: one more image of a class
@@ -236,3 +245,14 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
     assert code == 2
     assert lines == ["error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."]
+
+
+def test_resume_on_a_cpu_without_fast_bf16_goes_on_in_fp32(monkeypatch, capsys):
+    """A bf16 run from a GPU or a newer CPU, resumed on a CPU that only emulates bf16."""
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    assert qq.resume_precision(cpu, "auto", {"precision_used": "bf16"}) == "fp32"
+    assert capsys.readouterr().out == "note: the run trained in bf16, which cpu does not run fast; it goes on in fp32.\n"
+    assert qq.resume_precision(cpu, "auto", {"precision_used": "bf16", "resumed": [{"precision_used": "fp32"}]}) == "fp32"
+    assert qq.resume_precision(cpu, "bf16", {"precision_used": "fp32"}) == "bf16"  # asked for: as asked
+    assert capsys.readouterr().out == ""

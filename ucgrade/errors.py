@@ -15,7 +15,9 @@ class RunInterrupted(Exception):
 def run_cli(main, args):
     """Call main(args); turn a UserError or Ctrl-C into a one-line message and an exit code."""
     try:
-        return main(args) or 0
+        code = main(args) or 0
+        sys.stdout.flush()  # inside the try: output still buffered may meet a closed pipe here
+        return code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -23,8 +25,24 @@ def run_cli(main, args):
         print(f"interrupted: {error}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted: stopped by Ctrl-C before anything was written.", file=sys.stderr)
+        print("interrupted: stopped by Ctrl-C.", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the output went to a reader that stopped, as in `predict.py folder/ | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's final flush cannot fail again
-        return 141  # what a shell reports for a process ended by SIGPIPE
+
+
+def main_entry(main, parser):
+    """The scripts' entry point: parse the command line, run main through run_cli, and exit.
+
+    Output piped into a reader that stops early (`predict.py folder/ | head`) ends quietly, as
+    other command-line tools do, instead of with a BrokenPipeError traceback.
+    """
+    try:
+        code = run_cli(main, parser.parse_args())
+    except BrokenPipeError:
+        code = 141  # what a shell reports for a process ended by SIGPIPE
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = 141
+    if code == 141:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's own final flush cannot fail again
+    sys.exit(code)
