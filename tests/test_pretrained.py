@@ -158,3 +158,9 @@ def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(t
     assert torch.load(run / "fold2" / "best.pt", weights_only=True)["pretrained"] is True
     assert backbone_matches(run / "fold2", imagenet_like)
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+    # every fold has begun: resuming needs no weights, so the file may be gone (or the machine offline)
+    weights.unlink()
+    (run / "fold2" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
+    assert train(["--resume", run]) == 0
+    assert json.loads((run / "fold2" / "metrics.json").read_text())["status"] == "finished"
