@@ -112,11 +112,12 @@ def settings_for_resume(args, run_dir):
     epochs, precision = args.epochs, args.precision
     if config["folds"] and epochs is not None and epochs != config["epochs"]:
         raise UserError(f"--epochs cannot change when a cross-validation run is resumed, because every fold must train for the same {config['epochs']} epochs; leave --epochs out.")
-    trained = max((len(files.read_csv(h)) for h in [run_dir / "history.csv", *run_dir.glob("fold*/history.csv")] if h.is_file()), default=0)
-    for folder in [run_dir, *run_dir.glob("fold*")]:  # a model that would continue (a finished fold does not)
-        if folder != run_dir and read_status(folder) == "finished":
-            continue
-        if not (folder / "last.pt").is_file() and (folder / "history.csv").is_file() and files.read_csv(folder / "history.csv"):
+    trained = 0
+    for folder in [run_dir, *run_dir.glob("fold*")]:
+        epochs_done = len(files.read_csv(folder / "history.csv")) if (folder / "history.csv").is_file() else 0
+        trained = max(trained, epochs_done)
+        continues = folder == run_dir or read_status(folder) != "finished"  # a finished fold is not trained again
+        if epochs_done and continues and not (folder / "last.pt").is_file():
             raise UserError(f"'{folder}' has finished epochs but no last.pt, which holds the training state, so the run cannot continue; start a new run (its best.pt still grades images with predict.py).")
     if epochs is not None and epochs < trained:
         raise UserError(f"--epochs {epochs} is fewer than the {trained} epochs the run has already trained; give --epochs {trained} or more, or leave it out.")
@@ -328,7 +329,7 @@ def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device,
     val_loader = data.make_loader(val_set, args.batch_size, 0, device)
     val_loss, _, probs, targets = engine.evaluate(model, val_loader, device, precision, stop, desc="best model")
     result = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
-    timing = engine.measure_inference_time(model, [val_set[i][0] for i in range(min(50, len(val_set)))], device, precision, args.batch_size)
+    timing = engine.measure_inference_time(model, (val_set[i][0] for i in range(len(val_set))), device, precision, args.batch_size)
     result.update({
         "status": "finished", "epochs_completed": len(history), "epochs": args.epochs, "best_epoch": engine.best_epoch(history)["epoch"],
         "val_loss": val_loss, "device": str(device), "precision": precision, "inference_time": timing,

@@ -308,7 +308,7 @@ def time_project_inference(model, class_names, img_size, val_set, device, precis
     save_s = time.perf_counter() - start
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path).to(device).eval()
-    crops = [val_set[i][0] for i in range(len(val_set))]
+    crops = (val_set[i][0] for i in range(len(val_set)))
     timing = engine.measure_inference_time(model, crops, device, precision, batch_size)
     return timing | {"checkpoint_save_s": save_s, "checkpoint_mb": path.stat().st_size / 2**20}
 
@@ -400,14 +400,7 @@ def time_tutorial_inference(model, crops, device, warmup=5, max_images=50):
         model(x).argmax(1)
         synchronize(device)
 
-    crops = crops[:max_images]
-    for crop in (crops * warmup)[:warmup]:
-        run(crop)
-    times = []
-    for crop in crops:
-        start = time.perf_counter()
-        run(crop)
-        times.append((time.perf_counter() - start) * 1000)
+    times = engine.time_each(run, crops[:max_images], warmup)
     return {"batch1_mean_ms": statistics.fmean(times), "batch1_median_ms": statistics.median(times), "images_timed": len(times)}
 
 

@@ -1,5 +1,6 @@
 """Engine: one training epoch, one evaluation pass, prediction, features and timing."""
 
+import itertools
 import math
 import statistics
 import time
@@ -168,6 +169,18 @@ def predict_image(image_path, model, device, class_names, img_size=224, precisio
 # ----------------------------------------------------------------------------- timing
 
 
+def time_each(run, inputs, warmup=5):
+    """Milliseconds of run(x) for each x of inputs, after warmup calls; run synchronises the device itself."""
+    for x in (inputs * warmup)[:warmup]:
+        run(x)
+    times = []
+    for x in inputs:
+        start = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 @torch.inference_mode()
 def measure_inference_time(model, images, device, precision, batch_size, max_images=50, warmup=5):
     """Honest inference timing on already decoded, cropped uint8 images (list of 3 x H x W tensors).
@@ -176,7 +189,7 @@ def measure_inference_time(model, images, device, precision, batch_size, max_ima
     device before the clock is read. Also the throughput at batch_size.
     """
     model.eval()
-    images = list(images)[:max_images]
+    images = list(itertools.islice(images, max_images))  # a generator is only decoded this far
 
     def run(batch):
         with autocast(device, precision):
@@ -184,14 +197,7 @@ def measure_inference_time(model, images, device, precision, batch_size, max_ima
         logits.argmax(1)
         synchronize(device)
 
-    singles = [image.unsqueeze(0) for image in images]
-    for batch in (singles * warmup)[:warmup]:
-        run(batch)
-    times = []
-    for batch in singles:
-        start = time.perf_counter()
-        run(batch)
-        times.append((time.perf_counter() - start) * 1000)
+    times = time_each(run, [image.unsqueeze(0) for image in images], warmup)
 
     reps = max(1, math.ceil(2 * batch_size / len(images)))  # at least two full batches
     full = torch.stack(images).repeat(reps, 1, 1, 1)
