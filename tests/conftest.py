@@ -1,6 +1,7 @@
 """Shared test data: generated ImageFolders, a small trained run, and the CLI in a subprocess."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,14 @@ def isolated_torch_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """A folder for the runs one test module shares, deleted when the module is done: a run takes ~300 MB."""
+    path = tmp_path_factory.mktemp("module")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -106,9 +106,9 @@ def messy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def messy_run(messy, tmp_path_factory):
+def messy_run(messy, module_tmp):
     root, _, _ = messy
-    out = tmp_path_factory.mktemp("out")
+    out = module_tmp / "out"
     result = run_script("qq.py", "--data", root, "--out", out, "--epochs", "1", *FAST)
     return result, out / "train"
 

@@ -60,9 +60,10 @@ def graded_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def holdout_run(graded_data, tmp_path_factory):
+def holdout_run(graded_data, module_tmp):
     """python qq.py with --groups, --class-order and --remission-upto, as a user runs it."""
-    out = tmp_path_factory.mktemp("holdout")
+    out = module_tmp / "holdout"
+    out.mkdir()
     groups = write_groups(graded_data, out / "patients.csv")
     result = run_script(
         "qq.py", "--data", graded_data, "--out", out, "--groups", groups, "--class-order", "normal,mild,severe",
@@ -170,9 +171,9 @@ def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory):
+def cv_run(module_tmp):
     """python qq.py --folds 3 --groups ..., as a user runs it."""
-    tmp = tmp_path_factory.mktemp("cv")
+    tmp = module_tmp / "cv"
     root = make_folder(tmp / "data", {"mild": 7, "moderate": 7, "severe": 7})
     groups = write_groups(root, tmp / "patients.csv")
     result = run_script(
