@@ -157,6 +157,17 @@ def test_groups_file_missing_images_is_an_error(graded_data, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_groups_file_giving_an_image_two_patients_is_an_error(graded_data, tmp_path, capsys):
+    groups = write_groups(graded_data, tmp_path / "patients.csv")
+    rows = groups.read_text().splitlines()
+    groups.write_text("\n".join([*rows, "mild/mild_001.jpg,mild-0", "mild/mild_002.jpg", "mild/mild_003.jpg,p99"]) + "\n")
+    code, lines = cli_error(["--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)
+    # a repeated row that agrees is fine, a row without a group adds nothing, and a second patient is refused
+    assert code == 2 and len(lines) == 1, lines
+    assert "gives 'mild/mild_003.jpg' two groups ('mild-1' and, in row 28, 'p99'); keep one row per image" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
     root = make_folder(tmp_path / "data", {"mild": 4, "severe": 4})
     groups = tmp_path / "patients.csv"

@@ -315,11 +315,18 @@ def read_groups(path, image_set):
         raise UserError(f"--groups file '{path}' is not a readable CSV ({error}); save it as UTF-8 CSV with the columns path,group.") from None
     if not rows or not {"path", "group"} <= set(rows[0]):
         raise UserError(f"--groups file '{path}' needs the header 'path,group' (path relative to --data, group e.g. a patient id).")
-    group_of = {Path(row["path"].strip()).as_posix(): row["group"].strip() for row in rows}
+    group_of = {}
+    for row_number, row in enumerate(rows, start=2):
+        rel, group = Path((row["path"] or "").strip()).as_posix(), (row["group"] or "").strip()
+        if not group:
+            continue  # an image with no group in any row is reported below
+        if group_of.get(rel, group) != group:
+            raise UserError(f"--groups file '{path}' gives '{rel}' two groups ('{group_of[rel]}' and, in row {row_number}, '{group}'); keep one row per image.")
+        group_of[rel] = group
     groups, missing = [], []
     for i in range(len(image_set.paths)):
         rel = image_set.relpath(i)
-        if rel in group_of and group_of[rel]:
+        if rel in group_of:
             groups.append(group_of[rel])
         else:
             missing.append(rel)
