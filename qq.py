@@ -130,13 +130,13 @@ def settings_for_resume(args, run_dir):
 
 def resume_precision(device, requested, config):
     """A resumed run goes on in the precision it last used, unless --precision asks for another or
-    the device it now runs on has no fast support for it (fp16 or bf16 from a GPU, resumed on a
-    CPU without bf16): then in the device's own choice, with a note."""
+    the device it now runs on has no fast support for it (fp16 from a GPU resumed on a CPU, bf16 on
+    a CPU or GPU without native bf16): then in the device's own choice, with a note."""
     if requested != "auto":
         return choose_precision(device, requested)
     used = (config.get("resumed") or [config])[-1]["precision_used"]
     own = choose_precision(device, "auto")
-    if used in ("fp32", own):
+    if used in ("fp32", own) or (used == "fp16" and device.type == "cuda"):
         return used
     print(f"note: the run trained in {used}, which {device} does not run fast; it goes on in {own}.")
     return own
@@ -424,7 +424,7 @@ def main(args):
     args.epochs = args.epochs or DEFAULT_EPOCHS
     device = choose_device(args.device)
     precision = resume_precision(device, args.precision, original) if original else choose_precision(device, args.precision)
-    setup_backends(device)
+    setup_backends(device, precision)
 
     print_settings(args, device, precision)
 

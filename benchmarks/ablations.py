@@ -356,7 +356,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     device = choose_device(args.device)
     precision = choose_precision(device, "auto")
-    setup_backends(device)
+    setup_backends(device, precision)
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds, {args.img_size} px", flush=True)
     results = {"device": str(device), "precision": precision, "threads": torch.get_num_threads(), "img_size": args.img_size,
                "torch": str(torch.__version__), "date": time.strftime("%Y-%m-%d %H:%M:%S")}

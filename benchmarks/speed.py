@@ -212,8 +212,9 @@ def ceiling_rate(device, dtype, trials, seconds_per_trial):
 
     The convolution runs on the kernels the model itself uses (oneDNN on a CPU, cuDNN on a GPU); the
     matmul on BLAS (MKL on a CPU, whose fp32 path can be slower on AMD). The ceiling is the higher.
-    On a GPU, fp32 means TF32 where setup_backends allows it, as in training.
+    On a GPU, fp32 is true fp32 (no TF32), as in training with --precision fp32.
     """
+    setup_backends(device, "fp32" if dtype == torch.float32 else "bf16")
     n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     matmul, matmul_median = peak_rate(device, lambda: a @ b, 2 * n**3, trials, seconds_per_trial)
@@ -261,6 +262,7 @@ def project_args(args, data_dir, **overrides):
 def train_project(run_args, image_set, train, val, device, precision, epochs):
     """qq.py's fit() without its files: the same model, loaders, criterion, optimizer and epoch loop."""
     stop = lambda: False  # noqa: E731
+    setup_backends(device, precision)
     num_classes = len(image_set.class_names)
     torch.manual_seed(run_args.seed)
     generator = torch.Generator().manual_seed(run_args.seed)
@@ -333,6 +335,7 @@ def tutorial_loaders(root, paths, train, val, img_size, batch_size=4, workers=4)
 
 
 def tutorial_model(num_classes, device, seed):
+    setup_backends(device, "fp32")  # true fp32 on a GPU (no TF32), as the project's fp32
     torch.manual_seed(seed)
     model = torchvision.models.resnet50()
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
@@ -544,7 +547,7 @@ def main(args):
     args.images, args.epochs = args.images or 800, args.epochs or 3
     device = choose_device(args.device)
     precision = choose_precision(device, "auto")
-    setup_backends(device)
+    setup_backends(device, precision)
     setup = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(), "precision": precision,
              "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": platform.python_version(),
              "img_size": args.img_size, "train_gflop_per_image": train_gflop_per_image(args.img_size),

@@ -6,6 +6,7 @@ from conftest import FAST, run_script, user_lines
 
 import predict
 import qq
+from ucgrade.device import setup_backends
 from ucgrade.errors import run_cli
 
 INVALID = [
@@ -45,3 +46,19 @@ def test_predict_rejects_a_missing_device(trained_run, small_data, capsys):
     captured = capsys.readouterr()
     assert captured.err == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.\n"
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("bf16", True), ("fp16", True)])
+def test_fp32_on_a_gpu_is_true_fp32(precision, tf32):
+    """setup_backends only sets torch's global flags, so its CUDA branch runs here too; TF32 is for mixed precision."""
+    flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")
+    before = [getattr(module, name) for module, name in flags]
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
+        setup_backends(torch.device("cuda"), precision)
+        assert torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        for (module, name), value in zip(flags, before):
+            setattr(module, name, value)

@@ -90,14 +90,16 @@ def test_split_is_stratified_disjoint_and_seeded():
 
 
 def test_split_csv_matches_seed(small_data, tmp_path):
-    for name in ("a", "b"):
-        assert train(["--data", small_data, "--out", tmp_path, "--name", name, "--epochs", "1", "--seed", "7", *FAST]) == 0
+    # b streams its images from disk through a loader process; a decodes them once and has none
+    for name, loading in (("a", ["--cache", "ram", "--workers", "0"]), ("b", ["--cache", "off", "--workers", "1"])):
+        assert train(["--data", small_data, "--out", tmp_path, "--name", name, "--epochs", "2", "--seed", "7", *FAST, *loading]) == 0
     a, b = read_csv(tmp_path / "a" / "split.csv"), read_csv(tmp_path / "b" / "split.csv")
     assert a == b
     val = [r for r in a if r["subset"] == "val"]
     assert {r["class"] for r in val} == {"mild", "moderate", "severe"} and len(val) == 6
-    # the same seed also gives the same training: identical histories apart from the timing
+    # the same seed also gives the same training, however the images are loaded: identical histories apart from the timing
     ha, hb = read_csv(tmp_path / "a" / "history.csv"), read_csv(tmp_path / "b" / "history.csv")
+    assert len(ha) == len(hb) == 2
     for ra, rb in zip(ha, hb):
         for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6)

@@ -6,6 +6,7 @@ import ast
 import json
 import shutil
 
+import pytest
 import torch
 import torchvision
 from conftest import ROOT, run_scripts, user_lines
@@ -256,3 +257,15 @@ def test_resume_on_a_cpu_without_fast_bf16_goes_on_in_fp32(monkeypatch, capsys):
     assert qq.resume_precision(cpu, "auto", {"precision_used": "bf16", "resumed": [{"precision_used": "fp32"}]}) == "fp32"
     assert qq.resume_precision(cpu, "bf16", {"precision_used": "fp32"}) == "bf16"  # asked for: as asked
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_resume_on_a_gpu_keeps_fp16_and_leaves_bf16_only_where_it_is_emulated(monkeypatch, capsys, fast_bf16):
+    """The CUDA choice needs no GPU: only the compute-capability check is stood in for."""
+    monkeypatch.setattr(device_module, "cuda_has_fast_bf16", lambda device: fast_bf16)
+    cuda = torch.device("cuda")
+    assert qq.resume_precision(cuda, "auto", {"precision_used": "fp16"}) == "fp16"  # with its loss scaling, on any GPU
+    assert qq.resume_precision(cuda, "auto", {"precision_used": "fp32"}) == "fp32"
+    assert capsys.readouterr().out == ""
+    assert qq.resume_precision(cuda, "auto", {"precision_used": "bf16"}) == ("bf16" if fast_bf16 else "fp16")
+    assert capsys.readouterr().out == ("" if fast_bf16 else "note: the run trained in bf16, which cuda does not run fast; it goes on in fp16.\n")

@@ -417,13 +417,18 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def __getitem__(self, item):
+    def __getitem__(self, key):
+        item, seed = key if isinstance(key, tuple) else (key, None)
         i = self.indices[item]
         if self.image_set.images is not None:
             image = self.image_set.images[i]
         else:
             image = read_resized(self.image_set.paths[i], self.resize_size)
-        return self.transform(image), self.image_set.labels[i]
+        if seed is None:
+            return self.transform(image), self.image_set.labels[i]
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from the global CPU generator
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image), self.image_set.labels[i]
 
 
 class FeatureViews(torch.utils.data.Dataset):
@@ -436,9 +441,28 @@ class FeatureViews(torch.utils.data.Dataset):
     def __len__(self):
         return self.views.shape[1]
 
-    def __getitem__(self, i):
-        view = int(torch.randint(len(self.views), ()))
+    def __getitem__(self, key):
+        i, seed = key
+        view = int(torch.randint(len(self.views), (), generator=torch.Generator().manual_seed(seed)))
         return self.views[view, i], self.labels[i]
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """(index, seed) pairs: every training item draws its augmentation from a seed of its own,
+    taken from `generator` in the main process, so that a run's random crops are the same with
+    any --workers and --cache, and --resume replays them."""
+
+    def __init__(self, sampler, generator):
+        self.sampler = sampler
+        self.generator = generator
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        seeds = torch.randint(2**62, (len(indices),), generator=self.generator).tolist()
+        return iter(zip(indices, seeds))
 
 
 def default_workers(cached, device):
@@ -450,15 +474,18 @@ def default_workers(cached, device):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, generator=None, sampler=None):
+    """A training loader (shuffle or a sampler) hands the dataset (index, seed) pairs: SeededSampler."""
     if sampler is None and shuffle:
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    if sampler is not None:
+        sampler = SeededSampler(sampler, generator)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,  # new worker seeds each epoch come from `generator`, so --resume replays them exactly
+        persistent_workers=False,
         generator=generator,
         worker_init_fn=_leave_signals_to_the_main_process if workers > 0 else None,
     )
