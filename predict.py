@@ -18,6 +18,7 @@ from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, Unreadab
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_probabilities
 from ucgrade.errors import UserError, main_entry
+from ucgrade.files import check_folder_path
 from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 
@@ -84,8 +85,7 @@ def main(args):
     preprocessing = {"resize_size": checkpoint.get("resize_size"), "mean": checkpoint.get("mean", IMAGENET_MEAN), "std": checkpoint.get("std", IMAGENET_STD)}
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir is not None:
-        if cam_dir.exists() and not cam_dir.is_dir():
-            raise UserError(f"--cam '{cam_dir}' is a file; give a folder for the Grad-CAM overlays.")
+        check_folder_path(cam_dir, "--cam")
         cam_dir.mkdir(parents=True, exist_ok=True)
 
     images, errors = collect_images(args.inputs)

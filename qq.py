@@ -96,6 +96,9 @@ def check_args(args):
     for ok, message in checks:
         if not ok:
             raise UserError(message + ".")
+    if args.name is not None and (args.name in ("", ".", "..") or Path(args.name).name != args.name):
+        raise UserError(f"--name '{args.name}' must be a plain folder name, without '/'; the run folder goes under --out.")
+    files.check_folder_path(args.out, "--out")
     for flag, value in (("--weights", args.weights), ("--groups", args.groups)):
         if value and not Path(value).is_file():
             raise UserError(f"{flag} file '{value}' does not exist; check the path.")
@@ -414,6 +417,10 @@ def plan_split(args, image_set, groups, resume_dir):
         return [(np.array(sorted(i for i, s in subset_of.items() if s != name)), np.array(sorted(i for i, s in subset_of.items() if s == name))) for name in names]
     if args.folds:
         return data.split_folds(image_set.labels, args.folds, args.seed, groups)
+    n_splits = data.grouped_holdout_folds(args.val_split)
+    if groups is not None and abs(1 / n_splits - args.val_split) > 0.01:
+        print(f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about {1 / n_splits:.0%} of the images "
+              f"rather than the {args.val_split:.0%} of --val-split; pick 0.5, 0.33, 0.25, 0.2 ... to get what you ask.")
     return [data.split_holdout(image_set.labels, args.val_split, args.seed, groups)]
 
 

@@ -215,6 +215,9 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
     one_class = make_folder(tmp_path / "one_class", {"mild": 4})
     (one_class / "severe").mkdir()
     too_few = make_folder(tmp_path / "too_few", {"mild": 4, "severe": 1})
+    gap = make_folder(tmp_path / "gap", {"mayo1": 4, "mayo3": 4})
+    (gap / "mayo2").mkdir()
+    (gap / "mayo2" / "Thumbs.db").write_bytes(b"")  # a folder with no image is empty
     (too_few / "severe" / "broken.jpg").write_bytes(b"not a jpeg")  # found, but not usable: 1 image left
 
     cases = [
@@ -223,6 +226,7 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
         (flat, ["'{data}' has no class sub-folders", "'{data}/<grade>/<image>'"]),
         (one_class, ["'{data}' has images for only 1 class (empty: severe)"]),
         (too_few, ["class 'severe' has only 1 usable image(s)", "at least 2", "Add images"]),
+        (gap, ["the class folder 'mayo2' in '{data}' holds no images", "between 'mayo1' and 'mayo3'", "QWK and MAE", "add its images, or remove the folder"]),
     ]
     for i, (folder, expected) in enumerate(cases):
         args = qq.get_args_parser().parse_args([str(a) for a in ["--data", folder, "--out", tmp_path / f"out{i}", "--epochs", "1", *FAST]])

@@ -1,8 +1,10 @@
 """Invalid flag values (issue 3): one clear line naming the flag, exit code 2, before any work starts."""
 
+import errno
+
 import pytest
 import torch
-from conftest import FAST, run_script, user_lines
+from conftest import FAST, ROOT, run_script, user_lines
 
 import predict
 import qq
@@ -16,6 +18,9 @@ INVALID = [
     (["--img-size", "7"], "--img-size must be at least 64 pixels"),
     (["--lr", "inf"], "--lr must be a positive number (got inf)."),
     (["--lr", "0"], "--lr must be a positive number (got 0.0)."),
+    (["--name", "2026/run"], "--name '2026/run' must be a plain folder name, without '/'; the run folder goes under --out."),
+    (["--name", ".."], "--name '..' must be a plain folder name"),
+    (["--out", str(ROOT / "README.md" / "runs")], f"--out '{ROOT / 'README.md' / 'runs'}' cannot be a folder, because '{ROOT / 'README.md'}' is a file; give a folder."),
 ]
 if not torch.cuda.is_available():
     INVALID.append((["--device", "cuda"], "--device cuda was asked for, but this machine has no CUDA GPU"))
@@ -62,3 +67,26 @@ def test_fp32_on_a_gpu_is_true_fp32(precision, tf32):
     finally:
         for (module, name), value in zip(flags, before):
             setattr(module, name, value)
+
+
+def test_predict_cam_folder_under_a_file_is_one_sentence(trained_run, small_data, capsys):
+    image, notes = small_data / "mild" / "mild_000.jpg", small_data / "mild" / "mild_001.jpg"
+    args = predict.get_args_parser().parse_args([str(image), "--weights", str(trained_run / "best.pt"), "--cam", str(notes / "cams")])
+    assert run_cli(predict.main, args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --cam '{notes / 'cams'}' cannot be a folder, because '{notes}' is a file; give a folder.\n"
+    assert captured.out == ""
+
+
+def test_a_failed_file_operation_is_one_sentence_and_a_closed_pipe_is_left_to_main_entry(capsys):
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "outputs/train/last.pt")
+
+    def reader_gone(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    assert run_cli(disk_full, None) == 1
+    assert capsys.readouterr().err == ("error: could not write or read 'outputs/train/last.pt': No space left on device; "
+                                       "free disk space or check the folder's permissions, then run again.\n")
+    with pytest.raises(BrokenPipeError):
+        run_cli(reader_gone, None)

@@ -69,6 +69,9 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
         assert (run / "cam" / row["file"]).read_bytes() in pngs
 
     text = " ".join(" ".join(page.text).split())
+    # what flatters the figures is said next to them: the best epoch chosen on them, and no --groups
+    assert "The best epoch was chosen by its accuracy on these same validation images, so these figures lean optimistic" in text
+    assert "The split was made image by image (no --groups file)" in text
     for heading in ("Dataset and split", "Settings", "Training curves", "Confusion matrices", "Metrics", "ROC curves",
                     "Inference time", "Most confidently wrong images", "Grad-CAM"):
         assert heading in text, heading

@@ -125,6 +125,7 @@ def test_remission_block_is_printed_stored_and_right(holdout_run):
     assert 0 <= block["auroc"] <= 1
     report = (run / "report.html").read_text()
     assert "Remission (normal) vs active disease (mild, severe)" in report and "notes.txt" in report  # skipped file listed
+    assert "lean optimistic" in report and "image by image" not in report  # split by patient
 
 
 def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path, capsys):
@@ -166,6 +167,21 @@ def test_groups_file_giving_an_image_two_patients_is_an_error(graded_data, tmp_p
     assert code == 2 and len(lines) == 1, lines
     assert "gives 'mild/mild_003.jpg' two groups ('mild-1' and, in row 28, 'p99'); keep one row per image" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("val_split, note", [(0.2, False), (0.3, True), (0.6, True)])
+def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(graded_data, tmp_path, capsys, val_split, note):
+    image_set, _ = data.scan_folder(graded_data)
+    groups = data.read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
+    args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", str(val_split)])
+    [(train, val)] = qq.plan_split(args, image_set, groups, None)
+    n_splits = {0.2: 5, 0.3: 3, 0.6: 2}[val_split]
+    assert len(train) + len(val) == 24 and abs(len(val) / 24 - 1 / n_splits) < 0.1
+    out = capsys.readouterr().out
+    if note:
+        assert f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about {1 / n_splits:.0%} of the images rather than the {val_split:.0%} of --val-split" in out
+    else:
+        assert out == ""
 
 
 def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
@@ -279,6 +295,8 @@ def test_cross_validation_report_embeds_everything(cv_run):
     assert any((run / "fold1" / "cam" / r["file"]).read_bytes() in pngs for r in read_csv(run / "fold1" / "cam" / "index.csv"))
     text = " ".join(" ".join(page.text).split())
     assert "3-fold cross-validation" in text and "Checked: no group appears in more than one subset." in text
+    assert "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images, so these figures lean optimistic" in text
+    assert "image by image" not in text  # split by patient
     per_fold = [sum(r["fold"] == str(k) for r in read_csv(run / "predictions.csv")) for k in (1, 2, 3)]
     assert f"all grades {per_fold[0]} {per_fold[1]} {per_fold[2]} 21" in text  # images validated per fold
     timing = json.loads((run / "fold2" / "metrics.json").read_text())["inference_time"]

@@ -167,7 +167,8 @@ def scan_folder(root, class_order=None):
     """List the candidate images of an ImageFolder tree: root/<class>/[sub-folders/]<image>.
 
     Files whose names do not end in an image extension are skipped with a reason. A class folder
-    with no image files is reported and left out; at least two classes must remain.
+    with no image files is reported and left out if it sorts before or after all the others (an
+    empty grade in between is an error); at least two classes must remain.
     """
     root, folders = _class_folders(root, class_order)
     class_names, paths, labels, skipped, empty = [], [], [], [], []
@@ -191,6 +192,11 @@ def scan_folder(root, class_order=None):
     if len(class_names) < 2:
         detail = f" (empty: {', '.join(empty)})" if empty else ""
         raise UserError(f"'{root}' has images for only {len(class_names)} {'class' if len(class_names) == 1 else 'classes'}{detail}; a classifier needs at least two grades with images.")
+    inner = [name for name in empty if class_names[0] < name < class_names[-1]]  # folders are in sorted order here
+    if inner:
+        below, above = max(n for n in class_names if n < inner[0]), min(n for n in class_names if n > inner[0])
+        raise UserError(f"the class folder '{inner[0]}' in '{root}' holds no images, and leaving out a grade between '{below}' and '{above}' would make "
+                        f"QWK and MAE count those two as neighbours; add its images, or remove the folder to grade on a scale without it.")
     return ImageSet(root, class_names, paths, labels, skipped), empty
 
 
@@ -269,8 +275,7 @@ def split_holdout(labels, val_fraction, seed, groups=None):
     """
     labels = np.asarray(labels)
     if groups is not None:
-        n_splits = max(2, int(round(1 / val_fraction)))
-        return split_folds(labels, n_splits, seed, groups)[0]
+        return split_folds(labels, grouped_holdout_folds(val_fraction), seed, groups)[0]
     rng = np.random.default_rng(seed)
     val = []
     for label in np.unique(labels):
@@ -280,6 +285,11 @@ def split_holdout(labels, val_fraction, seed, groups=None):
     val = np.sort(np.array(val, dtype=int))
     train = np.setdiff1d(np.arange(len(labels)), val)
     return train, val
+
+
+def grouped_holdout_folds(val_fraction):
+    """With groups, the validation side is one of this many folds: 1/5 for 0.2, 1/3 for 0.3, 1/2 for 0.6."""
+    return max(2, round(1 / val_fraction))
 
 
 def split_folds(labels, n_splits, seed, groups=None):

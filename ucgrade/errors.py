@@ -13,7 +13,7 @@ class RunInterrupted(Exception):
 
 
 def run_cli(main, args):
-    """Call main(args); turn a UserError or Ctrl-C into a one-line message and an exit code."""
+    """Call main(args); turn a UserError, Ctrl-C or a failed file operation into a one-line message and an exit code."""
     try:
         code = main(args) or 0
         sys.stdout.flush()  # inside the try: output still buffered may meet a closed pipe here
@@ -27,6 +27,12 @@ def run_cli(main, args):
     except KeyboardInterrupt:
         print("interrupted: stopped by Ctrl-C.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # main_entry ends quietly
+    except OSError as error:  # a full disk, a folder without write permission: the machine's, not the input's
+        where = f" '{error.filename}'" if error.filename else ""
+        print(f"error: could not write or read{where}: {error.strerror or error}; free disk space or check the folder's permissions, then run again.", file=sys.stderr)
+        return 1
 
 
 def main_entry(main, parser):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 
 def _current_umask():
     mask = os.umask(0)
@@ -70,6 +72,13 @@ def save_figure(path, fig):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     write_bytes(path, buffer.getvalue())
+
+
+def check_folder_path(path, flag):
+    """Before any work: a folder can be made at path unless a file stands where a folder must be."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())  # '.' and '/' always exist
+    if not existing.is_dir():
+        raise UserError(f"{flag} '{path}' cannot be a folder, because '{existing}' is a file; give a folder.")
 
 
 def new_run_dir(out_dir, name=None):

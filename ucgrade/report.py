@@ -315,12 +315,8 @@ def run_report(run_dir, cams=()):
         f"Validation accuracy {fmt(metrics['accuracy'])}, balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
         f"QWK {fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
-        '<p class="note">The best epoch was chosen by its accuracy on these same validation images, so these figures lean '
-        "optimistic; for an estimate to publish, grade a separate test set with predict.py, or compare runs by cross-validation (--folds).</p>"
+        + caveats(config, "The best epoch was chosen by its accuracy on these same validation images", "or compare runs by cross-validation (--folds)")
     )
-    if not config.get("groups"):
-        summary += ('<p class="warn">The split was made image by image (no --groups file): if a patient contributed several images, '
-                    "some may be in training and others in validation, which flatters every metric here.</p>")
     sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"]))]
     sections.append(("Settings", table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()])))
     sections.append(("Training curves", embed_png(run_dir / "curves.png", "loss and accuracy curves")))
@@ -336,6 +332,16 @@ def run_report(run_dir, cams=()):
     if cams:
         sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
     write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", sections)
+
+
+def caveats(config, selection, remedy=""):
+    """What makes the metrics of a report lean optimistic: the choice of the best epoch and, without --groups, the split."""
+    notes = (f'<p class="note">{selection}, so these figures lean optimistic; for an estimate to publish, '
+             f"grade a separate test set with predict.py{', ' + remedy if remedy else ''}.</p>")
+    if not config.get("groups"):
+        notes += ('<p class="warn">The split was made image by image (no --groups file): if a patient contributed several images, '
+                  "some may be in training and others in validation, which flatters every metric here.</p>")
+    return notes
 
 
 def read_cams(run_dir):
@@ -377,7 +383,8 @@ def cv_report(run_dir, summary_table, pooled):
     sections = [
         ("Summary", f"<p>{folds}-fold cross-validation{' grouped by ' + html.escape(str(config['groups'])) if config.get('groups') else ''}. "
                     f"Each image is validated exactly once, by the model that did not train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored below. "
-                    f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>. ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"),
+                    f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>. ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+                    + caveats(config, "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images")),
         ("Dataset and folds", "<p>Images validated in each fold (each fold's model trained on the other folds):</p>" + dataset_html(run_dir, split, pooled["class_names"])),
         ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
         ("Pooled out-of-fold metrics", metrics_html(pooled)),
