@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, is_image_file
+from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, files_under, is_image_file
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_probabilities
 from ucgrade.errors import UserError, main_entry
@@ -25,7 +25,7 @@ from ucgrade.model import load_checkpoint, model_from_checkpoint
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Grade colonoscopy images with a model trained by qq.py.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
-    parser.add_argument("--weights", default=None, help="a best.pt or last.pt written by qq.py (default: best.pt of the newest run under --out)")
+    parser.add_argument("--weights", default=None, help="a best.pt or last.pt written by qq.py, or a run folder (default: best.pt of the newest run under --out)")
     parser.add_argument("--out", default="outputs", help="where to look for the newest run when --weights is not given (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where supported, as in training (default: %(default)s)")
@@ -37,6 +37,8 @@ def get_args_parser():
 def newest_checkpoint(out_dir):
     """best.pt of the run under out_dir whose best model was written last."""
     candidates = sorted([*Path(out_dir).glob("*/best.pt"), *Path(out_dir).glob("*/fold*/best.pt")], key=lambda p: p.stat().st_mtime)
+    if not candidates and (Path(out_dir) / "best.pt").is_file():
+        raise UserError(f"'{out_dir}' is a run folder itself (--out is the folder that holds the runs); pass --weights {Path(out_dir) / 'best.pt'}.")
     if not candidates:
         raise UserError(f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt.")
     newest = candidates[-1]
@@ -52,7 +54,7 @@ def collect_images(inputs):
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found = [p for p in files_under(path) if is_image_file(p)]  # hidden folders skipped, as in training
             if not found:
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
             images.extend(found)
@@ -74,6 +76,10 @@ def unique_path(folder, stem):
 
 def main(args):
     weights = Path(args.weights) if args.weights else newest_checkpoint(args.out)
+    if weights.is_dir():  # a run folder: its best model
+        if not (weights / "best.pt").is_file():
+            raise UserError(f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by qq.py (a cross-validation run keeps one per fold, such as {weights / 'fold1' / 'best.pt'}).")
+        weights = weights / "best.pt"
     if not args.weights:
         print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)
     device = choose_device(args.device)

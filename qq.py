@@ -90,6 +90,7 @@ def check_args(args):
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
         (args.workers >= -1, f"--workers must be -1 (automatic) or at least 0 (got {args.workers})"),
         (args.folds == 0 or args.folds >= 2, f"--folds must be 0 (a single split) or at least 2 (got {args.folds})"),
+        (0 <= args.seed < 2**32, f"--seed must be a whole number from 0 to 4294967295 (got {args.seed})"),
         (args.cam_examples >= 0, f"--cam-examples must be 0 or more (got {args.cam_examples})"),
         (not (args.weights and args.pretrained == "no"), "--weights and --pretrained no contradict each other; drop one of them"),
     ]
@@ -100,6 +101,8 @@ def check_args(args):
         raise UserError(f"--name '{args.name}' must be a plain folder name, without '/'; the run folder goes under --out.")
     files.check_folder_path(args.out, "--out")
     for flag, value in (("--weights", args.weights), ("--groups", args.groups)):
+        if value and Path(value).is_dir():
+            raise UserError(f"{flag} '{value}' is a folder; give the file itself.")
         if value and not Path(value).is_file():
             raise UserError(f"{flag} file '{value}' does not exist; check the path.")
     if isinstance(args.class_order, str):

@@ -20,6 +20,8 @@ INVALID = [
     (["--lr", "0"], "--lr must be a positive number (got 0.0)."),
     (["--name", "2026/run"], "--name '2026/run' must be a plain folder name, without '/'; the run folder goes under --out."),
     (["--name", ".."], "--name '..' must be a plain folder name"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295 (got -1)."),
+    (["--groups", str(ROOT / "tests")], f"--groups '{ROOT / 'tests'}' is a folder; give the file itself."),
     (["--out", str(ROOT / "README.md" / "runs")], f"--out '{ROOT / 'README.md' / 'runs'}' cannot be a folder, because '{ROOT / 'README.md'}' is a file; give a folder."),
 ]
 if not torch.cuda.is_available():

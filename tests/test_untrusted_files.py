@@ -5,6 +5,7 @@ damaged, crafted or wrong file gets one clear line instead of a traceback or, wo
 import ast
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +247,24 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
     assert code == 2
     assert lines == ["error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."]
+
+    # a run folder given where a file or the folder of runs is meant
+    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--out", trained_run], capsys)
+    assert code == 2
+    assert lines == [f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights {trained_run / 'best.pt'}."]
+    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", tmp_path], capsys)
+    assert code == 2 and lines[0].startswith(f"error: --weights '{tmp_path}' is a folder without a best.pt; give a best.pt or last.pt"), lines
+
+
+def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained_run, small_data, tmp_path, capsys):
+    folder = tmp_path / "visit"
+    shutil.copytree(small_data / "severe", folder)
+    shutil.copytree(small_data / "mild", folder / ".ipynb_checkpoints")  # a notebook's copies: not the user's images
+    assert run_cli(predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run), "--json"])) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert [Path(p["path"]).parent for p in from_folder["predictions"]] == [folder] * 10
+    assert run_cli(predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run / "best.pt"), "--json"])) == 0
+    assert json.loads(capsys.readouterr().out) == from_folder  # the run folder means its best.pt
 
 
 def test_resume_on_a_cpu_without_fast_bf16_goes_on_in_fp32(monkeypatch, capsys):

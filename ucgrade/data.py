@@ -141,7 +141,7 @@ def _class_folders(root, class_order):
     return root, folders
 
 
-def _files_under(folder):
+def files_under(folder):
     """Every file below folder, nested sub-folders included, in a stable order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -174,7 +174,7 @@ def scan_folder(root, class_order=None):
     class_names, paths, labels, skipped, empty = [], [], [], [], []
     for name in folders:
         images = []
-        for path in _files_under(root / name):
+        for path in files_under(root / name):
             if not _is_utf8(path):  # e.g. Latin-1 bytes from an old export: CSV and JSON outputs need UTF-8
                 skipped.append((Path(os.fsencode(path).decode("utf-8", "replace")), "the file name is not valid UTF-8; rename the file"))
             elif is_image_file(path):
@@ -301,6 +301,9 @@ def split_folds(labels, n_splits, seed, groups=None):
     units, unit = (len(labels), "images") if groups is None else (len(set(groups)), "groups")
     if n_splits > units:
         raise UserError(f"a split into {n_splits} parts needs at least {n_splits} {unit}, but there are {units}; use fewer --folds (or a larger --val-split) or add {unit}.")
+    largest = int(np.bincount(labels).max())
+    if groups is None and n_splits > largest:  # StratifiedKFold needs one image of some grade per fold
+        raise UserError(f"a split into {n_splits} parts needs a grade with at least {n_splits} images, but the largest has {largest}; use at most --folds {largest}, or add images.")
     with warnings.catch_warnings():
         # sklearn warns when a class has fewer members than folds; check_split then names the class
         warnings.filterwarnings("ignore", message="The least populated class")
