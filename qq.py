@@ -110,8 +110,9 @@ def check_args(args):
 
 
 def settings_for_resume(args, run_dir):
-    """The run's config.json; the run's settings replace args. --epochs may extend a single run, and
-    --device, --precision, --workers, --compile and --cam-examples may change."""
+    """The run's config.json; the run's settings replace args. --epochs may extend a single run,
+    --data may point to the same images moved elsewhere, and --device, --precision, --workers,
+    --compile and --cam-examples may change."""
     config = read_run_config(run_dir)
     if "fold" in config:
         raise UserError(f"'{run_dir}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run_dir.parent}")
@@ -127,11 +128,30 @@ def settings_for_resume(args, run_dir):
             raise UserError(f"'{folder}' has finished epochs but no last.pt, which holds the training state, so the run cannot continue; start a new run (its best.pt still grades images with predict.py).")
     if epochs is not None and epochs < trained:
         raise UserError(f"--epochs {epochs} is fewer than the {trained} epochs the run has already trained; give --epochs {trained} or more, or leave it out.")
+    if read_status(run_dir) == "finished" and (epochs or config["epochs"]) <= trained:
+        more = "there is nothing left to resume" if config["folds"] else f"to train it longer, pass --epochs with more than {trained}"
+        raise UserError(f"'{run_dir}' has already finished its {trained} epochs; {more}.")
+    check_resume_flags(args, config)
+    data_dir = args.data if args.data != get_args_parser().get_default("data") else config["data"]  # the data folder may have moved
     for key in RUN_SETTINGS:
         setattr(args, key, config[key])
+    args.data = data_dir
     args.epochs = epochs or config["epochs"]
     args.precision = precision  # "auto": the precision the run last used (resume_precision)
     return config
+
+
+def check_resume_flags(args, config):
+    """A run's settings come from its config.json: a flag given with --resume that would change one is refused, not ignored."""
+    defaults, paths = get_args_parser(), ("weights", "groups")
+    def same(key, value):
+        return value == config[key] or (key in paths and value and config[key] and Path(value).resolve() == Path(config[key]).resolve())
+    fixed = [key for key in RUN_SETTINGS if key not in ("data", "epochs", "precision")]
+    changed = [key for key in fixed if getattr(args, key) != defaults.get_default(key) and not same(key, getattr(args, key))]
+    if changed:
+        flags = ", ".join("--" + key.replace("_", "-") for key in changed)
+        raise UserError(f"{flags} cannot change when a run is resumed, because the run goes on with the settings in its config.json; "
+                        "leave them out, or start a new run with them.")
 
 
 def resume_precision(device, requested, config):
@@ -458,7 +478,8 @@ def main(args):
         run_dir = resume_dir or files.new_run_dir(args.out, args.name)
         now = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device), "precision_used": precision}
         if original is None:
-            config = {key: getattr(args, key) for key in RUN_SETTINGS} | {"run_dir": str(run_dir)} | now | {
+            paths = {key: str(Path(getattr(args, key)).resolve()) for key in ("data", "weights", "groups") if getattr(args, key)}  # for --resume from anywhere
+            config = {key: getattr(args, key) for key in RUN_SETTINGS} | paths | {"run_dir": str(run_dir)} | now | {
                 "pretrained_used": imagenet_state is not None, "weights_source": source,
                 "class_names": image_set.class_names, "class_counts": image_set.class_counts(),
                 "skipped_files": len(image_set.skipped), "cached_in_memory": image_set.images is not None,

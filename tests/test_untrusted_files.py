@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, run_scripts, user_lines
+from conftest import FAST, ROOT, run_scripts, user_lines
 
 import predict
 import qq
@@ -162,7 +162,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
             (run / "last.pt").write_bytes(content)
         else:
             torch.save(content, run / "last.pt")
-        code, lines = run_in_process(qq, ["--resume", run], capsys)
+        code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
         assert code == 2 and len(lines) == 1 and expected in lines[0], (name, lines)
         assert (run / "history.csv").read_text() == history  # nothing was trained or appended
 
@@ -204,9 +204,33 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     run = copy_run(trained_run, tmp_path / "changed")
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(config | {"data": str(data)}))
-    code, lines = run_in_process(qq, ["--resume", run], capsys)
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
     assert code == 2 and len(lines) == 1, lines
     assert "changed since the run started (then: mild 10, moderate 10, severe 10; now: mild 11, moderate 10, severe 10)" in lines[0]
+
+    # a finished run has nothing to resume unless --epochs extends it
+    code, lines = run_in_process(qq, ["--resume", trained_run], capsys)
+    assert code == 2 and lines == [f"error: '{trained_run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."]
+    # flags that would change the run are refused, not silently ignored
+    code, lines = run_in_process(qq, ["--resume", trained_run, "--epochs", "4", "--lr", "0.1", "--img-size", "128", "--seed", "0"], capsys)
+    assert code == 2 and lines == ["error: --lr, --img-size cannot change when a run is resumed, because the run goes on with the settings in its "
+                                   "config.json; leave them out, or start a new run with them."]  # --seed 0 is what the run has
+    assert files.read_csv(trained_run / "history.csv") == files.read_csv(run / "history.csv")  # untouched
+
+
+def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_path, capsys, monkeypatch):
+    moved = shutil.copytree(small_data, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--data", "data", "--out", "runs", "--epochs", "1", *FAST])) == 0
+    run = tmp_path / "runs" / "train"
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)  # recorded as an absolute path
+    monkeypatch.chdir(ROOT)  # resumed from another folder
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "2", "--cam-examples", "0"])) == 0
+    moved = moved.rename(tmp_path / "moved")
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "3"], capsys)
+    assert code == 2 and "does not exist" in lines[0] and "--data" in lines[0], lines
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "3", "--data", str(moved), "--cam-examples", "0"])) == 0
+    assert len(files.read_csv(run / "history.csv")) == 3
 
 
 def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, small_data, tmp_path):
