@@ -319,11 +319,11 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
     except (RunInterrupted, KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C stops at once; so does output piped into a reader that stopped
         resume_dir = run_dir.parent if "fold" in config else run_dir  # a fold resumes with its whole run
         write_interrupted(run_dir, history, args, resume_dir)
-        done = f"after epoch {len(history)}" if history else "before the first epoch finished"
-        raise RunInterrupted(
-            f"training stopped {done} of {args.epochs}; {run_dir} keeps best.pt, last.pt, history.csv and curves.png of the finished epochs. "
-            f"Resume with: python qq.py --resume {resume_dir}"
-        ) from None
+        if history:
+            done = f"after epoch {len(history)} of {args.epochs}; {run_dir} keeps best.pt, last.pt, history.csv and curves.png of the finished epochs"
+        else:
+            done = f"before the first of {args.epochs} epochs finished, so {run_dir} has no checkpoint yet and resuming starts the training from the beginning"
+        raise RunInterrupted(f"training stopped {done}. Resume with: python qq.py --resume {resume_dir}") from None
     return outputs
 
 
@@ -470,6 +470,9 @@ def main(args):
             data.check_split(image_set, train, val, groups, remedy="use fewer --folds" if args.folds else "use a different --val-split")
         if original is None:
             imagenet_state, source = get_imagenet_weights(args.pretrained, args.weights)
+            if args.freeze_backbone and imagenet_state is None:
+                print("warning: --freeze-backbone without ImageNet weights trains only the last layer, on the features of an untrained "
+                      "network, which cannot grade well; use the ImageNet weights (see README) or leave out --freeze-backbone.")
         else:  # a model that starts afresh (a fold not begun yet) starts as the run's first one did
             model_dirs = [resume_dir / f"fold{k}" for k in range(1, args.folds + 1)] if args.folds else [resume_dir]
             needs_weights = any(not (d / "last.pt").is_file() and read_status(d) != "finished" for d in model_dirs)

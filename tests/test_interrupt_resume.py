@@ -18,7 +18,7 @@ from conftest import FAST, ROOT, make_folder, run_script, run_scripts, train, us
 from PIL import Image
 
 import qq
-from ucgrade import files
+from ucgrade import engine, files
 from ucgrade.errors import run_cli
 from ucgrade.model import load_checkpoint
 
@@ -114,6 +114,24 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(da
     assert files.read_csv(run / "split.csv") == files.read_csv(reference / "split.csv")
     got, want = (load_checkpoint(r / "best.pt")["model"] for r in (run, reference))
     assert all(torch.allclose(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-6) for k in want)
+
+
+def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_path, capsys, monkeypatch):
+    real = engine.train_one_epoch
+
+    def press_ctrl_c_as_the_first_epoch_starts(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled by qq.py's GracefulStop: the epoch stops after its first batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", press_ctrl_c_as_the_first_epoch_starts)
+    run = tmp_path / "out" / "early"
+    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", data24, "--out", tmp_path / "out", "--name", "early", *RUN]])
+    assert run_cli(qq.main, args) == 130
+    assert user_lines(capsys.readouterr().err)[-1] == (
+        f"interrupted: training stopped before the first of {EPOCHS} epochs finished, so {run} has no checkpoint yet and resuming "
+        f"starts the training from the beginning. Resume with: python qq.py --resume {run}")
+    assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
 def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp_path):

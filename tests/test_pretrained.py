@@ -39,12 +39,13 @@ def backbone_matches(run_dir, state):
     return all(torch.equal(best[k], v) for k, v in state.items() if not k.startswith("fc.") and v.is_floating_point())
 
 
-def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like):
+def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like, capsys):
     weights = tmp_path / "my_resnet50.pth"
     torch.save(imagenet_like, weights)
     # with a frozen backbone the trained model keeps the loaded weights exactly; Grad-CAM still
     # works on it, although no weight of the backbone needs a gradient
     assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--freeze-backbone", *ARGS, "--cam-examples", "2"]) == 0
+    assert "--freeze-backbone without ImageNet weights" not in capsys.readouterr().out
     run = tmp_path / "out" / "train"
     cams = read_csv(run / "cam" / "index.csv")
     assert len(cams) == 2 and all((run / "cam" / row["file"]).stat().st_size > 1000 for row in cams)

@@ -3,11 +3,14 @@
 import base64
 import io
 import json
+import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import numpy as np
 import torch
-from conftest import make_folder, run_script
+from conftest import ROOT, make_folder, run_script
 from PIL import Image
 
 from ucgrade import data, report
@@ -208,3 +211,23 @@ def test_heatmap_lands_where_the_crop_came_from():
     assert abs(peak_x - mark_x) <= 2 and abs(peak_y - mark_y) <= 2
     # the margins that the centre crop cut off get no heat: the crop is the middle 100 * 64/73 = 88 px
     assert heatmap[:, :28].max() == 0 and heatmap[:, 119:].max() == 0
+
+
+def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    plots = ("curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png")
+    for name in plots:
+        (run / name).unlink()
+    redraw = [sys.executable, "-m", "ucgrade.report"]
+    result = subprocess.run([*redraw, run], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == f"redrew the plots of {run}\n", result.stderr
+    for name in plots:
+        Image.open(run / name).verify()
+    # no traceback for a folder that is not a finished run
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
+    for folder, message in ((tmp_path / "nothing", "is not a run folder written by qq.py (it has no metrics.json)"),
+                            (tmp_path / "started", "has no evaluated model yet")):
+        result = subprocess.run([*redraw, folder], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: '{folder}' ") and message in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1

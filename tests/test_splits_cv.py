@@ -143,6 +143,7 @@ def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path, capsys
     ("normal,mild", "leaves out the sub-folder(s) severe"),
     ("normal,mild,severe,mayo3", "names mayo3, which is not a sub-folder"),
     ("normal,mild,mild,severe", "lists a class twice"),
+    ("normal,mild,mild", "lists a class twice"),  # not "leaves out severe"
 ])
 def test_class_order_is_validated(graded_data, tmp_path, capsys, order, message):
     code, lines = cli_error(["--data", graded_data, "--out", tmp_path, "--class-order", order, *ONE_EPOCH], capsys)
@@ -350,13 +351,14 @@ def test_weighted_loss_uses_balanced_class_weights():
     assert criterion(logits, targets).item() == pytest.approx(expected.item())
 
 
-def test_balance_changes_training(tmp_path):
+def test_balance_changes_training(tmp_path, capsys):
     """Same seed, same split, same start: only --balance differs, and the training loss follows it."""
     root = make_folder(tmp_path / "data", {"mild": 8, "moderate": 3, "severe": 2})
     losses = {}
     for balance in ("none", "weights", "sampler"):
         argv = ["--data", root, "--out", tmp_path, "--name", balance, "--balance", balance, "--freeze-backbone", *ONE_EPOCH, "--cam-examples", "0"]
         assert train(argv) == 0
+        assert "warning: --freeze-backbone without ImageNet weights trains only the last layer" in capsys.readouterr().out  # --pretrained no
         losses[balance] = float(read_csv(tmp_path / balance / "history.csv")[0]["train_loss"])
         assert read_csv(tmp_path / balance / "split.csv") == read_csv(tmp_path / "none" / "split.csv")
     assert losses["weights"] != pytest.approx(losses["none"], rel=1e-4)

@@ -132,11 +132,11 @@ def _class_folders(root, class_order):
         missing = [name for name in class_order if name not in folders]
         if missing:
             raise UserError(f"--class-order names {', '.join(missing)}, which is not a sub-folder of '{root}' (found: {', '.join(folders)}).")
+        if len(set(class_order)) != len(class_order):
+            raise UserError("--class-order lists a class twice; list each class once, in grade order.")
         unused = [name for name in folders if name not in class_order]
         if unused:
             raise UserError(f"--class-order leaves out the sub-folder(s) {', '.join(unused)} of '{root}'; list every class, in grade order.")
-        if len(set(class_order)) != len(class_order):
-            raise UserError("--class-order lists a class twice; list each class once, in grade order.")
         folders = list(class_order)
     return root, folders
 

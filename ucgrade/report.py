@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
+from .errors import UserError, run_cli  # noqa: E402
 from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt  # noqa: E402
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_images_per_s"]
@@ -416,7 +417,19 @@ def redraw(run_dir):
     plot_roc(targets, probs, class_names, run_dir / "roc.png", (metrics.get("remission") or {}).get("remission_classes", [None])[-1])
 
 
-if __name__ == "__main__":
-    for run in sys.argv[1:]:
+def main(runs):
+    """python -m ucgrade.report RUN [RUN ...]: redraw the plots of finished runs."""
+    if not runs:
+        raise UserError("give one or more run folders, for example: python -m ucgrade.report outputs/train")
+    for run in runs:
+        path = Path(run) / "metrics.json"
+        if not path.is_file():
+            raise UserError(f"'{run}' is not a run folder written by qq.py (it has no metrics.json); give a folder under outputs/.")
+        if "confusion_matrix" not in json.loads(path.read_text()):
+            raise UserError(f"'{run}' has no evaluated model yet (it was interrupted before one); resume it with: python qq.py --resume {run}")
         redraw(run)
         print(f"redrew the plots of {run}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
