@@ -371,6 +371,7 @@ def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device,
     print(
         f"inference on {device} ({precision}): batch 1 mean {timing['batch1_mean_ms']:.1f} ms, median {timing['batch1_median_ms']:.1f} ms, "
         f"p95 {timing['batch1_p95_ms']:.1f} ms per image; {timing['throughput_images_per_s']:.1f} img/s at batch {timing['throughput_batch_size']}"
+        + (f"\nnote: {metrics.timing_note(timing)}." if metrics.timing_note(timing) else "")
     )
     return result, probs, targets
 

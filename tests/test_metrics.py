@@ -13,6 +13,7 @@ import pytest
 
 from ucgrade import metrics
 from ucgrade.files import read_csv
+from ucgrade.report import inference_html
 
 # rows: true grade, columns: predicted grade
 KNOWN = [[6, 2, 0],
@@ -205,3 +206,11 @@ def test_run_metrics_match_its_predictions_file(trained_run):
     assert bounds[0] - 1e-9 <= result["roc_auc_ovr_macro"] <= bounds[1] + 1e-9
     assert "remission" not in result  # no --remission-upto: no remission block
     assert "Remission" not in (trained_run / "report.html").read_text()
+
+
+def test_widely_spread_inference_times_are_flagged_in_the_report():
+    steady = {"device": "cpu", "precision": "bf16", "batch1_mean_ms": 23.0, "batch1_median_ms": 22.5, "batch1_p95_ms": 24.0,
+              "throughput_images_per_s": 70.0, "throughput_batch_size": 32}
+    busy = steady | {"batch1_mean_ms": 214.6, "batch1_p95_ms": 1673.0}  # seen on a shared CPU
+    assert "varied widely" not in inference_html(steady)
+    assert '<p class="warn">The times varied widely (p95 over twice the median), so another program was probably using the device; quote the median.</p>' in inference_html(busy)

@@ -13,7 +13,7 @@ from conftest import FAST, ROOT, make_folder, run_script, train
 from PIL import Image
 
 import qq
-from ucgrade import data
+from ucgrade import data, files
 from ucgrade.device import choose_device, choose_precision
 from ucgrade.engine import predict_image, predict_probabilities
 from ucgrade.files import read_csv
@@ -187,6 +187,8 @@ def test_second_run_does_not_overwrite_the_first(small_data, tmp_path):
     # a named run that exists gets a number too
     assert train(["--data", small_data, "--out", tmp_path, "--name", "train", "--epochs", "1", *FAST]) == 0
     assert (tmp_path / "train3" / "best.pt").is_file()
+    # and a name that ends in a number gets a dash before its own
+    assert [files.new_run_dir(tmp_path, "visit2").name for _ in range(3)] == ["visit2", "visit2-2", "visit2-3"]
 
 
 def test_help_shows_every_flag_with_default():

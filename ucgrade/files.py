@@ -82,15 +82,17 @@ def check_folder_path(path, flag):
 
 
 def new_run_dir(out_dir, name=None):
-    """Create and return a fresh folder under out_dir: name, name2, name3, ... (default name: train).
+    """Create and return a fresh folder under out_dir: name, name2, name3, ... (default name: train;
+    a name ending in a digit gets name-2, name-3, ...).
 
     os.mkdir fails if the folder exists, so two runs started at once never share a folder.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = name or "train"
+    joint = "-" if base[-1].isdigit() else ""  # visit2, visit2-2, visit2-3: not visit22
     for i in range(1, 100_000):
-        run_dir = out_dir / (base if i == 1 else f"{base}{i}")
+        run_dir = out_dir / (base if i == 1 else f"{base}{joint}{i}")
         try:
             run_dir.mkdir()
             return run_dir

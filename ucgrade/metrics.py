@@ -165,3 +165,10 @@ def _mean_std(values):
     if not values:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def timing_note(timing):
+    """A warning when batch-1 times spread widely: then something else was using the device."""
+    if timing["batch1_p95_ms"] <= 2 * timing["batch1_median_ms"]:
+        return ""
+    return "the times varied widely (p95 over twice the median), so another program was probably using the device; quote the median"

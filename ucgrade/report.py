@@ -23,7 +23,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve  # 
 
 from . import files  # noqa: E402
 from .errors import UserError, run_cli  # noqa: E402
-from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt  # noqa: E402
+from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt, timing_note  # noqa: E402
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_images_per_s"]
 
@@ -161,7 +161,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
         return 0
     cols = min(4, len(wrong))
     nrows = (len(wrong) + cols - 1) // cols
-    fig = Figure(figsize=(3 * cols, 3.6 * nrows + 0.4))
+    fig = Figure(figsize=(3 * cols, 3.9 * nrows + 0.4))  # each row: the image and a three-line caption
     for k, row in enumerate(wrong):
         ax = fig.add_subplot(nrows, cols, k + 1)
         try:
@@ -174,7 +174,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12):
         ax.set_title(f"{name}\ntrue: {row['true']}\npredicted: {row['predicted']} (p={float(row['p_predicted']):.2f})", fontsize=9)
         ax.axis("off")
     fig.suptitle("Most confidently wrong validation images")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * nrows + 0.4)))  # the top 0.4 inch holds the title, clear of the captions
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.9 * nrows + 0.4)))  # the top 0.4 inch holds the title, clear of the captions
     files.save_figure(path, fig)
     return len(wrong)
 
@@ -245,10 +245,11 @@ def metrics_html(metrics):
 def inference_html(timing):
     if not timing:
         return "<p>not measured</p>"
+    note = timing_note(timing)
     return table(
         ["device", "precision", "batch 1 mean (ms)", "median (ms)", "p95 (ms)", f"throughput at batch {timing['throughput_batch_size']} (img/s)"],
         [[timing["device"], timing["precision"], fmt(timing["batch1_mean_ms"], 1), fmt(timing["batch1_median_ms"], 1), fmt(timing["batch1_p95_ms"], 1), fmt(timing["throughput_images_per_s"], 1)]],
-    )
+    ) + (f'<p class="warn">{note[0].upper() + note[1:]}.</p>' if note else "")
 
 
 def dataset_html(run_dir, split=None, class_names=None):
