@@ -191,6 +191,8 @@ def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
     groups.write_text("path,group\n" + "".join(f"{g}/{g}_{i:03d}.jpg,p{i % 2}\n" for g in ("mild", "severe") for i in range(4)))
     code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "3", *ONE_EPOCH], capsys)
     assert code == 2 and len(lines) == 1 and "needs at least 3 groups, but there are 2" in lines[0], lines
+    code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)  # a hold-out split: 1 of 5
+    assert code == 2 and lines == ["error: a split into 5 parts needs at least 5 groups, but there are 2; use a larger --val-split or add groups."]
     code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--folds", "6", *ONE_EPOCH], capsys)  # without groups
     assert code == 2 and lines == ["error: a split into 6 parts needs a grade with at least 6 images, but the largest has 4; use at most --folds 4, or add images."]
     # a grade whose images all belong to one patient cannot be validated in every fold

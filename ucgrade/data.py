@@ -275,7 +275,7 @@ def split_holdout(labels, val_fraction, seed, groups=None):
     """
     labels = np.asarray(labels)
     if groups is not None:
-        return split_folds(labels, grouped_holdout_folds(val_fraction), seed, groups)[0]
+        return split_folds(labels, grouped_holdout_folds(val_fraction), seed, groups, remedy="use a larger --val-split")[0]
     rng = np.random.default_rng(seed)
     val = []
     for label in np.unique(labels):
@@ -292,7 +292,7 @@ def grouped_holdout_folds(val_fraction):
     return max(2, round(1 / val_fraction))
 
 
-def split_folds(labels, n_splits, seed, groups=None):
+def split_folds(labels, n_splits, seed, groups=None, remedy="use fewer --folds"):
     """K stratified folds (grouped when groups is given): a list of (train, val) index arrays."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -300,7 +300,7 @@ def split_folds(labels, n_splits, seed, groups=None):
     x = np.zeros(len(labels))
     units, unit = (len(labels), "images") if groups is None else (len(set(groups)), "groups")
     if n_splits > units:
-        raise UserError(f"a split into {n_splits} parts needs at least {n_splits} {unit}, but there are {units}; use fewer --folds (or a larger --val-split) or add {unit}.")
+        raise UserError(f"a split into {n_splits} parts needs at least {n_splits} {unit}, but there are {units}; {remedy} or add {unit}.")
     largest = int(np.bincount(labels).max())
     if groups is None and n_splits > largest:  # StratifiedKFold needs one image of some grade per fold
         raise UserError(f"a split into {n_splits} parts needs a grade with at least {n_splits} images, but the largest has {largest}; use at most --folds {largest}, or add images.")
