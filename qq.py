@@ -38,10 +38,31 @@ RUN_SETTINGS = (
     "precision", "pretrained", "weights", "class_order", "remission_upto", "groups", "folds", "balance",
     "freeze_backbone", "cache",
 )
+# Settings that --resume may change, because the run goes on the same: the same images from
+# elsewhere, or streamed instead of cached.
+RESUME_MAY_CHANGE = ("data", "cache")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Also records which flags were given on the command line (args.given), so that --resume can
+    refuse a setting it would otherwise ignore, even one given with its default value."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        defaults = {action: action.default for action in self._actions}
+        try:
+            for action in self._actions:
+                action.default = argparse.SUPPRESS
+            given, _ = super().parse_known_args(args, None)
+        finally:
+            for action, default in defaults.items():
+                action.default = default
+        parsed.given = sorted(vars(given))
+        return parsed, extras
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Fine-tune an ImageNet ResNet50 to grade the endoscopic severity of ulcerative colitis.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  python qq.py\n  python qq.py --data images --remission-upto mayo1 --folds 5\n  python qq.py --resume outputs/train2",
@@ -111,8 +132,8 @@ def check_args(args):
 
 def settings_for_resume(args, run_dir):
     """The run's config.json; the run's settings replace args. --epochs may extend a single run,
-    --data may point to the same images moved elsewhere, and --device, --precision, --workers,
-    --compile and --cam-examples may change."""
+    --data may point to the same images moved elsewhere, and --cache, --device, --precision,
+    --workers, --compile and --cam-examples may change."""
     config = read_run_config(run_dir)
     if "fold" in config:
         raise UserError(f"'{run_dir}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run_dir.parent}")
@@ -132,10 +153,11 @@ def settings_for_resume(args, run_dir):
         more = "there is nothing left to resume" if config["folds"] else f"to train it longer, pass --epochs with more than {trained}"
         raise UserError(f"'{run_dir}' has already finished its {trained} epochs; {more}.")
     check_resume_flags(args, config)
-    data_dir = args.data if args.data != get_args_parser().get_default("data") else config["data"]  # the data folder may have moved
+    changes = {key: getattr(args, key) for key in RESUME_MAY_CHANGE if key in getattr(args, "given", ())}
     for key in RUN_SETTINGS:
         setattr(args, key, config[key])
-    args.data = data_dir
+    for key, value in changes.items():
+        setattr(args, key, value)
     args.epochs = epochs or config["epochs"]
     args.precision = precision  # "auto": the precision the run last used (resume_precision)
     return config
@@ -143,11 +165,10 @@ def settings_for_resume(args, run_dir):
 
 def check_resume_flags(args, config):
     """A run's settings come from its config.json: a flag given with --resume that would change one is refused, not ignored."""
-    defaults, paths = get_args_parser(), ("weights", "groups")
     def same(key, value):
-        return value == config[key] or (key in paths and value and config[key] and Path(value).resolve() == Path(config[key]).resolve())
-    fixed = [key for key in RUN_SETTINGS if key not in ("data", "epochs", "precision")]
-    changed = [key for key in fixed if getattr(args, key) != defaults.get_default(key) and not same(key, getattr(args, key))]
+        return value == config[key] or (key in ("weights", "groups") and value and config[key] and Path(value).resolve() == Path(config[key]).resolve())
+    fixed = [key for key in RUN_SETTINGS if key not in ("epochs", "precision", *RESUME_MAY_CHANGE)]
+    changed = [key for key in fixed if key in getattr(args, "given", ()) and not same(key, getattr(args, key))]
     if changed:
         flags = ", ".join("--" + key.replace("_", "-") for key in changed)
         raise UserError(f"{flags} cannot change when a run is resumed, because the run goes on with the settings in its config.json; "
@@ -463,7 +484,11 @@ def main(args):
         image_set = read_data(args, stop)
         if original is not None:
             check_resume_data(original, image_set)
-        groups = data.read_groups(args.groups, image_set) if args.groups else None
+        if args.groups and original is not None and (resume_dir / "split.csv").is_file():  # the groups CSV may have moved with the images
+            group_of = data.read_split(resume_dir / "split.csv", image_set, "group")
+            groups = [group_of[i] for i in range(len(image_set.paths))]
+        else:
+            groups = data.read_groups(args.groups, image_set) if args.groups else None
         if groups is None and original is None:
             print("note: without --groups, images are split one by one; if a patient has several images, some may land in training and others in validation, which flatters the validation metrics. Give --groups patients.csv to keep each patient on one side.")
         folds = plan_split(args, image_set, groups, resume_dir)
@@ -490,7 +515,7 @@ def main(args):
                 "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
             }
         else:  # the record of how the run started stays; each resumption is added to it
-            config = original | {"epochs": args.epochs, "resumed": original.get("resumed", []) + [now]}
+            config = original | {"epochs": args.epochs, "data": str(Path(args.data).resolve()), "resumed": original.get("resumed", []) + [now]}
         files.write_json(run_dir / "config.json", config)
         files.write_csv(run_dir / "skipped.csv", [{"path": str(p), "reason": r} for p, r in image_set.skipped], ["path", "reason"])
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")

@@ -163,5 +163,6 @@ def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(t
     # every fold has begun: resuming needs no weights, so the file may be gone (or the machine offline)
     weights.unlink()
     (run / "fold2" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
+    (run / "metrics.json").write_text(json.dumps({"status": "interrupted", "folds": 2, "folds_finished": 1}))
     assert train(["--resume", run]) == 0
     assert json.loads((run / "fold2" / "metrics.json").read_text())["status"] == "finished"

@@ -225,9 +225,12 @@ def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
         Image.open(run / name).verify()
     # no traceback for a folder that is not a finished run
     (tmp_path / "started").mkdir()
-    (tmp_path / "started" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
-    for folder, message in ((tmp_path / "nothing", "is not a run folder written by qq.py (it has no metrics.json)"),
-                            (tmp_path / "started", "has no evaluated model yet")):
+    (tmp_path / "started" / "config.json").write_text((run / "config.json").read_text())
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "config.json").write_text((run / "config.json").read_text())
+    (tmp_path / "stopped" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
+    for folder, message in ((tmp_path / "nothing", "is not a run folder written by qq.py (it has no config.json)"),
+                            (tmp_path / "started", "has no evaluated model yet"), (tmp_path / "stopped", "has no evaluated model yet")):
         result = subprocess.run([*redraw, folder], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.startswith(f"error: '{folder}' ") and message in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1

@@ -77,7 +77,7 @@ def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path):
     results = run_scripts(
         ("predict.py", small_data / "mild" / "mild_000.jpg", "--weights", evil),
         ("qq.py", "--data", small_data, "--out", tmp_path / "out", "--weights", evil, *WEIGHTS_RUN),
-        ("qq.py", "--resume", run),
+        ("qq.py", "--resume", run, "--epochs", "4"),
     )
     for result, path in zip(results, [evil, evil, run / "last.pt"]):
         lines = user_lines(result.stderr)
@@ -209,28 +209,42 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     assert "changed since the run started (then: mild 10, moderate 10, severe 10; now: mild 11, moderate 10, severe 10)" in lines[0]
 
     # a finished run has nothing to resume unless --epochs extends it
-    code, lines = run_in_process(qq, ["--resume", trained_run], capsys)
-    assert code == 2 and lines == [f"error: '{trained_run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."]
-    # flags that would change the run are refused, not silently ignored
-    code, lines = run_in_process(qq, ["--resume", trained_run, "--epochs", "4", "--lr", "0.1", "--img-size", "128", "--seed", "0"], capsys)
+    run = copy_run(trained_run, tmp_path / "finished")
+    code, lines = run_in_process(qq, ["--resume", run], capsys)
+    assert code == 2 and lines == [f"error: '{run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."]
+    # flags that would change the run are refused, not silently ignored: also --img-size 224, the default, against the run's 64;
+    # --batch-size 8 and --seed 0 are what the run has, and --cache may change
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4", "--lr", "0.1", "--img-size", "224", "--batch-size", "8", "--seed", "0",
+                                      "--cache", "off"], capsys)
     assert code == 2 and lines == ["error: --lr, --img-size cannot change when a run is resumed, because the run goes on with the settings in its "
-                                   "config.json; leave them out, or start a new run with them."]  # --seed 0 is what the run has
+                                   "config.json; leave them out, or start a new run with them."]
     assert files.read_csv(trained_run / "history.csv") == files.read_csv(run / "history.csv")  # untouched
 
 
 def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_path, capsys, monkeypatch):
     moved = shutil.copytree(small_data, tmp_path / "data")
+    # the patients CSV lives in the data folder and moves with it
+    images = sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*.jpg"))
+    (moved / "patients.csv").write_text("path,group\n" + "".join(f"{rel},p{i // 2}\n" for i, rel in enumerate(images)))
     monkeypatch.chdir(tmp_path)
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--data", "data", "--out", "runs", "--epochs", "1", *FAST])) == 0
+    args = ["--data", "data", "--groups", "data/patients.csv", "--out", "runs", "--epochs", "1", *FAST, "--cam-examples", "0"]
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(args)) == 0
     run = tmp_path / "runs" / "train"
-    assert json.loads((run / "config.json").read_text())["data"] == str(moved)  # recorded as an absolute path
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == str(moved) and config["groups"] == str(moved / "patients.csv")  # absolute paths
+    split = files.read_csv(run / "split.csv")
     monkeypatch.chdir(ROOT)  # resumed from another folder
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "2", "--cam-examples", "0"])) == 0
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "2"])) == 0
     moved = moved.rename(tmp_path / "moved")
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "3"], capsys)
     assert code == 2 and "does not exist" in lines[0] and "--data" in lines[0], lines
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "3", "--data", str(moved), "--cam-examples", "0"])) == 0
-    assert len(files.read_csv(run / "history.csv")) == 3
+    # the images moved, the groups CSV with them: --data is enough, and later resumes find the new place
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "3", "--data", str(moved)])) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "4", "--cache", "off"])) == 0
+    assert len(files.read_csv(run / "history.csv")) == 4
+    assert files.read_csv(run / "split.csv") == split
+    assert [r["group"] for r in files.read_csv(run / "predictions.csv")] == [r["group"] for r in split if r["subset"] == "val"]
 
 
 def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, small_data, tmp_path):
@@ -284,9 +298,12 @@ def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained
     folder = tmp_path / "visit"
     shutil.copytree(small_data / "severe", folder)
     shutil.copytree(small_data / "mild", folder / ".ipynb_checkpoints")  # a notebook's copies: not the user's images
+    elsewhere = shutil.copytree(small_data / "moderate", tmp_path / "elsewhere")
+    (folder / "moderate").symlink_to(elsewhere, target_is_directory=True)  # a linked folder is followed ...
+    (folder / "moderate" / "again").symlink_to(folder, target_is_directory=True)  # ... once, even when it links back
     assert run_cli(predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run), "--json"])) == 0
     from_folder = json.loads(capsys.readouterr().out)
-    assert [Path(p["path"]).parent for p in from_folder["predictions"]] == [folder] * 10
+    assert [Path(p["path"]).parent for p in from_folder["predictions"]] == [folder] * 10 + [folder / "moderate"] * 10
     assert run_cli(predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run / "best.pt"), "--json"])) == 0
     assert json.loads(capsys.readouterr().out) == from_folder  # the run folder means its best.pt
 

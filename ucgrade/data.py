@@ -142,9 +142,15 @@ def _class_folders(root, class_order):
 
 
 def files_under(folder):
-    """Every file below folder, nested sub-folders included, in a stable order."""
-    found = []
+    """Every file below folder, nested sub-folders included (hidden ones not), in a stable order.
+    Linked folders are followed, each real folder once, so a link back to a parent cannot loop."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / name for name in sorted(filenames))
     return found

@@ -424,9 +424,9 @@ def main(runs):
         raise UserError("give one or more run folders, for example: python -m ucgrade.report outputs/train")
     for run in runs:
         path = Path(run) / "metrics.json"
-        if not path.is_file():
-            raise UserError(f"'{run}' is not a run folder written by qq.py (it has no metrics.json); give a folder under outputs/.")
-        if "confusion_matrix" not in json.loads(path.read_text()):
+        if not (Path(run) / "config.json").is_file():
+            raise UserError(f"'{run}' is not a run folder written by qq.py (it has no config.json); give a folder under outputs/.")
+        if not path.is_file() or "confusion_matrix" not in json.loads(path.read_text()):
             raise UserError(f"'{run}' has no evaluated model yet (it was interrupted before one); resume it with: python qq.py --resume {run}")
         redraw(run)
         print(f"redrew the plots of {run}")
