@@ -36,7 +36,7 @@ DEFAULT_EPOCHS = 25
 RUN_SETTINGS = (
     "data", "epochs", "batch_size", "lr", "momentum", "step_size", "gamma", "val_split", "seed", "img_size",
     "precision", "pretrained", "weights", "class_order", "remission_upto", "groups", "folds", "balance",
-    "freeze_backbone", "cache",
+    "freeze_backbone", "cache", "select",
 )
 # Settings that --resume may change, because the run goes on the same: the same images from
 # elsewhere, or streamed instead of cached.
@@ -90,6 +90,8 @@ def get_args_parser():
     add("--groups", default=None, metavar="CSV", help="CSV with columns path,group (e.g. patient id); a group never spans train and validation (default: none)")
     add("--folds", type=int, default=0, metavar="K", help="K-fold cross-validation with K >= 2; 0 is a single train/validation split (default: %(default)s)")
     add("--balance", default="none", choices=("none", "weights", "sampler"), help="class imbalance: none, class-weighted loss, or a class-balanced sampler (default: %(default)s)")
+    add("--select", default="best", choices=("best", "last"),
+        help="the epoch whose model becomes best.pt and is evaluated: best validation accuracy, or last, chosen without looking at the validation images, for figures that are not optimistic (default: %(default)s)")
     add("--freeze-backbone", action="store_true", help="train only the new fc layer on features computed once (fast; default: fine-tune all layers)")
     add("--cache", default="auto", choices=("auto", "ram", "off"), help="keep decoded images in memory; auto does so when they fit in half the free memory (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the model; on a CPU it compiles for about a minute and trains no faster (BENCHMARKS.md), so it is for GPUs (default: off)")
@@ -199,6 +201,7 @@ def read_run_config(run_dir):
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"the config.json of '{run_dir}' is unreadable ({error}), so the run cannot be resumed; start a new run.") from None
+    config = {"select": "best"} | config  # runs written before --select kept the best epoch
     missing = [key for key in RUN_SETTINGS + ("class_names", "class_counts", "precision_used", "pretrained_used", "weights_source") if key not in config]
     if missing:
         raise UserError(f"the config.json of '{run_dir}' lacks {', '.join(missing)}, so the run cannot be resumed; start a new run.")
@@ -322,7 +325,7 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
                 "epoch": epoch, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"], "val_loss": val_loss, "val_acc": val_acc,
                 "lr": lr, "epoch_time_s": seconds, "train_images_per_s": train_stats["images_per_s"],
             })
-            improved = engine.best_epoch(history)["epoch"] == epoch
+            improved = engine.best_epoch(history, args.select)["epoch"] == epoch
             if improved:
                 save_checkpoint(run_dir / "best.pt", checkpoint(epoch, {"val_acc": val_acc, "val_loss": val_loss}))
             save_checkpoint(last_path, checkpoint(
@@ -362,7 +365,7 @@ def read_last_checkpoint(path, class_names):
 def write_interrupted(run_dir, history, args, resume_dir):
     if history:
         report.plot_curves(history, run_dir / "curves.png")
-    best = engine.best_epoch(history) or {}
+    best = engine.best_epoch(history, args.select) or {}
     files.write_json(run_dir / "metrics.json", {
         "status": "interrupted", "epochs_completed": len(history), "epochs": args.epochs,
         "best_epoch": best.get("epoch"), "best_val_acc": best.get("val_acc"), "resume": f"python qq.py --resume {resume_dir}",
@@ -378,7 +381,7 @@ def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device,
     result = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
     timing = engine.measure_inference_time(model, (val_set[i][0] for i in range(len(val_set))), device, precision, args.batch_size)
     result.update({
-        "status": "finished", "epochs_completed": len(history), "epochs": args.epochs, "best_epoch": engine.best_epoch(history)["epoch"],
+        "status": "finished", "epochs_completed": len(history), "epochs": args.epochs, "best_epoch": engine.best_epoch(history, args.select)["epoch"],
         "val_loss": val_loss, "device": str(device), "precision": precision, "inference_time": timing,
     })
     extra = {"group": [groups[i] for i in val]} if groups is not None else None

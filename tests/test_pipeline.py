@@ -13,7 +13,7 @@ from conftest import FAST, ROOT, make_folder, run_script, train
 from PIL import Image
 
 import qq
-from ucgrade import data, files
+from ucgrade import data, engine, files
 from ucgrade.device import choose_device, choose_precision
 from ucgrade.engine import predict_image, predict_probabilities
 from ucgrade.files import read_csv
@@ -197,7 +197,7 @@ def test_help_shows_every_flag_with_default():
     text = " ".join(result.stdout.split())
     flags = ["--data", "--out", "--name", "--epochs", "--batch-size", "--lr", "--momentum", "--step-size", "--gamma", "--val-split",
              "--seed", "--img-size", "--workers", "--device", "--precision", "--pretrained", "--weights", "--class-order", "--remission-upto",
-             "--groups", "--folds", "--balance", "--freeze-backbone", "--cache", "--compile", "--cam-examples", "--resume"]
+             "--groups", "--folds", "--balance", "--select", "--freeze-backbone", "--cache", "--compile", "--cam-examples", "--resume"]
     options = [a for a in qq.get_args_parser()._actions if a.option_strings != ["-h", "--help"]]
     assert sorted(a.option_strings[0] for a in options) == sorted(flags)  # a new flag is added to this list, and to the README
     for action in options:
@@ -206,3 +206,24 @@ def test_help_shows_every_flag_with_default():
     for default in ["(default: data)", "(default: outputs)", "(default: 25)", "(default: 16)", "(default: 0.001)", "(default: 0.9)",
                     "(default: 7)", "(default: 0.1)", "(default: 0.2)", "(default: 224)", "(default: auto)"]:
         assert default in text, default
+
+
+def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(small_data, tmp_path):
+    assert train(["--data", small_data, "--out", tmp_path, "--epochs", "3", "--select", "last", "--lr", "0.01", *FAST]) == 0
+    run = tmp_path / "train"
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["epoch"] == last["epoch"] == 3
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 3 and json.loads((run / "config.json").read_text())["select"] == "last"
+    # the metrics are those of the last epoch's model: its validation accuracy in history.csv
+    assert metrics["accuracy"] == pytest.approx(float(read_csv(run / "history.csv")[-1]["val_acc"]))
+    report = (run / "report.html").read_text()
+    assert "Last epoch 3 of 3" in report and "chosen without looking at the validation images" in report and "lean optimistic" not in report
+
+
+def test_best_epoch_is_chosen_on_validation_accuracy_unless_select_last():
+    history = [{"epoch": 1, "val_acc": 0.8, "val_loss": 0.5}, {"epoch": 2, "val_acc": 0.8, "val_loss": 0.4}, {"epoch": 3, "val_acc": 0.6, "val_loss": 0.9}]
+    assert engine.best_epoch(history)["epoch"] == 2  # ties go to the lower loss
+    assert engine.best_epoch(history, "last")["epoch"] == 3
+    assert engine.best_epoch([], "last") is None and engine.best_epoch([]) is None

@@ -180,6 +180,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     # fewer epochs than the run has trained cannot be continued; more extend it
     run = copy_run(trained_run, tmp_path / "extended")
     started = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({k: v for k, v in started.items() if k != "select"}))  # as runs before --select wrote it
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
     assert code == 2 and lines == ["error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or leave it out."]
     code, _ = run_in_process(qq, ["--resume", run, "--epochs", "4", "--precision", "fp32"], capsys)

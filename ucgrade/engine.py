@@ -63,8 +63,11 @@ def set_rng_state(state, generator, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def best_epoch(history):
-    """The history row of the best epoch: the highest validation accuracy, ties to the lower loss."""
+def best_epoch(history, select="best"):
+    """The history row of the epoch whose model is kept: the highest validation accuracy, ties to
+    the lower loss; or, with select="last", the last epoch, chosen without the validation results."""
+    if select == "last":
+        return history[-1] if history else None
     return max(history, key=lambda row: (row["val_acc"], -row["val_loss"]), default=None)
 
 

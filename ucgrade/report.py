@@ -313,17 +313,17 @@ def run_report(run_dir, cams=()):
     status = metrics.get("status", "finished")
     summary = (
         f"<p>Grades in order: <b>{html.escape(' < '.join(metrics['class_names']))}</b>. "
-        f"Best epoch {best} of {metrics.get('epochs_completed')} ({html.escape(status)}). "
+        f"{'Last' if config.get('select') == 'last' else 'Best'} epoch {best} of {metrics.get('epochs_completed')} ({html.escape(status)}). "
         f"Validation accuracy {fmt(metrics['accuracy'])}, balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
         f"QWK {fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
-        + caveats(config, "The best epoch was chosen by its accuracy on these same validation images", "or compare runs by cross-validation (--folds)")
+        + caveats(config, "The model", "The best epoch was chosen by its accuracy on these same validation images", "or compare runs by cross-validation (--folds)")
     )
     sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"]))]
     sections.append(("Settings", table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()])))
     sections.append(("Training curves", embed_png(run_dir / "curves.png", "loss and accuracy curves")))
-    sections.append(("Confusion matrices (best model, validation set)", pair(embed_png(run_dir / "confusion_matrix.png", "confusion matrix"), embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"))))
-    sections.append(("Metrics (best model, validation set)", metrics_html(metrics)))
+    sections.append(("Confusion matrices (best.pt, validation set)", pair(embed_png(run_dir / "confusion_matrix.png", "confusion matrix"), embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"))))
+    sections.append(("Metrics (best.pt, validation set)", metrics_html(metrics)))
     if (run_dir / "roc.png").exists():
         sections.append(("ROC curves", embed_png(run_dir / "roc.png", "ROC curves")))
     sections.append(("Inference time", inference_html(metrics.get("inference_time"))))
@@ -336,10 +336,15 @@ def run_report(run_dir, cams=()):
     write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", sections)
 
 
-def caveats(config, selection, remedy=""):
-    """What makes the metrics of a report lean optimistic: the choice of the best epoch and, without --groups, the split."""
-    notes = (f'<p class="note">{selection}, so these figures lean optimistic; for an estimate to publish, '
-             f"grade a separate test set with predict.py{', ' + remedy if remedy else ''}.</p>")
+def caveats(config, model, selection, remedy=""):
+    """What makes the metrics of a report lean optimistic: the choice of the best epoch (not with
+    --select last) and, without --groups, the split."""
+    if config.get("select") == "last":
+        notes = (f'<p class="note">{model} is that of the last epoch (--select last), chosen without looking at the validation images, '
+                 "so the choice of epoch does not flatter these figures.</p>")
+    else:
+        notes = (f'<p class="note">{selection}, so these figures lean optimistic (--select last avoids this); for an estimate to publish, '
+                 f"grade a separate test set with predict.py{', ' + remedy if remedy else ''}.</p>")
     if not config.get("groups"):
         notes += ('<p class="warn">The split was made image by image (no --groups file): if a patient contributed several images, '
                   "some may be in training and others in validation, which flatters every metric here.</p>")
@@ -386,7 +391,7 @@ def cv_report(run_dir, summary_table, pooled):
         ("Summary", f"<p>{folds}-fold cross-validation{' grouped by ' + html.escape(str(config['groups'])) if config.get('groups') else ''}. "
                     f"Each image is validated exactly once, by the model that did not train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored below. "
                     f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>. ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
-                    + caveats(config, "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images")),
+                    + caveats(config, "Each fold's model", "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images")),
         ("Dataset and folds", "<p>Images validated in each fold (each fold's model trained on the other folds):</p>" + dataset_html(run_dir, split, pooled["class_names"])),
         ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
         ("Pooled out-of-fold metrics", metrics_html(pooled)),
