@@ -293,6 +293,8 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     assert lines == [f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights {trained_run / 'best.pt'}."]
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", tmp_path], capsys)
     assert code == 2 and lines[0].startswith(f"error: --weights '{tmp_path}' is a folder without a best.pt; give a best.pt or last.pt"), lines
+    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", "/dev/null"], capsys)
+    assert code == 2 and lines == ["error: checkpoint '/dev/null' is not a file; pass --weights with a best.pt from a run folder under outputs/."]
 
 
 def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained_run, small_data, tmp_path, capsys):

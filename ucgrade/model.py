@@ -207,7 +207,8 @@ def load_checkpoint(path):
     """Read a checkpoint written by qq.py (best.pt or last.pt) and check that it is one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist; pass --weights with a best.pt from a run folder under outputs/.")
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise UserError(f"checkpoint '{path}' {problem}; pass --weights with a best.pt from a run folder under outputs/.")
     checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
