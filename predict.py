@@ -49,15 +49,19 @@ def newest_checkpoint(out_dir):
 
 
 def collect_images(inputs):
-    """(image paths, errors): folders are searched for images, files are taken as they are."""
+    """(image paths, errors): folders are searched for images; files need an image extension, as in training."""
     images, errors = [], []
     for name in inputs:
         path = Path(name)
-        if path.is_dir():
+        if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.json").is_file():
+            errors.append((name, "a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights"))
+        elif path.is_dir():
             found = [p for p in files_under(path) if is_image_file(p)]  # hidden folders skipped, as in training
             if not found:
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
             images.extend(found)
+        elif path.exists() and not is_image_file(path):
+            errors.append((name, f"not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)}), so it is skipped, as in training"))
         elif path.exists():
             images.append(path)
         else:
@@ -78,7 +82,8 @@ def main(args):
     weights = Path(args.weights) if args.weights else newest_checkpoint(args.out)
     if weights.is_dir():  # a run folder: its best model
         if not (weights / "best.pt").is_file():
-            raise UserError(f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by qq.py (a cross-validation run keeps one per fold, such as {weights / 'fold1' / 'best.pt'}).")
+            fold = f" (a cross-validation run keeps one per fold, such as {weights / 'fold1' / 'best.pt'})" if (weights / "fold1" / "best.pt").is_file() else ""
+            raise UserError(f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by qq.py{fold}.")
         weights = weights / "best.pt"
     if not args.weights:
         print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)

@@ -137,6 +137,9 @@ def settings_for_resume(args, run_dir):
     --data may point to the same images moved elsewhere, and --cache, --device, --precision,
     --workers, --compile and --cam-examples may change."""
     config = read_run_config(run_dir)
+    ignored = [flag for flag in ("name", "out") if flag in getattr(args, "given", ())]
+    if ignored:
+        raise UserError(f"{' and '.join('--' + flag for flag in ignored)} do not apply to --resume, which goes on in the run's own folder '{run_dir}'; leave them out.")
     if "fold" in config:
         raise UserError(f"'{run_dir}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run_dir.parent}")
     epochs, precision = args.epochs, args.precision
@@ -193,6 +196,8 @@ def resume_precision(device, requested, config):
 
 def read_run_config(run_dir):
     """A run's config.json, with the settings that resuming needs."""
+    if run_dir.is_file():
+        raise UserError(f"--resume '{run_dir}' is a file; give its run folder, such as --resume {run_dir.parent}.")
     if not run_dir.is_dir():
         raise UserError(f"--resume '{run_dir}' does not exist; give a run folder under outputs/ written by qq.py.")
     if not (run_dir / "config.json").is_file():
@@ -336,7 +341,7 @@ def fit(args, image_set, train, val, groups, run_dir, device, precision, imagene
             print(
                 f"epoch {epoch}/{args.epochs}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.3f}  "
                 f"val loss {val_loss:.4f} acc {val_acc:.3f}  lr {lr:.2g}  {seconds:.1f} s "
-                f"({train_stats['images_per_s']:.1f} img/s){'  best' if improved else ''}",
+                f"({train_stats['images_per_s']:.1f} img/s){('  best' if args.select == 'best' else '  saved') if improved else ''}",
                 flush=True,
             )
         outputs = evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device, precision, stop, history)
@@ -464,6 +469,8 @@ def plan_split(args, image_set, groups, resume_dir):
         names = [str(k) for k in range(1, args.folds + 1)] if args.folds else ["val"]
         return [(np.array(sorted(i for i, s in subset_of.items() if s != name)), np.array(sorted(i for i, s in subset_of.items() if s == name))) for name in names]
     if args.folds:
+        if "val_split" in getattr(args, "given", ()):
+            print(f"note: --val-split is not used with --folds {args.folds}: each fold validates on 1/{args.folds} of the images.")
         return data.split_folds(image_set.labels, args.folds, args.seed, groups)
     n_splits = data.grouped_holdout_folds(args.val_split)
     if groups is not None and abs(1 / n_splits - args.val_split) > 0.01:

@@ -208,8 +208,10 @@ def test_help_shows_every_flag_with_default():
         assert default in text, default
 
 
-def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(small_data, tmp_path):
+def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(small_data, tmp_path, capsys):
     assert train(["--data", small_data, "--out", tmp_path, "--epochs", "3", "--select", "last", "--lr", "0.01", *FAST]) == 0
+    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all(line.endswith("  saved") for line in epoch_lines)  # not "best"
     run = tmp_path / "train"
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert best["epoch"] == last["epoch"] == 3

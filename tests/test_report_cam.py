@@ -229,7 +229,8 @@ def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
     (tmp_path / "stopped").mkdir()
     (tmp_path / "stopped" / "config.json").write_text((run / "config.json").read_text())
     (tmp_path / "stopped" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
-    for folder, message in ((tmp_path / "nothing", "is not a run folder written by qq.py (it has no config.json)"),
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((tmp_path / "nothing", "does not exist or is not a folder"), (tmp_path / "empty", "is not a run folder written by qq.py (it has no config.json)"),
                             (tmp_path / "started", "has no evaluated model yet"), (tmp_path / "stopped", "has no evaluated model yet")):
         result = subprocess.run([*redraw, folder], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.startswith(f"error: '{folder}' ") and message in result.stderr, result.stderr

@@ -179,6 +179,11 @@ def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(g
     n_splits = {0.2: 5, 0.3: 3, 0.6: 2}[val_split]
     assert len(train) + len(val) == 24 and abs(len(val) / 24 - 1 / n_splits) < 0.1
     out = capsys.readouterr().out
+    if val_split == 0.3:  # and with --folds, --val-split plays no part
+        args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", "0.3", "--folds", "3"])
+        assert len(qq.plan_split(args, image_set, groups, None)) == 3
+        out += capsys.readouterr().out
+        assert "note: --val-split is not used with --folds 3: each fold validates on 1/3 of the images." in out
     if note:
         assert f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about {1 / n_splits:.0%} of the images rather than the {val_split:.0%} of --val-split" in out
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from conftest import FAST, ROOT, run_scripts, user_lines
 
 import predict
@@ -174,6 +175,10 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     assert code == 2 and len(lines) == 1 and f"'{run}' has finished epochs but no last.pt" in lines[0], lines
     assert (run / "history.csv").read_text() == history and (run / "best.pt").read_bytes() == best
 
+    code, lines = run_in_process(qq, ["--resume", run / "best.pt"], capsys)
+    assert code == 2 and lines == [f"error: --resume '{run / 'best.pt'}' is a file; give its run folder, such as --resume {run}."]
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4", "--name", "again", "--out", tmp_path / "elsewhere"], capsys)
+    assert code == 2 and lines == [f"error: --name and --out do not apply to --resume, which goes on in the run's own folder '{run}'; leave them out."]
     code, lines = run_in_process(qq, ["--resume", tmp_path / "no_such_run"], capsys)
     assert code == 2 and lines == [f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by qq.py."]
 
@@ -295,6 +300,16 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     assert code == 2 and lines[0].startswith(f"error: --weights '{tmp_path}' is a folder without a best.pt; give a best.pt or last.pt"), lines
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", "/dev/null"], capsys)
     assert code == 2 and lines == ["error: checkpoint '/dev/null' is not a file; pass --weights with a best.pt from a run folder under outputs/."]
+
+
+def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_run, small_data, tmp_path, capsys):
+    image, animation = small_data / "severe" / "severe_000.jpg", tmp_path / "loop.gif"
+    Image.open(image).save(animation)  # Pillow reads it, but training would skip it by its extension
+    code, lines = run_in_process(predict, [trained_run, animation, image, "--weights", trained_run / "best.pt"], capsys)
+    assert code == 1
+    assert lines[:2] == [f"error: {trained_run}: a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights",
+                         f"error: {animation}: not an image file by its extension (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), so it is skipped, as in training"]
+    assert lines[-1] == "2 input(s) failed and 1 image(s) were graded; see the errors above."
 
 
 def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained_run, small_data, tmp_path, capsys):

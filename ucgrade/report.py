@@ -425,10 +425,13 @@ def redraw(run_dir):
 
 def main(runs):
     """python -m ucgrade.report RUN [RUN ...]: redraw the plots of finished runs."""
-    if not runs:
-        raise UserError("give one or more run folders, for example: python -m ucgrade.report outputs/train")
+    if not runs or runs[0] in ("-h", "--help"):
+        print("usage: python -m ucgrade.report RUN [RUN ...]   (from the project folder) redraws the plots of finished runs")
+        return 0 if runs else 2
     for run in runs:
         path = Path(run) / "metrics.json"
+        if not Path(run).is_dir():
+            raise UserError(f"'{run}' does not exist or is not a folder; give a run folder under outputs/.")
         if not (Path(run) / "config.json").is_file():
             raise UserError(f"'{run}' is not a run folder written by qq.py (it has no config.json); give a folder under outputs/.")
         if not path.is_file() or "confusion_matrix" not in json.loads(path.read_text()):
