@@ -17,13 +17,13 @@ from pathlib import Path
 from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, files_under, is_image_file
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_probabilities
-from ucgrade.errors import UserError, main_entry
+from ucgrade.errors import ArgumentParser, UserError, main_entry
 from ucgrade.files import check_folder_path
 from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Grade colonoscopy images with a model trained by qq.py.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description="Grade colonoscopy images with a model trained by qq.py.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
     parser.add_argument("--weights", default=None, help="a best.pt or last.pt written by qq.py, or a run folder (default: best.pt of the newest run under --out)")
     parser.add_argument("--out", default="outputs", help="where to look for the newest run when --weights is not given (default: %(default)s)")

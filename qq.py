@@ -27,7 +27,7 @@ import torchvision
 from ucgrade import data, engine, files, metrics, report
 from ucgrade.cam import write_cams
 from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
-from ucgrade.errors import RunInterrupted, UserError, main_entry
+from ucgrade.errors import ArgumentParser, RunInterrupted, UserError, main_entry
 from ucgrade.interrupt import GracefulStop
 from ucgrade.model import build_model, get_imagenet_weights, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -41,24 +41,6 @@ RUN_SETTINGS = (
 # Settings that --resume may change, because the run goes on the same: the same images from
 # elsewhere, or streamed instead of cached.
 RESUME_MAY_CHANGE = ("data", "cache")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Also records which flags were given on the command line (args.given), so that --resume can
-    refuse a setting it would otherwise ignore, even one given with its default value."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        defaults = {action: action.default for action in self._actions}
-        try:
-            for action in self._actions:
-                action.default = argparse.SUPPRESS
-            given, _ = super().parse_known_args(args, None)
-        finally:
-            for action, default in defaults.items():
-                action.default = default
-        parsed.given = sorted(vars(given))
-        return parsed, extras
 
 
 def get_args_parser():

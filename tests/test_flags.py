@@ -4,7 +4,7 @@ import errno
 
 import pytest
 import torch
-from conftest import FAST, ROOT, run_script, user_lines
+from conftest import FAST, ROOT, run_script, run_scripts, user_lines
 
 import predict
 import qq
@@ -92,3 +92,17 @@ def test_a_failed_file_operation_is_one_sentence_and_a_closed_pipe_is_left_to_ma
                                        "free disk space or check the folder's permissions, then run again.\n")
     with pytest.raises(BrokenPipeError):
         run_cli(reader_gone, None)
+
+
+def test_a_command_line_mistake_is_one_line_without_the_usage_block():
+    results = run_scripts(("qq.py", "--select", "worst"), ("qq.py", "--epochs", "ten"), ("qq.py", "--lerning-rate", "0.01"), ("predict.py",))
+    expected = [  # argparse's own words, which vary a little between Python versions, then ours
+        ("error: argument --select: invalid choice: 'worst'", "qq.py"),
+        ("error: argument --epochs: invalid int value: 'ten'", "qq.py"),
+        ("error: unrecognized arguments: --lerning-rate 0.01", "qq.py"),
+        ("error: the following arguments are required: IMAGE", "predict.py"),
+    ]
+    for result, (start, script) in zip(results, expected):
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(start), result.stderr
+        assert result.stderr.endswith(f"; see python {script} --help.\n"), result.stderr

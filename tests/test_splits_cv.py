@@ -190,6 +190,16 @@ def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(g
         assert out == ""
 
 
+def test_groups_file_with_windows_paths_works_and_unknown_rows_are_named(graded_data, tmp_path, capsys):
+    image_set, _ = data.scan_folder(graded_data)
+    posix = write_groups(graded_data, tmp_path / "patients.csv")
+    windows = tmp_path / "patients_windows.csv"
+    windows.write_text(posix.read_text().replace("/", "\\") + "mild\\ghost.jpg,p1\nnormal/notes.txt,p2\n")
+    assert data.read_groups(windows, image_set) == data.read_groups(posix, image_set)
+    out = capsys.readouterr().out
+    assert f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left out: mild/ghost.jpg, normal/notes.txt." in out
+
+
 def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
     root = make_folder(tmp_path / "data", {"mild": 4, "severe": 4})
     groups = tmp_path / "patients.csv"

@@ -336,7 +336,8 @@ def read_groups(path, image_set):
         raise UserError(f"--groups file '{path}' needs the header 'path,group' (path relative to --data, group e.g. a patient id).")
     group_of = {}
     for row_number, row in enumerate(rows, start=2):
-        rel, group = Path((row["path"] or "").strip()).as_posix(), (row["group"] or "").strip()
+        rel = Path((row["path"] or "").strip().replace("\\", "/")).as_posix()  # also a Windows path, as Excel may save it
+        group = (row["group"] or "").strip()
         if not group:
             continue  # an image with no group in any row is reported below
         if group_of.get(rel, group) != group:
@@ -352,6 +353,10 @@ def read_groups(path, image_set):
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UserError(f"--groups file '{path}' has no group for {len(missing)} image(s): {shown}; add a row 'path,group' for each (paths relative to --data).")
+    unknown = sorted(set(group_of) - {image_set.relpath(i) for i in range(len(image_set.paths))})
+    if unknown:  # a typo, or an image skipped as unreadable: said, not an error
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        print(f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, which are left out: {shown}.")
     return groups
 
 

@@ -1,7 +1,31 @@
-"""One exception type for mistakes a user can fix, and one wrapper that turns it into a clean exit."""
+"""The scripts' command line: an argument parser, one exception type for mistakes a user can fix,
+and one wrapper that turns it into a clean exit."""
 
+import argparse
 import os
 import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts: a mistake on the command line is one line, without the usage block,
+    and args.given lists the flags given on the command line, so that --resume can refuse a
+    setting it would otherwise ignore, even one given with its default value."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see python {self.prog} --help.\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        defaults = {action: action.default for action in self._actions}
+        try:
+            for action in self._actions:
+                action.default = argparse.SUPPRESS
+            given, _ = super().parse_known_args(args, None)
+        finally:
+            for action, default in defaults.items():
+                action.default = default
+        parsed.given = sorted(vars(given))
+        return parsed, extras
 
 
 class UserError(Exception):
