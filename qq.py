@@ -382,8 +382,9 @@ def evaluate_best(args, image_set, val, groups, run_dir, model, val_set, device,
     print(
         f"inference on {device} ({precision}): batch 1 mean {timing['batch1_mean_ms']:.1f} ms, median {timing['batch1_median_ms']:.1f} ms, "
         f"p95 {timing['batch1_p95_ms']:.1f} ms per image; {timing['throughput_images_per_s']:.1f} img/s at batch {timing['throughput_batch_size']}"
-        + (f"\nnote: {metrics.timing_note(timing)}." if metrics.timing_note(timing) else "")
     )
+    if note := metrics.timing_note(timing):
+        print(f"note: {note}.")
     return result, probs, targets
 
 
@@ -412,9 +413,10 @@ def cross_validate(args, image_set, folds, groups, run_dir, device, precision, i
         pooled_index.extend(int(i) for i in val)
     probs, targets = np.concatenate(pooled_probs), np.concatenate(pooled_targets)
     pooled = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
-    files.write_json(run_dir / "cv_summary.json", {"folds": args.folds, "grouped": groups is not None, "mean_std": metrics.summarize_folds(fold_metrics), "pooled_out_of_fold": pooled, "per_fold": [
+    summary = metrics.summarize_folds(fold_metrics)
+    files.write_json(run_dir / "cv_summary.json", {"folds": args.folds, "grouped": groups is not None, "mean_std": summary, "pooled_out_of_fold": pooled, "per_fold": [
         {name: m[name] for name in list(metrics.SCALARS) + ["num_images", "best_epoch"] + (["remission"] if "remission" in m else [])} for m in fold_metrics]})
-    table = metrics.fold_table(fold_metrics, pooled)
+    table = metrics.fold_table(summary, fold_metrics, pooled)
     files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
     extra = {"fold": [fold_of[i] for i in pooled_index]} | ({"group": [groups[i] for i in pooled_index]} if groups is not None else {})
     rows = report.prediction_rows([image_set.relpath(i) for i in pooled_index], targets, probs, class_names, extra)
@@ -443,11 +445,11 @@ def read_finished_fold(fold_dir, image_set, val):
     return json.loads((fold_dir / "metrics.json").read_text()), probs, targets
 
 
-def plan_split(args, image_set, groups, resume_dir):
-    """[(train, val)]: one hold-out split, or args.folds folds. A resumed run keeps its split.csv."""
-    column = "fold" if args.folds else "subset"
-    if resume_dir is not None and (resume_dir / "split.csv").is_file():
-        subset_of = data.read_split(resume_dir / "split.csv", image_set, column)
+def plan_split(args, image_set, groups, split=None):
+    """[(train, val)]: one hold-out split, or args.folds folds. A resumed run keeps its split.csv (split)."""
+    if split is not None:
+        column = "fold" if args.folds else "subset"
+        subset_of = {i: row[column] for i, row in split.items()}
         names = [str(k) for k in range(1, args.folds + 1)] if args.folds else ["val"]
         return [(np.array(sorted(i for i, s in subset_of.items() if s != name)), np.array(sorted(i for i, s in subset_of.items() if s == name))) for name in names]
     if args.folds:
@@ -476,14 +478,14 @@ def main(args):
         image_set = read_data(args, stop)
         if original is not None:
             check_resume_data(original, image_set)
-        if args.groups and original is not None and (resume_dir / "split.csv").is_file():  # the groups CSV may have moved with the images
-            group_of = data.read_split(resume_dir / "split.csv", image_set, "group")
-            groups = [group_of[i] for i in range(len(image_set.paths))]
+        split = data.read_split(resume_dir / "split.csv", image_set) if original is not None and (resume_dir / "split.csv").is_file() else None
+        if args.groups and split is not None:  # the groups of the split: the groups CSV may have moved with the images
+            groups = [split[i]["group"] for i in range(len(image_set.paths))]
         else:
             groups = data.read_groups(args.groups, image_set) if args.groups else None
         if groups is None and original is None:
             print("note: without --groups, images are split one by one; if a patient has several images, some may land in training and others in validation, which flatters the validation metrics. Give --groups patients.csv to keep each patient on one side.")
-        folds = plan_split(args, image_set, groups, resume_dir)
+        folds = plan_split(args, image_set, groups, split)
         for train, val in folds:  # every fold, before a run folder exists or a fold trains for nothing
             data.check_split(image_set, train, val, groups, remedy="use fewer --folds" if args.folds else "use a different --val-split")
         if original is None:

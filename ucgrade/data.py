@@ -371,15 +371,15 @@ def split_rows(image_set, subset_of, groups=None, column="subset"):
     return rows
 
 
-def read_split(path, image_set, column="subset"):
-    """{image index: subset (or fold)} from a run's split.csv, for --resume; the images must still be there."""
+def read_split(path, image_set):
+    """{image index: its row of a run's split.csv (subset or fold, and group)}, for --resume; the images must still be there."""
     index = {image_set.relpath(i): i for i in range(len(image_set.paths))}
-    subset_of = {}
+    split = {}
     for row in read_csv(path):
         if row["path"] not in index:
             raise UserError(f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming.")
-        subset_of[index[row["path"]]] = row[column]
-    return subset_of
+        split[index[row["path"]]] = row
+    return split
 
 
 def check_split(image_set, train, val, groups=None, remedy="use a different --val-split"):
@@ -509,7 +509,7 @@ def make_loader(dataset, batch_size, workers, device, shuffle=False, generator=N
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        persistent_workers=False,  # persistent workers skip the loader's per-epoch draw from `generator`, so the order would depend on --workers
         generator=generator,
         worker_init_fn=_leave_signals_to_the_main_process if workers > 0 else None,
     )

@@ -148,15 +148,16 @@ def summarize_folds(fold_metrics):
     return summary
 
 
-def fold_table(fold_metrics, pooled):
-    """Rows of cv_summary.csv: per metric its mean and std over the folds, each fold's value and the pooled one."""
+def fold_table(summary, fold_metrics, pooled):
+    """Rows of cv_summary.csv: per metric its mean and std over the folds (summary, from
+    summarize_folds), each fold's value and the pooled one."""
     def value(result, name):
         return result["remission"][name.removeprefix("remission_")] if name.startswith("remission_") else result[name]
 
     return [
         {"metric": name, "mean": fmt(s["mean"], 4, ""), "std": fmt(s["std"], 4, ""),
          **{f"fold{k}": fmt(value(m, name), 4, "") for k, m in enumerate(fold_metrics, 1)}, "pooled": fmt(value(pooled, name), 4, "")}
-        for name, s in summarize_folds(fold_metrics).items()
+        for name, s in summary.items()
     ]
 
 
