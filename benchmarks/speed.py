@@ -1,7 +1,8 @@
 """Speed benchmark: how close training and inference come to the device's limit (issue 5).
 
 In one run, on the same images and on the device it runs on, this measures:
-  - the ceiling: the device's bf16 and fp32 rate in a large matrix multiply and a large convolution;
+  - the ceiling: the device's bf16 and fp32 rate in a large matrix multiply and a large convolution
+    (bf16 only where the device computes it natively: emulated, it would take minutes and mean nothing);
   - the project's own training (qq.py's cache, loaders and criterion, engine.train_one_epoch and
     engine.evaluate), over whole epochs with data loading and validation, and its steps alone;
   - the same for a plain baseline, the PyTorch transfer-learning tutorial's loop: fp32, eager,
@@ -59,6 +60,8 @@ from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
     choose_device,
     choose_precision,
+    cpu_has_fast_bf16,
+    cuda_has_fast_bf16,
     make_grad_scaler,
     setup_backends,
     synchronize,
@@ -227,11 +230,35 @@ def ceiling_rate(device, dtype, trials, seconds_per_trial):
             "conv_gflop_s": conv, "conv_median_gflop_s": conv_median}
 
 
+def unmeasured_precisions(device):
+    """{precision: why its ceiling is not measured}. Without native bf16 (an AVX2-only CPU, a GPU
+    before Ampere) bf16 is emulated: one 2048² bf16 matmul takes about a minute on such a CPU, and
+    its rate says nothing about what the project runs there (fp32)."""
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        return {"bf16": "this CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 is emulated and qq.py trains in fp32"}
+    if device.type == "cuda" and not cuda_has_fast_bf16(device):
+        return {"bf16": "this GPU has no native bf16 (before Ampere), so qq.py trains in fp16"}
+    return {}
+
+
+def measure_ceilings(device, quick):
+    """The ceiling of each precision the device runs natively; the others are named with the reason."""
+    skipped = unmeasured_precisions(device)
+    ceiling = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        if name in skipped:
+            print(f"  {name} not measured: {skipped[name]}", flush=True)
+            ceiling[name] = {"skipped": skipped[name]}
+        else:
+            ceiling[name] = ceiling_rate(device, dtype, trials=3 if quick else 5, seconds_per_trial=0.15 if quick else 0.3)
+    return ceiling
+
+
 def throughput(images_per_s, img_size, ceiling):
-    """img/s -> GFLOP/s and the fraction of each precision's ceiling."""
+    """img/s -> GFLOP/s and the fraction of each measured precision's ceiling (None where it was not measured)."""
     gflop_s = images_per_s * train_gflop_per_image(img_size)
-    return {"images_per_s": images_per_s, "gflop_s": gflop_s,
-            "of_bf16_ceiling": gflop_s / ceiling["bf16"]["gflop_s"], "of_fp32_ceiling": gflop_s / ceiling["fp32"]["gflop_s"]}
+    shares = {f"of_{name}_ceiling": gflop_s / c["gflop_s"] if "gflop_s" in c else None for name, c in ceiling.items() if name != "part"}
+    return {"images_per_s": images_per_s, "gflop_s": gflop_s} | shares
 
 
 def whole_epochs(epochs, n_train, n_images, img_size, ceiling):
@@ -416,8 +443,7 @@ def run_benchmark(args, data_dir, device, precision):
 
     print("ceiling: matrix multiply and convolution ...", flush=True)
     with Part(device) as part:
-        dtypes = (("bf16", torch.bfloat16), ("fp32", torch.float32))
-        ceiling = {name: ceiling_rate(device, dtype, trials=3 if args.quick else 5, seconds_per_trial=0.15 if args.quick else 0.3) for name, dtype in dtypes}
+        ceiling = measure_ceilings(device, args.quick)
     results["ceiling"] = ceiling | {"part": part.numbers}
 
     print("the project's data: decode once into the cache ...", flush=True)
@@ -502,6 +528,9 @@ def print_table(results, setup):
           f"a training image costs {gflop:.1f} GFLOP ({setup['flop_constant']})")
     for name in ("bf16", "fp32"):
         c = ceiling[name]
+        if "skipped" in c:
+            print(f"ceiling {name}: not measured, because {c['skipped']}")
+            continue
         print(f"ceiling {name}: {c['gflop_s']:.0f} GFLOP/s = {c['gflop_s'] / gflop:.1f} training img/s "
               f"(matmul {c['matmul_gflop_s']:.0f}, 3x3 convolution {c['conv_gflop_s']:.0f} GFLOP/s)")
     print(f"\n{'training':<34}{'img/s':>7}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}{'epoch s':>9}{'s/800 img':>10}{'val acc':>9}{'peak RSS':>10}{'others':>8}")
@@ -511,12 +540,12 @@ def print_table(results, setup):
     rows.append(("baseline fp32 b4 w4", baseline))
     for name, part in rows:
         w = part["whole_epochs"]
-        print(f"{name + ', epochs':<34}{w['images_per_s']:>7.1f}{w['gflop_s']:>9.0f}{w['of_bf16_ceiling']:>9.0%}{w['of_fp32_ceiling']:>9.0%}"
+        print(f"{name + ', epochs':<34}{w['images_per_s']:>7.1f}{w['gflop_s']:>9.0f}{percent(w['of_bf16_ceiling']):>9}{percent(w['of_fp32_ceiling']):>9}"
               f"{w['epoch_s']:>9.1f}{w['epoch_s_per_800_images']:>10.1f}{w['val_acc']:>9.3f}{part['part']['peak_rss_mb']:>8.0f}MB"
               f"{percent(part['part']['others_cpu_share']):>8}")
         if "steps_alone" in part:
             s = part["steps_alone"]
-            print(f"{name + ', steps alone':<34}{s['images_per_s']:>7.1f}{s['gflop_s']:>9.0f}{s['of_bf16_ceiling']:>9.0%}{s['of_fp32_ceiling']:>9.0%}")
+            print(f"{name + ', steps alone':<34}{s['images_per_s']:>7.1f}{s['gflop_s']:>9.0f}{percent(s['of_bf16_ceiling']):>9}{percent(s['of_fp32_ceiling']):>9}")
     print("(epochs: training images / (training + validation s), steady state; baseline: the PyTorch tutorial's loop, ImageFolder decoding every epoch;\n"
           " others: the share of the CPUs other processes used meanwhile; 0% on a quiet machine)")
     print(f"\nspeed-up over the baseline: whole epochs {speedup['whole_epochs']:.2f}x, steps alone {speedup['steps_alone']:.2f}x, "

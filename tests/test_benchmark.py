@@ -4,7 +4,14 @@ the numbers depend on the machine and on what else runs on it; they only have to
 import json
 import math
 
-from conftest import run_script
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+from ucgrade import device as device_module
+from ucgrade.device import cpu_has_fast_bf16
 
 # One thread: on a busy machine (a CI runner, tests in parallel) two spinning OpenMP threads can run
 # several times slower than one, and the smoke test only has to exercise every part.
@@ -25,10 +32,14 @@ def test_quick_benchmark_writes_every_number(tmp_path):
     setup = numbers["setup"]
     assert setup["device"] and setup["threads"] == 1 and setup["img_size"] == 64 and setup["quick"] is True
     assert math.isclose(setup["train_gflop_per_image"], 24.6 * (64 / 224) ** 2)
-    for precision in ("bf16", "fp32"):
+    measured = ["fp32"] + (["bf16"] if cpu_has_fast_bf16() else [])
+    for precision in measured:
         ceiling = numbers["ceiling"][precision]
         assert positive(ceiling["matmul_gflop_s"]) and positive(ceiling["conv_gflop_s"])
         assert ceiling["gflop_s"] == max(ceiling["matmul_gflop_s"], ceiling["conv_gflop_s"])
+    if "bf16" not in measured:  # emulated bf16 is not timed (a minute per matmul on AVX2): named instead
+        assert "no native bf16" in numbers["ceiling"]["bf16"]["skipped"]
+        assert "ceiling bf16: not measured" in result.stdout
 
     data = numbers["data"]
     assert data["images"] == 12 and data["train"] + data["val"] == 12 and data["classes"] == 3
@@ -38,8 +49,9 @@ def test_quick_benchmark_writes_every_number(tmp_path):
     for run in runs:
         epochs = run["whole_epochs"]
         assert len(epochs["epochs"]) >= 1
-        for key in ("images_per_s", "gflop_s", "of_bf16_ceiling", "of_fp32_ceiling", "epoch_s", "first_epoch_s", "epoch_s_per_800_images"):
+        for key in ("images_per_s", "gflop_s", "of_fp32_ceiling", "epoch_s", "first_epoch_s", "epoch_s_per_800_images"):
             assert positive(epochs[key]), key
+        assert positive(epochs["of_bf16_ceiling"]) if "bf16" in measured else epochs["of_bf16_ceiling"] is None
         assert math.isclose(epochs["images_per_s"], data["train"] / epochs["epoch_s"])
         assert 0 <= epochs["val_acc"] <= 1
         assert positive(run["part"]["peak_rss_mb"]) and positive(run["part"]["seconds"])
@@ -72,3 +84,25 @@ def test_ablations_run(tmp_path):
         assert len(options) >= 2
         for r in options.values():
             assert positive(r["best_images_per_s"]) and positive(r["ratio_best"])
+
+
+@pytest.fixture
+def speed_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speed
+
+        yield speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_ceiling_skips_bf16_on_a_cpu_without_native_bf16(speed_module, monkeypatch):
+    """On an AVX2-only CPU the bf16 ceiling is not measured (emulated, one matmul takes a minute), on any machine."""
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(speed_module, "cpu_has_fast_bf16", lambda: False)
+    ceiling = speed_module.measure_ceilings(torch.device("cpu"), quick=True)
+    assert "no native bf16" in ceiling["bf16"]["skipped"] and "gflop_s" not in ceiling["bf16"]
+    assert positive(ceiling["fp32"]["gflop_s"])
+    shares = speed_module.throughput(10.0, 64, ceiling)
+    assert shares["of_bf16_ceiling"] is None and positive(shares["of_fp32_ceiling"])
