@@ -23,28 +23,57 @@ from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 
 def get_args_parser():
-    parser = ArgumentParser(description="Grade colonoscopy images with a model trained by qq.py.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        description="Grade colonoscopy images with a model trained by qq.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
-    parser.add_argument("--weights", default=None, help="a best.pt or last.pt written by qq.py, or a run folder (default: best.pt of the newest run under --out)")
-    parser.add_argument("--out", default="outputs", help="where to look for the newest run when --weights is not given (default: %(default)s)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="a best.pt or last.pt written by qq.py, or a run folder (default: best.pt of the newest run under --out)",
+    )
+    parser.add_argument(
+        "--out",
+        default="outputs",
+        help="where to look for the newest run when --weights is not given (default: %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where supported, as in training (default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 where supported, as in training (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
-    parser.add_argument("--cam", default=None, metavar="DIR", help="write a Grad-CAM overlay of the predicted grade for each image into DIR")
+    parser.add_argument(
+        "--cam",
+        default=None,
+        metavar="DIR",
+        help="write a Grad-CAM overlay of the predicted grade for each image into DIR",
+    )
     return parser
 
 
 def newest_checkpoint(out_dir):
     """best.pt of the run under out_dir whose best model was written last."""
-    candidates = sorted([*Path(out_dir).glob("*/best.pt"), *Path(out_dir).glob("*/fold*/best.pt")], key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        [*Path(out_dir).glob("*/best.pt"), *Path(out_dir).glob("*/fold*/best.pt")], key=lambda p: p.stat().st_mtime
+    )
     if not candidates and (Path(out_dir) / "best.pt").is_file():
-        raise UserError(f"'{out_dir}' is a run folder itself (--out is the folder that holds the runs); pass --weights {Path(out_dir) / 'best.pt'}.")
+        raise UserError(
+            f"'{out_dir}' is a run folder itself (--out is the folder that holds the runs); pass --weights {Path(out_dir) / 'best.pt'}."
+        )
     if not candidates:
-        raise UserError(f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt.")
+        raise UserError(
+            f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."
+        )
     newest = candidates[-1]
     if newest.parent.parent != Path(out_dir):  # outputs/RUN/foldK/best.pt: a fold of a cross-validation run
         run = newest.parent.parent
-        raise UserError(f"the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}.")
+        raise UserError(
+            f"the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}."
+        )
     return newest
 
 
@@ -54,14 +83,24 @@ def collect_images(inputs):
     for name in inputs:
         path = Path(name)
         if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.json").is_file():
-            errors.append((name, "a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights"))
+            errors.append(
+                (
+                    name,
+                    "a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights",
+                )
+            )
         elif path.is_dir():
             found = [p for p in files_under(path) if is_image_file(p)]  # hidden folders skipped, as in training
             if not found:
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
             images.extend(found)
         elif path.exists() and not is_image_file(path):
-            errors.append((name, f"not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)}), so it is skipped, as in training"))
+            errors.append(
+                (
+                    name,
+                    f"not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)}), so it is skipped, as in training",
+                )
+            )
         elif path.exists():
             images.append(path)
         else:
@@ -82,8 +121,14 @@ def main(args):
     weights = Path(args.weights) if args.weights else newest_checkpoint(args.out)
     if weights.is_dir():  # a run folder: its best model
         if not (weights / "best.pt").is_file():
-            fold = f" (a cross-validation run keeps one per fold, such as {weights / 'fold1' / 'best.pt'})" if (weights / "fold1" / "best.pt").is_file() else ""
-            raise UserError(f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by qq.py{fold}.")
+            fold = (
+                f" (a cross-validation run keeps one per fold, such as {weights / 'fold1' / 'best.pt'})"
+                if (weights / "fold1" / "best.pt").is_file()
+                else ""
+            )
+            raise UserError(
+                f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by qq.py{fold}."
+            )
         weights = weights / "best.pt"
     if not args.weights:
         print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)
@@ -93,7 +138,11 @@ def main(args):
     model = model_from_checkpoint(checkpoint, weights).to(device).eval()
     class_names, img_size = checkpoint["class_names"], checkpoint["img_size"]
     # the preprocessing the model was trained with, as its checkpoint records it
-    preprocessing = {"resize_size": checkpoint.get("resize_size"), "mean": checkpoint.get("mean", IMAGENET_MEAN), "std": checkpoint.get("std", IMAGENET_STD)}
+    preprocessing = {
+        "resize_size": checkpoint.get("resize_size"),
+        "mean": checkpoint.get("mean", IMAGENET_MEAN),
+        "std": checkpoint.get("std", IMAGENET_STD),
+    }
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir is not None:
         check_folder_path(cam_dir, "--cam")
@@ -105,12 +154,21 @@ def main(args):
     results = []
     for path in images:
         try:
-            grade, probabilities = predict_probabilities(path, model, device, class_names, img_size, precision, **preprocessing)
-            result = {"path": str(path), "grade": grade, "probability": probabilities[grade], "probabilities": probabilities}
+            grade, probabilities = predict_probabilities(
+                path, model, device, class_names, img_size, precision, **preprocessing
+            )
+            result = {
+                "path": str(path),
+                "grade": grade,
+                "probability": probabilities[grade],
+                "probabilities": probabilities,
+            }
             if cam_dir is not None:
                 from ucgrade.cam import cam_overlay, save_png
 
-                overlay, _, _ = cam_overlay(model, path, img_size, class_names, target_class=class_names.index(grade), **preprocessing)
+                overlay, _, _ = cam_overlay(
+                    model, path, img_size, class_names, target_class=class_names.index(grade), **preprocessing
+                )
                 result["cam"] = str(unique_path(cam_dir, path.stem))
                 save_png(overlay, result["cam"])
         except UnreadableImage as error:
@@ -123,11 +181,24 @@ def main(args):
             print(f"{path}: {grade} (p={probabilities[grade]:.2f})  {others}", flush=True)
 
     if args.json:
-        print(json.dumps({"weights": str(weights), "class_names": class_names, "predictions": results, "errors": [{"path": n, "error": r} for n, r in errors]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "weights": str(weights),
+                    "class_names": class_names,
+                    "predictions": results,
+                    "errors": [{"path": n, "error": r} for n, r in errors],
+                },
+                indent=2,
+            )
+        )
     if cam_dir is not None:
         print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
     if errors:
-        print(f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.", file=sys.stderr)
+        print(
+            f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

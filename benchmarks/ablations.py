@@ -50,14 +50,33 @@ from ucgrade.device import (  # noqa: E402
 from ucgrade.errors import run_cli  # noqa: E402
 from ucgrade.model import build_model  # noqa: E402
 
-QUESTIONS = ("threads", "omp_wait", "malloc", "batch", "layout", "normalize", "workers", "compile_train", "inference", "feature_batch")
+QUESTIONS = (
+    "threads",
+    "omp_wait",
+    "malloc",
+    "batch",
+    "layout",
+    "normalize",
+    "workers",
+    "compile_train",
+    "inference",
+    "feature_batch",
+)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Time each way to speed up training and inference side by side with the project's choice.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Time each way to speed up training and inference side by side with the project's choice.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add = parser.add_argument
-    add("--only", nargs="+", choices=QUESTIONS + ("child",), default=list(QUESTIONS), help="questions to answer (default: all)")
+    add(
+        "--only",
+        nargs="+",
+        choices=QUESTIONS + ("child",),
+        default=list(QUESTIONS),
+        help="questions to answer (default: all)",
+    )
     add("--rounds", type=int, default=3, help="interleaved rounds per question (default: %(default)s)")
     add("--img-size", type=int, default=224, help="input size of the model (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
@@ -87,9 +106,16 @@ def compare(candidates, rounds, device):
 
 def summarize(rates):
     first = next(iter(rates))
-    return {name: {"best_images_per_s": max(r), "median_images_per_s": statistics.median(r), "rounds": r,
-                   "ratio_best": max(r) / max(rates[first]), "ratio_median": statistics.median(r) / statistics.median(rates[first])}
-            for name, r in rates.items()}
+    return {
+        name: {
+            "best_images_per_s": max(r),
+            "median_images_per_s": statistics.median(r),
+            "rounds": r,
+            "ratio_best": max(r) / max(rates[first]),
+            "ratio_median": statistics.median(r) / statistics.median(rates[first]),
+        }
+        for name, r in rates.items()
+    }
 
 
 def uint8_batch(batch_size, img_size, device, seed=0):
@@ -118,6 +144,7 @@ def trainer(device, precision, batch, channels_last=True, compiled=False, steps=
     def run():
         engine.train_one_epoch(step_model, criterion, optimizer, batches, device, precision, scaler, 0, 0)
         return steps * len(targets)
+
     return run
 
 
@@ -137,6 +164,7 @@ def ask_threads(args, device, precision):
                 return fn()
             finally:
                 torch.set_num_threads(threads)
+
         return run
 
     options = {f"{threads} threads*": with_threads(threads)}
@@ -168,11 +196,30 @@ def in_children(args, environments):
     rates = {}
     for _ in range(args.rounds):
         for name, variables in environments.items():
-            env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")} | variables
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("OMP_WAIT_POLICY", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+            } | variables
             with tempfile.TemporaryDirectory() as folder:
                 out = Path(folder) / "child.json"
-                subprocess.run([sys.executable, __file__, "--only", "child", "--rounds", "1", "--img-size", str(args.img_size), "--json", str(out)],
-                               env=env, check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--only",
+                        "child",
+                        "--rounds",
+                        "1",
+                        "--img-size",
+                        str(args.img_size),
+                        "--json",
+                        str(out),
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
                 child = json.loads(out.read_text())["child"]
             for task, r in child.items():
                 if isinstance(r, dict):
@@ -184,28 +231,50 @@ def ask_child(args, device, precision):
     """The work that in_children times in each child process."""
     singles = [uint8_batch(1, args.img_size, device, seed) for seed in range(8)]
     model = build_model(3).to(device, memory_format=torch.channels_last).eval()
-    return compare({"train bs16": trainer(device, precision, uint8_batch(16, args.img_size, device), steps=4),
-                    "train bs64": trainer(device, precision, uint8_batch(64, args.img_size, device), steps=1),
-                    "inference bs16": inference_loop(model, 16, 64, args.img_size, device, precision),
-                    "batch 1 inference": predict_loop(model, singles, device, precision)}, args.rounds, device)
+    return compare(
+        {
+            "train bs16": trainer(device, precision, uint8_batch(16, args.img_size, device), steps=4),
+            "train bs64": trainer(device, precision, uint8_batch(64, args.img_size, device), steps=1),
+            "inference bs16": inference_loop(model, 16, 64, args.img_size, device, precision),
+            "batch 1 inference": predict_loop(model, singles, device, precision),
+        },
+        args.rounds,
+        device,
+    )
 
 
 def ask_batch(args, device, precision):
     sizes = (16, 8, 32, 64)
-    options = {f"batch {b}" + ("*" if b == 16 else ""): trainer(device, precision, uint8_batch(b, args.img_size, device), steps=max(1, 32 // b)) for b in sizes}
+    options = {
+        f"batch {b}" + ("*" if b == 16 else ""): trainer(
+            device, precision, uint8_batch(b, args.img_size, device), steps=max(1, 32 // b)
+        )
+        for b in sizes
+    }
     return compare(options, args.rounds, device)
 
 
 def ask_layout(args, device, precision):
     batch = uint8_batch(16, args.img_size, device)
-    training = compare({"train, channels_last*": trainer(device, precision, batch, prenormalize=True),
-                        "train, contiguous": trainer(device, precision, batch, channels_last=False)},
-                       args.rounds, device)
+    training = compare(
+        {
+            "train, channels_last*": trainer(device, precision, batch, prenormalize=True),
+            "train, contiguous": trainer(device, precision, batch, channels_last=False),
+        },
+        args.rounds,
+        device,
+    )
     singles = [uint8_batch(1, args.img_size, device, seed) for seed in range(8)]
     model = build_model(3).to(device).eval()
     model_cl = build_model(3).to(device, memory_format=torch.channels_last).eval()
-    inference = compare({"batch 1, channels_last model (model_from_checkpoint)*": predict_loop(model_cl, singles, device, precision),
-                         "batch 1, contiguous model": predict_loop(model, singles, device, precision)}, args.rounds, device)
+    inference = compare(
+        {
+            "batch 1, channels_last model (model_from_checkpoint)*": predict_loop(model_cl, singles, device, precision),
+            "batch 1, contiguous model": predict_loop(model, singles, device, precision),
+        },
+        args.rounds,
+        device,
+    )
     return training | inference
 
 
@@ -217,6 +286,7 @@ def predict_loop(model, singles, device, precision):
                 model(engine.to_input(images, device)).argmax(1)
             synchronize(device)
         return len(singles)
+
     return run
 
 
@@ -224,9 +294,15 @@ def ask_normalize(args, device, precision):
     """The cost of moving, normalising and reordering a uint8 batch, next to a whole training step."""
     images, targets = uint8_batch(16, args.img_size, device)
     step = trainer(device, precision, (images, targets), steps=1)
-    options = {"training step (bs16), normalize included*": step,
-               "normalize alone (uint8 -> float, channels_last)": lambda: [engine.to_input(images, device) for _ in range(10)] and 10 * len(images),
-               "normalize without the channels_last copy": lambda: [images.to(device).float().div_(255) for _ in range(10)] and 10 * len(images)}
+    options = {
+        "training step (bs16), normalize included*": step,
+        "normalize alone (uint8 -> float, channels_last)": lambda: (
+            [engine.to_input(images, device) for _ in range(10)] and 10 * len(images)
+        ),
+        "normalize without the channels_last copy": lambda: (
+            [images.to(device).float().div_(255) for _ in range(10)] and 10 * len(images)
+        ),
+    }
     result = compare(options, args.rounds, device)
     step_ms = 1000 / result["training step (bs16), normalize included*"]["best_images_per_s"]
     for name, r in result.items():
@@ -238,10 +314,14 @@ def ask_normalize(args, device, precision):
 def ask_workers(args, device, precision, folder):
     """train_one_epoch over the cached images with 0, 1 and 2 DataLoader workers (each a fresh loader per round)."""
     make_dataset(folder, per_class=32, size=384, seed=0)
-    run_args = qq.get_args_parser().parse_args(["--data", str(folder), "--img-size", str(args.img_size), "--pretrained", "no"])
+    run_args = qq.get_args_parser().parse_args(
+        ["--data", str(folder), "--img-size", str(args.img_size), "--pretrained", "no"]
+    )
     image_set = qq.read_data(run_args, lambda: False)
     indices = list(range(len(image_set.paths)))
-    dataset = data.ImageDataset(image_set, indices, data.train_transform(args.img_size), data.resize_size_for(args.img_size))
+    dataset = data.ImageDataset(
+        image_set, indices, data.train_transform(args.img_size), data.resize_size_for(args.img_size)
+    )
     torch.manual_seed(0)
     model = build_model(3).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
@@ -249,9 +329,12 @@ def ask_workers(args, device, precision, folder):
 
     def epoch(workers):
         def run():
-            loader = data.make_loader(dataset, 16, workers, device, shuffle=True, generator=torch.Generator().manual_seed(0))
+            loader = data.make_loader(
+                dataset, 16, workers, device, shuffle=True, generator=torch.Generator().manual_seed(0)
+            )
             engine.train_one_epoch(model, criterion, optimizer, loader, device, precision, scaler, 0, 0)
             return len(dataset)
+
         return run
 
     chosen = 0 if device.type == "cpu" else 2
@@ -267,7 +350,10 @@ def ask_compile_train(args, device, precision):
     compiled()  # compiles
     compile_s = time.perf_counter() - start
     result = compare({"eager*": eager, "torch.compile": compiled}, args.rounds, device)
-    return result | {"compile_s": compile_s, "break_even": break_even(compile_s, result["eager*"], result["torch.compile"])}
+    return result | {
+        "compile_s": compile_s,
+        "break_even": break_even(compile_s, result["eager*"], result["torch.compile"]),
+    }
 
 
 def break_even(prepare_s, before, after):
@@ -287,8 +373,10 @@ def ask_inference(args, device, precision):
         model.load_state_dict(state)
         return model.to(device, memory_format=torch.channels_last).eval()
 
-    options = {"eager, channels_last model (model_from_checkpoint)*": predict_loop(fresh(), singles, device, precision),
-               "eager, contiguous model": predict_loop(plain, singles, device, precision)}
+    options = {
+        "eager, channels_last model (model_from_checkpoint)*": predict_loop(fresh(), singles, device, precision),
+        "eager, contiguous model": predict_loop(plain, singles, device, precision),
+    }
     prepare = {}
     start = time.perf_counter()
     compiled = torch.compile(fresh(), options={"freezing": True})
@@ -298,7 +386,11 @@ def ask_inference(args, device, precision):
     if device.type == "cpu":
         start = time.perf_counter()
         # without autocast's weight cache, so that the traced graph casts the weights itself
-        trace_precision = contextlib.nullcontext() if precision == "fp32" else torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+        trace_precision = (
+            contextlib.nullcontext()
+            if precision == "fp32"
+            else torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+        )
         with torch.inference_mode(), trace_precision:
             frozen = torch.jit.freeze(torch.jit.trace(fresh(), engine.to_input(singles[0][0], device)))
         jit_loop = predict_loop(frozen, singles, device, precision)
@@ -323,12 +415,16 @@ def inference_loop(model, batch_size, images_per_call, img_size, device, precisi
             with autocast(device, precision):
                 model(engine.to_input(images, device))
         return reps * batch_size
+
     return run
 
 
 def ask_feature_batch(args, device, precision):
     model = build_model(3).to(device, memory_format=torch.channels_last).eval()
-    options = {f"batch {b}" + ("*" if b == 16 else ""): inference_loop(model, b, 64, args.img_size, device, precision) for b in (16, 32, 64)}
+    options = {
+        f"batch {b}" + ("*" if b == 16 else ""): inference_loop(model, b, 64, args.img_size, device, precision)
+        for b in (16, 32, 64)
+    }
     return compare(options, args.rounds, device)
 
 
@@ -341,14 +437,26 @@ def print_result(question, result):
         if not isinstance(r, dict) or "best_images_per_s" not in r:
             continue
         extra = f"  {r['ms_per_image']:.2f} ms/img ({r['share_of_step']:.0%} of a step)" if "ms_per_image" in r else ""
-        extra += f"  batch 1: {r['batch1_ms_median']:.1f} ms median, {r['batch1_ms_best']:.1f} ms best" if "batch1_ms_best" in r else ""
-        print(f"  {name:<52}{r['best_images_per_s']:>8.1f} img/s best {r['median_images_per_s']:>8.1f} median"
-              f"   x{r['ratio_best']:.2f} best x{r['ratio_median']:.2f} median{extra}")
+        extra += (
+            f"  batch 1: {r['batch1_ms_median']:.1f} ms median, {r['batch1_ms_best']:.1f} ms best"
+            if "batch1_ms_best" in r
+            else ""
+        )
+        print(
+            f"  {name:<52}{r['best_images_per_s']:>8.1f} img/s best {r['median_images_per_s']:>8.1f} median"
+            f"   x{r['ratio_best']:.2f} best x{r['ratio_median']:.2f} median{extra}"
+        )
     if "compile_s" in result:
         be = result["break_even"]["images"]
-        print(f"  compile: {result['compile_s']:.0f} s; pays for itself after " + (f"{be:.0f} training images" if be else "never (not faster)"))
+        print(
+            f"  compile: {result['compile_s']:.0f} s; pays for itself after "
+            + (f"{be:.0f} training images" if be else "never (not faster)")
+        )
     for name, be in result.get("break_even_by_option", {}).items():
-        print(f"  {name}: {be['prepare_s']:.1f} s to prepare; pays for itself after " + (f"{be['images']:.0f} images" if be["images"] else "never (not faster)"))
+        print(
+            f"  {name}: {be['prepare_s']:.1f} s to prepare; pays for itself after "
+            + (f"{be['images']:.0f} images" if be["images"] else "never (not faster)")
+        )
 
 
 def main(args):
@@ -357,9 +465,18 @@ def main(args):
     device = choose_device(args.device)
     precision = choose_precision(device, "auto")
     setup_backends(device, precision)
-    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds, {args.img_size} px", flush=True)
-    results = {"device": str(device), "precision": precision, "threads": torch.get_num_threads(), "img_size": args.img_size,
-               "torch": str(torch.__version__), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(
+        f"device {device}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds, {args.img_size} px",
+        flush=True,
+    )
+    results = {
+        "device": str(device),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "img_size": args.img_size,
+        "torch": str(torch.__version__),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     with tempfile.TemporaryDirectory() as folder:
         for question in args.only:
             start, cpu_start = time.perf_counter(), cpu_snapshot()
@@ -370,7 +487,10 @@ def main(args):
             share = others_cpu_share(cpu_start, cpu_snapshot())
             results[question] = result | {"seconds": time.perf_counter() - start, "others_cpu_share": share}
             busy = "n/a" if share is None else f"{share:.0%}"
-            print_result(f"{question} ({time.perf_counter() - start:.0f} s; other processes used {busy} of the CPUs meanwhile)", result)
+            print_result(
+                f"{question} ({time.perf_counter() - start:.0f} s; other processes used {busy} of the CPUs meanwhile)",
+                result,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nnumbers written to {args.json}")

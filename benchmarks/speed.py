@@ -80,23 +80,49 @@ TRAIN_STEP_FACTOR = 3  # forward + backward (gradients of the activations and of
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Benchmark training and inference speed against the device's ceiling.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Benchmark training and inference speed against the device's ceiling.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add = parser.add_argument
-    add("--data", default=None, help="an ImageFolder to use (default: generate --images endoscopy-like images in a temporary folder)")
+    add(
+        "--data",
+        default=None,
+        help="an ImageFolder to use (default: generate --images endoscopy-like images in a temporary folder)",
+    )
     add("--images", type=int, default=None, help="images to generate without --data (default: 800; 96 with --quick)")
     add("--image-px", type=int, default=384, help="side of the generated images in pixels (default: %(default)s)")
     add("--img-size", type=int, default=224, help="input size of the model (default: %(default)s)")
     add("--batch-size", type=int, default=None, help="the project's training batch size (default: qq.py's default)")
-    add("--workers", type=int, default=-1, help="the project's data loading processes; -1 lets qq.py choose (default: %(default)s)")
-    add("--epochs", type=int, default=None, help="whole epochs timed for each precision of the project's training (default: 3; 2 with --quick)")
+    add(
+        "--workers",
+        type=int,
+        default=-1,
+        help="the project's data loading processes; -1 lets qq.py choose (default: %(default)s)",
+    )
+    add(
+        "--epochs",
+        type=int,
+        default=None,
+        help="whole epochs timed for each precision of the project's training (default: 3; 2 with --quick)",
+    )
     add("--baseline-epochs", type=int, default=1, help="whole epochs of the tutorial baseline (default: %(default)s)")
     add("--frozen-epochs", type=int, default=25, help="epochs of --freeze-backbone training (default: %(default)s)")
-    add("--steps", type=int, default=None, help="training steps timed alone, after one warm-up step (default: 12; 4 with --quick)")
+    add(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps timed alone, after one warm-up step (default: 12; 4 with --quick)",
+    )
     add("--infer-batch", type=int, default=32, help="batch size of the inference throughput (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one per core)")
-    add("--seed", type=int, default=0, help="seed of the images, the split and the initialisation (default: %(default)s)")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the images, the split and the initialisation (default: %(default)s)",
+    )
     add("--quick", action="store_true", help="fewer images, epochs and timed steps: under ~2 minutes on a 2-core CPU")
     add("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
     return parser
@@ -175,7 +201,10 @@ class Part:
 
     def __exit__(self, *exc):
         synchronize(self.device)
-        self.numbers = {"seconds": time.perf_counter() - self.clock, "others_cpu_share": others_cpu_share(self.start, cpu_snapshot())}
+        self.numbers = {
+            "seconds": time.perf_counter() - self.clock,
+            "others_cpu_share": others_cpu_share(self.start, cpu_snapshot()),
+        }
         self.numbers |= peak_memory(self.device)
         return False
 
@@ -222,12 +251,26 @@ def ceiling_rate(device, dtype, trials, seconds_per_trial):
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     matmul, matmul_median = peak_rate(device, lambda: a @ b, 2 * n**3, trials, seconds_per_trial)
     batch, channels, side = 16, 256, 56  # a ResNet50-like layer, large enough to keep every core busy
-    x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
     w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        conv, conv_median = peak_rate(device, lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * batch * channels**2 * 9 * side**2, trials, seconds_per_trial)
-    return {"gflop_s": max(matmul, conv), "matmul_gflop_s": matmul, "matmul_median_gflop_s": matmul_median, "matmul_n": n,
-            "conv_gflop_s": conv, "conv_median_gflop_s": conv_median}
+        conv, conv_median = peak_rate(
+            device,
+            lambda: torch.nn.functional.conv2d(x, w, padding=1),
+            2 * batch * channels**2 * 9 * side**2,
+            trials,
+            seconds_per_trial,
+        )
+    return {
+        "gflop_s": max(matmul, conv),
+        "matmul_gflop_s": matmul,
+        "matmul_median_gflop_s": matmul_median,
+        "matmul_n": n,
+        "conv_gflop_s": conv,
+        "conv_median_gflop_s": conv_median,
+    }
 
 
 def unmeasured_precisions(device):
@@ -235,7 +278,9 @@ def unmeasured_precisions(device):
     before Ampere) bf16 is emulated: one 2048² bf16 matmul takes about a minute on such a CPU, and
     its rate says nothing about what the project runs there (fp32)."""
     if device.type == "cpu" and not cpu_has_fast_bf16():
-        return {"bf16": "this CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 is emulated and qq.py trains in fp32"}
+        return {
+            "bf16": "this CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 is emulated and qq.py trains in fp32"
+        }
     if device.type == "cuda" and not cuda_has_fast_bf16(device):
         return {"bf16": "this GPU has no native bf16 (before Ampere), so qq.py trains in fp16"}
     return {}
@@ -250,14 +295,20 @@ def measure_ceilings(device, quick):
             print(f"  {name} not measured: {skipped[name]}", flush=True)
             ceiling[name] = {"skipped": skipped[name]}
         else:
-            ceiling[name] = ceiling_rate(device, dtype, trials=3 if quick else 5, seconds_per_trial=0.15 if quick else 0.3)
+            ceiling[name] = ceiling_rate(
+                device, dtype, trials=3 if quick else 5, seconds_per_trial=0.15 if quick else 0.3
+            )
     return ceiling
 
 
 def throughput(images_per_s, img_size, ceiling):
     """img/s -> GFLOP/s and the fraction of each measured precision's ceiling (None where it was not measured)."""
     gflop_s = images_per_s * train_gflop_per_image(img_size)
-    shares = {f"of_{name}_ceiling": gflop_s / c["gflop_s"] if "gflop_s" in c else None for name, c in ceiling.items() if name != "part"}
+    shares = {
+        f"of_{name}_ceiling": gflop_s / c["gflop_s"] if "gflop_s" in c else None
+        for name, c in ceiling.items()
+        if name != "part"
+    }
     return {"images_per_s": images_per_s, "gflop_s": gflop_s} | shares
 
 
@@ -267,8 +318,15 @@ def whole_epochs(epochs, n_train, n_images, img_size, ceiling):
     steady = epochs[1:] or epochs
     epoch_s = statistics.median(e["epoch_s"] for e in steady)
     summary = throughput(n_train / epoch_s, img_size, ceiling)
-    summary.update({"epoch_s": epoch_s, "first_epoch_s": epochs[0]["epoch_s"], "epoch_s_per_800_images": epoch_s * 800 / n_images,
-                    "val_acc": epochs[-1]["val_acc"], "epochs": epochs})
+    summary.update(
+        {
+            "epoch_s": epoch_s,
+            "first_epoch_s": epochs[0]["epoch_s"],
+            "epoch_s_per_800_images": epoch_s * 800 / n_images,
+            "val_acc": epochs[-1]["val_acc"],
+            "epochs": epochs,
+        }
+    )
     return summary
 
 
@@ -277,7 +335,16 @@ def whole_epochs(epochs, n_train, n_images, img_size, ceiling):
 
 def project_args(args, data_dir, **overrides):
     """qq.py's own settings (its defaults), with the benchmark's data, image size, batch size and workers."""
-    argv = ["--data", str(data_dir), "--img-size", str(args.img_size), "--workers", str(args.workers), "--pretrained", "no"]
+    argv = [
+        "--data",
+        str(data_dir),
+        "--img-size",
+        str(args.img_size),
+        "--workers",
+        str(args.workers),
+        "--pretrained",
+        "no",
+    ]
     if args.batch_size is not None:
         argv += ["--batch-size", str(args.batch_size)]
     run_args = qq.get_args_parser().parse_args(argv)
@@ -295,26 +362,51 @@ def train_project(run_args, image_set, train, val, device, precision, epochs):
     generator = torch.Generator().manual_seed(run_args.seed)
     model = build_model(num_classes).to(device, memory_format=torch.channels_last)
     start = time.perf_counter()
-    train_loader, val_loader, val_set, trainable = qq.make_loaders(run_args, image_set, train, val, model, device, precision, generator, stop)
+    train_loader, val_loader, val_set, trainable = qq.make_loaders(
+        run_args, image_set, train, val, model, device, precision, generator, stop
+    )
     setup_s = time.perf_counter() - start  # with --freeze-backbone: computing the features
     criterion = engine.make_criterion(run_args.balance, np.asarray(image_set.labels)[train], num_classes, device)
-    optimizer, lr_scheduler = engine.make_optimizer(trainable.parameters(), run_args.lr, run_args.momentum, run_args.step_size, run_args.gamma)
+    optimizer, lr_scheduler = engine.make_optimizer(
+        trainable.parameters(), run_args.lr, run_args.momentum, run_args.step_size, run_args.gamma
+    )
     scaler = make_grad_scaler(device, precision)
     history = []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        stats = engine.train_one_epoch(trainable, criterion, optimizer, train_loader, device, precision, scaler, epoch, epochs)
+        stats = engine.train_one_epoch(
+            trainable, criterion, optimizer, train_loader, device, precision, scaler, epoch, epochs
+        )
         val_start = time.perf_counter()
         val_loss, val_acc, _, _ = engine.evaluate(trainable, val_loader, device, precision)
         synchronize(device)
         lr_scheduler.step()
         end = time.perf_counter()
-        history.append({"epoch": epoch, "train_s": val_start - start, "val_s": end - val_start, "epoch_s": end - start,
-                        "train_loss": stats["loss"], "val_loss": val_loss, "val_acc": val_acc})
-        print(f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val {end - val_start:.1f} s), "
-              f"val loss {val_loss:.4f}, val acc {val_acc:.3f}", flush=True)
-    parts = {"model": model, "trainable": trainable, "criterion": criterion, "optimizer": optimizer, "scaler": scaler,
-             "train_loader": train_loader, "val_set": val_set}
+        history.append(
+            {
+                "epoch": epoch,
+                "train_s": val_start - start,
+                "val_s": end - val_start,
+                "epoch_s": end - start,
+                "train_loss": stats["loss"],
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+            }
+        )
+        print(
+            f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val {end - val_start:.1f} s), "
+            f"val loss {val_loss:.4f}, val acc {val_acc:.3f}",
+            flush=True,
+        )
+    parts = {
+        "model": model,
+        "trainable": trainable,
+        "criterion": criterion,
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "train_loader": train_loader,
+        "val_set": val_set,
+    }
     return history, setup_s, parts
 
 
@@ -323,7 +415,17 @@ def time_project_steps(parts, device, precision, steps):
     batches = list(itertools.islice(itertools.cycle(parts["train_loader"]), steps + 1))
 
     def run(batches):
-        return engine.train_one_epoch(parts["trainable"], parts["criterion"], parts["optimizer"], batches, device, precision, parts["scaler"], 0, 0)
+        return engine.train_one_epoch(
+            parts["trainable"],
+            parts["criterion"],
+            parts["optimizer"],
+            batches,
+            device,
+            precision,
+            parts["scaler"],
+            0,
+            0,
+        )
 
     run(batches[:1])  # warm-up
     return run(batches[1:])["images_per_s"], len(batches[0][0])
@@ -350,8 +452,17 @@ def tutorial_loaders(root, paths, train, val, img_size, batch_size=4, workers=4)
     # 4 workers on a 2-core machine are part of what the baseline measures; torch's warning says so too
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     mean_std = transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), mean_std])
-    val_tf = transforms.Compose([transforms.Resize(data.resize_size_for(img_size)), transforms.CenterCrop(img_size), transforms.ToTensor(), mean_std])
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), mean_std]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(data.resize_size_for(img_size)),
+            transforms.CenterCrop(img_size),
+            transforms.ToTensor(),
+            mean_std,
+        ]
+    )
     loaders = []
     for indices, tf, shuffle in ((train, train_tf, True), (val, val_tf, False)):
         folder = datasets.ImageFolder(root, tf)
@@ -401,8 +512,19 @@ def train_tutorial(model, train_loader, val_loader, device, epochs):
                 correct += int((preds == labels).sum())
                 seen += len(labels)
         end = time.perf_counter()
-        history.append({"epoch": epoch, "train_s": val_start - start, "val_s": end - val_start, "epoch_s": end - start, "val_acc": correct / seen})
-        print(f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val {end - val_start:.1f} s), val acc {correct / seen:.3f}", flush=True)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_s": val_start - start,
+                "val_s": end - val_start,
+                "epoch_s": end - start,
+                "val_acc": correct / seen,
+            }
+        )
+        print(
+            f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val {end - val_start:.1f} s), val acc {correct / seen:.3f}",
+            flush=True,
+        )
     return history, criterion, optimizer
 
 
@@ -431,7 +553,11 @@ def time_tutorial_inference(model, crops, device, warmup=5, max_images=50):
         synchronize(device)
 
     times = engine.time_each(run, crops[:max_images], warmup)
-    return {"batch1_mean_ms": statistics.fmean(times), "batch1_median_ms": statistics.median(times), "images_timed": len(times)}
+    return {
+        "batch1_mean_ms": statistics.fmean(times),
+        "batch1_median_ms": statistics.median(times),
+        "images_timed": len(times),
+    }
 
 
 # ----------------------------------------------------------------------------- the run
@@ -452,54 +578,115 @@ def run_benchmark(args, data_dir, device, precision):
         image_set = qq.read_data(run_args, lambda: False)
     train, val = data.split_holdout(image_set.labels, run_args.val_split, run_args.seed)
     n_images, cached = len(train) + len(val), image_set.images is not None
-    results["data"] = {"images": n_images, "train": len(train), "val": len(val), "classes": len(image_set.class_names), "cached": cached,
-                       "cache_mb": sum(t.numel() for t in image_set.images) / 2**20 if cached else 0.0, "part": part.numbers}
+    results["data"] = {
+        "images": n_images,
+        "train": len(train),
+        "val": len(val),
+        "classes": len(image_set.class_names),
+        "cached": cached,
+        "cache_mb": sum(t.numel() for t in image_set.images) / 2**20 if cached else 0.0,
+        "part": part.numbers,
+    }
 
-    print(f"the project's training ({precision}, batch {run_args.batch_size}): {args.epochs} whole epochs, then {steps} steps alone ...", flush=True)
+    print(
+        f"the project's training ({precision}, batch {run_args.batch_size}): {args.epochs} whole epochs, then {steps} steps alone ...",
+        flush=True,
+    )
     with Part(device) as part:
         history, _, parts = train_project(run_args, image_set, train, val, device, precision, args.epochs)
         steps_per_s, batch = time_project_steps(parts, device, precision, steps)
-    results["project"] = {"precision": precision, "batch_size": run_args.batch_size, "workers": parts["train_loader"].num_workers,
-                          "whole_epochs": whole_epochs(history, len(train), n_images, args.img_size, ceiling),
-                          "steps_alone": throughput(steps_per_s, args.img_size, ceiling) | {"steps": steps, "batch_size": batch}, "part": part.numbers}
+    results["project"] = {
+        "precision": precision,
+        "batch_size": run_args.batch_size,
+        "workers": parts["train_loader"].num_workers,
+        "whole_epochs": whole_epochs(history, len(train), n_images, args.img_size, ceiling),
+        "steps_alone": throughput(steps_per_s, args.img_size, ceiling) | {"steps": steps, "batch_size": batch},
+        "part": part.numbers,
+    }
 
-    print(f"the project's inference (the model as predict.py loads it; throughput at batch {args.infer_batch}) ...", flush=True)
+    print(
+        f"the project's inference (the model as predict.py loads it; throughput at batch {args.infer_batch}) ...",
+        flush=True,
+    )
     with Part(device) as part, tempfile.TemporaryDirectory() as folder:
-        inference = time_project_inference(parts["model"], image_set.class_names, args.img_size, parts["val_set"], device, precision, args.infer_batch, folder)
+        inference = time_project_inference(
+            parts["model"],
+            image_set.class_names,
+            args.img_size,
+            parts["val_set"],
+            device,
+            precision,
+            args.infer_batch,
+            folder,
+        )
     results["inference"] = {"project": inference | {"part": part.numbers}}
     crops = [parts["val_set"][i][0] for i in range(len(parts["val_set"]))]
     del parts
 
-    print(f"--freeze-backbone: features once per view, then {args.frozen_epochs} epochs of the fc layer ...", flush=True)
+    print(
+        f"--freeze-backbone: features once per view, then {args.frozen_epochs} epochs of the fc layer ...", flush=True
+    )
     with Part(device) as part:
         frozen_args = project_args(args, data_dir, freeze_backbone=True)
-        frozen_history, features_s, _ = train_project(frozen_args, image_set, train, val, device, precision, args.frozen_epochs)
-    results["frozen_backbone"] = {"epochs": args.frozen_epochs, "features_s": features_s, "total_s": part.numbers["seconds"],
-                                  "total_s_per_800_images": part.numbers["seconds"] * 800 / n_images, "val_acc": frozen_history[-1]["val_acc"],
-                                  "part": part.numbers}
+        frozen_history, features_s, _ = train_project(
+            frozen_args, image_set, train, val, device, precision, args.frozen_epochs
+        )
+    results["frozen_backbone"] = {
+        "epochs": args.frozen_epochs,
+        "features_s": features_s,
+        "total_s": part.numbers["seconds"],
+        "total_s_per_800_images": part.numbers["seconds"] * 800 / n_images,
+        "val_acc": frozen_history[-1]["val_acc"],
+        "part": part.numbers,
+    }
 
     if precision != "fp32":
-        print(f"the project's training in fp32, from the same start on the same split: {args.epochs} whole epochs ...", flush=True)
+        print(
+            f"the project's training in fp32, from the same start on the same split: {args.epochs} whole epochs ...",
+            flush=True,
+        )
         with Part(device) as part:
             fp32_history, _, _ = train_project(run_args, image_set, train, val, device, "fp32", args.epochs)
-        results["project_fp32"] = {"precision": "fp32", "batch_size": run_args.batch_size,
-                                   "whole_epochs": whole_epochs(fp32_history, len(train), n_images, args.img_size, ceiling), "part": part.numbers}
+        results["project_fp32"] = {
+            "precision": "fp32",
+            "batch_size": run_args.batch_size,
+            "whole_epochs": whole_epochs(fp32_history, len(train), n_images, args.img_size, ceiling),
+            "part": part.numbers,
+        }
     last, last_fp32 = history[-1], (fp32_history if precision != "fp32" else history)[-1]
-    results["accuracy"] = {"epochs": args.epochs, "val_images": len(val), "precision": precision, "one_image": 1 / len(val),
-                           "val_acc": last["val_acc"], "fp32_val_acc": last_fp32["val_acc"], "difference": last["val_acc"] - last_fp32["val_acc"],
-                           "val_loss": last["val_loss"], "fp32_val_loss": last_fp32["val_loss"]}
+    results["accuracy"] = {
+        "epochs": args.epochs,
+        "val_images": len(val),
+        "precision": precision,
+        "one_image": 1 / len(val),
+        "val_acc": last["val_acc"],
+        "fp32_val_acc": last_fp32["val_acc"],
+        "difference": last["val_acc"] - last_fp32["val_acc"],
+        "val_loss": last["val_loss"],
+        "fp32_val_loss": last_fp32["val_loss"],
+    }
     num_classes, paths = len(image_set.class_names), image_set.paths
     del image_set  # the baseline decodes from disk: free the cache
 
-    print(f"the tutorial baseline (fp32, eager, batch 4, decoding every epoch): {args.baseline_epochs} whole epoch(s), then {steps} steps alone ...", flush=True)
+    print(
+        f"the tutorial baseline (fp32, eager, batch 4, decoding every epoch): {args.baseline_epochs} whole epoch(s), then {steps} steps alone ...",
+        flush=True,
+    )
     with Part(device) as part:
         train_loader, val_loader = tutorial_loaders(data_dir, paths, train, val, args.img_size)
         model = tutorial_model(num_classes, device, args.seed)
-        baseline_history, criterion, optimizer = train_tutorial(model, train_loader, val_loader, device, args.baseline_epochs)
+        baseline_history, criterion, optimizer = train_tutorial(
+            model, train_loader, val_loader, device, args.baseline_epochs
+        )
         steps_per_s = time_tutorial_steps(model, criterion, optimizer, train_loader, device, steps)
-    results["baseline"] = {"precision": "fp32", "batch_size": 4, "workers": 4,
-                           "whole_epochs": whole_epochs(baseline_history, len(train), n_images, args.img_size, ceiling),
-                           "steps_alone": throughput(steps_per_s, args.img_size, ceiling) | {"steps": steps, "batch_size": 4}, "part": part.numbers}
+    results["baseline"] = {
+        "precision": "fp32",
+        "batch_size": 4,
+        "workers": 4,
+        "whole_epochs": whole_epochs(baseline_history, len(train), n_images, args.img_size, ceiling),
+        "steps_alone": throughput(steps_per_s, args.img_size, ceiling) | {"steps": steps, "batch_size": 4},
+        "part": part.numbers,
+    }
     with Part(device) as part:
         baseline_inference = time_tutorial_inference(model, crops, device)
     results["inference"]["baseline"] = baseline_inference | {"part": part.numbers}
@@ -520,48 +707,82 @@ def percent(share):
 def print_table(results, setup):
     """The headline numbers."""
     ceiling, project, baseline = results["ceiling"], results["project"], results["baseline"]
-    data_info, frozen, accuracy, speedup = results["data"], results["frozen_backbone"], results["accuracy"], results["speedup"]
+    data_info, frozen, accuracy, speedup = (
+        results["data"],
+        results["frozen_backbone"],
+        results["accuracy"],
+        results["speedup"],
+    )
     infer, infer_base = results["inference"]["project"], results["inference"]["baseline"]
     gflop = setup["train_gflop_per_image"]
-    print(f"\n{setup['device_name']} ({setup['device']}, {setup['threads']} threads), torch {setup['torch']}, {setup['date']}")
-    print(f"{data_info['images']} images ({data_info['train']} train, {data_info['val']} val) at {setup['img_size']} px; "
-          f"a training image costs {gflop:.1f} GFLOP ({setup['flop_constant']})")
+    print(
+        f"\n{setup['device_name']} ({setup['device']}, {setup['threads']} threads), torch {setup['torch']}, {setup['date']}"
+    )
+    print(
+        f"{data_info['images']} images ({data_info['train']} train, {data_info['val']} val) at {setup['img_size']} px; "
+        f"a training image costs {gflop:.1f} GFLOP ({setup['flop_constant']})"
+    )
     for name in ("bf16", "fp32"):
         c = ceiling[name]
         if "skipped" in c:
             print(f"ceiling {name}: not measured, because {c['skipped']}")
             continue
-        print(f"ceiling {name}: {c['gflop_s']:.0f} GFLOP/s = {c['gflop_s'] / gflop:.1f} training img/s "
-              f"(matmul {c['matmul_gflop_s']:.0f}, 3x3 convolution {c['conv_gflop_s']:.0f} GFLOP/s)")
-    print(f"\n{'training':<34}{'img/s':>7}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}{'epoch s':>9}{'s/800 img':>10}{'val acc':>9}{'peak RSS':>10}{'others':>8}")
+        print(
+            f"ceiling {name}: {c['gflop_s']:.0f} GFLOP/s = {c['gflop_s'] / gflop:.1f} training img/s "
+            f"(matmul {c['matmul_gflop_s']:.0f}, 3x3 convolution {c['conv_gflop_s']:.0f} GFLOP/s)"
+        )
+    print(
+        f"\n{'training':<34}{'img/s':>7}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}{'epoch s':>9}{'s/800 img':>10}{'val acc':>9}{'peak RSS':>10}{'others':>8}"
+    )
     rows = [(f"project {project['precision']} b{project['batch_size']} w{project['workers']}", project)]
     if "project_fp32" in results:
         rows.append((f"project fp32 b{results['project_fp32']['batch_size']}", results["project_fp32"]))
     rows.append(("baseline fp32 b4 w4", baseline))
     for name, part in rows:
         w = part["whole_epochs"]
-        print(f"{name + ', epochs':<34}{w['images_per_s']:>7.1f}{w['gflop_s']:>9.0f}{percent(w['of_bf16_ceiling']):>9}{percent(w['of_fp32_ceiling']):>9}"
-              f"{w['epoch_s']:>9.1f}{w['epoch_s_per_800_images']:>10.1f}{w['val_acc']:>9.3f}{part['part']['peak_rss_mb']:>8.0f}MB"
-              f"{percent(part['part']['others_cpu_share']):>8}")
+        print(
+            f"{name + ', epochs':<34}{w['images_per_s']:>7.1f}{w['gflop_s']:>9.0f}{percent(w['of_bf16_ceiling']):>9}{percent(w['of_fp32_ceiling']):>9}"
+            f"{w['epoch_s']:>9.1f}{w['epoch_s_per_800_images']:>10.1f}{w['val_acc']:>9.3f}{part['part']['peak_rss_mb']:>8.0f}MB"
+            f"{percent(part['part']['others_cpu_share']):>8}"
+        )
         if "steps_alone" in part:
             s = part["steps_alone"]
-            print(f"{name + ', steps alone':<34}{s['images_per_s']:>7.1f}{s['gflop_s']:>9.0f}{percent(s['of_bf16_ceiling']):>9}{percent(s['of_fp32_ceiling']):>9}")
-    print("(epochs: training images / (training + validation s), steady state; baseline: the PyTorch tutorial's loop, ImageFolder decoding every epoch;\n"
-          " others: the share of the CPUs other processes used meanwhile; 0% on a quiet machine)")
-    print(f"\nspeed-up over the baseline: whole epochs {speedup['whole_epochs']:.2f}x, steps alone {speedup['steps_alone']:.2f}x, "
-          f"batch-1 inference {speedup['inference_batch1']:.2f}x")
-    print(f"first epoch (warm-up included): project {project['whole_epochs']['first_epoch_s']:.1f} s, baseline {baseline['whole_epochs']['first_epoch_s']:.1f} s; "
-          f"decoding into the cache: {data_info['part']['seconds']:.1f} s, {data_info['cache_mb']:.0f} MB")
-    print(f"inference, batch 1: project ({infer['precision']}) mean {infer['batch1_mean_ms']:.1f} ms, median {infer['batch1_median_ms']:.1f} ms per image; "
-          f"baseline (fp32) mean {infer_base['batch1_mean_ms']:.1f} ms, median {infer_base['batch1_median_ms']:.1f} ms")
-    print(f"inference throughput: project at batch {infer['throughput_batch_size']}: {infer['throughput_images_per_s']:.1f} img/s")
-    print(f"accuracy after {accuracy['epochs']} epoch(s) on the same {accuracy['val_images']} validation images: "
-          f"{accuracy['precision']} {accuracy['val_acc']:.3f} (val loss {accuracy['val_loss']:.4f}), "
-          f"fp32 {accuracy['fp32_val_acc']:.3f} (val loss {accuracy['fp32_val_loss']:.4f}); one image = {accuracy['one_image']:.3f}")
-    print(f"--freeze-backbone: {frozen['epochs']} epochs in {frozen['total_s']:.1f} s, {frozen['features_s']:.1f} s of it computing the features "
-          f"({frozen['total_s_per_800_images']:.1f} s per 800 images); val acc {frozen['val_acc']:.3f}")
-    cuda = [f"{name} {part['part']['cuda_peak_allocated_mb']:.0f} MB" for name, part in (("project", project), ("baseline", baseline))
-            if "cuda_peak_allocated_mb" in part["part"]]
+            print(
+                f"{name + ', steps alone':<34}{s['images_per_s']:>7.1f}{s['gflop_s']:>9.0f}{percent(s['of_bf16_ceiling']):>9}{percent(s['of_fp32_ceiling']):>9}"
+            )
+    print(
+        "(epochs: training images / (training + validation s), steady state; baseline: the PyTorch tutorial's loop, ImageFolder decoding every epoch;\n"
+        " others: the share of the CPUs other processes used meanwhile; 0% on a quiet machine)"
+    )
+    print(
+        f"\nspeed-up over the baseline: whole epochs {speedup['whole_epochs']:.2f}x, steps alone {speedup['steps_alone']:.2f}x, "
+        f"batch-1 inference {speedup['inference_batch1']:.2f}x"
+    )
+    print(
+        f"first epoch (warm-up included): project {project['whole_epochs']['first_epoch_s']:.1f} s, baseline {baseline['whole_epochs']['first_epoch_s']:.1f} s; "
+        f"decoding into the cache: {data_info['part']['seconds']:.1f} s, {data_info['cache_mb']:.0f} MB"
+    )
+    print(
+        f"inference, batch 1: project ({infer['precision']}) mean {infer['batch1_mean_ms']:.1f} ms, median {infer['batch1_median_ms']:.1f} ms per image; "
+        f"baseline (fp32) mean {infer_base['batch1_mean_ms']:.1f} ms, median {infer_base['batch1_median_ms']:.1f} ms"
+    )
+    print(
+        f"inference throughput: project at batch {infer['throughput_batch_size']}: {infer['throughput_images_per_s']:.1f} img/s"
+    )
+    print(
+        f"accuracy after {accuracy['epochs']} epoch(s) on the same {accuracy['val_images']} validation images: "
+        f"{accuracy['precision']} {accuracy['val_acc']:.3f} (val loss {accuracy['val_loss']:.4f}), "
+        f"fp32 {accuracy['fp32_val_acc']:.3f} (val loss {accuracy['fp32_val_loss']:.4f}); one image = {accuracy['one_image']:.3f}"
+    )
+    print(
+        f"--freeze-backbone: {frozen['epochs']} epochs in {frozen['total_s']:.1f} s, {frozen['features_s']:.1f} s of it computing the features "
+        f"({frozen['total_s_per_800_images']:.1f} s per 800 images); val acc {frozen['val_acc']:.3f}"
+    )
+    cuda = [
+        f"{name} {part['part']['cuda_peak_allocated_mb']:.0f} MB"
+        for name, part in (("project", project), ("baseline", baseline))
+        if "cuda_peak_allocated_mb" in part["part"]
+    ]
     if cuda:
         print("peak CUDA memory allocated: " + ", ".join(cuda))
     print(f"other processes used {percent(setup['others_cpu_share'])} of the CPUs during the benchmark")
@@ -577,11 +798,21 @@ def main(args):
     device = choose_device(args.device)
     precision = choose_precision(device, "auto")
     setup_backends(device, precision)
-    setup = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(), "precision": precision,
-             "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": platform.python_version(),
-             "img_size": args.img_size, "train_gflop_per_image": train_gflop_per_image(args.img_size),
-             "flop_constant": f"{TRAIN_STEP_FACTOR} x {FORWARD_GFLOP_224} GFLOP x (img_size/224)^2",
-             "command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick}
+    setup = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+        "img_size": args.img_size,
+        "train_gflop_per_image": train_gflop_per_image(args.img_size),
+        "flop_constant": f"{TRAIN_STEP_FACTOR} x {FORWARD_GFLOP_224} GFLOP x (img_size/224)^2",
+        "command": " ".join(["python"] + sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": args.quick,
+    }
     print("settings: " + ", ".join(f"{k} {v}" for k, v in vars(args).items()), flush=True)
     start, cpu_start = time.perf_counter(), cpu_snapshot()
     with tempfile.TemporaryDirectory() as folder:

@@ -41,7 +41,14 @@ def run_script(script, *args, cwd=ROOT, env=None, timeout=600):
     """Run qq.py or predict.py as a user would, with no ImageNet weights in reach."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_scripts(*commands, cwd=ROOT, timeout=600):
@@ -51,13 +58,22 @@ def run_scripts(*commands, cwd=ROOT, timeout=600):
     The output is decoded without newline translation, so that user_lines() sees the carriage returns.
     """
     processes = [
-        subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, str(ROOT / script), *map(str, args)],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for script, *args in commands
     ]
     results = []
     for command, process in zip(commands, processes):
         stdout, stderr = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(command, process.returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")))
+        results.append(
+            subprocess.CompletedProcess(
+                command, process.returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
+            )
+        )
     return results
 
 

@@ -33,7 +33,9 @@ def png16(path, array):
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
     header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def rotated_jpeg(path):
@@ -100,8 +102,16 @@ def messy(tmp_path_factory):
         pass
 
     used = {f"{c}/{c}_{i:03d}.jpg" for c in ("mild", "moderate", "severe") for i in range(6)}
-    used |= {f"moderate/{name}" for name in ("grayscale.png", "rgba.png", "palette.png", "cmyk.jpg", "gray16.png", "rgb16.png")}
-    used |= {"mild/rotated.jpg", "mild/Ärztlicher Befund 1.jpg", "severe/patient 7/visit 2/ulcère près du côlon.jpg", "severe/patient 7/visit 2/内镜 图像.png"}
+    used |= {
+        f"moderate/{name}"
+        for name in ("grayscale.png", "rgba.png", "palette.png", "cmyk.jpg", "gray16.png", "rgb16.png")
+    }
+    used |= {
+        "mild/rotated.jpg",
+        "mild/Ärztlicher Befund 1.jpg",
+        "severe/patient 7/visit 2/ulcère près du côlon.jpg",
+        "severe/patient 7/visit 2/内镜 图像.png",
+    }
     return root, reasons, used
 
 
@@ -125,7 +135,10 @@ def test_bad_files_are_skipped_listed_and_recorded_before_training(messy, messy_
 
     lines = user_lines(result.stdout)
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/"))
-    assert f"warning: skipped {len(reasons)} file(s) that cannot be used (listed in skipped.csv of the run):" in lines[:first_epoch]
+    assert (
+        f"warning: skipped {len(reasons)} file(s) that cannot be used (listed in skipped.csv of the run):"
+        in lines[:first_epoch]
+    )
     for path, reason in recorded.items():  # each one named in the warning, before training starts
         assert f"{path}: {reason}" in lines[:first_epoch]
     assert json.loads((run / "config.json").read_text())["skipped_files"] == len(reasons)
@@ -140,14 +153,21 @@ def test_unusual_images_names_and_sub_folders_are_used(messy, messy_run):
     assert all(row["class"] == row["path"].split("/")[0] for row in split)
     config = json.loads((run / "config.json").read_text())
     assert config["class_names"] == ["mild", "moderate", "severe"]  # the empty folder is left out ...
-    assert "warning: class folder 'unused' holds no images and is ignored." in user_lines(result.stdout)  # ... and said so
+    assert "warning: class folder 'unused' holds no images and is ignored." in user_lines(
+        result.stdout
+    )  # ... and said so
     assert config["class_counts"] == [sum(p.startswith(c + "/") for p in used) for c in config["class_names"]]
 
 
 def test_predict_reads_the_same_unusual_images(messy, messy_run):
     root, _, _ = messy
     _, run = messy_run
-    images = [root / "severe/patient 7/visit 2/内镜 图像.png", root / "mild/Ärztlicher Befund 1.jpg", root / "moderate/gray16.png", root / "moderate/cmyk.jpg"]
+    images = [
+        root / "severe/patient 7/visit 2/内镜 图像.png",
+        root / "mild/Ärztlicher Befund 1.jpg",
+        root / "moderate/gray16.png",
+        root / "moderate/cmyk.jpg",
+    ]
     result = run_script("predict.py", *images, "--weights", run / "best.pt", "--json")
     assert result.returncode == 0, result.stderr
     assert [p["path"] for p in json.loads(result.stdout)["predictions"]] == [str(p) for p in images]
@@ -226,10 +246,20 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
         (flat, ["'{data}' has no class sub-folders", "'{data}/<grade>/<image>'"]),
         (one_class, ["'{data}' has images for only 1 class (empty: severe)"]),
         (too_few, ["class 'severe' has only 1 usable image(s)", "at least 2", "Add images"]),
-        (gap, ["the class folder 'mayo2' in '{data}' holds no images", "between 'mayo1' and 'mayo3'", "QWK and MAE", "add its images, or remove the folder"]),
+        (
+            gap,
+            [
+                "the class folder 'mayo2' in '{data}' holds no images",
+                "between 'mayo1' and 'mayo3'",
+                "QWK and MAE",
+                "add its images, or remove the folder",
+            ],
+        ),
     ]
     for i, (folder, expected) in enumerate(cases):
-        args = qq.get_args_parser().parse_args([str(a) for a in ["--data", folder, "--out", tmp_path / f"out{i}", "--epochs", "1", *FAST]])
+        args = qq.get_args_parser().parse_args(
+            [str(a) for a in ["--data", folder, "--out", tmp_path / f"out{i}", "--epochs", "1", *FAST]]
+        )
         assert run_cli(qq.main, args) == 2, folder
         lines = user_lines(capsys.readouterr().err)
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -240,5 +270,7 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
     # as a user sees it: the progress bar of the scan, then the one line, and no traceback
     (result,) = run_scripts(("qq.py", "--data", too_few, "--out", tmp_path / "out", "--epochs", "1", *FAST))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert user_lines(result.stderr) == ["error: class 'severe' has only 1 usable image(s); it needs at least 2 so that training and validation each get one. Add images or remove the folder."]
+    assert user_lines(result.stderr) == [
+        "error: class 'severe' has only 1 usable image(s); it needs at least 2 so that training and validation each get one. Add images or remove the folder."
+    ]
     assert f"{too_few / 'severe' / 'broken.jpg'}: not an image Pillow can read" in user_lines(result.stdout)

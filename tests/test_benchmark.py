@@ -3,7 +3,6 @@ the numbers depend on the machine and on what else runs on it; they only have to
 
 import json
 import math
-
 import sys
 
 import pytest
@@ -15,7 +14,23 @@ from ucgrade.device import cpu_has_fast_bf16
 
 # One thread: on a busy machine (a CI runner, tests in parallel) two spinning OpenMP threads can run
 # several times slower than one, and the smoke test only has to exercise every part.
-TINY = ["--quick", "--images", "12", "--img-size", "64", "--epochs", "1", "--frozen-epochs", "2", "--steps", "2", "--infer-batch", "4", "--threads", "1"]
+TINY = [
+    "--quick",
+    "--images",
+    "12",
+    "--img-size",
+    "64",
+    "--epochs",
+    "1",
+    "--frozen-epochs",
+    "2",
+    "--steps",
+    "2",
+    "--infer-batch",
+    "4",
+    "--threads",
+    "1",
+]
 
 
 def positive(value):
@@ -62,11 +77,15 @@ def test_quick_benchmark_writes_every_number(tmp_path):
     inference = numbers["inference"]
     for run in (inference["project"], inference["baseline"]):
         assert positive(run["batch1_mean_ms"]) and positive(run["batch1_median_ms"])
-    assert positive(inference["project"]["throughput_images_per_s"]) and inference["project"]["throughput_batch_size"] == 4
+    assert (
+        positive(inference["project"]["throughput_images_per_s"]) and inference["project"]["throughput_batch_size"] == 4
+    )
     assert positive(inference["project"]["checkpoint_mb"])
 
     accuracy = numbers["accuracy"]
-    assert 0 <= accuracy["val_acc"] <= 1 and 0 <= accuracy["fp32_val_acc"] <= 1 and accuracy["val_images"] == data["val"]
+    assert (
+        0 <= accuracy["val_acc"] <= 1 and 0 <= accuracy["fp32_val_acc"] <= 1 and accuracy["val_images"] == data["val"]
+    )
     frozen = numbers["frozen_backbone"]
     assert frozen["epochs"] == 2 and positive(frozen["total_s"]) and 0 < frozen["features_s"] <= frozen["total_s"]
     assert all(positive(v) for v in numbers["speedup"].values())
@@ -74,8 +93,21 @@ def test_quick_benchmark_writes_every_number(tmp_path):
 
 def test_ablations_run(tmp_path):
     out = tmp_path / "ablations.json"
-    result = run_script("benchmarks/ablations.py", "--only", "layout", "normalize", "--img-size", "64", "--rounds", "1", "--threads", "1",
-                        "--json", out, timeout=300)
+    result = run_script(
+        "benchmarks/ablations.py",
+        "--only",
+        "layout",
+        "normalize",
+        "--img-size",
+        "64",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        out,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     numbers = json.loads(out.read_text())
     assert numbers["threads"] == 1 and numbers["img_size"] == 64

@@ -18,11 +18,17 @@ INVALID = [
     (["--img-size", "7"], "--img-size must be at least 64 pixels"),
     (["--lr", "inf"], "--lr must be a positive number (got inf)."),
     (["--lr", "0"], "--lr must be a positive number (got 0.0)."),
-    (["--name", "2026/run"], "--name '2026/run' must be a plain folder name, without '/'; the run folder goes under --out."),
+    (
+        ["--name", "2026/run"],
+        "--name '2026/run' must be a plain folder name, without '/'; the run folder goes under --out.",
+    ),
     (["--name", ".."], "--name '..' must be a plain folder name"),
     (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295 (got -1)."),
     (["--groups", str(ROOT / "tests")], f"--groups '{ROOT / 'tests'}' is a folder; give the file itself."),
-    (["--out", str(ROOT / "README.md" / "runs")], f"--out '{ROOT / 'README.md' / 'runs'}' cannot be a folder, because '{ROOT / 'README.md'}' is a file; give a folder."),
+    (
+        ["--out", str(ROOT / "README.md" / "runs")],
+        f"--out '{ROOT / 'README.md' / 'runs'}' cannot be a folder, because '{ROOT / 'README.md'}' is a file; give a folder.",
+    ),
 ]
 if not torch.cuda.is_available():
     INVALID.append((["--device", "cuda"], "--device cuda was asked for, but this machine has no CUDA GPU"))
@@ -37,7 +43,9 @@ def test_invalid_flag_on_the_command_line(small_data, tmp_path):
 
 @pytest.mark.parametrize("flag, expected", INVALID, ids=[" ".join(flag) for flag, _ in INVALID])
 def test_invalid_flags_stop_before_any_work(flag, expected, small_data, tmp_path, capsys):
-    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", small_data, "--out", tmp_path / "out", "--epochs", "1", *FAST, *flag]])
+    args = qq.get_args_parser().parse_args(
+        [str(a) for a in ["--data", small_data, "--out", tmp_path / "out", "--epochs", "1", *FAST, *flag]]
+    )
     assert run_cli(qq.main, args) == 2
     captured = capsys.readouterr()
     lines = user_lines(captured.err)
@@ -48,17 +56,26 @@ def test_invalid_flags_stop_before_any_work(flag, expected, small_data, tmp_path
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_predict_rejects_a_missing_device(trained_run, small_data, capsys):
-    args = predict.get_args_parser().parse_args([str(small_data / "mild" / "mild_000.jpg"), "--weights", str(trained_run / "best.pt"), "--device", "cuda"])
+    args = predict.get_args_parser().parse_args(
+        [str(small_data / "mild" / "mild_000.jpg"), "--weights", str(trained_run / "best.pt"), "--device", "cuda"]
+    )
     assert run_cli(predict.main, args) == 2
     captured = capsys.readouterr()
-    assert captured.err == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.\n"
+    assert (
+        captured.err
+        == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.\n"
+    )
     assert captured.out == ""
 
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", False), ("bf16", True), ("fp16", True)])
 def test_fp32_on_a_gpu_is_true_fp32(precision, tf32):
     """setup_backends only sets torch's global flags, so its CUDA branch runs here too; TF32 is for mixed precision."""
-    flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")
+    flags = (
+        (torch.backends.cudnn, "benchmark"),
+        (torch.backends.cudnn, "allow_tf32"),
+        (torch.backends.cuda.matmul, "allow_tf32"),
+    )
     before = [getattr(module, name) for module, name in flags]
     try:
         torch.backends.cudnn.benchmark = False
@@ -73,10 +90,15 @@ def test_fp32_on_a_gpu_is_true_fp32(precision, tf32):
 
 def test_predict_cam_folder_under_a_file_is_one_sentence(trained_run, small_data, capsys):
     image, notes = small_data / "mild" / "mild_000.jpg", small_data / "mild" / "mild_001.jpg"
-    args = predict.get_args_parser().parse_args([str(image), "--weights", str(trained_run / "best.pt"), "--cam", str(notes / "cams")])
+    args = predict.get_args_parser().parse_args(
+        [str(image), "--weights", str(trained_run / "best.pt"), "--cam", str(notes / "cams")]
+    )
     assert run_cli(predict.main, args) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"error: --cam '{notes / 'cams'}' cannot be a folder, because '{notes}' is a file; give a folder.\n"
+    assert (
+        captured.err
+        == f"error: --cam '{notes / 'cams'}' cannot be a folder, because '{notes}' is a file; give a folder.\n"
+    )
     assert captured.out == ""
 
 
@@ -88,14 +110,21 @@ def test_a_failed_file_operation_is_one_sentence_and_a_closed_pipe_is_left_to_ma
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
     assert run_cli(disk_full, None) == 1
-    assert capsys.readouterr().err == ("error: could not write or read 'outputs/train/last.pt': No space left on device; "
-                                       "free disk space or check the folder's permissions, then run again.\n")
+    assert capsys.readouterr().err == (
+        "error: could not write or read 'outputs/train/last.pt': No space left on device; "
+        "free disk space or check the folder's permissions, then run again.\n"
+    )
     with pytest.raises(BrokenPipeError):
         run_cli(reader_gone, None)
 
 
 def test_a_command_line_mistake_is_one_line_without_the_usage_block():
-    results = run_scripts(("qq.py", "--select", "worst"), ("qq.py", "--epochs", "ten"), ("qq.py", "--lerning-rate", "0.01"), ("predict.py",))
+    results = run_scripts(
+        ("qq.py", "--select", "worst"),
+        ("qq.py", "--epochs", "ten"),
+        ("qq.py", "--lerning-rate", "0.01"),
+        ("predict.py",),
+    )
     expected = [  # argparse's own words, which vary a little between Python versions, then ours
         ("error: argument --select: invalid choice: 'worst'", "qq.py"),
         ("error: argument --epochs: invalid int value: 'ten'", "qq.py"),

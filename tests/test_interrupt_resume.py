@@ -44,11 +44,19 @@ def interrupt_after_first_epoch(args, run_dir, signum, log_dir, whole_group=Fals
     scheduler's SIGTERM does. Returns (exit code, seconds from the signal to the exit, stderr).
     """
     with open(log_dir / "stderr.txt", "wb") as err:
-        process = subprocess.Popen([sys.executable, str(ROOT / "qq.py"), *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=whole_group)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "qq.py"), *map(str, args)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=whole_group,
+        )
         history = run_dir / "history.csv"
         deadline = time.monotonic() + 300
         try:
-            while not (history.is_file() and len(history.read_text().splitlines()) >= 2):  # written atomically: never half a file
+            while not (
+                history.is_file() and len(history.read_text().splitlines()) >= 2
+            ):  # written atomically: never half a file
                 assert process.poll() is None, "the run ended before its first epoch was written"
                 assert time.monotonic() < deadline, "no epoch finished within 5 minutes"
                 time.sleep(0.02)
@@ -71,11 +79,17 @@ def check_interrupted_run(run_dir, code, seconds, stderr):
     assert code != 0 and "Traceback" not in stderr
     assert seconds < 20, f"took {seconds:.1f} s to stop"
     message = user_lines(stderr)[-1]
-    assert message.startswith("interrupted: training stopped after epoch ") and message.endswith(f"Resume with: python qq.py --resume {run_dir}")
+    assert message.startswith("interrupted: training stopped after epoch ") and message.endswith(
+        f"Resume with: python qq.py --resume {run_dir}"
+    )
     finished = len(history_of(run_dir))
     assert 1 <= finished < EPOCHS
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted" and metrics["epochs_completed"] == finished and metrics["resume"] == f"python qq.py --resume {run_dir}"
+    assert (
+        metrics["status"] == "interrupted"
+        and metrics["epochs_completed"] == finished
+        and metrics["resume"] == f"python qq.py --resume {run_dir}"
+    )
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == finished
     assert 1 <= load_checkpoint(run_dir / "best.pt")["epoch"] <= finished
     with Image.open(run_dir / "curves.png") as curves:
@@ -83,11 +97,16 @@ def check_interrupted_run(run_dir, code, seconds, stderr):
     return finished
 
 
-@pytest.mark.parametrize("loading, resume_flags", [([], []), (["--cache", "off", "--workers", "1"], ["--workers", "0"])],
-                         ids=["cached", "streamed-by-a-worker-then-resumed-without"])
+@pytest.mark.parametrize(
+    "loading, resume_flags",
+    [([], []), (["--cache", "off", "--workers", "1"], ["--workers", "0"])],
+    ids=["cached", "streamed-by-a-worker-then-resumed-without"],
+)
 def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(data24, tmp_path, loading, resume_flags):
     run = tmp_path / "out" / "cut"
-    code, seconds, stderr = interrupt_after_first_epoch(["--data", data24, "--out", tmp_path / "out", "--name", "cut", *RUN, *loading], run, signal.SIGINT, tmp_path)
+    code, seconds, stderr = interrupt_after_first_epoch(
+        ["--data", data24, "--out", tmp_path / "out", "--name", "cut", *RUN, *loading], run, signal.SIGINT, tmp_path
+    )
     assert code == 130
     assert "SIGINT received: stopping after the current batch" in stderr
     finished = check_interrupted_run(run, code, seconds, stderr)
@@ -125,35 +144,69 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_p
 
     monkeypatch.setattr(engine, "train_one_epoch", press_ctrl_c_as_the_first_epoch_starts)
     run = tmp_path / "out" / "early"
-    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", data24, "--out", tmp_path / "out", "--name", "early", *RUN]])
+    args = qq.get_args_parser().parse_args(
+        [str(a) for a in ["--data", data24, "--out", tmp_path / "out", "--name", "early", *RUN]]
+    )
     assert run_cli(qq.main, args) == 130
     assert user_lines(capsys.readouterr().err)[-1] == (
         f"interrupted: training stopped before the first of {EPOCHS} epochs finished, so {run} has no checkpoint yet and resuming "
-        f"starts the training from the beginning. Resume with: python qq.py --resume {run}")
+        f"starts the training from the beginning. Resume with: python qq.py --resume {run}"
+    )
     assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
 def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp_path):
     run = tmp_path / "out" / "train"
-    args = ["--data", data24, "--out", tmp_path / "out", *RUN, "--cache", "off", "--workers", "2"]  # images read by 2 worker processes
+    args = [
+        "--data",
+        data24,
+        "--out",
+        tmp_path / "out",
+        *RUN,
+        "--cache",
+        "off",
+        "--workers",
+        "2",
+    ]  # images read by 2 worker processes
     code, seconds, stderr = interrupt_after_first_epoch(args, run, signal.SIGTERM, tmp_path, whole_group=True)
-    assert stderr.count("SIGTERM received: stopping after the current batch") == 1  # said by the main process, not by each worker
+    assert (
+        stderr.count("SIGTERM received: stopping after the current batch") == 1
+    )  # said by the main process, not by each worker
     check_interrupted_run(run, code, seconds, stderr)
 
 
 def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path):
     # 1e30: the training loss is nan at the second step. 50: the weights blow up so that the
     # validation loss is nan while the training loss still looks finite.
-    results = run_scripts(*[
-        ("qq.py", "--data", small_data, "--out", tmp_path / f"lr{lr}", *FAST, "--epochs", "3", "--precision", "fp32", "--lr", lr)
-        for lr in ("1e30", "50")
-    ])
+    results = run_scripts(
+        *[
+            (
+                "qq.py",
+                "--data",
+                small_data,
+                "--out",
+                tmp_path / f"lr{lr}",
+                *FAST,
+                "--epochs",
+                "3",
+                "--precision",
+                "fp32",
+                "--lr",
+                lr,
+            )
+            for lr in ("1e30", "50")
+        ]
+    )
     for lr, result in zip(("1e30", "50"), results):
         lines = user_lines(result.stderr)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(lines) == 1 and "lower the learning rate (for example --lr" in lines[0], lines
-        assert ("the training loss became nan in epoch 1, batch 2" if lr == "1e30" else "the validation loss became nan in epoch 1") in lines[0]
+        assert (
+            "the training loss became nan in epoch 1, batch 2"
+            if lr == "1e30"
+            else "the validation loss became nan in epoch 1"
+        ) in lines[0]
         run = tmp_path / f"lr{lr}" / "train"
         assert not (run / "metrics.json").exists()
         for name in ("best.pt", "last.pt"):  # nothing broken was kept as a model
@@ -178,12 +231,29 @@ def test_running_out_of_memory_suggests_a_smaller_batch(tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         sys.exit(run_cli(qq.main, qq.get_args_parser().parse_args(sys.argv[1:])))
     """)
-    args = ["--data", data, "--out", tmp_path / "out", "--img-size", "448", "--batch-size", "32", "--epochs", "1", "--pretrained", "no", "--cam-examples", "0"]
+    args = [
+        "--data",
+        data,
+        "--out",
+        tmp_path / "out",
+        "--img-size",
+        "448",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--pretrained",
+        "no",
+        "--cam-examples",
+        "0",
+    ]
     result = subprocess.run([sys.executable, "-c", driver, *map(str, args)], cwd=ROOT, capture_output=True)
     stderr = result.stderr.decode("utf-8", "replace")
     assert "run folder:" in result.stdout.decode()  # it got as far as training
     assert result.returncode == 2 and "Traceback" not in stderr, stderr
-    assert user_lines(stderr) == ["error: ran out of memory with --batch-size 32; try a smaller --batch-size, for example 16, or a smaller --img-size."]
+    assert user_lines(stderr) == [
+        "error: ran out of memory with --batch-size 32; try a smaller --batch-size, for example 16, or a smaller --img-size."
+    ]
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
@@ -257,13 +327,22 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
 
     presser = threading.Thread(target=press_ctrl_c_after_an_epoch)
     presser.start()
-    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", data24, "--out", out, "--name", "cv", "--folds", "2", *RUN]])
+    args = qq.get_args_parser().parse_args(
+        [str(a) for a in ["--data", data24, "--out", out, "--name", "cv", "--folds", "2", *RUN]]
+    )
     code = run_cli(qq.main, args)
     presser.join()
     lines = user_lines(capsys.readouterr().err)
     assert code == 130, lines
-    assert lines[-1].startswith("interrupted: training stopped after epoch ") and lines[-1].endswith(f"Resume with: python qq.py --resume {run}")
-    assert json.loads((run / "metrics.json").read_text()) == {"status": "interrupted", "folds": 2, "folds_finished": 1, "resume": f"python qq.py --resume {run}"}
+    assert lines[-1].startswith("interrupted: training stopped after epoch ") and lines[-1].endswith(
+        f"Resume with: python qq.py --resume {run}"
+    )
+    assert json.loads((run / "metrics.json").read_text()) == {
+        "status": "interrupted",
+        "folds": 2,
+        "folds_finished": 1,
+        "resume": f"python qq.py --resume {run}",
+    }
     assert json.loads((run / "fold2" / "metrics.json").read_text())["resume"] == f"python qq.py --resume {run}"
     interrupted_after = len(history_of(run / "fold2"))
     assert 1 <= interrupted_after < EPOCHS
@@ -271,7 +350,10 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
     fold1 = {p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()}
 
     for argv, message in [
-        (["--resume", run / "fold1"], f"'{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run}"),
+        (
+            ["--resume", run / "fold1"],
+            f"'{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run}",
+        ),
         (["--resume", run, "--epochs", "4"], "--epochs cannot change when a cross-validation run is resumed"),
     ]:
         assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv])) == 2
@@ -280,13 +362,20 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
 
     assert train(["--resume", run]) == 0
     said = capsys.readouterr().out
-    assert "fold 1/2 already finished" in said and f"resuming {run / 'fold2'} after epoch {interrupted_after} of {EPOCHS}" in said
+    assert (
+        "fold 1/2 already finished" in said
+        and f"resuming {run / 'fold2'} after epoch {interrupted_after} of {EPOCHS}" in said
+    )
     assert os.listdir(out) == ["cv"] and sorted(p.name for p in run.glob("fold*")) == ["fold1", "fold2"]
     assert (run / "split.csv").read_text() == split
-    assert {p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()} == fold1  # the finished fold is untouched
+    assert {
+        p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()
+    } == fold1  # the finished fold is untouched
     for k in (1, 2):
         fold = run / f"fold{k}"
-        assert len(history_of(fold)) == EPOCHS and json.loads((fold / "metrics.json").read_text())["status"] == "finished"
+        assert (
+            len(history_of(fold)) == EPOCHS and json.loads((fold / "metrics.json").read_text())["status"] == "finished"
+        )
         validated = sorted(r["path"] for r in files.read_csv(run / "split.csv") if r["fold"] == str(k))
         assert sorted(r["path"] for r in files.read_csv(fold / "predictions.csv")) == validated
     pooled = files.read_csv(run / "predictions.csv")

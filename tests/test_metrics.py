@@ -16,9 +16,7 @@ from ucgrade.files import read_csv
 from ucgrade.report import inference_html
 
 # rows: true grade, columns: predicted grade
-KNOWN = [[6, 2, 0],
-         [1, 3, 1],
-         [2, 0, 1]]
+KNOWN = [[6, 2, 0], [1, 3, 1], [2, 0, 1]]
 NAMES = ["mayo0", "mayo1", "mayo2"]
 
 
@@ -161,12 +159,35 @@ def test_class_order_changes_the_grade_aware_metrics_only():
 
 
 def test_fold_summary_is_mean_and_sample_std():
-    folds = [{"accuracy": 0.5, "balanced_accuracy": 0.4, "macro_f1": 0.3, "qwk": 0.2, "mae_grades": 0.9, "roc_auc_ovr_macro": None,
-              "remission": {"sensitivity": 0.8, "specificity": 0.6, "ppv": None, "npv": 0.5, "auroc": 0.7}},
-             {"accuracy": 0.7, "balanced_accuracy": 0.6, "macro_f1": 0.5, "qwk": 0.6, "mae_grades": 0.4, "roc_auc_ovr_macro": 0.8,
-              "remission": {"sensitivity": 0.6, "specificity": 0.9, "ppv": 0.75, "npv": 0.5, "auroc": 0.9}},
-             {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_f1": 0.4, "qwk": 0.7, "mae_grades": 0.2, "roc_auc_ovr_macro": 0.6,
-              "remission": {"sensitivity": 1.0, "specificity": 0.6, "ppv": 0.25, "npv": 0.8, "auroc": 0.5}}]
+    folds = [
+        {
+            "accuracy": 0.5,
+            "balanced_accuracy": 0.4,
+            "macro_f1": 0.3,
+            "qwk": 0.2,
+            "mae_grades": 0.9,
+            "roc_auc_ovr_macro": None,
+            "remission": {"sensitivity": 0.8, "specificity": 0.6, "ppv": None, "npv": 0.5, "auroc": 0.7},
+        },
+        {
+            "accuracy": 0.7,
+            "balanced_accuracy": 0.6,
+            "macro_f1": 0.5,
+            "qwk": 0.6,
+            "mae_grades": 0.4,
+            "roc_auc_ovr_macro": 0.8,
+            "remission": {"sensitivity": 0.6, "specificity": 0.9, "ppv": 0.75, "npv": 0.5, "auroc": 0.9},
+        },
+        {
+            "accuracy": 0.9,
+            "balanced_accuracy": 0.8,
+            "macro_f1": 0.4,
+            "qwk": 0.7,
+            "mae_grades": 0.2,
+            "roc_auc_ovr_macro": 0.6,
+            "remission": {"sensitivity": 1.0, "specificity": 0.6, "ppv": 0.25, "npv": 0.8, "auroc": 0.5},
+        },
+    ]
     summary = metrics.summarize_folds(folds)
     for name in metrics.SCALARS:
         values = [f[name] for f in folds if f[name] is not None]
@@ -209,8 +230,18 @@ def test_run_metrics_match_its_predictions_file(trained_run):
 
 
 def test_widely_spread_inference_times_are_flagged_in_the_report():
-    steady = {"device": "cpu", "precision": "bf16", "batch1_mean_ms": 23.0, "batch1_median_ms": 22.5, "batch1_p95_ms": 24.0,
-              "throughput_images_per_s": 70.0, "throughput_batch_size": 32}
+    steady = {
+        "device": "cpu",
+        "precision": "bf16",
+        "batch1_mean_ms": 23.0,
+        "batch1_median_ms": 22.5,
+        "batch1_p95_ms": 24.0,
+        "throughput_images_per_s": 70.0,
+        "throughput_batch_size": 32,
+    }
     busy = steady | {"batch1_mean_ms": 214.6, "batch1_p95_ms": 1673.0}  # seen on a shared CPU
     assert "varied widely" not in inference_html(steady)
-    assert '<p class="warn">The times varied widely (p95 over twice the median), so another program was probably using the device; quote the median.</p>' in inference_html(busy)
+    assert (
+        '<p class="warn">The times varied widely (p95 over twice the median), so another program was probably using the device; quote the median.</p>'
+        in inference_html(busy)
+    )

@@ -22,8 +22,21 @@ from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 def test_run_writes_every_output(trained_run):
     run = trained_run
-    for name in ["best.pt", "last.pt", "history.csv", "curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png",
-                 "metrics.json", "split.csv", "config.json", "predictions.csv", "roc.png", "report.html", "skipped.csv"]:
+    for name in [
+        "best.pt",
+        "last.pt",
+        "history.csv",
+        "curves.png",
+        "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
+        "metrics.json",
+        "split.csv",
+        "config.json",
+        "predictions.csv",
+        "roc.png",
+        "report.html",
+        "skipped.csv",
+    ]:
         assert (run / name).is_file(), name
     for png in run.glob("*.png"):
         with Image.open(png) as image:
@@ -43,7 +56,11 @@ def test_run_writes_every_output(trained_run):
     assert np.array(metrics["confusion_matrix"]).sum() == n_val == metrics["num_images"]
     assert 0 <= metrics["accuracy"] <= 1
     timing = metrics["inference_time"]
-    assert timing["batch1_mean_ms"] > 0 and timing["batch1_median_ms"] > 0 and timing["batch1_p95_ms"] >= timing["batch1_median_ms"]
+    assert (
+        timing["batch1_mean_ms"] > 0
+        and timing["batch1_median_ms"] > 0
+        and timing["batch1_p95_ms"] >= timing["batch1_median_ms"]
+    )
     assert timing["throughput_images_per_s"] > 0 and timing["throughput_batch_size"] == 8
     assert len(read_csv(run / "predictions.csv")) == n_val
 
@@ -71,7 +88,10 @@ def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data
     device = torch.device("cpu")
     precision = metrics["precision"]
     rows = [r for r in read_csv(trained_run / "split.csv") if r["subset"] == "val"]
-    correct = sum(predict_image(small_data / r["path"], model, device, checkpoint["class_names"], 64, precision) == r["class"] for r in rows)
+    correct = sum(
+        predict_image(small_data / r["path"], model, device, checkpoint["class_names"], 64, precision) == r["class"]
+        for r in rows
+    )
     assert correct / len(rows) == pytest.approx(metrics["accuracy"])
 
 
@@ -92,7 +112,25 @@ def test_split_is_stratified_disjoint_and_seeded():
 def test_split_csv_matches_seed(small_data, tmp_path):
     # b streams its images from disk through a loader process; a decodes them once and has none
     for name, loading in (("a", ["--cache", "ram", "--workers", "0"]), ("b", ["--cache", "off", "--workers", "1"])):
-        assert train(["--data", small_data, "--out", tmp_path, "--name", name, "--epochs", "2", "--seed", "7", *FAST, *loading]) == 0
+        assert (
+            train(
+                [
+                    "--data",
+                    small_data,
+                    "--out",
+                    tmp_path,
+                    "--name",
+                    name,
+                    "--epochs",
+                    "2",
+                    "--seed",
+                    "7",
+                    *FAST,
+                    *loading,
+                ]
+            )
+            == 0
+        )
     a, b = read_csv(tmp_path / "a" / "split.csv"), read_csv(tmp_path / "b" / "split.csv")
     assert a == b
     val = [r for r in a if r["subset"] == "val"]
@@ -135,7 +173,9 @@ def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run,
     device = choose_device("cpu")
     precision = choose_precision(device, "auto")
     for image, predicted in zip(images, output["predictions"]):
-        grade, probabilities = predict_probabilities(image, model, device, checkpoint["class_names"], checkpoint["img_size"], precision)
+        grade, probabilities = predict_probabilities(
+            image, model, device, checkpoint["class_names"], checkpoint["img_size"], precision
+        )
         assert predicted["path"] == str(image) and predicted["grade"] == grade
         assert predicted["probabilities"] == pytest.approx(probabilities, abs=1e-6)
         assert sum(predicted["probabilities"].values()) == pytest.approx(1, abs=1e-5)
@@ -143,11 +183,15 @@ def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run,
         # one image at a time instead of a cached batch, both in bf16 on this CPU)
         row = evaluated[image.relative_to(small_data).as_posix()]
         assert predicted["grade"] == row["predicted"]
-        assert predicted["probabilities"] == pytest.approx({name: float(row[f"p_{name}"]) for name in checkpoint["class_names"]}, abs=5e-3)
+        assert predicted["probabilities"] == pytest.approx(
+            {name: float(row[f"p_{name}"]) for name in checkpoint["class_names"]}, abs=5e-3
+        )
 
 
 def test_predict_cli_text_output_and_folders(trained_run, small_data):
-    result = run_script("predict.py", small_data / "moderate", small_data / "mild" / "mild_000.jpg", "--out", trained_run.parent)
+    result = run_script(
+        "predict.py", small_data / "moderate", small_data / "mild" / "mild_000.jpg", "--out", trained_run.parent
+    )
     assert result.returncode == 0, result.stderr
     assert f"using {trained_run / 'best.pt'}" in result.stderr  # the newest run, said out loud
     lines = result.stdout.strip().splitlines()
@@ -165,8 +209,13 @@ def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data,
     """`python predict.py folder/ | head -1`: the reader stops early, which is no reason for a traceback.
     Run as in a user's shell, where stdout to a pipe is block-buffered (no PYTHONUNBUFFERED)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt", *output],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt", *output],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     if not output:  # one line per image: read the first, as head -1 does, and stop while the next is graded
         assert process.stdout.readline().startswith(str(small_data).encode())
     process.stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
@@ -195,21 +244,66 @@ def test_help_shows_every_flag_with_default():
     result = run_script("qq.py", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    flags = ["--data", "--out", "--name", "--epochs", "--batch-size", "--lr", "--momentum", "--step-size", "--gamma", "--val-split",
-             "--seed", "--img-size", "--workers", "--device", "--precision", "--pretrained", "--weights", "--class-order", "--remission-upto",
-             "--groups", "--folds", "--balance", "--select", "--freeze-backbone", "--cache", "--compile", "--cam-examples", "--resume"]
+    flags = [
+        "--data",
+        "--out",
+        "--name",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--momentum",
+        "--step-size",
+        "--gamma",
+        "--val-split",
+        "--seed",
+        "--img-size",
+        "--workers",
+        "--device",
+        "--precision",
+        "--pretrained",
+        "--weights",
+        "--class-order",
+        "--remission-upto",
+        "--groups",
+        "--folds",
+        "--balance",
+        "--select",
+        "--freeze-backbone",
+        "--cache",
+        "--compile",
+        "--cam-examples",
+        "--resume",
+    ]
     options = [a for a in qq.get_args_parser()._actions if a.option_strings != ["-h", "--help"]]
-    assert sorted(a.option_strings[0] for a in options) == sorted(flags)  # a new flag is added to this list, and to the README
+    assert sorted(a.option_strings[0] for a in options) == sorted(
+        flags
+    )  # a new flag is added to this list, and to the README
     for action in options:
         assert action.option_strings[0] in text
         assert "default" in action.help, f"{action.option_strings[0]} does not say its default"
-    for default in ["(default: data)", "(default: outputs)", "(default: 25)", "(default: 16)", "(default: 0.001)", "(default: 0.9)",
-                    "(default: 7)", "(default: 0.1)", "(default: 0.2)", "(default: 224)", "(default: auto)"]:
+    for default in [
+        "(default: data)",
+        "(default: outputs)",
+        "(default: 25)",
+        "(default: 16)",
+        "(default: 0.001)",
+        "(default: 0.9)",
+        "(default: 7)",
+        "(default: 0.1)",
+        "(default: 0.2)",
+        "(default: 224)",
+        "(default: auto)",
+    ]:
         assert default in text, default
 
 
-def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(small_data, tmp_path, capsys):
-    assert train(["--data", small_data, "--out", tmp_path, "--epochs", "3", "--select", "last", "--lr", "0.01", *FAST]) == 0
+def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(
+    small_data, tmp_path, capsys
+):
+    assert (
+        train(["--data", small_data, "--out", tmp_path, "--epochs", "3", "--select", "last", "--lr", "0.01", *FAST])
+        == 0
+    )
     epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and all(line.endswith("  saved") for line in epoch_lines)  # not "best"
     run = tmp_path / "train"
@@ -221,11 +315,19 @@ def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on
     # the metrics are those of the last epoch's model: its validation accuracy in history.csv
     assert metrics["accuracy"] == pytest.approx(float(read_csv(run / "history.csv")[-1]["val_acc"]))
     report = (run / "report.html").read_text()
-    assert "Last epoch 3 of 3" in report and "chosen without looking at the validation images" in report and "lean optimistic" not in report
+    assert (
+        "Last epoch 3 of 3" in report
+        and "chosen without looking at the validation images" in report
+        and "lean optimistic" not in report
+    )
 
 
 def test_best_epoch_is_chosen_on_validation_accuracy_unless_select_last():
-    history = [{"epoch": 1, "val_acc": 0.8, "val_loss": 0.5}, {"epoch": 2, "val_acc": 0.8, "val_loss": 0.4}, {"epoch": 3, "val_acc": 0.6, "val_loss": 0.9}]
+    history = [
+        {"epoch": 1, "val_acc": 0.8, "val_loss": 0.5},
+        {"epoch": 2, "val_acc": 0.8, "val_loss": 0.4},
+        {"epoch": 3, "val_acc": 0.6, "val_loss": 0.9},
+    ]
     assert engine.best_epoch(history)["epoch"] == 2  # ties go to the lower loss
     assert engine.best_epoch(history, "last")["epoch"] == 3
     assert engine.best_epoch([], "last") is None and engine.best_epoch([]) is None

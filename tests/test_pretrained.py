@@ -44,7 +44,23 @@ def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like, capsys
     torch.save(imagenet_like, weights)
     # with a frozen backbone the trained model keeps the loaded weights exactly; Grad-CAM still
     # works on it, although no weight of the backbone needs a gradient
-    assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--freeze-backbone", *ARGS, "--cam-examples", "2"]) == 0
+    assert (
+        train(
+            [
+                "--data",
+                tiny_data,
+                "--out",
+                tmp_path / "out",
+                "--weights",
+                weights,
+                "--freeze-backbone",
+                *ARGS,
+                "--cam-examples",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "--freeze-backbone without ImageNet weights" not in capsys.readouterr().out
     run = tmp_path / "out" / "train"
     cams = read_csv(run / "cam" / "index.csv")
@@ -67,7 +83,9 @@ def test_hub_cache_is_used_without_network(tmp_path, tiny_data, imagenet_like, i
     assert backbone_matches(tmp_path / "train", imagenet_like)
 
 
-def test_offline_auto_warns_and_trains_from_random_weights(tmp_path, tiny_data, isolated_torch_home, monkeypatch, capsys):
+def test_offline_auto_warns_and_trains_from_random_weights(
+    tmp_path, tiny_data, isolated_torch_home, monkeypatch, capsys
+):
     monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)
     start = time.perf_counter()
     state, source = model_module.get_imagenet_weights("auto")
@@ -88,13 +106,26 @@ def test_pretrained_yes_fails_clearly_offline(tmp_path, tiny_data, isolated_torc
     with pytest.raises(UserError) as error:
         model_module.get_imagenet_weights("yes")
     message = str(error.value)
-    assert str(isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in message and "--weights FILE" in message
+    assert (
+        str(isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in message
+        and "--weights FILE" in message
+    )
 
 
 def test_pretrained_yes_cli_exit_code_and_message(tmp_path, tiny_data, isolated_torch_home):
     """As a user offline would see it: one line, exit code 2, no traceback, no run folder."""
-    result = run_script("qq.py", "--data", tiny_data, "--out", tmp_path / "out", "--pretrained", "yes", *ARGS,
-                        env={"TORCH_HOME": str(isolated_torch_home)}, timeout=120)
+    result = run_script(
+        "qq.py",
+        "--data",
+        tiny_data,
+        "--out",
+        tmp_path / "out",
+        "--pretrained",
+        "yes",
+        *ARGS,
+        env={"TORCH_HOME": str(isolated_torch_home)},
+        timeout=120,
+    )
     if "are not available" not in result.stderr:
         pytest.skip("this machine can download the ImageNet weights")
     assert result.returncode == 2
@@ -127,7 +158,9 @@ def http_server(tmp_path):
     server.shutdown()
 
 
-def test_download_into_the_hub_cache_checks_the_hash(http_server, tiny_data, tmp_path, imagenet_like, isolated_torch_home, monkeypatch):
+def test_download_into_the_hub_cache_checks_the_hash(
+    http_server, tiny_data, tmp_path, imagenet_like, isolated_torch_home, monkeypatch
+):
     www, base = http_server
     torch.save(imagenet_like, www / "weights.pth")
     digest = hashlib.sha256((www / "weights.pth").read_bytes()).hexdigest()
@@ -151,7 +184,23 @@ def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(t
     random weights; a fold that had begun continues from its own last.pt."""
     weights = tmp_path / "my_resnet50.pth"
     torch.save(imagenet_like, weights)
-    assert train(["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--folds", "2", "--freeze-backbone", *ARGS]) == 0
+    assert (
+        train(
+            [
+                "--data",
+                tiny_data,
+                "--out",
+                tmp_path / "out",
+                "--weights",
+                weights,
+                "--folds",
+                "2",
+                "--freeze-backbone",
+                *ARGS,
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "out" / "train"
     shutil.rmtree(run / "fold2")  # as if the run had stopped before fold 2 began
     (run / "metrics.json").write_text(json.dumps({"status": "interrupted", "folds": 2, "folds_finished": 1}))

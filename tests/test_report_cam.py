@@ -73,10 +73,22 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
 
     text = " ".join(" ".join(page.text).split())
     # what flatters the figures is said next to them: the best epoch chosen on them, and no --groups
-    assert "The best epoch was chosen by its accuracy on these same validation images, so these figures lean optimistic" in text
+    assert (
+        "The best epoch was chosen by its accuracy on these same validation images, so these figures lean optimistic"
+        in text
+    )
     assert "The split was made image by image (no --groups file)" in text
-    for heading in ("Dataset and split", "Settings", "Training curves", "Confusion matrices", "Metrics", "ROC curves",
-                    "Inference time", "Most confidently wrong images", "Grad-CAM"):
+    for heading in (
+        "Dataset and split",
+        "Settings",
+        "Training curves",
+        "Confusion matrices",
+        "Metrics",
+        "ROC curves",
+        "Inference time",
+        "Most confidently wrong images",
+        "Grad-CAM",
+    ):
         assert heading in text, heading
     # dataset counts, as split.csv has them
     split = read_csv(run / "split.csv")
@@ -143,7 +155,17 @@ def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_pa
         make_image(style, rng, 160).resize(size).save(path)
         images.append((path, size))
     cam_dir = tmp_path / "heatmaps"
-    result = run_script("predict.py", *[p for p, _ in images], "--weights", trained_run / "best.pt", "--cam", cam_dir, "--json", "--precision", "fp32")
+    result = run_script(
+        "predict.py",
+        *[p for p, _ in images],
+        "--weights",
+        trained_run / "best.pt",
+        "--cam",
+        cam_dir,
+        "--json",
+        "--precision",
+        "fp32",
+    )
     assert result.returncode == 0, result.stderr
     assert f"Grad-CAM overlays of 3 image(s) written to {cam_dir}" in result.stderr
     predictions = json.loads(result.stdout)["predictions"]
@@ -184,12 +206,12 @@ def test_heatmap_follows_a_salient_patch():
     texture = np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)
     for x, y in ((60, 30), (190, 150), (60, 150)):
         image = np.full((240, 300, 3), 120, dtype=np.uint8)
-        image[y:y + 56, x:x + 56] = texture
+        image[y : y + 56, x : x + 56] = texture
         crop = data.eval_transform(224)(Image.fromarray(image)).unsqueeze(0)
         cams, classes = grad_cam(model, crop)
         heatmap = cam_on_original(cams[0], (300, 240), 224)
         assert classes == [0] and heatmap.shape == (240, 300)
-        inside = heatmap[y:y + 56, x:x + 56].mean()
+        inside = heatmap[y : y + 56, x : x + 56].mean()
         assert inside > 2.5 * heatmap.mean(), (x, y)
         peak_y, peak_x = np.unravel_index(heatmap.argmax(), heatmap.shape)
         assert abs(peak_x - (x + 28)) < 40 and abs(peak_y - (y + 28)) < 40, (x, y, peak_x, peak_y)
@@ -200,11 +222,11 @@ def test_heatmap_lands_where_the_crop_came_from():
     width, height, img_size = 146, 100, 64
     image = np.zeros((height, width, 3), dtype=np.uint8)
     mark_x, mark_y = 100, 30  # inside the centre crop, off centre in both directions
-    image[mark_y - 2:mark_y + 3, mark_x - 2:mark_x + 3] = 255
+    image[mark_y - 2 : mark_y + 3, mark_x - 2 : mark_x + 3] = 255
     crop = data.eval_transform(img_size)(Image.fromarray(image))[0].numpy().astype(float)
     cy, cx = np.unravel_index(crop.argmax(), crop.shape)
     cam = np.zeros((img_size, img_size))
-    cam[max(cy - 1, 0):cy + 2, max(cx - 1, 0):cx + 2] = 1
+    cam[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = 1
     heatmap = cam_on_original(cam, (width, height), img_size)
     assert heatmap.shape == (height, width)
     peak_y, peak_x = np.unravel_index(heatmap.argmax(), heatmap.shape)
@@ -230,8 +252,14 @@ def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
     (tmp_path / "stopped" / "config.json").write_text((run / "config.json").read_text())
     (tmp_path / "stopped" / "metrics.json").write_text(json.dumps({"status": "interrupted"}))
     (tmp_path / "empty").mkdir()
-    for folder, message in ((tmp_path / "nothing", "does not exist or is not a folder"), (tmp_path / "empty", "is not a run folder written by qq.py (it has no config.json)"),
-                            (tmp_path / "started", "has no evaluated model yet"), (tmp_path / "stopped", "has no evaluated model yet")):
+    for folder, message in (
+        (tmp_path / "nothing", "does not exist or is not a folder"),
+        (tmp_path / "empty", "is not a run folder written by qq.py (it has no config.json)"),
+        (tmp_path / "started", "has no evaluated model yet"),
+        (tmp_path / "stopped", "has no evaluated model yet"),
+    ):
         result = subprocess.run([*redraw, folder], cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 2 and result.stderr.startswith(f"error: '{folder}' ") and message in result.stderr, result.stderr
+        assert (
+            result.returncode == 2 and result.stderr.startswith(f"error: '{folder}' ") and message in result.stderr
+        ), result.stderr
         assert len(result.stderr.splitlines()) == 1

@@ -66,8 +66,20 @@ def holdout_run(graded_data, module_tmp):
     out.mkdir()
     groups = write_groups(graded_data, out / "patients.csv")
     result = run_script(
-        "qq.py", "--data", graded_data, "--out", out, "--groups", groups, "--class-order", "normal,mild,severe",
-        "--remission-upto", "normal", "--balance", "weights", *ONE_EPOCH,
+        "qq.py",
+        "--data",
+        graded_data,
+        "--out",
+        out,
+        "--groups",
+        groups,
+        "--class-order",
+        "normal,mild,severe",
+        "--remission-upto",
+        "normal",
+        "--balance",
+        "weights",
+        *ONE_EPOCH,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "train", result.stdout
@@ -76,7 +88,9 @@ def holdout_run(graded_data, module_tmp):
 def test_holdout_keeps_every_patient_on_one_side(holdout_run, graded_data):
     run, _ = holdout_run
     split = read_csv(run / "split.csv")
-    assert len(split) == 24 and {r["path"] for r in split} == {p.relative_to(graded_data).as_posix() for p in graded_data.rglob("*.jpg")}
+    assert len(split) == 24 and {r["path"] for r in split} == {
+        p.relative_to(graded_data).as_posix() for p in graded_data.rglob("*.jpg")
+    }
     assert all(r["group"] for r in split)
     assert_no_group_split(split)
     val = [r for r in split if r["subset"] == "val"]
@@ -124,7 +138,9 @@ def test_remission_block_is_printed_stored_and_right(holdout_run):
     assert block["ppv"] == ratio(tp, fp) and block["npv"] == ratio(tn, fn)
     assert 0 <= block["auroc"] <= 1
     report = (run / "report.html").read_text()
-    assert "Remission (normal) vs active disease (mild, severe)" in report and "notes.txt" in report  # skipped file listed
+    assert (
+        "Remission (normal) vs active disease (mild, severe)" in report and "notes.txt" in report
+    )  # skipped file listed
     assert "lean optimistic" in report and "image by image" not in report  # split by patient
 
 
@@ -135,16 +151,21 @@ def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path, capsys
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].startswith("error: --remission-upto 'mayo1' is not one of the grades (mild, normal, severe)")
     assert not any(tmp_path.iterdir())  # nothing written
-    code, lines = cli_error(["--data", graded_data, "--out", tmp_path, "--remission-upto", "severe", *ONE_EPOCH], capsys)
+    code, lines = cli_error(
+        ["--data", graded_data, "--out", tmp_path, "--remission-upto", "severe", *ONE_EPOCH], capsys
+    )
     assert code == 2 and len(lines) == 1 and "most severe grade" in lines[0]
 
 
-@pytest.mark.parametrize("order, message", [
-    ("normal,mild", "leaves out the sub-folder(s) severe"),
-    ("normal,mild,severe,mayo3", "names mayo3, which is not a sub-folder"),
-    ("normal,mild,mild,severe", "lists a class twice"),
-    ("normal,mild,mild", "lists a class twice"),  # not "leaves out severe"
-])
+@pytest.mark.parametrize(
+    "order, message",
+    [
+        ("normal,mild", "leaves out the sub-folder(s) severe"),
+        ("normal,mild,severe,mayo3", "names mayo3, which is not a sub-folder"),
+        ("normal,mild,mild,severe", "lists a class twice"),
+        ("normal,mild,mild", "lists a class twice"),  # not "leaves out severe"
+    ],
+)
 def test_class_order_is_validated(graded_data, tmp_path, capsys, order, message):
     code, lines = cli_error(["--data", graded_data, "--out", tmp_path, "--class-order", order, *ONE_EPOCH], capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
@@ -152,7 +173,9 @@ def test_class_order_is_validated(graded_data, tmp_path, capsys, order, message)
 
 
 def test_groups_file_missing_images_is_an_error(graded_data, tmp_path, capsys):
-    groups = write_groups(graded_data, tmp_path / "patients.csv", leave_out={"mild/mild_003.jpg", "severe/severe_005.jpg"})
+    groups = write_groups(
+        graded_data, tmp_path / "patients.csv", leave_out={"mild/mild_003.jpg", "severe/severe_005.jpg"}
+    )
     code, lines = cli_error(["--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)
     assert code == 2 and len(lines) == 1, lines
     assert "has no group for 2 image(s): mild/mild_003.jpg, severe/severe_005.jpg" in lines[0]
@@ -162,7 +185,9 @@ def test_groups_file_missing_images_is_an_error(graded_data, tmp_path, capsys):
 def test_groups_file_giving_an_image_two_patients_is_an_error(graded_data, tmp_path, capsys):
     groups = write_groups(graded_data, tmp_path / "patients.csv")
     rows = groups.read_text().splitlines()
-    groups.write_text("\n".join([*rows, "mild/mild_001.jpg,mild-0", "mild/mild_002.jpg", "mild/mild_003.jpg,p99"]) + "\n")
+    groups.write_text(
+        "\n".join([*rows, "mild/mild_001.jpg,mild-0", "mild/mild_002.jpg", "mild/mild_003.jpg,p99"]) + "\n"
+    )
     code, lines = cli_error(["--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)
     # a repeated row that agrees is fine, a row without a group adds nothing, and a second patient is refused
     assert code == 2 and len(lines) == 1, lines
@@ -171,7 +196,9 @@ def test_groups_file_giving_an_image_two_patients_is_an_error(graded_data, tmp_p
 
 
 @pytest.mark.parametrize("val_split, note", [(0.2, False), (0.3, True), (0.6, True)])
-def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(graded_data, tmp_path, capsys, val_split, note):
+def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(
+    graded_data, tmp_path, capsys, val_split, note
+):
     image_set, _ = data.scan_folder(graded_data)
     groups = data.read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
     args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", str(val_split)])
@@ -185,7 +212,10 @@ def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(g
         out += capsys.readouterr().out
         assert "note: --val-split is not used with --folds 3: each fold validates on 1/3 of the images." in out
     if note:
-        assert f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about {1 / n_splits:.0%} of the images rather than the {val_split:.0%} of --val-split" in out
+        assert (
+            f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about {1 / n_splits:.0%} of the images rather than the {val_split:.0%} of --val-split"
+            in out
+        )
     else:
         assert out == ""
 
@@ -197,22 +227,44 @@ def test_groups_file_with_windows_paths_works_and_unknown_rows_are_named(graded_
     windows.write_text(posix.read_text().replace("/", "\\") + "mild\\ghost.jpg,p1\nnormal/notes.txt,p2\n")
     assert data.read_groups(windows, image_set) == data.read_groups(posix, image_set)
     out = capsys.readouterr().out
-    assert f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left out: mild/ghost.jpg, normal/notes.txt." in out
+    assert (
+        f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left out: mild/ghost.jpg, normal/notes.txt."
+        in out
+    )
 
 
 def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
     root = make_folder(tmp_path / "data", {"mild": 4, "severe": 4})
     groups = tmp_path / "patients.csv"
-    groups.write_text("path,group\n" + "".join(f"{g}/{g}_{i:03d}.jpg,p{i % 2}\n" for g in ("mild", "severe") for i in range(4)))
-    code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "3", *ONE_EPOCH], capsys)
+    groups.write_text(
+        "path,group\n" + "".join(f"{g}/{g}_{i:03d}.jpg,p{i % 2}\n" for g in ("mild", "severe") for i in range(4))
+    )
+    code, lines = cli_error(
+        ["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "3", *ONE_EPOCH], capsys
+    )
     assert code == 2 and len(lines) == 1 and "needs at least 3 groups, but there are 2" in lines[0], lines
-    code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)  # a hold-out split: 1 of 5
-    assert code == 2 and lines == ["error: a split into 5 parts needs at least 5 groups, but there are 2; use a larger --val-split or add groups."]
-    code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--folds", "6", *ONE_EPOCH], capsys)  # without groups
-    assert code == 2 and lines == ["error: a split into 6 parts needs a grade with at least 6 images, but the largest has 4; use at most --folds 4, or add images."]
+    code, lines = cli_error(
+        ["--data", root, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys
+    )  # a hold-out split: 1 of 5
+    assert code == 2 and lines == [
+        "error: a split into 5 parts needs at least 5 groups, but there are 2; use a larger --val-split or add groups."
+    ]
+    code, lines = cli_error(
+        ["--data", root, "--out", tmp_path / "out", "--folds", "6", *ONE_EPOCH], capsys
+    )  # without groups
+    assert code == 2 and lines == [
+        "error: a split into 6 parts needs a grade with at least 6 images, but the largest has 4; use at most --folds 4, or add images."
+    ]
     # a grade whose images all belong to one patient cannot be validated in every fold
-    groups.write_text("path,group\n" + "".join(f"{g}/{g}_{i:03d}.jpg,{'s' if g == 'severe' else f'p{i}'}\n" for g in ("mild", "severe") for i in range(4)))
-    code, lines = cli_error(["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "2", *ONE_EPOCH], capsys)
+    groups.write_text(
+        "path,group\n"
+        + "".join(
+            f"{g}/{g}_{i:03d}.jpg,{'s' if g == 'severe' else f'p{i}'}\n" for g in ("mild", "severe") for i in range(4)
+        )
+    )
+    code, lines = cli_error(
+        ["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "2", *ONE_EPOCH], capsys
+    )
     assert code == 2 and len(lines) == 1 and "class 'severe' has no" in lines[0] and "fewer --folds" in lines[0], lines
     assert not (tmp_path / "out").exists()  # checked before a run folder is made or a fold trains
 
@@ -224,8 +276,22 @@ def cv_run(module_tmp):
     root = make_folder(tmp / "data", {"mild": 7, "moderate": 7, "severe": 7})
     groups = write_groups(root, tmp / "patients.csv")
     result = run_script(
-        "qq.py", "--data", root, "--out", tmp / "out", "--folds", "3", "--groups", groups, "--remission-upto", "mild",
-        "--balance", "sampler", *ONE_EPOCH, "--cam-examples", "1",
+        "qq.py",
+        "--data",
+        root,
+        "--out",
+        tmp / "out",
+        "--folds",
+        "3",
+        "--groups",
+        groups,
+        "--remission-upto",
+        "mild",
+        "--balance",
+        "sampler",
+        *ONE_EPOCH,
+        "--cam-examples",
+        "1",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return tmp / "out" / "train", root, result.stdout
@@ -235,8 +301,13 @@ def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run):
     run, root, _ = cv_run
     result = run_script("predict.py", root / "mild" / "mild_000.jpg", "--out", run.parent)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
-    assert run_script("predict.py", root / "mild" / "mild_000.jpg", "--weights", run / "fold1" / "best.pt").returncode == 0
+    assert (
+        result.stderr
+        == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
+    )
+    assert (
+        run_script("predict.py", root / "mild" / "mild_000.jpg", "--weights", run / "fold1" / "best.pt").returncode == 0
+    )
 
 
 def test_cross_validation_validates_every_image_exactly_once(cv_run):
@@ -246,8 +317,19 @@ def test_cross_validation_validates_every_image_exactly_once(cv_run):
     fold_of = {}
     for k in (1, 2, 3):
         fold = run / f"fold{k}"
-        for name in ("best.pt", "last.pt", "metrics.json", "predictions.csv", "split.csv", "history.csv", "curves.png",
-                     "confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png", "report.html"):
+        for name in (
+            "best.pt",
+            "last.pt",
+            "metrics.json",
+            "predictions.csv",
+            "split.csv",
+            "history.csv",
+            "curves.png",
+            "confusion_matrix.png",
+            "confusion_matrix_normalized.png",
+            "roc.png",
+            "report.html",
+        ):
             assert (fold / name).is_file(), f"fold{k}/{name}"
         split = read_csv(fold / "split.csv")
         assert {r["path"] for r in split} == everything  # every image is on one side of every fold
@@ -300,7 +382,10 @@ def test_cross_validation_scores_the_pooled_predictions(cv_run):
     assert float(table["accuracy"]["pooled"]) == pytest.approx(pooled["accuracy"], abs=1e-4)
     assert "cross-validation over 3 folds (mean ± std; pooled out-of-fold):" in stdout
     accuracy_line = next(line for line in stdout.splitlines() if line.strip().startswith("accuracy") and "±" in line)
-    assert f"{statistics.mean(f['accuracy'] for f in folds):.4f} ± {statistics.stdev(f['accuracy'] for f in folds):.4f}" in accuracy_line
+    assert (
+        f"{statistics.mean(f['accuracy'] for f in folds):.4f} ± {statistics.stdev(f['accuracy'] for f in folds):.4f}"
+        in accuracy_line
+    )
 
 
 def test_cross_validation_report_embeds_everything(cv_run):
@@ -308,14 +393,26 @@ def test_cross_validation_report_embeds_everything(cv_run):
     page = Page((run / "report.html").read_text())
     assert_self_contained(page)
     pngs = embedded_pngs(page)
-    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png", "fold1/curves.png", "fold2/curves.png", "fold3/curves.png"):
+    for name in (
+        "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
+        "roc.png",
+        "fold1/curves.png",
+        "fold2/curves.png",
+        "fold3/curves.png",
+    ):
         assert (run / name).read_bytes() in pngs, name
     if any(r["true"] != r["predicted"] for r in read_csv(run / "predictions.csv")):
         assert (run / "errors.png").read_bytes() in pngs
-    assert any((run / "fold1" / "cam" / r["file"]).read_bytes() in pngs for r in read_csv(run / "fold1" / "cam" / "index.csv"))
+    assert any(
+        (run / "fold1" / "cam" / r["file"]).read_bytes() in pngs for r in read_csv(run / "fold1" / "cam" / "index.csv")
+    )
     text = " ".join(" ".join(page.text).split())
     assert "3-fold cross-validation" in text and "Checked: no group appears in more than one subset." in text
-    assert "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images, so these figures lean optimistic" in text
+    assert (
+        "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images, so these figures lean optimistic"
+        in text
+    )
     assert "image by image" not in text  # split by patient
     per_fold = [sum(r["fold"] == str(k) for r in read_csv(run / "predictions.csv")) for k in (1, 2, 3)]
     assert f"all grades {per_fold[0]} {per_fold[1]} {per_fold[2]} 21" in text  # images validated per fold
@@ -336,13 +433,19 @@ def imbalanced(tmp_path_factory):
 
 
 def drawn_labels(image_set, balance, epochs=40):
-    args = qq.get_args_parser().parse_args(["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0"])
+    args = qq.get_args_parser().parse_args(
+        ["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0"]
+    )
     train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
     model = torch.nn.Module()  # make_loaders only needs a model for --freeze-backbone
     generator = torch.Generator().manual_seed(0)
-    train_loader, *_ = qq.make_loaders(args, image_set, train_idx, val_idx, model, torch.device("cpu"), "fp32", generator, lambda: False)
+    train_loader, *_ = qq.make_loaders(
+        args, image_set, train_idx, val_idx, model, torch.device("cpu"), "fp32", generator, lambda: False
+    )
     labels = torch.cat([targets for _ in range(epochs) for _, targets in train_loader]).numpy()
-    return np.bincount(labels, minlength=3) / len(labels), np.bincount(np.asarray(image_set.labels)[train_idx], minlength=3)
+    return np.bincount(labels, minlength=3) / len(labels), np.bincount(
+        np.asarray(image_set.labels)[train_idx], minlength=3
+    )
 
 
 def test_sampler_draws_every_grade_about_equally(imbalanced):
@@ -360,7 +463,9 @@ def test_weighted_loss_uses_balanced_class_weights():
     # "balanced": n_samples / (n_classes * count) = 28 / (3 * count)
     assert criterion.weight.tolist() == pytest.approx([28 / 57, 28 / 18, 28 / 9])
     assert engine.make_criterion("none", labels, 3, torch.device("cpu")).weight is None
-    assert engine.make_criterion("sampler", labels, 3, torch.device("cpu")).weight is None  # the sampler balances instead
+    assert (
+        engine.make_criterion("sampler", labels, 3, torch.device("cpu")).weight is None
+    )  # the sampler balances instead
     # a weighted loss puts the rare grade's mistakes first
     logits, targets = torch.zeros(2, 3), torch.tensor([0, 2])
     per_image = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
@@ -373,9 +478,24 @@ def test_balance_changes_training(tmp_path, capsys):
     root = make_folder(tmp_path / "data", {"mild": 8, "moderate": 3, "severe": 2})
     losses = {}
     for balance in ("none", "weights", "sampler"):
-        argv = ["--data", root, "--out", tmp_path, "--name", balance, "--balance", balance, "--freeze-backbone", *ONE_EPOCH, "--cam-examples", "0"]
+        argv = [
+            "--data",
+            root,
+            "--out",
+            tmp_path,
+            "--name",
+            balance,
+            "--balance",
+            balance,
+            "--freeze-backbone",
+            *ONE_EPOCH,
+            "--cam-examples",
+            "0",
+        ]
         assert train(argv) == 0
-        assert "warning: --freeze-backbone without ImageNet weights trains only the last layer" in capsys.readouterr().out  # --pretrained no
+        assert (
+            "warning: --freeze-backbone without ImageNet weights trains only the last layer" in capsys.readouterr().out
+        )  # --pretrained no
         losses[balance] = float(read_csv(tmp_path / balance / "history.csv")[0]["train_loss"])
         assert read_csv(tmp_path / balance / "split.csv") == read_csv(tmp_path / "none" / "split.csv")
     assert losses["weights"] != pytest.approx(losses["none"], rel=1e-4)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from conftest import FAST, ROOT, run_scripts, user_lines
+from PIL import Image
 
 import predict
 import qq
@@ -51,8 +51,16 @@ def test_every_torch_load_in_the_code_is_weights_only():
     calls = []
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "pickle.load", "pickle.loads", "torch.jit.load"):
-                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+                "torch.load",
+                "pickle.load",
+                "pickle.loads",
+                "torch.jit.load",
+            ):
+                safe = any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
                 calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", ast.unparse(node.func), safe))
     assert calls, "found no torch.load at all"
     assert all(safe for _, _, safe in calls), [c for c in calls if not c[2]]
@@ -83,7 +91,11 @@ def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path):
     for result, path in zip(results, [evil, evil, run / "last.pt"]):
         lines = user_lines(result.stderr)
         assert result.returncode == 2, result.stderr
-        assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{path}' holds Python objects other than tensors" in lines[0], lines
+        assert (
+            len(lines) == 1
+            and lines[0].startswith("error: ")
+            and f"'{path}' holds Python objects other than tensors" in lines[0]
+        ), lines
         assert "it could run code" in lines[0] and "Traceback" not in result.stderr
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -92,9 +104,13 @@ def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path):
 def test_payloads_in_other_shapes_never_run(tmp_path, capsys, small_data):
     marker = tmp_path / "PAYLOAD_RAN"
     torch.save(Payload(marker), tmp_path / "bare.pt")  # the payload is the whole file
-    torch.save({"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch's old format
+    torch.save(
+        {"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False
+    )  # torch's old format
     for name in ("bare.pt", "legacy.pt"):
-        code, lines = run_in_process(predict, [small_data / "mild" / "mild_000.jpg", "--weights", tmp_path / name], capsys)
+        code, lines = run_in_process(
+            predict, [small_data / "mild" / "mild_000.jpg", "--weights", tmp_path / name], capsys
+        )
         assert code == 2 and len(lines) == 1 and "it could run code" in lines[0], lines
     assert not marker.exists()
 
@@ -108,9 +124,18 @@ def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small
         "text.pt": (b"these are not weights\n", "is not a readable PyTorch file"),
         "bare_state_dict.pt": (good["model"], "holds a bare state_dict without class names or preprocessing"),
         "list.pt": ([1, 2, 3], "is not a checkpoint written by qq.py"),
-        "other_arch.pt": (good | {"arch": "vit_b_16"}, "is for the architecture 'vit_b_16', but this tool runs resnet50"),
-        "resnet18_weights.pt": (good | {"model": torchvision.models.resnet18(num_classes=3).state_dict()}, "do not fit a ResNet50 with 3 classes (Missing key(s)"),
-        "four_classes.pt": (good | {"class_names": ["a", "b", "c", "d"], "num_classes": 4}, "do not fit a ResNet50 with 4 classes (size mismatch for fc.weight"),
+        "other_arch.pt": (
+            good | {"arch": "vit_b_16"},
+            "is for the architecture 'vit_b_16', but this tool runs resnet50",
+        ),
+        "resnet18_weights.pt": (
+            good | {"model": torchvision.models.resnet18(num_classes=3).state_dict()},
+            "do not fit a ResNet50 with 3 classes (Missing key(s)",
+        ),
+        "four_classes.pt": (
+            good | {"class_names": ["a", "b", "c", "d"], "num_classes": 4},
+            "do not fit a ResNet50 with 4 classes (size mismatch for fc.weight",
+        ),
         "no_class_names.pt": ({k: v for k, v in good.items() if k != "class_names"}, "is incomplete (no class_names)"),
     }
     for name, (content, expected) in cases.items():
@@ -121,7 +146,9 @@ def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small
             torch.save(content, path)
         code, lines = run_in_process(predict, [small_data / "mild" / "mild_000.jpg", "--weights", path], capsys)
         assert code == 2, name
-        assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{path}'" in lines[0] and expected in lines[0], (name, lines)
+        assert (
+            len(lines) == 1 and lines[0].startswith("error: ") and f"'{path}'" in lines[0] and expected in lines[0]
+        ), (name, lines)
         assert len(lines[0]) < 400, lines[0]  # one sentence, not a list of 200 missing keys
 
 
@@ -139,11 +166,20 @@ def test_weights_must_be_an_imagenet_resnet50(trained_run, small_data, tmp_path,
     }
     for name, expected in cases.items():
         out = tmp_path / f"out_{name}"
-        code, lines = run_in_process(qq, ["--data", small_data, "--out", out, "--weights", tmp_path / name, *WEIGHTS_RUN], capsys)
+        code, lines = run_in_process(
+            qq, ["--data", small_data, "--out", out, "--weights", tmp_path / name, *WEIGHTS_RUN], capsys
+        )
         assert code == 2, name
-        assert len(lines) == 1 and expected in lines[0] and str(tmp_path / name) in lines[0] and len(lines[0]) < 400, (name, lines)
+        assert len(lines) == 1 and expected in lines[0] and str(tmp_path / name) in lines[0] and len(lines[0]) < 400, (
+            name,
+            lines,
+        )
         assert not out.exists()
-    code, lines = run_in_process(qq, ["--data", small_data, "--out", tmp_path / "out", "--weights", trained_run / "best.pt", *WEIGHTS_RUN], capsys)
+    code, lines = run_in_process(
+        qq,
+        ["--data", small_data, "--out", tmp_path / "out", "--weights", trained_run / "best.pt", *WEIGHTS_RUN],
+        capsys,
+    )
     assert code == 2 and "is a checkpoint of this tool, not ImageNet weights" in lines[0] and "--resume" in lines[0]
 
 
@@ -152,9 +188,15 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     raw = (trained_run / "last.pt").read_bytes()
     cases = {
         "bare": (last["model"], "holds a bare state_dict"),
-        "best_only": ({k: v for k, v in last.items() if k not in ("optimizer", "lr_scheduler", "history", "rng")}, "holds no training state"),
+        "best_only": (
+            {k: v for k, v in last.items() if k not in ("optimizer", "lr_scheduler", "history", "rng")},
+            "holds no training state",
+        ),
         "truncated": (raw[:1000], "is not a readable PyTorch file"),
-        "other_classes": (last | {"class_names": ["a", "b", "c"]}, "was trained on the classes a, b, c, but the data folder now has mild, moderate, severe"),
+        "other_classes": (
+            last | {"class_names": ["a", "b", "c"]},
+            "was trained on the classes a, b, c, but the data folder now has mild, moderate, severe",
+        ),
     }
     history = (trained_run / "history.csv").read_text()
     for name, (content, expected) in cases.items():
@@ -176,32 +218,52 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     assert (run / "history.csv").read_text() == history and (run / "best.pt").read_bytes() == best
 
     code, lines = run_in_process(qq, ["--resume", run / "best.pt"], capsys)
-    assert code == 2 and lines == [f"error: --resume '{run / 'best.pt'}' is a file; give its run folder, such as --resume {run}."]
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4", "--name", "again", "--out", tmp_path / "elsewhere"], capsys)
-    assert code == 2 and lines == [f"error: --name and --out do not apply to --resume, which goes on in the run's own folder '{run}'; leave them out."]
+    assert code == 2 and lines == [
+        f"error: --resume '{run / 'best.pt'}' is a file; give its run folder, such as --resume {run}."
+    ]
+    code, lines = run_in_process(
+        qq, ["--resume", run, "--epochs", "4", "--name", "again", "--out", tmp_path / "elsewhere"], capsys
+    )
+    assert code == 2 and lines == [
+        f"error: --name and --out do not apply to --resume, which goes on in the run's own folder '{run}'; leave them out."
+    ]
     code, lines = run_in_process(qq, ["--resume", tmp_path / "no_such_run"], capsys)
-    assert code == 2 and lines == [f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by qq.py."]
+    assert code == 2 and lines == [
+        f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by qq.py."
+    ]
 
     # fewer epochs than the run has trained cannot be continued; more extend it
     run = copy_run(trained_run, tmp_path / "extended")
     started = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({k: v for k, v in started.items() if k != "select"}))  # as runs before --select wrote it
+    (run / "config.json").write_text(
+        json.dumps({k: v for k, v in started.items() if k != "select"})
+    )  # as runs before --select wrote it
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
-    assert code == 2 and lines == ["error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or leave it out."]
+    assert code == 2 and lines == [
+        "error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or leave it out."
+    ]
     code, _ = run_in_process(qq, ["--resume", run, "--epochs", "4", "--precision", "fp32"], capsys)
     assert code == 0 and len(files.read_csv(run / "history.csv")) == 4
     config = json.loads((run / "config.json").read_text())
-    assert config["epochs"] == 4 and config["command"] == started["command"] and config["started"] == started["started"]  # how it began stays
+    assert (
+        config["epochs"] == 4 and config["command"] == started["command"] and config["started"] == started["started"]
+    )  # how it began stays
     assert [r["precision_used"] for r in config["resumed"]] == ["fp32"]
     code, _ = run_in_process(qq, ["--resume", run, "--epochs", "5"], capsys)  # goes on in the precision it last used
-    assert code == 0 and [r["precision_used"] for r in json.loads((run / "config.json").read_text())["resumed"]] == ["fp32", "fp32"]
+    assert code == 0 and [r["precision_used"] for r in json.loads((run / "config.json").read_text())["resumed"]] == [
+        "fp32",
+        "fp32",
+    ]
 
     # an fp16 run from a GPU, resumed on this CPU, goes on in the CPU's own precision and says so
     run = copy_run(trained_run, tmp_path / "from_gpu")
     (run / "config.json").write_text(json.dumps(started | {"precision_used": "fp16", "device": "cuda"}))
     assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "4"])) == 0
     cpu_choice = choose_precision(torch.device("cpu"), "auto")
-    assert f"note: the run trained in fp16, which cpu does not run fast; it goes on in {cpu_choice}." in capsys.readouterr().out
+    assert (
+        f"note: the run trained in fp16, which cpu does not run fast; it goes on in {cpu_choice}."
+        in capsys.readouterr().out
+    )
     assert json.loads((run / "config.json").read_text())["resumed"][0]["precision_used"] == cpu_choice
 
     # the data changed since the run started: one more image of a class
@@ -212,18 +274,43 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     (run / "config.json").write_text(json.dumps(config | {"data": str(data)}))
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
     assert code == 2 and len(lines) == 1, lines
-    assert "changed since the run started (then: mild 10, moderate 10, severe 10; now: mild 11, moderate 10, severe 10)" in lines[0]
+    assert (
+        "changed since the run started (then: mild 10, moderate 10, severe 10; now: mild 11, moderate 10, severe 10)"
+        in lines[0]
+    )
 
     # a finished run has nothing to resume unless --epochs extends it
     run = copy_run(trained_run, tmp_path / "finished")
     code, lines = run_in_process(qq, ["--resume", run], capsys)
-    assert code == 2 and lines == [f"error: '{run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."]
+    assert code == 2 and lines == [
+        f"error: '{run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."
+    ]
     # flags that would change the run are refused, not silently ignored: also --img-size 224, the default, against the run's 64;
     # --batch-size 8 and --seed 0 are what the run has, and --cache may change
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4", "--lr", "0.1", "--img-size", "224", "--batch-size", "8", "--seed", "0",
-                                      "--cache", "off"], capsys)
-    assert code == 2 and lines == ["error: --lr, --img-size cannot change when a run is resumed, because the run goes on with the settings in its "
-                                   "config.json; leave them out, or start a new run with them."]
+    code, lines = run_in_process(
+        qq,
+        [
+            "--resume",
+            run,
+            "--epochs",
+            "4",
+            "--lr",
+            "0.1",
+            "--img-size",
+            "224",
+            "--batch-size",
+            "8",
+            "--seed",
+            "0",
+            "--cache",
+            "off",
+        ],
+        capsys,
+    )
+    assert code == 2 and lines == [
+        "error: --lr, --img-size cannot change when a run is resumed, because the run goes on with the settings in its "
+        "config.json; leave them out, or start a new run with them."
+    ]
     assert files.read_csv(trained_run / "history.csv") == files.read_csv(run / "history.csv")  # untouched
 
 
@@ -233,7 +320,19 @@ def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_pa
     images = sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*.jpg"))
     (moved / "patients.csv").write_text("path,group\n" + "".join(f"{rel},p{i // 2}\n" for i, rel in enumerate(images)))
     monkeypatch.chdir(tmp_path)
-    args = ["--data", "data", "--groups", "data/patients.csv", "--out", "runs", "--epochs", "1", *FAST, "--cam-examples", "0"]
+    args = [
+        "--data",
+        "data",
+        "--groups",
+        "data/patients.csv",
+        "--out",
+        "runs",
+        "--epochs",
+        "1",
+        *FAST,
+        "--cam-examples",
+        "0",
+    ]
     assert run_cli(qq.main, qq.get_args_parser().parse_args(args)) == 0
     run = tmp_path / "runs" / "train"
     config = json.loads((run / "config.json").read_text())
@@ -245,12 +344,20 @@ def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_pa
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "3"], capsys)
     assert code == 2 and "does not exist" in lines[0] and "--data" in lines[0], lines
     # the images moved, the groups CSV with them: --data is enough, and later resumes find the new place
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "3", "--data", str(moved)])) == 0
+    assert (
+        run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "3", "--data", str(moved)]))
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["data"] == str(moved)
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "4", "--cache", "off"])) == 0
+    assert (
+        run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--epochs", "4", "--cache", "off"]))
+        == 0
+    )
     assert len(files.read_csv(run / "history.csv")) == 4
     assert files.read_csv(run / "split.csv") == split
-    assert [r["group"] for r in files.read_csv(run / "predictions.csv")] == [r["group"] for r in split if r["subset"] == "val"]
+    assert [r["group"] for r in files.read_csv(run / "predictions.csv")] == [
+        r["group"] for r in split if r["subset"] == "val"
+    ]
 
 
 def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, small_data, tmp_path):
@@ -285,21 +392,33 @@ def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, smal
 def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys, monkeypatch):
     (tmp_path / "no_images").mkdir()
     code, lines = run_in_process(predict, [tmp_path / "no_images", "--weights", trained_run / "best.pt"], capsys)
-    assert code == 1 and lines[0] == f"error: {tmp_path / 'no_images'}: folder has no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)"
+    assert (
+        code == 1
+        and lines[0]
+        == f"error: {tmp_path / 'no_images'}: folder has no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)"
+    )
 
     monkeypatch.chdir(tmp_path)  # no outputs/ here, and no --weights
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
     assert code == 2
-    assert lines == ["error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."]
+    assert lines == [
+        "error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."
+    ]
 
     # a run folder given where a file or the folder of runs is meant
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--out", trained_run], capsys)
     assert code == 2
-    assert lines == [f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights {trained_run / 'best.pt'}."]
+    assert lines == [
+        f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights {trained_run / 'best.pt'}."
+    ]
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", tmp_path], capsys)
-    assert code == 2 and lines[0].startswith(f"error: --weights '{tmp_path}' is a folder without a best.pt; give a best.pt or last.pt"), lines
+    assert code == 2 and lines[0].startswith(
+        f"error: --weights '{tmp_path}' is a folder without a best.pt; give a best.pt or last.pt"
+    ), lines
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", "/dev/null"], capsys)
-    assert code == 2 and lines == ["error: checkpoint '/dev/null' is not a file; pass --weights with a best.pt from a run folder under outputs/."]
+    assert code == 2 and lines == [
+        "error: checkpoint '/dev/null' is not a file; pass --weights with a best.pt from a run folder under outputs/."
+    ]
 
 
 def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_run, small_data, tmp_path, capsys):
@@ -307,8 +426,10 @@ def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_r
     Image.open(image).save(animation)  # Pillow reads it, but training would skip it by its extension
     code, lines = run_in_process(predict, [trained_run, animation, image, "--weights", trained_run / "best.pt"], capsys)
     assert code == 1
-    assert lines[:2] == [f"error: {trained_run}: a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights",
-                         f"error: {animation}: not an image file by its extension (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), so it is skipped, as in training"]
+    assert lines[:2] == [
+        f"error: {trained_run}: a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights",
+        f"error: {animation}: not an image file by its extension (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), so it is skipped, as in training",
+    ]
     assert lines[-1] == "2 input(s) failed and 1 image(s) were graded; see the errors above."
 
 
@@ -319,10 +440,21 @@ def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained
     elsewhere = shutil.copytree(small_data / "moderate", tmp_path / "elsewhere")
     (folder / "moderate").symlink_to(elsewhere, target_is_directory=True)  # a linked folder is followed ...
     (folder / "moderate" / "again").symlink_to(folder, target_is_directory=True)  # ... once, even when it links back
-    assert run_cli(predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run), "--json"])) == 0
+    assert (
+        run_cli(
+            predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run), "--json"])
+        )
+        == 0
+    )
     from_folder = json.loads(capsys.readouterr().out)
     assert [Path(p["path"]).parent for p in from_folder["predictions"]] == [folder] * 10 + [folder / "moderate"] * 10
-    assert run_cli(predict.main, predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run / "best.pt"), "--json"])) == 0
+    assert (
+        run_cli(
+            predict.main,
+            predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run / "best.pt"), "--json"]),
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == from_folder  # the run folder means its best.pt
 
 
@@ -331,8 +463,12 @@ def test_resume_on_a_cpu_without_fast_bf16_goes_on_in_fp32(monkeypatch, capsys):
     monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
     cpu = torch.device("cpu")
     assert qq.resume_precision(cpu, "auto", {"precision_used": "bf16"}) == "fp32"
-    assert capsys.readouterr().out == "note: the run trained in bf16, which cpu does not run fast; it goes on in fp32.\n"
-    assert qq.resume_precision(cpu, "auto", {"precision_used": "bf16", "resumed": [{"precision_used": "fp32"}]}) == "fp32"
+    assert (
+        capsys.readouterr().out == "note: the run trained in bf16, which cpu does not run fast; it goes on in fp32.\n"
+    )
+    assert (
+        qq.resume_precision(cpu, "auto", {"precision_used": "bf16", "resumed": [{"precision_used": "fp32"}]}) == "fp32"
+    )
     assert qq.resume_precision(cpu, "bf16", {"precision_used": "fp32"}) == "bf16"  # asked for: as asked
     assert capsys.readouterr().out == ""
 
@@ -346,4 +482,6 @@ def test_resume_on_a_gpu_keeps_fp16_and_leaves_bf16_only_where_it_is_emulated(mo
     assert qq.resume_precision(cuda, "auto", {"precision_used": "fp32"}) == "fp32"
     assert capsys.readouterr().out == ""
     assert qq.resume_precision(cuda, "auto", {"precision_used": "bf16"}) == ("bf16" if fast_bf16 else "fp16")
-    assert capsys.readouterr().out == ("" if fast_bf16 else "note: the run trained in bf16, which cuda does not run fast; it goes on in fp16.\n")
+    assert capsys.readouterr().out == (
+        "" if fast_bf16 else "note: the run trained in bf16, which cuda does not run fast; it goes on in fp16.\n"
+    )

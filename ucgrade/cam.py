@@ -33,7 +33,11 @@ def grad_cam(model, images, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_
             # an input that needs gradients makes layer4's output need them even with every weight
             # frozen (--freeze-backbone); its own gradient is never computed
             logits = model(to_input(images, device, mean, std).requires_grad_())
-            classes = logits.argmax(1) if target_class is None else torch.full((len(images),), int(target_class), device=device)
+            classes = (
+                logits.argmax(1)
+                if target_class is None
+                else torch.full((len(images),), int(target_class), device=device)
+            )
             score = logits.gather(1, classes[:, None]).sum()
             activations = captured["activations"]
             (gradients,) = torch.autograd.grad(score, activations)
@@ -56,11 +60,14 @@ def cam_on_original(cam, original_size, img_size, resize_size=None):
     scale = min(width, height) / (resize_size or resize_size_for(img_size))  # original pixels per resized pixel
     side = int(round(img_size * scale))
     left, top = int(round((width - side) / 2)), int(round((height - side) / 2))
-    patch = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
+    patch = (
+        np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR), dtype=np.float32)
+        / 255
+    )
     full = np.zeros((height, width), dtype=np.float32)
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + side, width), min(top + side, height)
-    full[y0:y1, x0:x1] = patch[y0 - top:y1 - top, x0 - left:x1 - left]
+    full[y0:y1, x0:x1] = patch[y0 - top : y1 - top, x0 - left : x1 - left]
     return full
 
 
@@ -72,7 +79,9 @@ def overlay(image, heatmap, alpha=0.45):
     return Image.fromarray(np.clip(base * (1 - weight) + colours * weight, 0, 255).astype(np.uint8))
 
 
-def cam_overlay(model, image_path, img_size, class_names, resize_size=None, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def cam_overlay(
+    model, image_path, img_size, class_names, resize_size=None, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD
+):
     """(overlay PIL image at the original size, heatmap array, explained class name) for one file.
 
     target_class None explains the class the model predicts for this crop. resize_size, mean and
@@ -117,6 +126,13 @@ def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
         image.thumbnail((512, 512))
         out = cam_dir / f"{len(cams) + 1:02d}_{path.stem}.png"
         save_png(image, out)
-        cams.append((f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})", out))
-    files.write_csv(cam_dir / "index.csv", [{"file": out.name, "caption": caption} for caption, out in cams], ["file", "caption"])
+        cams.append(
+            (
+                f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})",
+                out,
+            )
+        )
+    files.write_csv(
+        cam_dir / "index.csv", [{"file": out.name, "caption": caption} for caption, out in cams], ["file", "caption"]
+    )
     return cams

@@ -122,21 +122,31 @@ def read_resized(path, resize_size):
 def _class_folders(root, class_order):
     root = Path(root)
     if not root.exists():
-        raise UserError(f"the data folder '{root}' does not exist; pass --data with a folder that has one sub-folder per grade.")
+        raise UserError(
+            f"the data folder '{root}' does not exist; pass --data with a folder that has one sub-folder per grade."
+        )
     if not root.is_dir():
-        raise UserError(f"--data '{root}' is a file, not a folder; pass the folder that holds one sub-folder per grade.")
+        raise UserError(
+            f"--data '{root}' is a file, not a folder; pass the folder that holds one sub-folder per grade."
+        )
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise UserError(f"the data folder '{root}' has no class sub-folders; put the images in '{root}/<grade>/<image>' with one sub-folder per grade.")
+        raise UserError(
+            f"the data folder '{root}' has no class sub-folders; put the images in '{root}/<grade>/<image>' with one sub-folder per grade."
+        )
     if class_order:
         missing = [name for name in class_order if name not in folders]
         if missing:
-            raise UserError(f"--class-order names {', '.join(missing)}, which is not a sub-folder of '{root}' (found: {', '.join(folders)}).")
+            raise UserError(
+                f"--class-order names {', '.join(missing)}, which is not a sub-folder of '{root}' (found: {', '.join(folders)})."
+            )
         if len(set(class_order)) != len(class_order):
             raise UserError("--class-order lists a class twice; list each class once, in grade order.")
         unused = [name for name in folders if name not in class_order]
         if unused:
-            raise UserError(f"--class-order leaves out the sub-folder(s) {', '.join(unused)} of '{root}'; list every class, in grade order.")
+            raise UserError(
+                f"--class-order leaves out the sub-folder(s) {', '.join(unused)} of '{root}'; list every class, in grade order."
+            )
         folders = list(class_order)
     return root, folders
 
@@ -182,7 +192,12 @@ def scan_folder(root, class_order=None):
         images = []
         for path in files_under(root / name):
             if not _is_utf8(path):  # e.g. Latin-1 bytes from an old export: CSV and JSON outputs need UTF-8
-                skipped.append((Path(os.fsencode(path).decode("utf-8", "replace")), "the file name is not valid UTF-8; rename the file"))
+                skipped.append(
+                    (
+                        Path(os.fsencode(path).decode("utf-8", "replace")),
+                        "the file name is not valid UTF-8; rename the file",
+                    )
+                )
             elif is_image_file(path):
                 images.append(path)
             else:
@@ -194,15 +209,21 @@ def scan_folder(root, class_order=None):
         class_names.append(name)
         paths += images
     if empty and class_order:
-        raise UserError(f"the class folder(s) {', '.join(empty)} in '{root}' hold no images; add images or leave the class out of --class-order.")
+        raise UserError(
+            f"the class folder(s) {', '.join(empty)} in '{root}' hold no images; add images or leave the class out of --class-order."
+        )
     if len(class_names) < 2:
         detail = f" (empty: {', '.join(empty)})" if empty else ""
-        raise UserError(f"'{root}' has images for only {len(class_names)} {'class' if len(class_names) == 1 else 'classes'}{detail}; a classifier needs at least two grades with images.")
+        raise UserError(
+            f"'{root}' has images for only {len(class_names)} {'class' if len(class_names) == 1 else 'classes'}{detail}; a classifier needs at least two grades with images."
+        )
     inner = [name for name in empty if class_names[0] < name < class_names[-1]]  # folders are in sorted order here
     if inner:
         below, above = max(n for n in class_names if n < inner[0]), min(n for n in class_names if n > inner[0])
-        raise UserError(f"the class folder '{inner[0]}' in '{root}' holds no images, and leaving out a grade between '{below}' and '{above}' would make "
-                        f"QWK and MAE count those two as neighbours; add its images, or remove the folder to grade on a scale without it.")
+        raise UserError(
+            f"the class folder '{inner[0]}' in '{root}' holds no images, and leaving out a grade between '{below}' and '{above}' would make "
+            f"QWK and MAE count those two as neighbours; add its images, or remove the folder to grade on a scale without it."
+        )
     return ImageSet(root, class_names, paths, labels, skipped), empty
 
 
@@ -267,9 +288,13 @@ def read_images(image_set, resize_size, keep, stop=None):
 def check_class_sizes(image_set, minimum=2):
     for name, count in zip(image_set.class_names, image_set.class_counts()):
         if count == 0:
-            raise UserError(f"class '{name}' has no readable images left after skipping bad files; add images to '{image_set.root / name}'.")
+            raise UserError(
+                f"class '{name}' has no readable images left after skipping bad files; add images to '{image_set.root / name}'."
+            )
         if count < minimum:
-            raise UserError(f"class '{name}' has only {count} usable image(s); it needs at least {minimum} so that training and validation each get one. Add images or remove the folder.")
+            raise UserError(
+                f"class '{name}' has only {count} usable image(s); it needs at least {minimum} so that training and validation each get one. Add images or remove the folder."
+            )
 
 
 def split_holdout(labels, val_fraction, seed, groups=None):
@@ -281,7 +306,9 @@ def split_holdout(labels, val_fraction, seed, groups=None):
     """
     labels = np.asarray(labels)
     if groups is not None:
-        return split_folds(labels, grouped_holdout_folds(val_fraction), seed, groups, remedy="use a larger --val-split")[0]
+        return split_folds(
+            labels, grouped_holdout_folds(val_fraction), seed, groups, remedy="use a larger --val-split"
+        )[0]
     rng = np.random.default_rng(seed)
     val = []
     for label in np.unique(labels):
@@ -306,10 +333,14 @@ def split_folds(labels, n_splits, seed, groups=None, remedy="use fewer --folds")
     x = np.zeros(len(labels))
     units, unit = (len(labels), "images") if groups is None else (len(set(groups)), "groups")
     if n_splits > units:
-        raise UserError(f"a split into {n_splits} parts needs at least {n_splits} {unit}, but there are {units}; {remedy} or add {unit}.")
+        raise UserError(
+            f"a split into {n_splits} parts needs at least {n_splits} {unit}, but there are {units}; {remedy} or add {unit}."
+        )
     largest = int(np.bincount(labels).max())
     if groups is None and n_splits > largest:  # StratifiedKFold needs one image of some grade per fold
-        raise UserError(f"a split into {n_splits} parts needs a grade with at least {n_splits} images, but the largest has {largest}; use at most --folds {largest}, or add images.")
+        raise UserError(
+            f"a split into {n_splits} parts needs a grade with at least {n_splits} images, but the largest has {largest}; use at most --folds {largest}, or add images."
+        )
     with warnings.catch_warnings():
         # sklearn warns when a class has fewer members than folds; check_split then names the class
         warnings.filterwarnings("ignore", message="The least populated class")
@@ -331,17 +362,25 @@ def read_groups(path, image_set):
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as error:
-        raise UserError(f"--groups file '{path}' is not a readable CSV ({error}); save it as UTF-8 CSV with the columns path,group.") from None
+        raise UserError(
+            f"--groups file '{path}' is not a readable CSV ({error}); save it as UTF-8 CSV with the columns path,group."
+        ) from None
     if not rows or not {"path", "group"} <= set(rows[0]):
-        raise UserError(f"--groups file '{path}' needs the header 'path,group' (path relative to --data, group e.g. a patient id).")
+        raise UserError(
+            f"--groups file '{path}' needs the header 'path,group' (path relative to --data, group e.g. a patient id)."
+        )
     group_of = {}
     for row_number, row in enumerate(rows, start=2):
-        rel = Path((row["path"] or "").strip().replace("\\", "/")).as_posix()  # also a Windows path, as Excel may save it
+        rel = Path(
+            (row["path"] or "").strip().replace("\\", "/")
+        ).as_posix()  # also a Windows path, as Excel may save it
         group = (row["group"] or "").strip()
         if not group:
             continue  # an image with no group in any row is reported below
         if group_of.get(rel, group) != group:
-            raise UserError(f"--groups file '{path}' gives '{rel}' two groups ('{group_of[rel]}' and, in row {row_number}, '{group}'); keep one row per image.")
+            raise UserError(
+                f"--groups file '{path}' gives '{rel}' two groups ('{group_of[rel]}' and, in row {row_number}, '{group}'); keep one row per image."
+            )
         group_of[rel] = group
     groups, missing = [], []
     for i in range(len(image_set.paths)):
@@ -352,11 +391,15 @@ def read_groups(path, image_set):
             missing.append(rel)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(f"--groups file '{path}' has no group for {len(missing)} image(s): {shown}; add a row 'path,group' for each (paths relative to --data).")
+        raise UserError(
+            f"--groups file '{path}' has no group for {len(missing)} image(s): {shown}; add a row 'path,group' for each (paths relative to --data)."
+        )
     unknown = sorted(set(group_of) - {image_set.relpath(i) for i in range(len(image_set.paths))})
     if unknown:  # a typo, or an image skipped as unreadable: said, not an error
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        print(f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, which are left out: {shown}.")
+        print(
+            f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, which are left out: {shown}."
+        )
     return groups
 
 
@@ -377,7 +420,9 @@ def read_split(path, image_set):
     split = {}
     for row in read_csv(path):
         if row["path"] not in index:
-            raise UserError(f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming.")
+            raise UserError(
+                f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming."
+            )
         split[index[row["path"]]] = row
     return split
 
@@ -390,8 +435,14 @@ def check_split(image_set, train, val, groups=None, remedy="use a different --va
         for label, name in enumerate(image_set.class_names):
             if label not in present:
                 n_groups = len({groups[i] for i in np.flatnonzero(labels == label)}) if groups is not None else None
-                hint = f" (its images come from {n_groups} group(s), and a group cannot be split)" if groups is not None else ""
-                raise UserError(f"class '{name}' has no {side} images in this split{hint}; add images of that class or {remedy}.")
+                hint = (
+                    f" (its images come from {n_groups} group(s), and a group cannot be split)"
+                    if groups is not None
+                    else ""
+                )
+                raise UserError(
+                    f"class '{name}' has no {side} images in this split{hint}; add images of that class or {remedy}."
+                )
 
 
 # ----------------------------------------------------------------------------- transforms and loaders

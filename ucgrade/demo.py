@@ -107,4 +107,3 @@ def get_args_parser():  # used by tools/make_demo_data.py
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser
-

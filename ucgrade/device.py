@@ -23,11 +23,17 @@ def choose_device(name="auto"):
         raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.")
+            raise UserError(
+                f"--device {name} was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+            raise UserError(
+                f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+            )
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for, but Apple's MPS backend is not available here; use --device cpu or auto.")
+        raise UserError(
+            "--device mps was asked for, but Apple's MPS backend is not available here; use --device cpu or auto."
+        )
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
     return device

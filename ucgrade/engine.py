@@ -71,7 +71,9 @@ def best_epoch(history, select="best"):
     return max(history, key=lambda row: (row["val_acc"], -row["val_loss"]), default=None)
 
 
-def train_one_epoch(model, criterion, optimizer, data_loader, device, precision, scaler, epoch, epochs, should_stop=None):
+def train_one_epoch(
+    model, criterion, optimizer, data_loader, device, precision, scaler, epoch, epochs, should_stop=None
+):
     """Train for one pass over data_loader; return the mean loss, the accuracy and images/s."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -89,17 +91,28 @@ def train_one_epoch(model, criterion, optimizer, data_loader, device, precision,
         scaler.update()
         # one device-to-host copy per step, for the progress bar and the check; a diverged step
         # changes only the weights in memory, never a checkpoint, because the run stops here
-        loss_value, batch_correct = torch.stack([loss.detach().float(), (logits.argmax(1) == targets).sum().float()]).tolist()
+        loss_value, batch_correct = torch.stack(
+            [loss.detach().float(), (logits.argmax(1) == targets).sum().float()]
+        ).tolist()
         _check_finite(loss_value, epoch, step)
         n = targets.size(0)
         total_loss += loss_value * n
         correct += int(batch_correct)
         seen += n
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(
+            loss=f"{total_loss / seen:.4f}",
+            acc=f"{correct / seen:.3f}",
+            img_s=f"{seen / (time.perf_counter() - start):.1f}",
+        )
     bar.close()
     synchronize(device)
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / seconds, "seconds": seconds}
+    return {
+        "loss": total_loss / max(seen, 1),
+        "acc": correct / max(seen, 1),
+        "images_per_s": seen / seconds,
+        "seconds": seconds,
+    }
 
 
 @torch.inference_mode()
@@ -131,7 +144,9 @@ def extract_features(backbone, data_loader, device, precision, flip=False, shoul
     """Pooled backbone features (N x 2048) of every image in data_loader, optionally mirrored."""
     backbone.eval()
     features, targets = [], []
-    for images, labels in tqdm(data_loader, desc="features" + (" (mirrored)" if flip else ""), unit="batch", leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(
+        data_loader, desc="features" + (" (mirrored)" if flip else ""), unit="batch", leave=False, dynamic_ncols=True
+    ):
         _check_stop(should_stop)
         images = to_input(images, device)
         if flip:
@@ -151,7 +166,17 @@ def load_for_prediction(image_path, img_size, resize_size=None):
 
 
 @torch.inference_mode()
-def predict_probabilities(image_path, model, device, class_names, img_size=224, precision="fp32", resize_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def predict_probabilities(
+    image_path,
+    model,
+    device,
+    class_names,
+    img_size=224,
+    precision="fp32",
+    resize_size=None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+):
     """Return (predicted class name, {class name: probability}) for one image file.
 
     resize_size, mean and std default to this tool's preprocessing; predict.py passes a checkpoint's own.

@@ -55,7 +55,10 @@ def run_cli(main, args):
         raise  # main_entry ends quietly
     except OSError as error:  # a full disk, a folder without write permission: the machine's, not the input's
         where = f" '{error.filename}'" if error.filename else ""
-        print(f"error: could not write or read{where}: {error.strerror or error}; free disk space or check the folder's permissions, then run again.", file=sys.stderr)
+        print(
+            f"error: could not write or read{where}: {error.strerror or error}; free disk space or check the folder's permissions, then run again.",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -74,5 +77,7 @@ def main_entry(main, parser):
     except BrokenPipeError:
         code = 141
     if code == 141:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's own final flush cannot fail again
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # so that Python's own final flush cannot fail again
     sys.exit(code)

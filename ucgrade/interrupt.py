@@ -31,7 +31,11 @@ class GracefulStop:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: stopping after the current batch (Ctrl-C again stops at once).", file=sys.stderr, flush=True)
+        print(
+            f"\n{self.signal_name} received: stopping after the current batch (Ctrl-C again stops at once).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __call__(self):
         return self.signal_name is not None

@@ -28,9 +28,17 @@ REMISSION_SCALARS = {
 
 # How reports name the metrics; metrics.json and the terminal use the keys.
 LABELS = {
-    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1", "qwk": "QWK",
-    "mae_grades": "MAE (grade steps)", "roc_auc_ovr_macro": "ROC AUC (one-vs-rest, macro)",
-    "sensitivity": "sensitivity", "specificity": "specificity", "ppv": "PPV", "npv": "NPV", "auroc": "AUROC",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro F1",
+    "qwk": "QWK",
+    "mae_grades": "MAE (grade steps)",
+    "roc_auc_ovr_macro": "ROC AUC (one-vs-rest, macro)",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "auroc": "AUROC",
 }
 
 
@@ -100,11 +108,11 @@ def remission_metrics(targets, probs, class_names, remission_upto):
     cut = class_names.index(remission_upto)
     active = np.asarray(targets) > cut
     called_active = probs.argmax(1) > cut
-    score = probs[:, cut + 1:].sum(1)
+    score = probs[:, cut + 1 :].sum(1)
     tn, fp, fn, tp = skm.confusion_matrix(active, called_active, labels=[False, True]).ravel()
     return {
         "remission_classes": class_names[: cut + 1],
-        "active_classes": class_names[cut + 1:],
+        "active_classes": class_names[cut + 1 :],
         "sensitivity": _number(skm.recall_score(active, called_active, pos_label=True, zero_division=np.nan)),
         "specificity": _number(skm.recall_score(active, called_active, pos_label=False, zero_division=np.nan)),
         "ppv": _number(skm.precision_score(active, called_active, pos_label=True, zero_division=np.nan)),
@@ -128,11 +136,15 @@ def format_metrics(metrics):
     lines.append("")
     lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<20}{fmt(row['precision']):>10}{fmt(row['recall']):>10}{fmt(row['f1']):>10}{row['support']:>10}")
+        lines.append(
+            f"{name:<20}{fmt(row['precision']):>10}{fmt(row['recall']):>10}{fmt(row['f1']):>10}{row['support']:>10}"
+        )
     remission = metrics.get("remission")
     if remission:
         lines.append("")
-        lines.append(f"remission ({', '.join(remission['remission_classes'])}) vs active ({', '.join(remission['active_classes'])}):")
+        lines.append(
+            f"remission ({', '.join(remission['remission_classes'])}) vs active ({', '.join(remission['active_classes'])}):"
+        )
         lines += [f"  {name:<18}{fmt(remission[name]):>8}" for name in REMISSION_SCALARS]
     return "\n".join(lines)
 
@@ -151,12 +163,18 @@ def summarize_folds(fold_metrics):
 def fold_table(summary, fold_metrics, pooled):
     """Rows of cv_summary.csv: per metric its mean and std over the folds (summary, from
     summarize_folds), each fold's value and the pooled one."""
+
     def value(result, name):
         return result["remission"][name.removeprefix("remission_")] if name.startswith("remission_") else result[name]
 
     return [
-        {"metric": name, "mean": fmt(s["mean"], 4, ""), "std": fmt(s["std"], 4, ""),
-         **{f"fold{k}": fmt(value(m, name), 4, "") for k, m in enumerate(fold_metrics, 1)}, "pooled": fmt(value(pooled, name), 4, "")}
+        {
+            "metric": name,
+            "mean": fmt(s["mean"], 4, ""),
+            "std": fmt(s["std"], 4, ""),
+            **{f"fold{k}": fmt(value(m, name), 4, "") for k, m in enumerate(fold_metrics, 1)},
+            "pooled": fmt(value(pooled, name), 4, ""),
+        }
         for name, s in summary.items()
     ]
 
@@ -165,7 +183,11 @@ def _mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def timing_note(timing):

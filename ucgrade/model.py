@@ -58,7 +58,10 @@ def _fetch(url, destination, timeout, answered, result):
             total = int(response.headers.get("Content-Length") or 0)
             digest = hashlib.sha256()
             partial = destination.with_name(destination.name + ".partial")
-            with open(partial, "wb") as f, tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar:
+            with (
+                open(partial, "wb") as f,
+                tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar,
+            ):
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
@@ -103,19 +106,27 @@ def load_imagenet_file(path):
     """Load an ImageNet ResNet50 state_dict from a local file, checking that it is one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--weights file '{path}' does not exist; give the path of an ImageNet ResNet50 state_dict (.pth).")
+        raise UserError(
+            f"--weights file '{path}' does not exist; give the path of an ImageNet ResNet50 state_dict (.pth)."
+        )
     state = load_weights_only(path, what="--weights file")
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        raise UserError(f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it using predict.py --weights, or continue its run with --resume.")
+        raise UserError(
+            f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it using predict.py --weights, or continue its run with --resume."
+        )
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"--weights '{path}' does not hold a state_dict of tensors; give an ImageNet ResNet50 state_dict such as torchvision's {imagenet_weights_path().name}.")
+        raise UserError(
+            f"--weights '{path}' does not hold a state_dict of tensors; give an ImageNet ResNet50 state_dict such as torchvision's {imagenet_weights_path().name}."
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         torchvision.models.resnet50().load_state_dict(state)
     except RuntimeError as error:
-        raise UserError(f"--weights '{path}' is not an ImageNet ResNet50 state_dict ({short_error(error)}); give torchvision's {imagenet_weights_path().name} or an equivalent file.") from None
+        raise UserError(
+            f"--weights '{path}' is not an ImageNet ResNet50 state_dict ({short_error(error)}); give torchvision's {imagenet_weights_path().name} or an equivalent file."
+        ) from None
     return state
 
 
@@ -141,7 +152,10 @@ def get_imagenet_weights(pretrained="auto", weights_file=None, timeout=CONNECT_T
     message = f"the ImageNet weights for ResNet50 are not available: {error}; {offline_hint(url)}"
     if pretrained == "yes":
         raise UserError(message[0].upper() + message[1:] + ".")
-    print(f"warning: {message}.\nwarning: training continues from random weights, which needs far more data and epochs to do well.", flush=True)
+    print(
+        f"warning: {message}.\nwarning: training continues from random weights, which needs far more data and epochs to do well.",
+        flush=True,
+    )
     return None, "none (ImageNet weights unavailable, random initialisation)"
 
 
@@ -187,11 +201,17 @@ def load_weights_only(path, what="checkpoint"):
         # torch names the class or function a file asks to import ("Unsupported global", "not an
         # allowed global"); any other unpickling error means the bytes are not a PyTorch file.
         if "global" in str(error).lower():
-            raise UserError(f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded (it could run code); use a file written by this tool or by torch.save of a state_dict.") from None
+            raise UserError(
+                f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded (it could run code); use a file written by this tool or by torch.save of a state_dict."
+            ) from None
         problem = "its bytes are not what torch.save writes"
     except Exception as error:  # a truncated zip, an empty or a text file: torch.load raises many types
-        problem = short_error(error, 100) if isinstance(error, RuntimeError) else "its bytes are not what torch.save writes"
-    raise UserError(f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({problem}), so copy it again or use another file.")
+        problem = (
+            short_error(error, 100) if isinstance(error, RuntimeError) else "its bytes are not what torch.save writes"
+        )
+    raise UserError(
+        f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({problem}), so copy it again or use another file."
+    )
 
 
 def short_error(error, limit=160):
@@ -200,7 +220,7 @@ def short_error(error, limit=160):
     if not lines:
         return ""
     text = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict") else lines[0]
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_checkpoint(path):
@@ -208,17 +228,29 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         problem = "is not a file" if path.exists() else "does not exist"
-        raise UserError(f"checkpoint '{path}' {problem}; pass --weights with a best.pt from a run folder under outputs/.")
+        raise UserError(
+            f"checkpoint '{path}' {problem}; pass --weights with a best.pt from a run folder under outputs/."
+        )
     checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-            raise UserError(f"'{path}' holds a bare state_dict without class names or preprocessing; use best.pt or last.pt from a run folder written by qq.py.")
+            raise UserError(
+                f"'{path}' holds a bare state_dict without class names or preprocessing; use best.pt or last.pt from a run folder written by qq.py."
+            )
         raise UserError(f"'{path}' is not a checkpoint written by qq.py; use best.pt or last.pt from a run folder.")
     if checkpoint.get("arch") != ARCH:
-        raise UserError(f"checkpoint '{path}' is for the architecture {checkpoint.get('arch')!r}, but this tool runs {ARCH}; use a checkpoint written by qq.py.")
+        raise UserError(
+            f"checkpoint '{path}' is for the architecture {checkpoint.get('arch')!r}, but this tool runs {ARCH}; use a checkpoint written by qq.py."
+        )
     missing = [key for key in ("model", "class_names", "num_classes", "img_size") if key not in checkpoint]
-    if missing or not isinstance(checkpoint["class_names"], list) or len(checkpoint["class_names"]) != checkpoint["num_classes"]:
-        raise UserError(f"checkpoint '{path}' is incomplete ({'no ' + ', '.join(missing) if missing else 'its class names do not match its class count'}); the file is damaged or was edited, so use another best.pt or last.pt.")
+    if (
+        missing
+        or not isinstance(checkpoint["class_names"], list)
+        or len(checkpoint["class_names"]) != checkpoint["num_classes"]
+    ):
+        raise UserError(
+            f"checkpoint '{path}' is incomplete ({'no ' + ', '.join(missing) if missing else 'its class names do not match its class count'}); the file is damaged or was edited, so use another best.pt or last.pt."
+        )
     return checkpoint
 
 
@@ -228,7 +260,9 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"the weights in '{path}' do not fit a ResNet50 with {checkpoint['num_classes']} classes ({short_error(error)}); the file is damaged or was edited.") from None
+        raise UserError(
+            f"the weights in '{path}' do not fit a ResNet50 with {checkpoint['num_classes']} classes ({short_error(error)}); the file is damaged or was edited."
+        ) from None
     # channels_last, as in training: the inputs are channels_last, and a model in the default layout
     # has its weights converted at every call (about 1.1x slower at batch 1 on a CPU: BENCHMARKS.md)
     return model.to(memory_format=torch.channels_last)
