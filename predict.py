@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from ucgrade.cli import ArgumentParser, UserError, main_entry
 from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, files_under, is_image_file
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
-from ucgrade.engine import predict_probabilities
-from ucgrade.errors import ArgumentParser, UserError, main_entry
+from ucgrade.engine import predict_image
 from ucgrade.files import check_folder_path
 from ucgrade.model import load_checkpoint, model_from_checkpoint
 
@@ -154,9 +154,7 @@ def main(args):
     results = []
     for path in images:
         try:
-            grade, probabilities = predict_probabilities(
-                path, model, device, class_names, img_size, precision, **preprocessing
-            )
+            grade, probabilities = predict_image(path, model, checkpoint, device, precision)
             result = {
                 "path": str(path),
                 "grade": grade,

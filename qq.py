@@ -26,8 +26,8 @@ import torchvision
 
 from ucgrade import data, engine, files, metrics, report
 from ucgrade.cam import write_cams
+from ucgrade.cli import ArgumentParser, RunInterrupted, UserError, main_entry
 from ucgrade.device import PRECISIONS, choose_device, choose_precision, make_grad_scaler, setup_backends
-from ucgrade.errors import ArgumentParser, RunInterrupted, UserError, main_entry
 from ucgrade.interrupt import GracefulStop
 from ucgrade.model import (
     build_model,

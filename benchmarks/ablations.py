@@ -38,6 +38,7 @@ from speed import cpu_snapshot, others_cpu_share  # noqa: E402  (benchmarks/spee
 
 import qq  # noqa: E402
 from ucgrade import data, engine  # noqa: E402
+from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
     autocast,
@@ -47,7 +48,6 @@ from ucgrade.device import (  # noqa: E402
     setup_backends,
     synchronize,
 )
-from ucgrade.errors import run_cli  # noqa: E402
 from ucgrade.model import build_model  # noqa: E402
 
 QUESTIONS = (

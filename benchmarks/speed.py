@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import qq  # noqa: E402
 from ucgrade import data, engine  # noqa: E402
+from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
     choose_device,
@@ -66,7 +67,6 @@ from ucgrade.device import (  # noqa: E402
     setup_backends,
     synchronize,
 )
-from ucgrade.errors import run_cli  # noqa: E402
 from ucgrade.model import (  # noqa: E402
     build_model,
     load_checkpoint,

@@ -18,8 +18,8 @@ from PIL import Image
 
 import qq
 from ucgrade import data, engine, files
+from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
-from ucgrade.errors import run_cli
 
 RED, BLUE = (220, 40, 40), (40, 40, 220)
 

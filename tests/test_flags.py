@@ -8,8 +8,8 @@ from conftest import FAST, ROOT, run_script, run_scripts, user_lines
 
 import predict
 import qq
+from ucgrade.cli import run_cli
 from ucgrade.device import setup_backends
-from ucgrade.errors import run_cli
 
 INVALID = [
     (["--val-split", "0"], "--val-split must be between 0 and 1"),

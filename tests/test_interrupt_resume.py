@@ -19,7 +19,7 @@ from PIL import Image
 
 import qq
 from ucgrade import engine, files
-from ucgrade.errors import run_cli
+from ucgrade.cli import run_cli
 from ucgrade.model import load_checkpoint
 
 EPOCHS = 3
@@ -223,7 +223,7 @@ def test_running_out_of_memory_suggests_a_smaller_batch(tmp_path):
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         import qq
-        from ucgrade.errors import run_cli
+        from ucgrade.cli import run_cli
 
         with open("/proc/self/status") as status:
             in_use = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))

@@ -15,7 +15,7 @@ from PIL import Image
 import qq
 from ucgrade import data, engine, files
 from ucgrade.device import choose_device, choose_precision
-from ucgrade.engine import predict_image, predict_probabilities
+from ucgrade.engine import predict_image
 from ucgrade.files import read_csv
 from ucgrade.model import load_checkpoint, model_from_checkpoint
 
@@ -89,8 +89,7 @@ def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data
     precision = metrics["precision"]
     rows = [r for r in read_csv(trained_run / "split.csv") if r["subset"] == "val"]
     correct = sum(
-        predict_image(small_data / r["path"], model, device, checkpoint["class_names"], 64, precision) == r["class"]
-        for r in rows
+        predict_image(small_data / r["path"], model, checkpoint, device, precision)[0] == r["class"] for r in rows
     )
     assert correct / len(rows) == pytest.approx(metrics["accuracy"])
 
@@ -173,9 +172,7 @@ def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run,
     device = choose_device("cpu")
     precision = choose_precision(device, "auto")
     for image, predicted in zip(images, output["predictions"]):
-        grade, probabilities = predict_probabilities(
-            image, model, device, checkpoint["class_names"], checkpoint["img_size"], precision
-        )
+        grade, probabilities = predict_image(image, model, checkpoint, device, precision)
         assert predicted["path"] == str(image) and predicted["grade"] == grade
         assert predicted["probabilities"] == pytest.approx(probabilities, abs=1e-6)
         assert sum(predicted["probabilities"].values()) == pytest.approx(1, abs=1e-5)

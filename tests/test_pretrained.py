@@ -15,7 +15,7 @@ import torchvision
 from conftest import make_folder, run_script, train
 
 from ucgrade import model as model_module
-from ucgrade.errors import UserError
+from ucgrade.cli import UserError
 from ucgrade.files import read_csv
 
 ARGS = ["--img-size", "64", "--batch-size", "8", "--epochs", "1", "--cam-examples", "0"]

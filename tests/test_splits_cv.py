@@ -17,7 +17,7 @@ from test_report_cam import Page, assert_self_contained, embedded_pngs
 
 import qq
 from ucgrade import data, engine
-from ucgrade.errors import run_cli
+from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 
 ONE_EPOCH = [*FAST, "--epochs", "1", "--precision", "fp32"]  # fp32: no bf16 kernel warm-up in a fresh process

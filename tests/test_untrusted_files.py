@@ -17,8 +17,8 @@ import predict
 import qq
 from ucgrade import device as device_module
 from ucgrade import files
+from ucgrade.cli import run_cli
 from ucgrade.device import choose_precision
-from ucgrade.errors import run_cli
 from ucgrade.model import build_model
 
 # qq.py flags for runs that pass --weights (which --pretrained no would contradict)

@@ -33,7 +33,7 @@ def _base(rng, size, colour):
     colour = np.array(colour, dtype=float) * rng.uniform(0.9, 1.1, 3)
     image = colour * (light + folds)
     image += rng.normal(0, 4, image.shape)
-    return image, distance
+    return image
 
 
 def _vessels(draw, rng, size, count):
@@ -64,7 +64,7 @@ def _spots(draw, rng, size, count, radius, fill, rim=None):
 
 
 def make_image(grade, rng, size=256):
-    image, _ = _base(rng, size, MUCOSA[grade])
+    image = _base(rng, size, MUCOSA[grade])
     if grade != "mild":  # granular, friable surface
         grain = rng.normal(0, 14 if grade == "moderate" else 20, (size // 4, size // 4, 1))
         image += np.kron(grain, np.ones((4, 4, 1)))

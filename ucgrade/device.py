@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from .errors import UserError
+from .cli import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

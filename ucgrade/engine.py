@@ -10,9 +10,9 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
+from .cli import RunInterrupted, UserError
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
 from .device import autocast, synchronize
-from .errors import RunInterrupted, UserError
 
 
 def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -166,32 +166,22 @@ def load_for_prediction(image_path, img_size, resize_size=None):
 
 
 @torch.inference_mode()
-def predict_probabilities(
-    image_path,
-    model,
-    device,
-    class_names,
-    img_size=224,
-    precision="fp32",
-    resize_size=None,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-):
-    """Return (predicted class name, {class name: probability}) for one image file.
+def predict_image(image_path, model, checkpoint, device=torch.device("cpu"), precision="fp32"):
+    """(grade, {grade: probability}) of one image file: the one function that grades an image.
 
-    resize_size, mean and std default to this tool's preprocessing; predict.py passes a checkpoint's own.
+    The image is preprocessed as the checkpoint records (EXIF orientation, RGB, resize, centre crop,
+    normalisation), exactly as the run's validation did.
     """
     model.eval()
+    image = load_for_prediction(image_path, checkpoint["img_size"], checkpoint.get("resize_size"))
     with autocast(device, precision):
-        logits = model(to_input(load_for_prediction(image_path, img_size, resize_size), device, mean, std))
+        logits = model(
+            to_input(image, device, checkpoint.get("mean", IMAGENET_MEAN), checkpoint.get("std", IMAGENET_STD))
+        )
     probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
-    best = max(range(len(probs)), key=probs.__getitem__)
-    return class_names[best], dict(zip(class_names, probs))
-
-
-def predict_image(image_path, model, device, class_names, img_size=224, precision="fp32"):
-    """The predicted class name of one image file (EXIF orientation applied, any mode converted to RGB)."""
-    return predict_probabilities(image_path, model, device, class_names, img_size, precision)[0]
+    class_names = checkpoint["class_names"]
+    grade = class_names[max(range(len(probs)), key=probs.__getitem__)]
+    return grade, dict(zip(class_names, probs))
 
 
 # ----------------------------------------------------------------------------- timing

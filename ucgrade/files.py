@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .cli import UserError
 
 
 def _current_umask():

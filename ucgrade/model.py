@@ -17,8 +17,8 @@ from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
 from . import files
+from .cli import UserError
 from .data import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
-from .errors import UserError
 
 ARCH = "resnet50"
 # IMAGENET1K_V1 are the weights of the original recipe (torchvision's pretrained=True), made for

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
-from .errors import UserError, run_cli  # noqa: E402
+from .cli import UserError, run_cli  # noqa: E402
 from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt, timing_note  # noqa: E402
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_images_per_s"]
@@ -245,8 +245,8 @@ def table(header, rows):
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def embed_png(path_or_bytes, alt=""):
-    data = Path(path_or_bytes).read_bytes() if isinstance(path_or_bytes, (str, Path)) else path_or_bytes
+def embed_png(path, alt=""):
+    data = Path(path).read_bytes()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
 
