@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ucgrade.cli import ArgumentParser, UserError, main_entry
-from ucgrade.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, UnreadableImage, files_under, is_image_file
+from ucgrade.data import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.device import PRECISIONS, choose_device, choose_precision
 from ucgrade.engine import predict_image
 from ucgrade.files import check_folder_path
@@ -136,13 +136,7 @@ def main(args):
     precision = choose_precision(device, args.precision)
     checkpoint = load_checkpoint(weights)
     model = model_from_checkpoint(checkpoint, weights).to(device).eval()
-    class_names, img_size = checkpoint["class_names"], checkpoint["img_size"]
-    # the preprocessing the model was trained with, as its checkpoint records it
-    preprocessing = {
-        "resize_size": checkpoint.get("resize_size"),
-        "mean": checkpoint.get("mean", IMAGENET_MEAN),
-        "std": checkpoint.get("std", IMAGENET_STD),
-    }
+    class_names = checkpoint["class_names"]
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir is not None:
         check_folder_path(cam_dir, "--cam")
@@ -164,9 +158,7 @@ def main(args):
             if cam_dir is not None:
                 from ucgrade.cam import cam_overlay, save_png
 
-                overlay, _, _ = cam_overlay(
-                    model, path, img_size, class_names, target_class=class_names.index(grade), **preprocessing
-                )
+                overlay, _, _ = cam_overlay(model, path, checkpoint, target_class=class_names.index(grade))
                 result["cam"] = str(unique_path(cam_dir, path.stem))
                 save_png(overlay, result["cam"])
         except UnreadableImage as error:

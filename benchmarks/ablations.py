@@ -34,13 +34,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from speed import cpu_snapshot, others_cpu_share  # noqa: E402  (benchmarks/speed.py)
+from speed import cpu_snapshot, others_cpu_share, project_args  # noqa: E402  (benchmarks/speed.py)
 
-import qq  # noqa: E402
 from ucgrade import data, engine  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
+    Runtime,
     autocast,
     choose_device,
     choose_precision,
@@ -142,7 +142,7 @@ def trainer(device, precision, batch, channels_last=True, compiled=False, steps=
     batches = [(images, targets)] * steps
 
     def run():
-        engine.train_one_epoch(step_model, criterion, optimizer, batches, device, precision, scaler, 0, 0)
+        engine.train_one_epoch(step_model, criterion, optimizer, batches, Runtime(device, precision), 0, scaler)
         return steps * len(targets)
 
     return run
@@ -314,10 +314,7 @@ def ask_normalize(args, device, precision):
 def ask_workers(args, device, precision, folder):
     """train_one_epoch over the cached images with 0, 1 and 2 DataLoader workers (each a fresh loader per round)."""
     make_dataset(folder, per_class=32, size=384, seed=0)
-    run_args = qq.get_args_parser().parse_args(
-        ["--data", str(folder), "--img-size", str(args.img_size), "--pretrained", "no"]
-    )
-    image_set = qq.read_data(run_args, lambda: False)
+    image_set = data.read_data(project_args(folder, args.img_size))
     indices = list(range(len(image_set.paths)))
     dataset = data.ImageDataset(
         image_set, indices, data.train_transform(args.img_size), data.resize_size_for(args.img_size)
@@ -332,7 +329,7 @@ def ask_workers(args, device, precision, folder):
             loader = data.make_loader(
                 dataset, 16, workers, device, shuffle=True, generator=torch.Generator().manual_seed(0)
             )
-            engine.train_one_epoch(model, criterion, optimizer, loader, device, precision, scaler, 0, 0)
+            engine.train_one_epoch(model, criterion, optimizer, loader, Runtime(device, precision), 0, scaler)
             return len(dataset)
 
         return run
@@ -466,7 +463,8 @@ def main(args):
     precision = choose_precision(device, "auto")
     setup_backends(device, precision)
     print(
-        f"device {device}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} rounds, {args.img_size} px",
+        f"device {device}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.rounds} rounds, {args.img_size} px",
         flush=True,
     )
     results = {

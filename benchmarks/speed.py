@@ -47,33 +47,33 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch imports tqdm: one line per epoch, not bars among the results
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-import qq  # noqa: E402
-from ucgrade import data, engine  # noqa: E402
+from ucgrade import data, engine, train  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
+    Runtime,
     choose_device,
     choose_precision,
     cpu_has_fast_bf16,
     cuda_has_fast_bf16,
-    make_grad_scaler,
     setup_backends,
     synchronize,
 )
 from ucgrade.model import (  # noqa: E402
+    DEFAULT_ARCH,
     build_model,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from ucgrade.splits import Split  # noqa: E402
 
 FORWARD_GFLOP_224 = 8.2  # ResNet50 forward pass at 224 px: 4.1 G multiply-adds
 TRAIN_STEP_FACTOR = 3  # forward + backward (gradients of the activations and of the weights)
@@ -333,98 +333,56 @@ def whole_epochs(epochs, n_train, n_images, img_size, ceiling):
 # ----------------------------------------------------------------------------- the project's own training
 
 
-def project_args(args, data_dir, **overrides):
-    """qq.py's own settings (its defaults), with the benchmark's data, image size, batch size and workers."""
-    argv = [
-        "--data",
-        str(data_dir),
-        "--img-size",
-        str(args.img_size),
-        "--workers",
-        str(args.workers),
-        "--pretrained",
-        "no",
-    ]
-    if args.batch_size is not None:
-        argv += ["--batch-size", str(args.batch_size)]
-    run_args = qq.get_args_parser().parse_args(argv)
-    qq.check_args(run_args)
-    vars(run_args).update(overrides)
-    return run_args
+def project_args(data_dir, img_size, **overrides):
+    """The method's settings, qq.py's defaults, for the images in data_dir at img_size; overrides change them."""
+    settings = argparse.Namespace(
+        data=str(data_dir), arch=DEFAULT_ARCH, class_order=None, remission_upto=None, cache="auto", val_split=0.2,
+        seed=0, img_size=img_size, batch_size=16, workers=-1, lr=0.001, momentum=0.9, step_size=7, gamma=0.1,
+        balance="none", freeze_backbone=False, compile=False,
+    )  # fmt: skip
+    return argparse.Namespace(**vars(settings) | overrides)
 
 
-def train_project(run_args, image_set, train, val, device, precision, epochs):
-    """qq.py's fit() without its files: the same model, loaders, criterion, optimizer and epoch loop."""
-    stop = lambda: False  # noqa: E731
+def the_benchmarks(args):
+    """The settings of the project's training that the benchmark's own flags set."""
+    return {"seed": args.seed, "workers": args.workers, "batch_size": args.batch_size or 16}
+
+
+def train_project(run_args, image_set, split, device, precision, epochs):
+    """The project's training without its files: train.prepare and train.run_epoch, as qq.py runs them."""
+    runtime = Runtime(device, precision)
     setup_backends(device, precision)
-    num_classes = len(image_set.class_names)
     torch.manual_seed(run_args.seed)
     generator = torch.Generator().manual_seed(run_args.seed)
-    model = build_model(num_classes).to(device, memory_format=torch.channels_last)
+    model = build_model(len(image_set.class_names)).to(device, memory_format=torch.channels_last)
     start = time.perf_counter()
-    train_loader, val_loader, val_set, trainable = qq.make_loaders(
-        run_args, image_set, train, val, model, device, precision, generator, stop
-    )
+    training = train.prepare(run_args, image_set, split, model, runtime, generator)
     setup_s = time.perf_counter() - start  # with --freeze-backbone: computing the features
-    criterion = engine.make_criterion(run_args.balance, np.asarray(image_set.labels)[train], num_classes, device)
-    optimizer, lr_scheduler = engine.make_optimizer(
-        trainable.parameters(), run_args.lr, run_args.momentum, run_args.step_size, run_args.gamma
-    )
-    scaler = make_grad_scaler(device, precision)
     history = []
     for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        stats = engine.train_one_epoch(
-            trainable, criterion, optimizer, train_loader, device, precision, scaler, epoch, epochs
-        )
-        val_start = time.perf_counter()
-        val_loss, val_acc, _, _ = engine.evaluate(trainable, val_loader, device, precision)
-        synchronize(device)
-        lr_scheduler.step()
-        end = time.perf_counter()
-        history.append(
-            {
-                "epoch": epoch,
-                "train_s": val_start - start,
-                "val_s": end - val_start,
-                "epoch_s": end - start,
-                "train_loss": stats["loss"],
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-            }
-        )
+        row = train.run_epoch(training, epoch, runtime)
+        train_s = len(split.train) / row["train_images_per_s"]
+        epoch_s, val_s = row["epoch_time_s"], row["epoch_time_s"] - train_s
+        history.append({"epoch": epoch, "train_s": train_s, "val_s": val_s, "epoch_s": epoch_s} | row)
         print(
-            f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val {end - val_start:.1f} s), "
-            f"val loss {val_loss:.4f}, val acc {val_acc:.3f}",
+            f"  epoch {epoch}/{epochs}: {epoch_s:.1f} s (train {train_s:.1f} s, val {val_s:.1f} s), "
+            f"val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}",
             flush=True,
         )
-    parts = {
-        "model": model,
-        "trainable": trainable,
-        "criterion": criterion,
-        "optimizer": optimizer,
-        "scaler": scaler,
-        "train_loader": train_loader,
-        "val_set": val_set,
-    }
+    resize = data.resize_size_for(run_args.img_size)
+    val_set = data.ImageDataset(image_set, split.val, data.val_transform(run_args.img_size), resize)
+    parts = {"model": model, "training": training, "runtime": runtime, "val_set": val_set}
     return history, setup_s, parts
 
 
-def time_project_steps(parts, device, precision, steps):
+def time_project_steps(parts, steps):
     """engine.train_one_epoch over batches already in memory: the training steps without data loading."""
-    batches = list(itertools.islice(itertools.cycle(parts["train_loader"]), steps + 1))
+    training = parts["training"]
+    batches = list(itertools.islice(itertools.cycle(training.train_loader), steps + 1))
 
     def run(batches):
         return engine.train_one_epoch(
-            parts["trainable"],
-            parts["criterion"],
-            parts["optimizer"],
-            batches,
-            device,
-            precision,
-            parts["scaler"],
-            0,
-            0,
+            training.trainable, training.criterion, training.optimizer, batches, parts["runtime"], 0, training.scaler
         )
 
     run(batches[:1])  # warm-up
@@ -435,7 +393,8 @@ def time_project_inference(model, class_names, img_size, val_set, device, precis
     """The model as predict.py loads it (save, load_checkpoint, model_from_checkpoint), timed by engine.measure_inference_time."""
     path = Path(folder) / "best.pt"
     start = time.perf_counter()
-    save_checkpoint(path, make_checkpoint(model, class_names, img_size, 1, {}, False, {}))
+    config = {"class_names": class_names, "img_size": img_size}
+    save_checkpoint(path, make_checkpoint(model, config, 1, {}))
     save_s = time.perf_counter() - start
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path).to(device).eval()
@@ -573,10 +532,11 @@ def run_benchmark(args, data_dir, device, precision):
     results["ceiling"] = ceiling | {"part": part.numbers}
 
     print("the project's data: decode once into the cache ...", flush=True)
-    run_args = project_args(args, data_dir)
+    run_args = project_args(data_dir, args.img_size, **the_benchmarks(args))
     with Part(device) as part:
-        image_set = qq.read_data(run_args, lambda: False)
+        image_set = data.read_data(run_args)
     train, val = data.split_holdout(image_set.labels, run_args.val_split, run_args.seed)
+    split = Split(train, val, run_dir=None)
     n_images, cached = len(train) + len(val), image_set.images is not None
     results["data"] = {
         "images": n_images,
@@ -593,12 +553,12 @@ def run_benchmark(args, data_dir, device, precision):
         flush=True,
     )
     with Part(device) as part:
-        history, _, parts = train_project(run_args, image_set, train, val, device, precision, args.epochs)
-        steps_per_s, batch = time_project_steps(parts, device, precision, steps)
+        history, _, parts = train_project(run_args, image_set, split, device, precision, args.epochs)
+        steps_per_s, batch = time_project_steps(parts, steps)
     results["project"] = {
         "precision": precision,
         "batch_size": run_args.batch_size,
-        "workers": parts["train_loader"].num_workers,
+        "workers": parts["training"].train_loader.num_workers,
         "whole_epochs": whole_epochs(history, len(train), n_images, args.img_size, ceiling),
         "steps_alone": throughput(steps_per_s, args.img_size, ceiling) | {"steps": steps, "batch_size": batch},
         "part": part.numbers,
@@ -627,9 +587,9 @@ def run_benchmark(args, data_dir, device, precision):
         f"--freeze-backbone: features once per view, then {args.frozen_epochs} epochs of the fc layer ...", flush=True
     )
     with Part(device) as part:
-        frozen_args = project_args(args, data_dir, freeze_backbone=True)
+        frozen_args = project_args(data_dir, args.img_size, freeze_backbone=True, **the_benchmarks(args))
         frozen_history, features_s, _ = train_project(
-            frozen_args, image_set, train, val, device, precision, args.frozen_epochs
+            frozen_args, image_set, split, device, precision, args.frozen_epochs
         )
     results["frozen_backbone"] = {
         "epochs": args.frozen_epochs,
@@ -646,7 +606,7 @@ def run_benchmark(args, data_dir, device, precision):
             flush=True,
         )
         with Part(device) as part:
-            fp32_history, _, _ = train_project(run_args, image_set, train, val, device, "fp32", args.epochs)
+            fp32_history, _, _ = train_project(run_args, image_set, split, device, "fp32", args.epochs)
         results["project_fp32"] = {
             "precision": "fp32",
             "batch_size": run_args.batch_size,

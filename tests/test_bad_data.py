@@ -271,6 +271,7 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
     (result,) = run_scripts(("qq.py", "--data", too_few, "--out", tmp_path / "out", "--epochs", "1", *FAST))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert user_lines(result.stderr) == [
-        "error: class 'severe' has only 1 usable image(s); it needs at least 2 so that training and validation each get one. Add images or remove the folder."
+        "error: class 'severe' has only 1 usable image(s); it needs at least 2 so that training and validation "
+        "each get one. Add images or remove the folder."
     ]
     assert f"{too_few / 'severe' / 'broken.jpg'}: not an image Pillow can read" in user_lines(result.stdout)

@@ -27,7 +27,8 @@ INVALID = [
     (["--groups", str(ROOT / "tests")], f"--groups '{ROOT / 'tests'}' is a folder; give the file itself."),
     (
         ["--out", str(ROOT / "README.md" / "runs")],
-        f"--out '{ROOT / 'README.md' / 'runs'}' cannot be a folder, because '{ROOT / 'README.md'}' is a file; give a folder.",
+        f"--out '{ROOT / 'README.md' / 'runs'}' cannot be a folder, because '{ROOT / 'README.md'}' is a file; give "
+        "a folder.",
     ),
 ]
 if not torch.cuda.is_available():
@@ -62,8 +63,8 @@ def test_predict_rejects_a_missing_device(trained_run, small_data, capsys):
     assert run_cli(predict.main, args) == 2
     captured = capsys.readouterr()
     assert (
-        captured.err
-        == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto.\n"
+        captured.err == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; "
+        "use --device cpu or auto.\n"
     )
     assert captured.out == ""
 

@@ -120,7 +120,8 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(da
     assert len(history) == EPOCHS and history[:finished] == before
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
-    # the same seed without the interruption, its images cached and no loader process: the same history, metrics and weights
+    # the same seed without the interruption, its images cached and no loader process: the same history,
+    # metrics and weights
     assert train(["--data", data24, "--out", tmp_path / "ref", "--name", "full", *RUN]) == 0
     reference = tmp_path / "ref" / "full"
     for epoch, (got, want) in enumerate(zip(history, history_of(reference)), 1):
@@ -149,7 +150,8 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_p
     )
     assert run_cli(qq.main, args) == 130
     assert user_lines(capsys.readouterr().err)[-1] == (
-        f"interrupted: training stopped before the first of {EPOCHS} epochs finished, so {run} has no checkpoint yet and resuming "
+        f"interrupted: training stopped before the first of {EPOCHS} epochs finished, so {run} has no checkpoint "
+        "yet and resuming "
         f"starts the training from the beginning. Resume with: python qq.py --resume {run}"
     )
     assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
@@ -252,7 +254,8 @@ def test_running_out_of_memory_suggests_a_smaller_batch(tmp_path):
     assert "run folder:" in result.stdout.decode()  # it got as far as training
     assert result.returncode == 2 and "Traceback" not in stderr, stderr
     assert user_lines(stderr) == [
-        "error: ran out of memory with --batch-size 32; try a smaller --batch-size, for example 16, or a smaller --img-size."
+        "error: ran out of memory with --batch-size 32; try a smaller --batch-size, for example 16, or a smaller "
+        "--img-size."
     ]
 
 
@@ -352,7 +355,8 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
     for argv, message in [
         (
             ["--resume", run / "fold1"],
-            f"'{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py --resume {run}",
+            f"'{run / 'fold1'}' is one fold of a cross-validation run; resume the whole run with: python qq.py "
+            f"--resume {run}",
         ),
         (["--resume", run, "--epochs", "4"], "--epochs cannot change when a cross-validation run is resumed"),
     ]:

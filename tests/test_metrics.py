@@ -242,6 +242,6 @@ def test_widely_spread_inference_times_are_flagged_in_the_report():
     busy = steady | {"batch1_mean_ms": 214.6, "batch1_p95_ms": 1673.0}  # seen on a shared CPU
     assert "varied widely" not in inference_html(steady)
     assert (
-        '<p class="warn">The times varied widely (p95 over twice the median), so another program was probably using the device; quote the median.</p>'
-        in inference_html(busy)
+        '<p class="warn">The times varied widely (p95 over twice the median), so another program was probably '
+        "using the device; quote the median.</p>" in inference_html(busy)
     )

@@ -134,7 +134,8 @@ def test_split_csv_matches_seed(small_data, tmp_path):
     assert a == b
     val = [r for r in a if r["subset"] == "val"]
     assert {r["class"] for r in val} == {"mild", "moderate", "severe"} and len(val) == 6
-    # the same seed also gives the same training, however the images are loaded: identical histories apart from the timing
+    # the same seed also gives the same training, however the images are loaded: identical histories apart
+    # from the timing
     ha, hb = read_csv(tmp_path / "a" / "history.csv"), read_csv(tmp_path / "b" / "history.csv")
     assert len(ha) == len(hb) == 2
     for ra, rb in zip(ha, hb):

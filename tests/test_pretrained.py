@@ -75,7 +75,7 @@ def test_hub_cache_is_used_without_network(tmp_path, tiny_data, imagenet_like, i
     cached = isolated_torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     cached.parent.mkdir(parents=True)
     torch.save(imagenet_like, cached)
-    monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)  # any network use would fail
+    monkeypatch.setattr(model_module, "imagenet_url", lambda arch: UNREACHABLE)  # any network use would fail
     assert model_module.imagenet_weights_path() == cached
     assert train(["--data", tiny_data, "--out", tmp_path, "--pretrained", "yes", "--freeze-backbone", *ARGS]) == 0
     config = json.loads((tmp_path / "train" / "config.json").read_text())
@@ -86,7 +86,7 @@ def test_hub_cache_is_used_without_network(tmp_path, tiny_data, imagenet_like, i
 def test_offline_auto_warns_and_trains_from_random_weights(
     tmp_path, tiny_data, isolated_torch_home, monkeypatch, capsys
 ):
-    monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)
+    monkeypatch.setattr(model_module, "imagenet_url", lambda arch: UNREACHABLE)
     start = time.perf_counter()
     state, source = model_module.get_imagenet_weights("auto")
     assert time.perf_counter() - start < 12
@@ -102,7 +102,7 @@ def test_offline_auto_warns_and_trains_from_random_weights(
 
 
 def test_pretrained_yes_fails_clearly_offline(tmp_path, tiny_data, isolated_torch_home, monkeypatch):
-    monkeypatch.setattr(model_module, "IMAGENET_URL", UNREACHABLE)
+    monkeypatch.setattr(model_module, "imagenet_url", lambda arch: UNREACHABLE)
     with pytest.raises(UserError) as error:
         model_module.get_imagenet_weights("yes")
     message = str(error.value)
@@ -167,13 +167,13 @@ def test_download_into_the_hub_cache_checks_the_hash(
     (www / f"resnet50-{digest[:8]}.pth").write_bytes((www / "weights.pth").read_bytes())
     (www / "resnet50-00000000.pth").write_bytes((www / "weights.pth").read_bytes())  # a name whose hash is wrong
 
-    monkeypatch.setattr(model_module, "IMAGENET_URL", f"{base}/resnet50-{digest[:8]}.pth")
+    monkeypatch.setattr(model_module, "imagenet_url", lambda arch: f"{base}/resnet50-{digest[:8]}.pth")
     state, source = model_module.get_imagenet_weights("yes")
     cached = isolated_torch_home / "hub" / "checkpoints" / f"resnet50-{digest[:8]}.pth"
     assert source == str(cached) and cached.is_file()
     assert all(torch.equal(state[k], v) for k, v in imagenet_like.items())
 
-    monkeypatch.setattr(model_module, "IMAGENET_URL", f"{base}/resnet50-00000000.pth")
+    monkeypatch.setattr(model_module, "imagenet_url", lambda arch: f"{base}/resnet50-00000000.pth")
     with pytest.raises(UserError, match="damaged"):
         model_module.get_imagenet_weights("yes")
     assert not (isolated_torch_home / "hub" / "checkpoints" / "resnet50-00000000.pth").exists()

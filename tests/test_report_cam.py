@@ -186,7 +186,7 @@ def test_heatmap_has_the_image_size_and_follows_the_content(trained_run, tmp_pat
     for k, style in enumerate(("mild", "severe", "moderate")):
         path = tmp_path / f"{k}.png"
         make_image(style, rng, 160).resize((150, 110)).save(path)
-        overlay, heatmap, predicted = cam_overlay(model, path, checkpoint["img_size"], checkpoint["class_names"])
+        overlay, heatmap, predicted = cam_overlay(model, path, checkpoint)
         assert heatmap.shape == (110, 150) and overlay.size == (150, 110)
         assert predicted in checkpoint["class_names"]
         assert 0 <= heatmap.min() and heatmap.max() <= 1

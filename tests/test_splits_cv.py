@@ -16,9 +16,11 @@ from test_metrics import kappa_by_definition
 from test_report_cam import Page, assert_self_contained, embedded_pngs
 
 import qq
-from ucgrade import data, engine
+from ucgrade import data, engine, splits
 from ucgrade.cli import run_cli
+from ucgrade.device import Runtime
 from ucgrade.files import read_csv
+from ucgrade.train import make_loaders
 
 ONE_EPOCH = [*FAST, "--epochs", "1", "--precision", "fp32"]  # fp32: no bf16 kernel warm-up in a fresh process
 
@@ -202,19 +204,19 @@ def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(
     image_set, _ = data.scan_folder(graded_data)
     groups = data.read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
     args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", str(val_split)])
-    [(train, val)] = qq.plan_split(args, image_set, groups, None)
+    [(train, val)] = splits.new_split(args, image_set, groups)
     n_splits = {0.2: 5, 0.3: 3, 0.6: 2}[val_split]
     assert len(train) + len(val) == 24 and abs(len(val) / 24 - 1 / n_splits) < 0.1
     out = capsys.readouterr().out
     if val_split == 0.3:  # and with --folds, --val-split plays no part
         args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", "0.3", "--folds", "3"])
-        assert len(qq.plan_split(args, image_set, groups, None)) == 3
+        assert len(splits.new_split(args, image_set, groups)) == 3
         out += capsys.readouterr().out
         assert "note: --val-split is not used with --folds 3: each fold validates on 1/3 of the images." in out
     if note:
         assert (
-            f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about {1 / n_splits:.0%} of the images rather than the {val_split:.0%} of --val-split"
-            in out
+            f"note: with --groups, the validation side is 1 of {n_splits} groupings of the patients, about "
+            f"{1 / n_splits:.0%} of the images rather than the {val_split:.0%} of --val-split" in out
         )
     else:
         assert out == ""
@@ -228,8 +230,8 @@ def test_groups_file_with_windows_paths_works_and_unknown_rows_are_named(graded_
     assert data.read_groups(windows, image_set) == data.read_groups(posix, image_set)
     out = capsys.readouterr().out
     assert (
-        f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left out: mild/ghost.jpg, normal/notes.txt."
-        in out
+        f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left "
+        "out: mild/ghost.jpg, normal/notes.txt." in out
     )
 
 
@@ -253,7 +255,8 @@ def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
         ["--data", root, "--out", tmp_path / "out", "--folds", "6", *ONE_EPOCH], capsys
     )  # without groups
     assert code == 2 and lines == [
-        "error: a split into 6 parts needs a grade with at least 6 images, but the largest has 4; use at most --folds 4, or add images."
+        "error: a split into 6 parts needs a grade with at least 6 images, but the largest has 4; use at most "
+        "--folds 4, or add images."
     ]
     # a grade whose images all belong to one patient cannot be validated in every fold
     groups.write_text(
@@ -303,7 +306,8 @@ def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run):
     assert result.returncode == 2 and result.stdout == ""
     assert (
         result.stderr
-        == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
+        == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one "
+        f"with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
     )
     assert (
         run_script("predict.py", root / "mild" / "mild_000.jpg", "--weights", run / "fold1" / "best.pt").returncode == 0
@@ -410,8 +414,8 @@ def test_cross_validation_report_embeds_everything(cv_run):
     text = " ".join(" ".join(page.text).split())
     assert "3-fold cross-validation" in text and "Checked: no group appears in more than one subset." in text
     assert (
-        "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images, so these figures lean optimistic"
-        in text
+        "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images, so these "
+        "figures lean optimistic" in text
     )
     assert "image by image" not in text  # split by patient
     per_fold = [sum(r["fold"] == str(k) for r in read_csv(run / "predictions.csv")) for k in (1, 2, 3)]
@@ -439,9 +443,8 @@ def drawn_labels(image_set, balance, epochs=40):
     train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
     model = torch.nn.Module()  # make_loaders only needs a model for --freeze-backbone
     generator = torch.Generator().manual_seed(0)
-    train_loader, *_ = qq.make_loaders(
-        args, image_set, train_idx, val_idx, model, torch.device("cpu"), "fp32", generator, lambda: False
-    )
+    split = splits.Split(train_idx, val_idx, run_dir=None)
+    train_loader, *_ = make_loaders(args, image_set, split, model, Runtime(torch.device("cpu")), generator)
     labels = torch.cat([targets for _ in range(epochs) for _, targets in train_loader]).numpy()
     return np.bincount(labels, minlength=3) / len(labels), np.bincount(
         np.asarray(image_set.labels)[train_idx], minlength=3

@@ -20,6 +20,7 @@ from ucgrade import files
 from ucgrade.cli import run_cli
 from ucgrade.device import choose_precision
 from ucgrade.model import build_model
+from ucgrade.settings import precision_used
 
 # qq.py flags for runs that pass --weights (which --pretrained no would contradict)
 WEIGHTS_RUN = ["--img-size", "64", "--batch-size", "8", "--epochs", "1", "--cam-examples", "0"]
@@ -225,22 +226,25 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
         qq, ["--resume", run, "--epochs", "4", "--name", "again", "--out", tmp_path / "elsewhere"], capsys
     )
     assert code == 2 and lines == [
-        f"error: --name and --out do not apply to --resume, which goes on in the run's own folder '{run}'; leave them out."
+        f"error: --name and --out do not apply to --resume, which goes on in the run's own folder '{run}'; leave "
+        "them out."
     ]
     code, lines = run_in_process(qq, ["--resume", tmp_path / "no_such_run"], capsys)
     assert code == 2 and lines == [
-        f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by qq.py."
+        f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by "
+        "qq.py."
     ]
 
     # fewer epochs than the run has trained cannot be continued; more extend it
     run = copy_run(trained_run, tmp_path / "extended")
     started = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(
-        json.dumps({k: v for k, v in started.items() if k != "select"})
-    )  # as runs before --select wrote it
+        json.dumps({k: v for k, v in started.items() if k not in ("select", "arch")})
+    )  # as runs before --select and --arch wrote it
     code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
     assert code == 2 and lines == [
-        "error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or leave it out."
+        "error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or "
+        "leave it out."
     ]
     code, _ = run_in_process(qq, ["--resume", run, "--epochs", "4", "--precision", "fp32"], capsys)
     assert code == 0 and len(files.read_csv(run / "history.csv")) == 4
@@ -285,7 +289,8 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     assert code == 2 and lines == [
         f"error: '{run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."
     ]
-    # flags that would change the run are refused, not silently ignored: also --img-size 224, the default, against the run's 64;
+    # flags that would change the run are refused, not silently ignored: also --img-size 224, the default,
+    # against the run's 64;
     # --batch-size 8 and --seed 0 are what the run has, and --cache may change
     code, lines = run_in_process(
         qq,
@@ -402,14 +407,16 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
     assert code == 2
     assert lines == [
-        "error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."
+        "error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights "
+        "path/to/best.pt."
     ]
 
     # a run folder given where a file or the folder of runs is meant
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--out", trained_run], capsys)
     assert code == 2
     assert lines == [
-        f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights {trained_run / 'best.pt'}."
+        f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights "
+        f"{trained_run / 'best.pt'}."
     ]
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", tmp_path], capsys)
     assert code == 2 and lines[0].startswith(
@@ -427,8 +434,10 @@ def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_r
     code, lines = run_in_process(predict, [trained_run, animation, image, "--weights", trained_run / "best.pt"], capsys)
     assert code == 1
     assert lines[:2] == [
-        f"error: {trained_run}: a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights",
-        f"error: {animation}: not an image file by its extension (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), so it is skipped, as in training",
+        f"error: {trained_run}: a run folder written by qq.py, not a folder of images; to grade with its model, "
+        "pass it as --weights",
+        f"error: {animation}: not an image file by its extension (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), so "
+        "it is skipped, as in training",
     ]
     assert lines[-1] == "2 input(s) failed and 1 image(s) were graded; see the errors above."
 
@@ -462,14 +471,17 @@ def test_resume_on_a_cpu_without_fast_bf16_goes_on_in_fp32(monkeypatch, capsys):
     """A bf16 run from a GPU or a newer CPU, resumed on a CPU that only emulates bf16."""
     monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
     cpu = torch.device("cpu")
-    assert qq.resume_precision(cpu, "auto", {"precision_used": "bf16"}) == "fp32"
+    assert choose_precision(cpu, "auto", precision_used({"precision_used": "bf16"})) == "fp32"
     assert (
         capsys.readouterr().out == "note: the run trained in bf16, which cpu does not run fast; it goes on in fp32.\n"
     )
     assert (
-        qq.resume_precision(cpu, "auto", {"precision_used": "bf16", "resumed": [{"precision_used": "fp32"}]}) == "fp32"
+        choose_precision(
+            cpu, "auto", precision_used({"precision_used": "bf16", "resumed": [{"precision_used": "fp32"}]})
+        )
+        == "fp32"
     )
-    assert qq.resume_precision(cpu, "bf16", {"precision_used": "fp32"}) == "bf16"  # asked for: as asked
+    assert choose_precision(cpu, "bf16", precision_used({"precision_used": "fp32"})) == "bf16"  # asked for: as asked
     assert capsys.readouterr().out == ""
 
 
@@ -478,10 +490,14 @@ def test_resume_on_a_gpu_keeps_fp16_and_leaves_bf16_only_where_it_is_emulated(mo
     """The CUDA choice needs no GPU: only the compute-capability check is stood in for."""
     monkeypatch.setattr(device_module, "cuda_has_fast_bf16", lambda device: fast_bf16)
     cuda = torch.device("cuda")
-    assert qq.resume_precision(cuda, "auto", {"precision_used": "fp16"}) == "fp16"  # with its loss scaling, on any GPU
-    assert qq.resume_precision(cuda, "auto", {"precision_used": "fp32"}) == "fp32"
+    assert (
+        choose_precision(cuda, "auto", precision_used({"precision_used": "fp16"})) == "fp16"
+    )  # with its loss scaling, on any GPU
+    assert choose_precision(cuda, "auto", precision_used({"precision_used": "fp32"})) == "fp32"
     assert capsys.readouterr().out == ""
-    assert qq.resume_precision(cuda, "auto", {"precision_used": "bf16"}) == ("bf16" if fast_bf16 else "fp16")
+    assert choose_precision(cuda, "auto", precision_used({"precision_used": "bf16"})) == (
+        "bf16" if fast_bf16 else "fp16"
+    )
     assert capsys.readouterr().out == (
         "" if fast_bf16 else "note: the run trained in bf16, which cuda does not run fast; it goes on in fp16.\n"
     )

@@ -1,7 +1,8 @@
-"""Grad-CAM (Selvaraju et al., 2017) for the ResNet50: which regions drove the predicted grade.
+"""Grad-CAM (Selvaraju et al., 2017): which regions drove the predicted grade.
 
-A small hook-based implementation on the last convolutional stage (layer4): the class score's
-gradient, averaged over space, weights the activation maps; their positive sum is the heatmap.
+A small hook-based implementation on the last convolutional stage (the architecture table's
+cam_layer, layer4 of a ResNet): the class score's gradient, averaged over space, weights the
+activation maps; their positive sum is the heatmap.
 """
 
 import io
@@ -15,7 +16,7 @@ from PIL import Image
 from . import files
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, resize_size_for
 from .engine import to_input
-from .model import unwrap
+from .model import cam_layer, unwrap
 
 
 def grad_cam(model, images, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -27,10 +28,10 @@ def grad_cam(model, images, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_
     model = unwrap(model).eval()
     device = next(model.parameters()).device
     captured = {}
-    handle = model.layer4.register_forward_hook(lambda module, inputs, output: captured.update(activations=output))
+    handle = cam_layer(model).register_forward_hook(lambda module, inputs, output: captured.update(activations=output))
     try:
         with torch.enable_grad():
-            # an input that needs gradients makes layer4's output need them even with every weight
+            # an input that needs gradients makes the layer's output need them even with every weight
             # frozen (--freeze-backbone); its own gradient is never computed
             logits = model(to_input(images, device, mean, std).requires_grad_())
             classes = (
@@ -79,18 +80,18 @@ def overlay(image, heatmap, alpha=0.45):
     return Image.fromarray(np.clip(base * (1 - weight) + colours * weight, 0, 255).astype(np.uint8))
 
 
-def cam_overlay(
-    model, image_path, img_size, class_names, resize_size=None, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD
-):
+def cam_overlay(model, image_path, checkpoint, target_class=None):
     """(overlay PIL image at the original size, heatmap array, explained class name) for one file.
 
-    target_class None explains the class the model predicts for this crop. resize_size, mean and
-    std default to this tool's preprocessing; predict.py passes a checkpoint's own.
+    The image is preprocessed as the checkpoint (or a dict with its class_names and img_size, and
+    optionally resize_size, mean and std) records. target_class None explains the predicted class.
     """
+    img_size, resize_size = checkpoint["img_size"], checkpoint.get("resize_size")
+    mean, std = checkpoint.get("mean", IMAGENET_MEAN), checkpoint.get("std", IMAGENET_STD)
     image = load_image(image_path)
     cams, classes = grad_cam(model, eval_transform(img_size, resize_size)(image).unsqueeze(0), target_class, mean, std)
     heatmap = cam_on_original(cams[0], image.size, img_size, resize_size)
-    return overlay(image, heatmap), heatmap, class_names[classes[0]]
+    return overlay(image, heatmap), heatmap, checkpoint["class_names"][classes[0]]
 
 
 def save_png(image, path):
@@ -100,14 +101,17 @@ def save_png(image, path):
     files.write_bytes(path, buffer.getvalue())
 
 
-def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
+def write_cams(model, image_set, evaluation, run_dir, img_size, count):
     """Grad-CAM overlays of the predicted grade for a few validation images, listed in cam/index.csv.
 
-    The most confident right image of each grade comes first, then the most confident errors.
+    evaluation: the validation images' indices (val), targets and probabilities (probs). The most
+    confident right image of each grade comes first, then the most confident errors.
     Returns a list of (caption, PNG path).
     """
     if count == 0:
         return []
+    val, targets, probs = evaluation.val, evaluation.targets, evaluation.probs
+    preprocessing = {"class_names": image_set.class_names, "img_size": img_size}
     preds = probs.argmax(1)
     chosen = []
     for c in range(len(image_set.class_names)):
@@ -122,13 +126,14 @@ def write_cams(model, image_set, val, targets, probs, run_dir, img_size, count):
     for k in chosen[:count]:
         path = image_set.paths[val[k]]
         predicted = image_set.class_names[preds[k]]
-        image, _, _ = cam_overlay(model, path, img_size, image_set.class_names, target_class=preds[k])
+        image, _, _ = cam_overlay(model, path, preprocessing, target_class=preds[k])
         image.thumbnail((512, 512))
         out = cam_dir / f"{len(cams) + 1:02d}_{path.stem}.png"
         save_png(image, out)
         cams.append(
             (
-                f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} (p={probs[k].max():.2f})",
+                f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} "
+                f"(p={probs[k].max():.2f})",
                 out,
             )
         )

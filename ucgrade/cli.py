@@ -8,23 +8,14 @@ import sys
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts: a mistake on the command line is one line, without the usage block,
-    and args.given lists the flags given on the command line, so that --resume can refuse a
-    setting it would otherwise ignore, even one given with its default value."""
+    and args.argv keeps the command line, so that --resume can parse it again over a run's settings."""
 
     def error(self, message):
         self.exit(2, f"error: {message}; see python {self.prog} --help.\n")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
-        defaults = {action: action.default for action in self._actions}
-        try:
-            for action in self._actions:
-                action.default = argparse.SUPPRESS
-            given, _ = super().parse_known_args(args, None)
-        finally:
-            for action, default in defaults.items():
-                action.default = default
-        parsed.given = sorted(vars(given))
+        parsed.argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
         return parsed, extras
 
 
@@ -56,7 +47,8 @@ def run_cli(main, args):
     except OSError as error:  # a full disk, a folder without write permission: the machine's, not the input's
         where = f" '{error.filename}'" if error.filename else ""
         print(
-            f"error: could not write or read{where}: {error.strerror or error}; free disk space or check the folder's permissions, then run again.",
+            f"error: could not write or read{where}: {error.strerror or error}; free disk space or check the "
+            "folder's permissions, then run again.",
             file=sys.stderr,
         )
         return 1

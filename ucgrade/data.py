@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from .cli import UserError
+from .cli import RunInterrupted, UserError
 from .files import read_csv
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -571,3 +571,49 @@ def _leave_signals_to_the_main_process(worker_id):
     the run; ignoring them lets the main process stop after the batch and then shut the workers down."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------- a run's images
+
+
+def read_data(args, stop=None):
+    """Scan the data folder, decode every image once (into memory when it fits), and report what was skipped."""
+    image_set, empty = scan_folder(args.data, args.class_order)
+    for name in empty:
+        print(f"warning: class folder '{name}' holds no images and is ignored.")
+    check_remission_grade(args.remission_upto, image_set.class_names)  # before the slow decode
+    resize = resize_size_for(args.img_size)
+    need = estimate_cache_bytes(image_set.paths, resize)
+    keep = args.cache == "ram" or (args.cache == "auto" and need < available_memory_bytes() / 2)
+    print(f"reading {len(image_set.paths)} images from {args.data} ...")
+    read_images(image_set, resize, keep=keep, stop=stop)
+    if stop is not None and stop():
+        raise RunInterrupted("stopped while reading the images; nothing was trained, so run qq.py again")
+    if keep:
+        print(f"decoded images cached in memory: {need / 2**20:.0f} MB")
+    else:
+        print(f"streaming images from disk (cache {args.cache}; decoded they would need {need / 2**30:.1f} GB)")
+    if image_set.skipped:
+        count = len(image_set.skipped)
+        print(f"warning: skipped {count} file(s) that cannot be used (listed in skipped.csv of the run):")
+        for path, reason in image_set.skipped:
+            print(f"  {path}: {reason}")
+    check_class_sizes(image_set)
+    grades = ", ".join(f"{n} ({c})" for n, c in zip(image_set.class_names, image_set.class_counts()))
+    print(f"classes (grade order): {grades}")
+    return image_set
+
+
+def check_remission_grade(remission_upto, class_names):
+    if remission_upto is None:
+        return
+    if remission_upto not in class_names:
+        raise UserError(
+            f"--remission-upto {remission_upto!r} is not one of the grades ({', '.join(class_names)}); name the last "
+            "grade that counts as remission."
+        )
+    if remission_upto == class_names[-1]:
+        raise UserError(
+            f"--remission-upto {remission_upto!r} is the most severe grade, which leaves no active grades; name a "
+            "milder grade."
+        )

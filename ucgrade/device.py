@@ -1,6 +1,8 @@
-"""Choose the device and the numeric precision once, and pass them on."""
+"""Choose the device and the numeric precision once, and pass them on in one Runtime."""
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,11 +26,13 @@ def choose_device(name="auto"):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(
-                f"--device {name} was asked for, but this machine has no CUDA GPU that PyTorch can use; use --device cpu or auto."
+                f"--device {name} was asked for, but this machine has no CUDA GPU that PyTorch can use; use "
+                "--device cpu or auto."
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(
-                f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+                f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}."
             )
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError(
@@ -50,8 +54,19 @@ def cuda_has_fast_bf16(device):
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def choose_precision(device, name="auto"):
-    """auto: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, fp32 otherwise."""
+def choose_precision(device, name="auto", resumed_from=None):
+    """auto: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, fp32 otherwise.
+
+    A resumed run (resumed_from: the precision it last used) goes on in that precision under auto,
+    unless the device has no fast support for it (fp16 from a GPU resumed on a CPU, bf16 on a CPU
+    or GPU without native bf16): then in the device's own choice, with a note.
+    """
+    if name == "auto" and resumed_from is not None:
+        own = choose_precision(device)
+        if resumed_from in ("fp32", own) or (resumed_from == "fp16" and device.type == "cuda"):
+            return resumed_from
+        print(f"note: the run trained in {resumed_from}, which {device} does not run fast; it goes on in {own}.")
+        return own
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if cuda_has_fast_bf16(device) else "fp16"
@@ -63,6 +78,51 @@ def choose_precision(device, name="auto"):
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 is not supported by this GPU; use fp16 or fp32.")
     return name
+
+
+@dataclass
+class Runtime:
+    """Where and how a run computes, passed as one object instead of loose arguments: the device,
+    the precision, the stop signal (Ctrl-C, SIGTERM), and this process's rank among world_size
+    processes (0 of 1 without torchrun)."""
+
+    device: torch.device
+    precision: str = "fp32"
+    stop: Callable[[], bool] = lambda: False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        """The process that writes the run's files."""
+        return self.rank == 0
+
+
+def make_runtime(device_name="auto", precision="auto", resumed_from=None):
+    """The Runtime of this process: the device and the precision, chosen once, with its backends set up."""
+    device = choose_device(device_name)
+    precision = choose_precision(device, precision, resumed_from)
+    setup_backends(device, precision)
+    return Runtime(device, precision)
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(batch_size):
+    """Running out of GPU or host memory is one sentence that suggests a smaller batch."""
+    smaller = max(1, batch_size // 2)
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"ran out of GPU memory with --batch-size {batch_size}; try a smaller --batch-size, for example {smaller}."
+        ) from None
+    except (RuntimeError, MemoryError) as error:  # MemoryError: Python or NumPy could not allocate
+        if isinstance(error, MemoryError) or ("allocate" in str(error) and "memory" in str(error)):
+            raise UserError(
+                f"ran out of memory with --batch-size {batch_size}; try a smaller --batch-size, for example "
+                f"{smaller}, or a smaller --img-size."
+            ) from None
+        raise
 
 
 def autocast(device, precision):

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
-from .device import autocast, synchronize
+from .device import autocast, make_grad_scaler, synchronize
 
 
 def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -29,7 +29,8 @@ def _check_stop(should_stop):
 def _check_finite(loss, epoch, step):
     if not math.isfinite(loss):
         raise UserError(
-            f"the training loss became {loss} in epoch {epoch}, batch {step}, so the run stopped instead of training on garbage; "
+            f"the training loss became {loss} in epoch {epoch}, batch {step}, so the run stopped instead of "
+            "training on garbage; "
             "lower the learning rate (for example --lr 0.0001) or check the images for extreme values."
         )
 
@@ -71,18 +72,21 @@ def best_epoch(history, select="best"):
     return max(history, key=lambda row: (row["val_acc"], -row["val_loss"]), default=None)
 
 
-def train_one_epoch(
-    model, criterion, optimizer, data_loader, device, precision, scaler, epoch, epochs, should_stop=None
-):
-    """Train for one pass over data_loader; return the mean loss, the accuracy and images/s."""
+def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, scaler=None):
+    """Train for one pass over data_loader; return the mean loss, the accuracy and images/s.
+
+    scaler: the GradScaler of fp16 training (None: no loss scaling, as bf16 and fp32 need none).
+    """
+    device = runtime.device
+    scaler = scaler or make_grad_scaler(device, "fp32")
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(data_loader, desc=f"epoch {epoch}/{epochs} train", unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(data_loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar, 1):
-        _check_stop(should_stop)
+        _check_stop(runtime.stop)
         images, targets = to_input(images, device), targets.to(device, non_blocking=True)
-        with autocast(device, precision):
+        with autocast(device, runtime.precision):
             logits = model(images)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +120,7 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model, data_loader, device, precision, should_stop=None, desc="val"):
+def evaluate(model, data_loader, runtime, desc="val"):
     """Run the model over data_loader; return (loss, accuracy, probabilities N x C, targets N).
 
     The loss is the plain (unweighted) cross-entropy, whatever loss training used.
@@ -126,9 +130,9 @@ def evaluate(model, data_loader, device, precision, should_stop=None, desc="val"
     model.eval()
     all_logits, all_targets = [], []
     for images, targets in tqdm(data_loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        _check_stop(should_stop)
-        with autocast(device, precision):
-            logits = model(to_input(images, device))
+        _check_stop(runtime.stop)
+        with autocast(runtime.device, runtime.precision):
+            logits = model(to_input(images, runtime.device))
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)
@@ -140,18 +144,18 @@ def evaluate(model, data_loader, device, precision, should_stop=None, desc="val"
 
 
 @torch.inference_mode()
-def extract_features(backbone, data_loader, device, precision, flip=False, should_stop=None):
-    """Pooled backbone features (N x 2048) of every image in data_loader, optionally mirrored."""
+def extract_features(backbone, data_loader, runtime, flip=False):
+    """The backbone's features (N x D) of every image in data_loader, optionally mirrored."""
     backbone.eval()
     features, targets = [], []
     for images, labels in tqdm(
         data_loader, desc="features" + (" (mirrored)" if flip else ""), unit="batch", leave=False, dynamic_ncols=True
     ):
-        _check_stop(should_stop)
-        images = to_input(images, device)
+        _check_stop(runtime.stop)
+        images = to_input(images, runtime.device)
         if flip:
             images = images.flip(3)
-        with autocast(device, precision):
+        with autocast(runtime.device, runtime.precision):
             features.append(backbone(images).float().cpu())
         targets.append(labels)
     return torch.cat(features), torch.cat(targets)

@@ -63,6 +63,14 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def read_status(run_dir):
+    """The status in a run folder's metrics.json: finished, interrupted, or None if it has none yet."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
 def save_torch(path, obj):
     _atomic_write(path, lambda f: torch.save(obj, f))
 

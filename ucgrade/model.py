@@ -1,5 +1,6 @@
-"""Model: build ResNet50, get its ImageNet weights, and save and load self-describing checkpoints."""
+"""Model: the table of backbones, building one, its ImageNet weights, and self-describing checkpoints."""
 
+import copy
 import hashlib
 import json
 import os
@@ -7,34 +8,85 @@ import pickle
 import re
 import threading
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
 from . import files
 from .cli import UserError
 from .data import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 
-ARCH = "resnet50"
-# IMAGENET1K_V1 are the weights of the original recipe (torchvision's pretrained=True), made for
-# a Resize(256) + CenterCrop(224) evaluation transform, which is the transform used here.
-IMAGENET_URL = ResNet50_Weights.IMAGENET1K_V1.url
 CHECKPOINT_FORMAT = "ucgrade-checkpoint"
 CONNECT_TIMEOUT_S = 10.0
 
 
-def build_model(num_classes, imagenet_state_dict=None):
-    """A torchvision ResNet50 with its fc replaced by a layer for num_classes; every layer trains."""
-    model = torchvision.models.resnet50()
+@dataclass(frozen=True)
+class Architecture:
+    """How to fine-tune one torchvision classifier.
+
+    weights: its ImageNet weights, a torchvision weight enum (which gives the URL and the torch hub
+    cache file name); head: the path of the Linear layer that is replaced by one for the grades;
+    cam_layer: the module whose output Grad-CAM explains (the last convolutional stage).
+    """
+
+    weights: str
+    head: str
+    cam_layer: str
+
+
+# Adding a torchvision classifier is one row. IMAGENET1K_V1 are the weights of the original recipe
+# (torchvision's pretrained=True), made for a Resize(256) + CenterCrop(224) evaluation transform.
+ARCHITECTURES = {
+    "resnet18": Architecture("ResNet18_Weights.IMAGENET1K_V1", head="fc", cam_layer="layer4"),
+    "resnet34": Architecture("ResNet34_Weights.IMAGENET1K_V1", head="fc", cam_layer="layer4"),
+    "resnet50": Architecture("ResNet50_Weights.IMAGENET1K_V1", head="fc", cam_layer="layer4"),
+    "resnet101": Architecture("ResNet101_Weights.IMAGENET1K_V1", head="fc", cam_layer="layer4"),
+    "efficientnet_b0": Architecture("EfficientNet_B0_Weights.IMAGENET1K_V1", head="classifier.1", cam_layer="features"),
+    "convnext_tiny": Architecture("ConvNeXt_Tiny_Weights.IMAGENET1K_V1", head="classifier.2", cam_layer="features"),
+}
+DEFAULT_ARCH = "resnet50"  # the method of the project
+
+
+def _set_submodule(model, path, module):
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+def build_model(num_classes, imagenet_state_dict=None, arch=DEFAULT_ARCH):
+    """A torchvision classifier with its head replaced by a Linear layer for num_classes; every layer trains.
+
+    The model carries its architecture's name (model.arch), so that Grad-CAM and the frozen backbone
+    find their layers.
+    """
+    model = torchvision.models.get_model(arch)
     if imagenet_state_dict is not None:
         model.load_state_dict(imagenet_state_dict)
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    head = ARCHITECTURES[arch].head
+    _set_submodule(model, head, nn.Linear(model.get_submodule(head).in_features, num_classes))
+    model.arch = arch
     return model
+
+
+def head(model):
+    """The Linear layer that grades: the only layer --freeze-backbone trains."""
+    return model.get_submodule(ARCHITECTURES[model.arch].head)
+
+
+def backbone(model):
+    """A copy of the model without its head: it maps an image to the features the head reads."""
+    features = copy.deepcopy(model)
+    _set_submodule(features, ARCHITECTURES[model.arch].head, nn.Identity())
+    return features
+
+
+def cam_layer(model):
+    """The layer whose activations Grad-CAM weighs: the last convolutional stage."""
+    return model.get_submodule(ARCHITECTURES[model.arch].cam_layer)
 
 
 def unwrap(model):
@@ -45,9 +97,13 @@ def unwrap(model):
 # ----------------------------------------------------------------------------- ImageNet weights
 
 
-def imagenet_weights_path(url=None):
+def imagenet_url(arch=DEFAULT_ARCH):
+    return torchvision.models.get_weight(ARCHITECTURES[arch].weights).url
+
+
+def imagenet_weights_path(arch=DEFAULT_ARCH):
     """Where torch hub keeps (and looks for) the downloaded weights: $TORCH_HOME/hub/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url or IMAGENET_URL).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(imagenet_url(arch)).path)
 
 
 def _fetch(url, destination, timeout, answered, result):
@@ -95,42 +151,43 @@ def _download(url, destination, timeout):
     return f"download from {url} failed ({result['error']})" if "error" in result else None
 
 
-def offline_hint(url):
+def offline_hint(arch):
     return (
-        f"to use them offline, download {url} on a machine with internet and copy it to "
-        f"{imagenet_weights_path(url)} (or set TORCH_HOME), or pass --weights FILE"
+        f"to use them offline, download {imagenet_url(arch)} on a machine with internet and copy it to "
+        f"{imagenet_weights_path(arch)} (or set TORCH_HOME), or pass --weights FILE"
     )
 
 
-def load_imagenet_file(path):
-    """Load an ImageNet ResNet50 state_dict from a local file, checking that it is one."""
-    path = Path(path)
+def load_imagenet_file(path, arch=DEFAULT_ARCH):
+    """Load an ImageNet state_dict of the architecture from a local file, checking that it is one."""
+    path, wanted = Path(path), f"an ImageNet {arch} state_dict"
     if not path.is_file():
-        raise UserError(
-            f"--weights file '{path}' does not exist; give the path of an ImageNet ResNet50 state_dict (.pth)."
-        )
+        raise UserError(f"--weights file '{path}' does not exist; give the path of {wanted} (.pth).")
     state = load_weights_only(path, what="--weights file")
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         raise UserError(
-            f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it using predict.py --weights, or continue its run with --resume."
+            f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it "
+            "using predict.py --weights, or continue its run with --resume."
         )
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(
-            f"--weights '{path}' does not hold a state_dict of tensors; give an ImageNet ResNet50 state_dict such as torchvision's {imagenet_weights_path().name}."
+            f"--weights '{path}' does not hold a state_dict of tensors; give {wanted} such as torchvision's "
+            f"{imagenet_weights_path(arch).name}."
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
-        torchvision.models.resnet50().load_state_dict(state)
+        torchvision.models.get_model(arch).load_state_dict(state)
     except RuntimeError as error:
         raise UserError(
-            f"--weights '{path}' is not an ImageNet ResNet50 state_dict ({short_error(error)}); give torchvision's {imagenet_weights_path().name} or an equivalent file."
+            f"--weights '{path}' is not {wanted} ({short_error(error)}); give torchvision's "
+            f"{imagenet_weights_path(arch).name} or an equivalent file, or the --arch it was made for."
         ) from None
     return state
 
 
-def get_imagenet_weights(pretrained="auto", weights_file=None, timeout=CONNECT_TIMEOUT_S):
+def get_imagenet_weights(pretrained="auto", weights_file=None, arch=DEFAULT_ARCH, timeout=CONNECT_TIMEOUT_S):
     """Return (state_dict or None, source). pretrained: auto | yes | no.
 
     A local --weights file wins. Otherwise the torch hub cache is used, downloading into it when
@@ -138,22 +195,22 @@ def get_imagenet_weights(pretrained="auto", weights_file=None, timeout=CONNECT_T
     with yes they stop the run.
     """
     if weights_file:
-        return load_imagenet_file(weights_file), str(weights_file)
+        return load_imagenet_file(weights_file, arch), str(weights_file)
     if pretrained == "no":
         return None, "none (random initialisation, --pretrained no)"
-    url = IMAGENET_URL
-    path = imagenet_weights_path(url)
+    url, path = imagenet_url(arch), imagenet_weights_path(arch)
     error = None if path.is_file() else _download(url, path, timeout)
     if error is None:
         try:
-            return load_imagenet_file(path), str(path)
+            return load_imagenet_file(path, arch), str(path)
         except UserError as bad_file:
             error = f"the cached file is unusable: {bad_file}"
-    message = f"the ImageNet weights for ResNet50 are not available: {error}; {offline_hint(url)}"
+    message = f"the ImageNet weights for {arch} are not available: {error}; {offline_hint(arch)}"
     if pretrained == "yes":
         raise UserError(message[0].upper() + message[1:] + ".")
     print(
-        f"warning: {message}.\nwarning: training continues from random weights, which needs far more data and epochs to do well.",
+        f"warning: {message}.\nwarning: training continues from random weights, which needs far more data and "
+        "epochs to do well.",
         flush=True,
     )
     return None, "none (ImageNet weights unavailable, random initialisation)"
@@ -162,22 +219,25 @@ def get_imagenet_weights(pretrained="auto", weights_file=None, timeout=CONNECT_T
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def make_checkpoint(model, class_names, img_size, epoch, val_metrics, pretrained, config, **extra):
-    """Plain tensors and simple types only, so that torch.load(weights_only=True) reads it."""
+def make_checkpoint(model, config, epoch, val_metrics, **extra):
+    """A self-describing checkpoint of the model, for a run with config (its config.json).
+
+    Plain tensors and simple types only, so that torch.load(weights_only=True) reads it.
+    """
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,
-        "arch": ARCH,
+        "arch": unwrap(model).arch,
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "class_names": list(class_names),
-        "num_classes": len(class_names),
-        "img_size": int(img_size),
-        "resize_size": resize_size_for(img_size),
+        "class_names": list(config["class_names"]),
+        "num_classes": len(config["class_names"]),
+        "img_size": int(config["img_size"]),
+        "resize_size": resize_size_for(config["img_size"]),
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "epoch": int(epoch),
         "val_metrics": _plain(val_metrics),
-        "pretrained": bool(pretrained),
+        "pretrained": bool(config.get("pretrained_used")),
         "config": _plain(config),
     }
     checkpoint.update(extra)
@@ -202,7 +262,8 @@ def load_weights_only(path, what="checkpoint"):
         # allowed global"); any other unpickling error means the bytes are not a PyTorch file.
         if "global" in str(error).lower():
             raise UserError(
-                f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded (it could run code); use a file written by this tool or by torch.save of a state_dict."
+                f"{what} '{path}' holds Python objects other than tensors and plain values, so it was not loaded "
+                "(it could run code); use a file written by this tool or by torch.save of a state_dict."
             ) from None
         problem = "its bytes are not what torch.save writes"
     except Exception as error:  # a truncated zip, an empty or a text file: torch.load raises many types
@@ -210,7 +271,8 @@ def load_weights_only(path, what="checkpoint"):
             short_error(error, 100) if isinstance(error, RuntimeError) else "its bytes are not what torch.save writes"
         )
     raise UserError(
-        f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({problem}), so copy it again or use another file."
+        f"{what} '{path}' is not a readable PyTorch file; it may be truncated or corrupt ({problem}), so copy it "
+        "again or use another file."
     )
 
 
@@ -235,12 +297,14 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
             raise UserError(
-                f"'{path}' holds a bare state_dict without class names or preprocessing; use best.pt or last.pt from a run folder written by qq.py."
+                f"'{path}' holds a bare state_dict without class names or preprocessing; use best.pt or last.pt "
+                "from a run folder written by qq.py."
             )
         raise UserError(f"'{path}' is not a checkpoint written by qq.py; use best.pt or last.pt from a run folder.")
-    if checkpoint.get("arch") != ARCH:
+    if checkpoint.get("arch") not in ARCHITECTURES:
         raise UserError(
-            f"checkpoint '{path}' is for the architecture {checkpoint.get('arch')!r}, but this tool runs {ARCH}; use a checkpoint written by qq.py."
+            f"checkpoint '{path}' is for the architecture {checkpoint.get('arch')!r}, which this tool does not "
+            f"know ({', '.join(ARCHITECTURES)}); use a checkpoint written by qq.py."
         )
     missing = [key for key in ("model", "class_names", "num_classes", "img_size") if key not in checkpoint]
     if (
@@ -249,19 +313,23 @@ def load_checkpoint(path):
         or len(checkpoint["class_names"]) != checkpoint["num_classes"]
     ):
         raise UserError(
-            f"checkpoint '{path}' is incomplete ({'no ' + ', '.join(missing) if missing else 'its class names do not match its class count'}); the file is damaged or was edited, so use another best.pt or last.pt."
+            f"checkpoint '{path}' is incomplete "
+            f"({'no ' + ', '.join(missing) if missing else 'its class names do not match its class count'}); the "
+            "file is damaged or was edited, so use another best.pt or last.pt."
         )
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """Rebuild the fine-tuned model from a checkpoint; its weights must fit ResNet50 with its classes."""
-    model = build_model(checkpoint["num_classes"])
+    """Rebuild the fine-tuned model of the checkpoint's architecture; its weights must fit it and its classes."""
+    arch, num_classes = checkpoint["arch"], checkpoint["num_classes"]
+    model = build_model(num_classes, arch=arch)
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
         raise UserError(
-            f"the weights in '{path}' do not fit a ResNet50 with {checkpoint['num_classes']} classes ({short_error(error)}); the file is damaged or was edited."
+            f"the weights in '{path}' do not fit a {arch} with {num_classes} classes ({short_error(error)}); "
+            "the file is damaged or was edited."
         ) from None
     # channels_last, as in training: the inputs are channels_last, and a model in the default layout
     # has its weights converted at every call (about 1.1x slower at batch 1 on a CPU: BENCHMARKS.md)

@@ -1,0 +1,181 @@
+"""Evaluate: the kept model of a split on its validation images, and every file a reader needs from it.
+
+One split's evaluation writes metrics.json, predictions.csv, the plots, Grad-CAM overlays and
+report.html; cross_validation() pools the folds' out-of-fold predictions. A run stopped before its
+evaluation keeps what it has, with "status": "interrupted" and how to resume.
+"""
+
+import contextlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data, engine, files, metrics, report
+from .cam import write_cams
+from .cli import RunInterrupted, UserError
+from .model import load_checkpoint
+
+
+@dataclass
+class Evaluation:
+    """The figures of one model on its validation images, and the predictions they come from."""
+
+    result: dict  # metrics.json
+    probs: np.ndarray  # N x C
+    targets: np.ndarray  # N
+    val: np.ndarray  # the images' indices
+
+
+def evaluate_split(args, image_set, split, model, history, runtime):
+    """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report."""
+    model.load_state_dict(load_checkpoint(split.run_dir / "best.pt")["model"])
+    val_set = data.ImageDataset(
+        image_set, split.val, data.val_transform(args.img_size), data.resize_size_for(args.img_size)
+    )
+    val_loader = data.make_loader(val_set, args.batch_size, 0, runtime.device)
+    val_loss, _, probs, targets = engine.evaluate(model, val_loader, runtime, desc="best model")
+    result = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
+    crops = (val_set[i][0] for i in range(len(val_set)))
+    timing = engine.measure_inference_time(model, crops, runtime.device, runtime.precision, args.batch_size)
+    result |= {
+        "status": "finished",
+        "epochs_completed": len(history),
+        "epochs": args.epochs,
+        "best_epoch": engine.best_epoch(history, args.select)["epoch"],
+        "val_loss": val_loss,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "inference_time": timing,
+    }
+    evaluation = Evaluation(result, probs, targets, split.val)
+    write_outputs(args, image_set, split, evaluation, history)
+    cams = write_cams(model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples)
+    report.run_report(split.run_dir, cams)
+    print(metrics.format_metrics(result))
+    print(timing_line(timing))
+    if note := metrics.timing_note(timing):
+        print(f"note: {note}.")
+    return evaluation
+
+
+def write_outputs(args, image_set, split, evaluation, history):
+    """metrics.json, predictions.csv, the curves, confusion matrices, ROC curves and the error grid."""
+    rows = prediction_rows(image_set, evaluation, {"group": split.groups})
+    report.plot_curves(history, split.run_dir / "curves.png")
+    report.write_evaluation(
+        split.run_dir,
+        evaluation.result,
+        rows,
+        evaluation.targets,
+        evaluation.probs,
+        image_set.root,
+        args.img_size,
+        args.remission_upto,
+    )
+    files.write_json(split.run_dir / "metrics.json", evaluation.result)
+
+
+def prediction_rows(image_set, evaluation, columns):
+    """Rows of predictions.csv; columns: {name: a value per image of the set, or None to leave it out}."""
+    extra = {name: [values[i] for i in evaluation.val] for name, values in columns.items() if values is not None}
+    relpaths = [image_set.relpath(i) for i in evaluation.val]
+    return report.prediction_rows(relpaths, evaluation.targets, evaluation.probs, image_set.class_names, extra)
+
+
+def timing_line(timing):
+    return (
+        f"inference on {timing['device']} ({timing['precision']}): batch 1 mean {timing['batch1_mean_ms']:.1f} ms, "
+        f"median {timing['batch1_median_ms']:.1f} ms, p95 {timing['batch1_p95_ms']:.1f} ms per image; "
+        f"{timing['throughput_images_per_s']:.1f} img/s at batch {timing['throughput_batch_size']}"
+    )
+
+
+def read_finished(split, image_set, folds):
+    """The Evaluation of a fold that finished before the run was interrupted, from its files."""
+    print(f"fold {split.fold}/{folds} already finished")
+    path = split.run_dir / "predictions.csv"
+    rows, targets, probs = report.read_predictions(path, image_set.class_names)
+    if [r["path"] for r in rows] != [image_set.relpath(i) for i in split.val]:
+        raise UserError(
+            f"the predictions.csv of '{split.run_dir}' are not for the images of its fold in split.csv; the run "
+            "folder changed, so start a new run instead of resuming."
+        )
+    return Evaluation(json.loads((split.run_dir / "metrics.json").read_text()), probs, targets, split.val)
+
+
+def cross_validation(args, image_set, run_dir, groups, evaluations):
+    """Pool the folds' out-of-fold predictions: every image validated once, by the model that did not train on it."""
+    class_names = image_set.class_names
+    fold_results = [e.result for e in evaluations]
+    pooled = Evaluation(
+        None,
+        np.concatenate([e.probs for e in evaluations]),
+        np.concatenate([e.targets for e in evaluations]),
+        np.concatenate([e.val for e in evaluations]),
+    )
+    pooled.result = metrics.compute_metrics(pooled.targets, pooled.probs, class_names, args.remission_upto)
+    summary = metrics.summarize_folds(fold_results)
+    per_fold_keys = list(metrics.SCALARS) + ["num_images", "best_epoch"]
+    per_fold = [
+        {key: m[key] for key in per_fold_keys + (["remission"] if "remission" in m else [])} for m in fold_results
+    ]
+    cv_summary = {"folds": args.folds, "grouped": groups is not None, "mean_std": summary}
+    files.write_json(
+        run_dir / "cv_summary.json", cv_summary | {"pooled_out_of_fold": pooled.result, "per_fold": per_fold}
+    )
+    table = metrics.fold_table(summary, fold_results, pooled.result)
+    files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
+    fold_of = np.repeat(np.arange(1, len(evaluations) + 1), [len(e.val) for e in evaluations])
+    fold_column = np.zeros(len(image_set.paths), dtype=int)
+    fold_column[pooled.val] = fold_of
+    rows = prediction_rows(image_set, pooled, {"fold": fold_column.tolist(), "group": groups})
+    report.write_evaluation(
+        run_dir, pooled.result, rows, pooled.targets, pooled.probs, image_set.root, args.img_size,
+        args.remission_upto, pooled=True,
+    )  # fmt: skip
+    files.write_json(run_dir / "metrics.json", pooled.result | {"status": "finished", "folds": args.folds})
+    report.cv_report(run_dir, table, pooled.result)
+    print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
+    for row in table:
+        mean, std, pooled_value = (row[key] or "n/a" for key in ("mean", "std", "pooled"))
+        print(f"  {row['metric']:<24}{mean:>7} ± {std:<7} pooled {pooled_value}")
+    return pooled
+
+
+@contextlib.contextmanager
+def keep_when_interrupted(args, split):
+    """A stop (Ctrl-C, SIGTERM, a closed output pipe) keeps the finished epochs: the split's metrics.json
+    says "interrupted" and how to resume, and the message says what was kept."""
+    try:
+        yield
+    except (RunInterrupted, KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C stops at once
+        history_csv = split.run_dir / "history.csv"
+        history = report.read_history(history_csv) if history_csv.is_file() else []
+        write_interrupted(args, split, history)
+        if history:
+            done = (
+                f"after epoch {len(history)} of {args.epochs}; {split.run_dir} keeps best.pt, last.pt, history.csv "
+                "and curves.png of the finished epochs"
+            )
+        else:
+            done = (
+                f"before the first of {args.epochs} epochs finished, so {split.run_dir} has no checkpoint yet and "
+                "resuming starts the training from the beginning"
+            )
+        raise RunInterrupted(
+            f"training stopped {done}. Resume with: python qq.py --resume {split.resume_dir}"
+        ) from None
+
+
+def write_interrupted(args, split, history):
+    resume = f"python qq.py --resume {split.resume_dir}"
+    if history:
+        report.plot_curves(history, split.run_dir / "curves.png")
+    best = engine.best_epoch(history, args.select) or {}
+    status = {"status": "interrupted", "epochs_completed": len(history), "epochs": args.epochs}
+    best = {"best_epoch": best.get("epoch"), "best_val_acc": best.get("val_acc")}
+    files.write_json(split.run_dir / "metrics.json", status | best | {"resume": resume})
+    if split.fold:
+        folds = {"status": "interrupted", "folds": args.folds, "folds_finished": split.fold - 1, "resume": resume}
+        files.write_json(split.resume_dir / "metrics.json", folds)

@@ -1,0 +1,242 @@
+"""Train: one model on one split, from ImageNet weights or from its last.pt.
+
+train() writes only the model's checkpoints (best.pt, last.pt) and history.csv, after every epoch,
+so that a run stopped at any moment keeps its last finished epoch. Evaluation and reports are
+evaluate.py's.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, engine, files
+from .cli import UserError
+from .device import make_grad_scaler
+from .model import (
+    backbone,
+    build_model,
+    get_imagenet_weights,
+    head,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from .report import write_history
+
+
+@dataclass
+class Training:
+    """What an epoch needs: the model, the part of it that learns, the loaders, the loss and the optimiser."""
+
+    model: torch.nn.Module
+    trainable: torch.nn.Module  # the model, its head alone (--freeze-backbone), or a compiled wrapper
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # every random draw of the loaders: shuffling and the augmentation seeds
+
+
+def initial_weights(args, resumed=None):
+    """(ImageNet state_dict or None, where it came from) for the models that start afresh.
+
+    A resumed run needs them only for a fold not begun yet, which starts as the run's first one did.
+    """
+    if resumed is None:
+        state, source = get_imagenet_weights(args.pretrained, args.weights, args.arch)
+        if args.freeze_backbone and state is None:
+            print(
+                "warning: --freeze-backbone without ImageNet weights trains only the last layer, on the features of "
+                "an untrained network, which cannot grade well; use the ImageNet weights (see README) or leave out "
+                "--freeze-backbone."
+            )
+        return state, source
+    run_dir = Path(args.resume)
+    model_dirs = [run_dir / f"fold{k}" for k in range(1, args.folds + 1)] if args.folds else [run_dir]
+    afresh = any(not (d / "last.pt").is_file() and files.read_status(d) != "finished" for d in model_dirs)
+    if not (afresh and resumed["pretrained_used"]):
+        return None, resumed["weights_source"]
+    return get_imagenet_weights("yes", args.weights, args.arch)[0], resumed["weights_source"]
+
+
+def make_loaders(args, image_set, split, model, runtime, generator):
+    """(train_loader, val_loader, the module to train). With --freeze-backbone the loaders yield features."""
+    device = runtime.device
+    sampler = balanced_sampler(image_set, split, generator) if args.balance == "sampler" else None
+    if args.freeze_backbone:
+        train_set, val_set = frozen_features(args, image_set, split, model, runtime)
+        workers, model = 0, head(model)
+    else:
+        resize = data.resize_size_for(args.img_size)
+        train_set = data.ImageDataset(image_set, split.train, data.train_transform(args.img_size), resize)
+        val_set = data.ImageDataset(image_set, split.val, data.val_transform(args.img_size), resize)
+        workers = loader_workers(args, image_set, device)
+    train_loader = data.make_loader(
+        train_set, args.batch_size, workers, device, shuffle=True, generator=generator, sampler=sampler
+    )
+    return train_loader, data.make_loader(val_set, args.batch_size, workers, device), model
+
+
+def loader_workers(args, image_set, device):
+    return args.workers if args.workers >= 0 else data.default_workers(image_set.images is not None, device)
+
+
+def balanced_sampler(image_set, split, generator):
+    """Draws training images with replacement so that every grade is drawn about equally often."""
+    labels = np.asarray(image_set.labels)[split.train]
+    weights = 1.0 / np.bincount(labels, minlength=len(image_set.class_names))[labels]
+    weights = torch.as_tensor(weights, dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, len(split.train), replacement=True, generator=generator)
+
+
+def frozen_features(args, image_set, split, model, runtime):
+    """The backbone never changes, so its features are computed once per view (the centre crop and its
+    mirror image), and only the head trains on them: (training features, validation features)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head(model).requires_grad_(True)
+    features = backbone(model)
+    resize, workers = data.resize_size_for(args.img_size), loader_workers(args, image_set, runtime.device)
+
+    def loader(indices):
+        dataset = data.ImageDataset(image_set, indices, data.val_transform(args.img_size), resize)
+        return data.make_loader(dataset, args.batch_size, workers, runtime.device)
+
+    start = time.perf_counter()
+    views = [engine.extract_features(features, loader(split.train), runtime, flip=flip)[0] for flip in (False, True)]
+    val_features, val_labels = engine.extract_features(features, loader(split.val), runtime)
+    seconds, count = time.perf_counter() - start, 2 * len(split.train) + len(split.val)
+    print(f"backbone features computed once in {seconds:.1f} s ({count} image views)")
+    labels = torch.as_tensor(np.asarray(image_set.labels)[split.train])
+    return data.FeatureViews(torch.stack(views), labels), torch.utils.data.TensorDataset(val_features, val_labels)
+
+
+def prepare(args, image_set, split, model, runtime, generator):
+    """The Training of a model: its loaders, loss, optimiser, schedule and loss scaling."""
+    train_loader, val_loader, trainable = make_loaders(args, image_set, split, model, runtime, generator)
+    train_labels = np.asarray(image_set.labels)[split.train]
+    criterion = engine.make_criterion(args.balance, train_labels, len(image_set.class_names), runtime.device)
+    optimizer, lr_scheduler = engine.make_optimizer(
+        trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma
+    )
+    scaler = make_grad_scaler(runtime.device, runtime.precision)
+    trainable = torch.compile(trainable) if args.compile else trainable
+    return Training(model, trainable, train_loader, val_loader, criterion, optimizer, lr_scheduler, scaler, generator)
+
+
+def run_epoch(training, epoch, runtime):
+    """Train one epoch and validate; the epoch's row of history.csv."""
+    start = time.perf_counter()
+    model, optimizer = training.trainable, training.optimizer
+    stats = engine.train_one_epoch(
+        model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler
+    )
+    val_loss, val_acc, _, _ = engine.evaluate(model, training.val_loader, runtime)
+    if not math.isfinite(val_loss):
+        lower = optimizer.param_groups[0]["initial_lr"] / 10
+        raise UserError(
+            f"the validation loss became {val_loss} in epoch {epoch}, so the run stopped instead of keeping a "
+            f"broken model; lower the learning rate (for example --lr {lower:g})."
+        )
+    lr = optimizer.param_groups[0]["lr"]
+    training.lr_scheduler.step()
+    return {
+        "epoch": epoch,
+        "train_loss": stats["loss"],
+        "train_acc": stats["acc"],
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "epoch_time_s": time.perf_counter() - start,
+        "train_images_per_s": stats["images_per_s"],
+    }
+
+
+def train(args, image_set, split, runtime, imagenet_state, config):
+    """Train one model on split.train, validating on split.val after every epoch: (history, model).
+
+    A model whose folder holds a last.pt goes on from it, with every random state restored.
+    """
+    if split.fold:
+        print(
+            f"\n=== fold {split.fold}/{args.folds}: {len(split.train)} training, {len(split.val)} validation images ==="
+        )
+    last_path = split.run_dir / "last.pt"
+    last = read_last_checkpoint(last_path, image_set.class_names) if last_path.is_file() else None
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    if last:
+        model = model_from_checkpoint(last, last_path)
+    else:
+        model = build_model(len(image_set.class_names), imagenet_state, args.arch)
+    model = model.to(runtime.device, memory_format=torch.channels_last)
+    training = prepare(args, image_set, split, model, runtime, generator)
+    history = list(last["history"]) if last else []
+    if last:
+        restore(training, last, runtime)
+        print(f"resuming {split.run_dir} after epoch {last['epoch']} of {args.epochs}")
+    for epoch in range(len(history) + 1, args.epochs + 1):
+        history.append(run_epoch(training, epoch, runtime))
+        kept = save(training, history, split.run_dir, args.select, config)
+        row = history[-1]
+        print(
+            f"epoch {epoch}/{args.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  lr {row['lr']:.2g}  "
+            f"{row['epoch_time_s']:.1f} s ({row['train_images_per_s']:.1f} img/s)"
+            + (("  best" if args.select == "best" else "  saved") if kept else ""),
+            flush=True,
+        )
+    return history, model
+
+
+def save(training, history, run_dir, select, config):
+    """Write last.pt (with the training state), best.pt when this epoch's model is kept, and history.csv.
+    True when best.pt was written."""
+    row = history[-1]
+    val_metrics = {"val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+    kept = engine.best_epoch(history, select)["epoch"] == row["epoch"]
+    if kept:
+        save_checkpoint(run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics))
+    state = {
+        "history": history,
+        "rng": engine.rng_state(training.generator, next(training.model.parameters()).device),
+        "optimizer": training.optimizer.state_dict(),
+        "lr_scheduler": training.lr_scheduler.state_dict(),
+        "scaler": training.scaler.state_dict(),
+    }
+    save_checkpoint(run_dir / "last.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics, **state))
+    write_history(run_dir / "history.csv", history)
+    return kept
+
+
+def restore(training, last, runtime):
+    """The optimiser, schedule, loss scaling and random states of a last.pt."""
+    training.optimizer.load_state_dict(last["optimizer"])
+    training.lr_scheduler.load_state_dict(last["lr_scheduler"])
+    if last["scaler"] and training.scaler.is_enabled():  # fp16 state; empty after a bf16 or fp32 epoch
+        training.scaler.load_state_dict(last["scaler"])
+    engine.set_rng_state(last["rng"], training.generator, runtime.device)
+
+
+def read_last_checkpoint(path, class_names):
+    """The last.pt of a run being resumed: it must hold the training state and the run's classes."""
+    last = load_checkpoint(path)
+    missing = [key for key in ("optimizer", "lr_scheduler", "scaler", "history", "rng") if key not in last]
+    if missing:
+        raise UserError(
+            f"'{path}' holds no training state ({', '.join(missing)} missing), so the run cannot continue from it; "
+            "start a new run instead of resuming."
+        )
+    if last["class_names"] != list(class_names):
+        raise UserError(
+            f"'{path}' was trained on the classes {', '.join(last['class_names'])}, but the data folder now has "
+            f"{', '.join(class_names)}; the data changed, so start a new run instead of resuming."
+        )
+    return last
