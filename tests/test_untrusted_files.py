@@ -127,15 +127,15 @@ def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small
         "list.pt": ([1, 2, 3], "is not a checkpoint written by qq.py"),
         "other_arch.pt": (
             good | {"arch": "vit_b_16"},
-            "is for the architecture 'vit_b_16', but this tool runs resnet50",
+            "is for the architecture 'vit_b_16', which this tool does not know",
         ),
         "resnet18_weights.pt": (
             good | {"model": torchvision.models.resnet18(num_classes=3).state_dict()},
-            "do not fit a ResNet50 with 3 classes (Missing key(s)",
+            "do not fit a resnet50 with 3 classes (Missing key(s)",
         ),
         "four_classes.pt": (
             good | {"class_names": ["a", "b", "c", "d"], "num_classes": 4},
-            "do not fit a ResNet50 with 4 classes (size mismatch for fc.weight",
+            "do not fit a resnet50 with 4 classes (size mismatch for fc.weight",
         ),
         "no_class_names.pt": ({k: v for k, v in good.items() if k != "class_names"}, "is incomplete (no class_names)"),
     }
@@ -160,8 +160,8 @@ def test_weights_must_be_an_imagenet_resnet50(trained_run, small_data, tmp_path,
     (tmp_path / "truncated.pth").write_bytes(raw[: len(raw) // 3])
     torch.save(["not", "weights"], tmp_path / "list.pth")
     cases = {
-        "resnet18.pth": "is not an ImageNet ResNet50 state_dict (Missing key(s) in state_dict",
-        "resnet50_3_classes.pth": "is not an ImageNet ResNet50 state_dict (size mismatch for fc.weight",
+        "resnet18.pth": "is not an ImageNet resnet50 state_dict (Missing key(s) in state_dict",
+        "resnet50_3_classes.pth": "is not an ImageNet resnet50 state_dict (size mismatch for fc.weight",
         "truncated.pth": "is not a readable PyTorch file; it may be truncated or corrupt",
         "list.pth": "does not hold a state_dict of tensors",
     }
