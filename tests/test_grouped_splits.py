@@ -154,6 +154,16 @@ def test_a_split_is_found_whenever_one_exists():
     assert 0 < found["folds"] < found["hold-out"] < 40  # both outcomes occur: the test tests something
 
 
+def test_grades_with_fewer_images_than_parts_still_split():
+    # 4 images per grade and a 1-in-5 hold-out: StratifiedGroupKFold refuses (it raised a ValueError
+    # here before), the greedy search does not
+    labels = np.repeat([0, 1, 2], 4)
+    groups = [f"p{i // 2}" for i in range(12)]
+    train, val = data.split_holdout(labels, 0.2, 0, groups)
+    assert_grouped_split(labels, groups, train, val)
+    assert np.bincount(labels[val]).tolist() == [2, 2, 2]
+
+
 def test_too_few_patients_for_the_parts_is_still_an_error():
     labels, groups = small_study()
     with pytest.raises(UserError, match="a split into 13 parts needs at least 13 groups, but there are 12"):
