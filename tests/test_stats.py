@@ -1,4 +1,4 @@
-"""95% bootstrap confidence intervals (issue 12).
+"""95% bootstrap confidence intervals and patient-level grades (issue 12).
 
 The vectorised metrics are checked against metrics.compute_metrics (scikit-learn) on the very same
 resamples; the intervals against cases whose answer is known without the code under test.
@@ -6,6 +6,7 @@ resamples; the intervals against cases whose answer is known without the code un
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from ucgrade import metrics, stats
 
@@ -153,3 +154,101 @@ def test_format_ci():
     result = metrics.compute_metrics([0, 1, 2, 2], np.eye(3)[[0, 1, 2, 1]], NAMES, "mild")
     table = stats.format_metrics_with_intervals(result, {"accuracy": {"low": 0.5, "high": 1.0}, "remission_ppv": None})
     assert table.splitlines()[1:] == [f"{'accuracy':<32}0.75 (0.50-1.00)", f"{'PPV':<32}1.00 (n/a)"]
+
+
+# ----------------------------------------------------------------------------- patients
+
+# Five patients, by hand. Image grades (true -> argmax of the probabilities):
+#   A: mild -> mild, moderate -> moderate, moderate -> severe    worst: moderate -> severe   mean: moderate
+#   B: severe -> moderate, mild -> mild                          worst: severe -> moderate   mean: mild
+#   C: mild -> mild, mild -> mild                                worst: mild -> mild         mean: mild
+#   D: severe -> severe                                          worst: severe -> severe     mean: severe
+#   E: moderate -> mild, moderate -> moderate                    worst: moderate -> moderate mean: moderate
+PATIENT_IMAGES = [
+    ("A", 0, [0.6, 0.3, 0.1]),
+    ("A", 1, [0.2, 0.7, 0.1]),
+    ("A", 1, [0.2, 0.35, 0.45]),
+    ("B", 2, [0.2, 0.7, 0.1]),
+    ("B", 0, [0.8, 0.1, 0.1]),
+    ("C", 0, [0.9, 0.05, 0.05]),
+    ("C", 0, [0.7, 0.2, 0.1]),
+    ("D", 2, [0.1, 0.2, 0.7]),
+    ("E", 1, [0.5, 0.4, 0.1]),
+    ("E", 1, [0.3, 0.6, 0.1]),
+]
+
+PATIENT_TRUE = np.array([1, 2, 0, 2, 1])  # the worst true grade of A to E
+PATIENT_MEANS = np.array(  # the mean probabilities of their images
+    [
+        [(0.6 + 0.2 + 0.2) / 3, (0.3 + 0.7 + 0.35) / 3, (0.1 + 0.1 + 0.45) / 3],
+        [0.5, 0.4, 0.1],
+        [0.8, 0.125, 0.075],
+        [0.1, 0.2, 0.7],
+        [0.4, 0.5, 0.1],
+    ]
+)
+
+
+def patient_level(rule, remission_upto="moderate"):
+    groups, targets, probs = zip(*PATIENT_IMAGES)
+    order = [4, 0, 8, 2, 6, 9, 1, 3, 7, 5]  # the images of a patient need not be together
+    return stats.patient_level(
+        np.array(targets)[order], np.array(probs)[order], np.array(groups)[order], NAMES, rule, remission_upto
+    )
+
+
+def test_patient_grades_by_the_worst_image():
+    result = patient_level("max")
+    assert result["rule"] == "max"
+    assert result["patients"] == [
+        {"group": "A", "images": 3, "true": "moderate", "predicted": "severe"},
+        {"group": "B", "images": 2, "true": "severe", "predicted": "moderate"},
+        {"group": "C", "images": 2, "true": "mild", "predicted": "mild"},
+        {"group": "D", "images": 1, "true": "severe", "predicted": "severe"},
+        {"group": "E", "images": 2, "true": "moderate", "predicted": "moderate"},
+    ]
+    m = result["metrics"]
+    assert m["num_patients"] == m["num_images"] == 5
+    assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["mae_grades"] == pytest.approx(2 / 5)
+    # QWK: observed weighted disagreement 1 + 1 = 2; expected (row and column totals 1, 2, 2) 28/5
+    assert m["qwk"] == pytest.approx(1 - 2 / (28 / 5))
+    # remission = mild or moderate; active = severe: TP D, FN B, FP A, TN C and E
+    r = m["remission"]
+    assert r["confusion"] == {"tp": 1, "fn": 1, "fp": 1, "tn": 2}
+    assert (r["sensitivity"], r["specificity"], r["ppv"], r["npv"]) == pytest.approx((1 / 2, 2 / 3, 1 / 2, 2 / 3))
+    # the worst predicted grade is a grade, not a probability: no AUC
+    assert m["roc_auc_ovr_macro"] is None and r["auroc"] is None
+    assert result["intervals"]["roc_auc_ovr_macro"]["low"] is None
+    assert result["intervals"]["remission_auroc"]["low"] is None
+
+
+def test_patient_grades_by_the_mean_probability():
+    result = patient_level("mean-prob")
+    assert [(p["group"], p["true"], p["predicted"]) for p in result["patients"]] == [
+        ("A", "moderate", "moderate"),
+        ("B", "severe", "mild"),
+        ("C", "mild", "mild"),
+        ("D", "severe", "severe"),
+        ("E", "moderate", "moderate"),
+    ]
+    m = result["metrics"]
+    assert m["accuracy"] == pytest.approx(4 / 5) and m["mae_grades"] == pytest.approx(2 / 5)
+    auc = np.mean([skm.roc_auc_score(PATIENT_TRUE == c, PATIENT_MEANS[:, c]) for c in range(3)])
+    assert m["roc_auc_ovr_macro"] == pytest.approx(auc)
+    assert m["remission"]["auroc"] == pytest.approx(skm.roc_auc_score(PATIENT_TRUE == 2, PATIENT_MEANS[:, 2]))
+
+
+@pytest.mark.parametrize("rule", stats.PATIENT_RULES)
+def test_patient_intervals_resample_patients(rule):
+    result = patient_level(rule)
+    probs = np.eye(3)[[2, 1, 0, 2, 1]] if rule == "max" else PATIENT_MEANS  # one row per patient
+    expected = stats.confidence_intervals(PATIENT_TRUE, probs, NAMES, "moderate")
+    for name in ("accuracy", "qwk", "remission_sensitivity", "remission_npv"):
+        assert result["intervals"][name] == expected[name], name
+
+
+def test_an_unknown_patient_rule_is_a_bug():
+    with pytest.raises(ValueError, match="rule must be one of"):
+        stats.patient_grades([0], [[1.0, 0.0, 0.0]], ["A"], "min")

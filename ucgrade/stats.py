@@ -1,4 +1,4 @@
-"""Figures a clinician can cite: 95% bootstrap confidence intervals.
+"""Figures a clinician can cite: 95% bootstrap confidence intervals, and grades per patient.
 
 The intervals are percentile bootstrap intervals. The predictions are resampled with replacement
 2,000 times (seeded), every metric is computed on each resample, and the interval runs from the
@@ -26,6 +26,8 @@ from . import metrics
 N_RESAMPLES = 2000
 # The metrics that get intervals, as keyed in compute_metrics; the remission ones are prefixed, as in cv_summary.
 INTERVAL_METRICS = [*metrics.SCALARS, *(f"remission_{name}" for name in metrics.REMISSION_SCALARS)]
+AUC_METRICS = ("roc_auc_ovr_macro", "remission_auroc")
+PATIENT_RULES = ("max", "mean-prob")
 _BLOCK_CELLS = 1_000_000  # resamples x images per block of resamples: 8 MB of weights, a few times that in all
 
 
@@ -179,3 +181,67 @@ def format_metrics_with_intervals(result, intervals):
             f"{metrics.LABELS[name.removeprefix('remission_')]:<32}{format_ci(metric_value(result, name), interval)}"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def patient_grades(targets, probs, groups, rule="max"):
+    """Grades per patient (group) from grades per image.
+
+    A patient's true grade is the worst (highest) grade among their images, as the Mayo score is.
+    With rule "max", the predicted grade is the worst predicted grade of their images, and the
+    patient's probabilities are one-hot at that grade: a grade, not a probability. With "mean-prob",
+    the probabilities are the mean of their images' probabilities, and the grade is their argmax.
+    Returns (group ids in sorted order, images per patient, true grades, probabilities P x C), so that
+    compute_metrics(true, probabilities, ...) scores the patients with the rule's predicted grades.
+    """
+    if rule not in PATIENT_RULES:
+        raise ValueError(f"rule must be one of {PATIENT_RULES}, not {rule!r}")
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    ids, codes, images = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    true = np.full(len(ids), -1)
+    np.maximum.at(true, codes, targets)
+    if rule == "max":
+        worst = np.full(len(ids), -1)
+        np.maximum.at(worst, codes, probs.argmax(1))
+        patient_probs = np.eye(probs.shape[1])[worst]
+    else:
+        patient_probs = np.zeros((len(ids), probs.shape[1]))
+        np.add.at(patient_probs, codes, probs)
+        patient_probs /= images[:, None]
+    return ids.tolist(), images, true, patient_probs
+
+
+def patient_level(
+    targets, probs, groups, class_names, rule="max", remission_upto=None, seed=0, n_resamples=N_RESAMPLES
+):
+    """The patient-level section of a report: grades per patient (see patient_grades), their metrics and
+    95% bootstrap intervals over patients.
+
+    Returns {"rule", "patients": [{"group", "images", "true", "predicted"}] (the rows of patients.csv),
+    "metrics": compute_metrics of the patients (its num_images counts patients; num_patients too),
+    "intervals": as confidence_intervals}. With rule "max", the AUCs are None: a patient's worst
+    predicted grade is a grade, with no probability to rank patients by (an AUC of one-hot grades would
+    only restate sensitivity and specificity); "mean-prob" has them.
+    """
+    ids, images, true, patient_probs = patient_grades(targets, probs, groups, rule)
+    predicted = patient_probs.argmax(1)
+    result = metrics.compute_metrics(true, patient_probs, class_names, remission_upto)
+    result["num_patients"] = len(ids)
+    intervals = confidence_intervals(
+        true, patient_probs, class_names, remission_upto, seed=seed, n_resamples=n_resamples
+    )
+    if rule == "max":
+        result["roc_auc_ovr_macro"] = None
+        if "remission" in result:
+            result["remission"]["auroc"] = None
+        for name in AUC_METRICS:
+            if name in intervals:
+                intervals[name] = {"low": None, "high": None, "resamples": 0}
+    rows = [
+        {"group": g, "images": int(n), "true": class_names[t], "predicted": class_names[p]}
+        for g, n, t, p in zip(ids, images, true, predicted)
+    ]
+    return {"rule": rule, "patients": rows, "metrics": result, "intervals": intervals}
