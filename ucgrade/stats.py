@@ -1,0 +1,247 @@
+"""Figures a clinician can cite: 95% bootstrap confidence intervals, and grades per patient.
+
+The intervals are percentile bootstrap intervals. The predictions are resampled with replacement
+2,000 times (seeded), every metric is computed on each resample, and the interval runs from the
+2.5th to the 97.5th percentile of those values. With groups (patients), whole patients are
+resampled instead of images (a cluster bootstrap): the images of one patient are not independent
+evidence, so their intervals are wider, and honest.
+
+The metrics are those of metrics.compute_metrics, defined as there (by scikit-learn). Calling
+scikit-learn 2,000 times per metric is slow, so here every metric comes from one confusion matrix per
+resample, with each image counted as often as the resample drew it, and the AUCs from one sort of the
+scores; the tests check that both give the same numbers on the same resamples.
+
+A metric defined on all the predictions can be undefined on a resample: QWK when it holds a single
+grade, an AUC when it has no positive or no negative, PPV when it calls nothing active. Such
+resamples are left out of that metric's interval; "resamples" says how many were used, and when
+fewer than half were, no interval is given (low and high are None), because the rest would describe
+an unusual subset of the resamples. A metric undefined on all the predictions is undefined on every
+resample too, so its interval is None as well.
+"""
+
+import numpy as np
+
+from . import metrics
+
+N_RESAMPLES = 2000
+# The metrics that get intervals, as keyed in compute_metrics; the remission ones are prefixed, as in cv_summary.
+INTERVAL_METRICS = [*metrics.SCALARS, *(f"remission_{name}" for name in metrics.REMISSION_SCALARS)]
+AUC_METRICS = ("roc_auc_ovr_macro", "remission_auroc")
+PATIENT_RULES = ("max", "mean-prob")
+_BLOCK_CELLS = 1_000_000  # resamples x images per block of resamples: 8 MB of weights, a few times that in all
+
+
+def confidence_intervals(
+    targets, probs, class_names, remission_upto=None, groups=None, seed=0, n_resamples=N_RESAMPLES
+):
+    """95% percentile-bootstrap intervals of every metric of compute_metrics.
+
+    targets are the true class indices and probs the class probabilities (N x C). With groups (one
+    id per image), whole groups are resampled. Returns {metric: {"low", "high", "resamples"}} for the
+    keys of INTERVAL_METRICS (the remission ones only with remission_upto); see the module docstring
+    for undefined values. The same seed gives the same intervals.
+    """
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_CELLS // len(targets))
+    blocks = []
+    for start in range(0, n_resamples, block):
+        weights = resample_weights(rng, len(targets), groups, min(block, n_resamples - start))
+        blocks.append(resample_metrics(targets, probs, class_names, weights, remission_upto))
+    return {name: _interval(np.concatenate([b[name] for b in blocks]), n_resamples) for name in blocks[0]}
+
+
+def resample_weights(rng, n_images, groups=None, n_resamples=N_RESAMPLES):
+    """How often each image is drawn in each resample (n_resamples x n_images): n_images draws of
+    single images, or, with groups, as many draws of whole groups as there are groups. Calls that
+    share rng continue one stream: two calls of 1,000 resamples draw what one call of 2,000 draws."""
+    if groups is None:
+        return _draw_counts(rng, n_images, n_resamples)
+    _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    return _draw_counts(rng, codes.max() + 1, n_resamples)[:, codes]
+
+
+def _draw_counts(rng, n, n_resamples):
+    draws = rng.integers(0, n, size=(n_resamples, n)) + n * np.arange(n_resamples)[:, None]
+    return np.bincount(draws.ravel(), minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
+
+
+def resample_metrics(targets, probs, class_names, weights, remission_upto=None):
+    """Every metric of compute_metrics on each resample, given as weights (resamples x images, how often
+    each image is drawn): {metric: array of one value per resample, NaN where undefined}."""
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    num_classes = len(class_names)
+    preds = probs.argmax(1)
+    cells = np.eye(num_classes * num_classes)[targets * num_classes + preds]  # images x (true, predicted)
+    confusion = (weights @ cells).reshape(-1, num_classes, num_classes)  # whole counts, so exact
+    total = confusion.sum((1, 2))
+    hits = np.diagonal(confusion, axis1=1, axis2=2)
+    true, called = confusion.sum(2), confusion.sum(1)
+    grades = np.arange(num_classes)
+    distance = np.abs(grades[:, None] - grades[None, :])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = hits / true  # NaN for a grade the resample lacks: balanced accuracy averages the others
+        f1 = np.where(true + called > 0, 2 * hits / (true + called), 0.0)  # 0 for a grade never seen nor called
+        expected = true[:, :, None] * called[:, None, :] / total[:, None, None]
+        # 0/0 = NaN exactly when a single grade appears at all, where kappa is undefined
+        qwk = 1 - (confusion * distance**2).sum((1, 2)) / (expected * distance**2).sum((1, 2))
+    result = {
+        "accuracy": hits.sum(1) / total,
+        "balanced_accuracy": np.nanmean(recall, axis=1),
+        "macro_f1": f1.mean(1),
+        "qwk": qwk,
+        "mae_grades": (confusion * distance).sum((1, 2)) / total,
+        "roc_auc_ovr_macro": _auc_ovr(targets, probs, weights),
+    }
+    if remission_upto is not None:
+        result.update(_remission(confusion, targets, probs, weights, class_names.index(remission_upto)))
+    return result
+
+
+def _auc_ovr(targets, probs, weights):
+    """compute_metrics' one-vs-rest macro AUC: the mean over the grades present of each grade's AUC
+    (with two grades, that of the second), undefined with fewer than two grades present."""
+    if probs.shape[1] == 2:
+        return _weighted_auc(probs[:, 1], targets == 1, weights)
+    per_grade = np.stack([_weighted_auc(probs[:, c], targets == c, weights) for c in range(probs.shape[1])])
+    # a grade has an AUC when it is present and another one is too: then every present grade has one
+    defined = (~np.isnan(per_grade)).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(defined > 0, np.nansum(per_grade, axis=0) / defined, np.nan)
+
+
+def _weighted_auc(scores, positive, weights):
+    """ROC AUC per resample, as the Mann-Whitney statistic that scikit-learn's trapezoids equal: the
+    share of (positive, negative) pairs ranked right, ties counting half; NaN without both kinds."""
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first image of each distinct score
+    drawn = weights[:, order]
+    pos = np.add.reduceat(drawn * positive[order], starts, axis=1)
+    neg = np.add.reduceat(drawn * ~positive[order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than each distinct score
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
+
+
+def _remission(confusion, targets, probs, weights, cut):
+    """remission_metrics per resample: grades up to cut are remission, an image is called active when
+    its predicted grade is above cut, and the AUROC ranks the summed probability of the active grades."""
+    tp = confusion[:, cut + 1 :, cut + 1 :].sum((1, 2))
+    fn = confusion[:, cut + 1 :, : cut + 1].sum((1, 2))
+    fp = confusion[:, : cut + 1, cut + 1 :].sum((1, 2))
+    tn = confusion[:, : cut + 1, : cut + 1].sum((1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "remission_sensitivity": tp / (tp + fn),
+            "remission_specificity": tn / (tn + fp),
+            "remission_ppv": tp / (tp + fp),
+            "remission_npv": tn / (tn + fn),
+            "remission_auroc": _weighted_auc(probs[:, cut + 1 :].sum(1), targets > cut, weights),
+        }
+
+
+def _interval(values, n_resamples):
+    defined = values[~np.isnan(values)]
+    if len(defined) < n_resamples / 2:
+        return {"low": None, "high": None, "resamples": int(len(defined))}
+    low, high = np.percentile(defined, [2.5, 97.5])
+    return {"low": float(low), "high": float(high), "resamples": int(len(defined))}
+
+
+def format_ci(value, interval, digits=2):
+    """A metric with its interval, as papers print it: '0.81 (0.76-0.86)'; with a negative bound
+    (QWK can be), '-0.10 (-0.32 to 0.14)'; 'n/a' for an undefined metric, '0.81 (n/a)' without an interval."""
+    if value is None:
+        return "n/a"
+    if interval is None or interval["low"] is None:
+        return f"{value:.{digits}f} (n/a)"
+    low, high = interval["low"], interval["high"]
+    separator = " to " if low < 0 or high < 0 else "-"
+    return f"{value:.{digits}f} ({low:.{digits}f}{separator}{high:.{digits}f})"
+
+
+def metric_value(result, name):
+    """The value of an INTERVAL_METRICS key in a compute_metrics result (remission_x: its remission block's x)."""
+    if name.startswith("remission_"):
+        return result.get("remission", {}).get(name.removeprefix("remission_"))
+    return result[name]
+
+
+def format_metrics_with_intervals(result, intervals):
+    """The scalar metrics of a compute_metrics result with their 95% intervals, for the terminal."""
+    lines = [f"{'metric':<32}{'value (95% CI)'}"]
+    for name, interval in intervals.items():
+        lines.append(
+            f"{metrics.LABELS[name.removeprefix('remission_')]:<32}{format_ci(metric_value(result, name), interval)}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- patients
+
+
+def patient_grades(targets, probs, groups, rule="max"):
+    """Grades per patient (group) from grades per image.
+
+    A patient's true grade is the worst (highest) grade among their images, as the Mayo score is.
+    With rule "max", the predicted grade is the worst predicted grade of their images, and the
+    patient's probabilities are one-hot at that grade: a grade, not a probability. With "mean-prob",
+    the probabilities are the mean of their images' probabilities, and the grade is their argmax.
+    Returns (group ids in sorted order, images per patient, true grades, probabilities P x C), so that
+    compute_metrics(true, probabilities, ...) scores the patients with the rule's predicted grades.
+    """
+    if rule not in PATIENT_RULES:
+        raise ValueError(f"rule must be one of {PATIENT_RULES}, not {rule!r}")
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    ids, codes, images = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    true = np.full(len(ids), -1)
+    np.maximum.at(true, codes, targets)
+    if rule == "max":
+        worst = np.full(len(ids), -1)
+        np.maximum.at(worst, codes, probs.argmax(1))
+        patient_probs = np.eye(probs.shape[1])[worst]
+    else:
+        patient_probs = np.zeros((len(ids), probs.shape[1]))
+        np.add.at(patient_probs, codes, probs)
+        patient_probs /= images[:, None]
+    return ids.tolist(), images, true, patient_probs
+
+
+def patient_level(
+    targets, probs, groups, class_names, rule="max", remission_upto=None, seed=0, n_resamples=N_RESAMPLES
+):
+    """The patient-level section of a report: grades per patient (see patient_grades), their metrics and
+    95% bootstrap intervals over patients.
+
+    Returns {"rule", "patients": [{"group", "images", "true", "predicted"}] (the rows of patients.csv),
+    "metrics": compute_metrics of the patients (its num_images counts patients; num_patients too),
+    "intervals": as confidence_intervals}. With rule "max", the AUCs are None: a patient's worst
+    predicted grade is a grade, with no probability to rank patients by (an AUC of one-hot grades would
+    only restate sensitivity and specificity); "mean-prob" has them.
+    """
+    ids, images, true, patient_probs = patient_grades(targets, probs, groups, rule)
+    predicted = patient_probs.argmax(1)
+    result = metrics.compute_metrics(true, patient_probs, class_names, remission_upto)
+    result["num_patients"] = len(ids)
+    intervals = confidence_intervals(
+        true, patient_probs, class_names, remission_upto, seed=seed, n_resamples=n_resamples
+    )
+    if rule == "max":
+        result["roc_auc_ovr_macro"] = None
+        if "remission" in result:
+            result["remission"]["auroc"] = None
+        for name in AUC_METRICS:
+            if name in intervals:
+                intervals[name] = {"low": None, "high": None, "resamples": 0}
+    rows = [
+        {"group": g, "images": int(n), "true": class_names[t], "predicted": class_names[p]}
+        for g, n, t, p in zip(ids, images, true, predicted)
+    ]
+    return {"rule": rule, "patients": rows, "metrics": result, "intervals": intervals}
