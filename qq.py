@@ -69,8 +69,16 @@ def get_args_parser():
         help="ImageNet weights: auto falls back to random weights if they cannot be had, yes insists, no skips them "
         "(default: %(default)s)",
     )
-    add("--weights", default=None, help="a local ImageNet state_dict of --arch, for machines without internet")
-    add("--class-order", default=None, help="the grades from mildest to most severe, comma-separated")
+    add(
+        "--weights",
+        default=None,
+        help="a local ImageNet state_dict of --arch, for machines without internet (default: none)",
+    )
+    add(
+        "--class-order",
+        default=None,
+        help="the grades from mildest to most severe, comma-separated (default: folder names, sorted)",
+    )
     add(
         "--remission-upto",
         default=None,
@@ -81,9 +89,11 @@ def get_args_parser():
         "--groups",
         default=None,
         metavar="CSV",
-        help="CSV with columns path,group (e.g. patient id); a group never spans train and validation",
+        help="CSV with columns path,group (e.g. patient id); a group never spans train and validation (default: none)",
     )
-    add("--folds", type=int, default=0, metavar="K", help="K-fold cross-validation, K >= 2; 0 is one split (default)")
+    add(
+        "--folds", type=int, default=0, metavar="K", help="K-fold cross-validation, K >= 2; 0 is one split (default: 0)"
+    )
     add(
         "--balance",
         default="none",
@@ -97,16 +107,25 @@ def get_args_parser():
         help="the epoch whose model becomes best.pt and is evaluated: best validation accuracy, or last, chosen "
         "without looking at the validation images, for figures that are not optimistic (default: %(default)s)",
     )
-    add("--freeze-backbone", action="store_true", help="train only the new head on features computed once (fast)")
+    add(
+        "--freeze-backbone",
+        action="store_true",
+        help="train only the new head on features computed once (default: off)",
+    )
     add(
         "--cache",
         default="auto",
         choices=("auto", "ram", "off"),
         help="keep decoded images in memory; auto does so when they fit in half the free memory (default: auto)",
     )
-    add("--compile", action="store_true", help="torch.compile the model; on a CPU it trains no faster (BENCHMARKS.md)")
+    add("--compile", action="store_true", help="torch.compile the model; on a CPU it trains no faster (default: off)")
     add("--cam-examples", type=int, default=6, help="Grad-CAM overlays of validation images in the report (default: 6)")
-    add("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last.pt, as it began")
+    add(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its last.pt, with its settings (default: none)",
+    )
     return parser
 
 
@@ -142,7 +161,8 @@ def check_args(args):
             f"--name '{args.name}' must be a plain folder name, without '/'; the run folder goes under --out."
         )
     files.check_folder_path(args.out, "--out")
-    for flag, value in (("--weights", args.weights), ("--groups", args.groups)):
+    # a resumed run needs neither file (groups come from its split.csv, weights only for a fold not begun)
+    for flag, value in (("--weights", args.weights), ("--groups", args.groups)) if not args.resume else ():
         if value and Path(value).is_dir():
             raise UserError(f"{flag} '{value}' is a folder; give the file itself.")
         if value and not Path(value).is_file():

@@ -246,6 +246,7 @@ def test_help_shows_every_flag_with_default():
         "--data",
         "--out",
         "--name",
+        "--arch",
         "--epochs",
         "--batch-size",
         "--lr",
