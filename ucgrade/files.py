@@ -7,8 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .cli import UserError
 
 
@@ -64,6 +62,8 @@ def read_csv(path):
 
 
 def save_torch(path, obj):
+    import torch  # here, not at the top: the torch-free grader (predict.py with an .onnx) uses this module
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
