@@ -41,7 +41,13 @@ def get_args_parser():
     parser.add_argument(
         "--out", default=None, metavar="FILE", help="the .onnx to write (default: model.onnx beside the checkpoint)"
     )
-    parser.add_argument("--fold", type=int, default=None, help="the fold to export from a cross-validation run")
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the fold to export from a cross-validation run, which has one model per fold (default: none)",
+    )
     parser.add_argument(
         "--int8",
         action="store_true",
@@ -50,11 +56,15 @@ def get_args_parser():
     parser.add_argument(
         "--calibration-images",
         type=int,
+        metavar="N",
         default=onnx_export.CALIBRATION_IMAGES,
         help="training images that calibrate the int8 model, at most (default: %(default)s)",
     )
     parser.add_argument(
-        "--data", default=None, help="the run's image folder, if it moved (default: the one recorded in the run)"
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="the run's image folder, if it moved (default: the one recorded in the run)",
     )
     return parser
 
@@ -139,6 +149,7 @@ def export_fp32(model, checkpoint, metadata, val, out):
             f"tolerance of {onnx_export.FP32_TOLERANCE:g}, so {out} was not written; this is a bug in the export, "
             "so please report it with your torch and onnxruntime versions."
         )
+    out.parent.mkdir(parents=True, exist_ok=True)
     files.write_bytes(out, model_bytes)
     print(
         f"wrote {out} ({len(model_bytes) / 2**20:.1f} MB, opset {onnx_export.OPSET}, checked by onnx.checker) in "
