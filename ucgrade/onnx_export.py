@@ -25,11 +25,12 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_size_for
 from .images import UnreadableImage, load_image, preprocess
 
 OPSET = 17
-# fp32 ONNX Runtime against fp32 torch: the same arithmetic in another order (ONNX Runtime folds
-# batch norm into the convolutions), which moves a probability by about 1e-6. predict.py prints
-# probabilities to 3 decimals, so a difference below 0.001 changes a printed figure by at most one in
-# its last digit, and can change a grade only where the two best grades are within 0.002 of each
-# other; a mistake in the graph (normalisation, channel order, softmax) moves probabilities by 0.01 to 1.
+# fp32 ONNX Runtime against fp32 torch: the same arithmetic in another order (the export folds batch
+# norm into the convolutions, and the kernels differ), which moves a probability by about 1e-6.
+# predict.py prints probabilities to 3 decimals, so a difference below 0.001 changes a printed figure
+# by at most one in its last digit, and can change a grade only where the two best grades are within
+# 0.002 of each other; a mistake in the graph (normalisation, channel order, softmax) moves
+# probabilities by 0.01 to 1.
 FP32_TOLERANCE = 1e-3
 CALIBRATION_IMAGES = 200
 QUANTISATION = (
@@ -63,12 +64,13 @@ def split_images(checkpoint_path, checkpoint, data_dir=None):
             f"there is no split.csv beside '{checkpoint_path}' (or its cross-validation run), so its validation "
             "images are unknown; export the best.pt inside the run folder that qq.py wrote."
         )
-    root = Path(data_dir or config.get("data", ""))
-    if not root.is_dir():
+    root = data_dir or config.get("data")
+    if not root or not Path(root).is_dir():
         raise UserError(
-            f"the run's images are no longer in '{root}'; pass --data with the folder they moved to, so that "
-            "the exported model can be checked on them."
+            f"the run's images are not in '{root}'; pass --data with the folder that holds them, so that the "
+            "exported model can be checked on them."
         )
+    root = Path(root)
     class_names = checkpoint["class_names"]
     train, val = [], []
     for row in files.read_csv(split_path):
