@@ -1,12 +1,17 @@
-"""Grade colonoscopy images with a model trained by qq.py.
+"""Grade colonoscopy images with a model trained by qq.py, or exported from one by export.py.
 
     python predict.py image.jpg                         # uses best.pt of the newest run under outputs/
     python predict.py a.jpg b.png folder/ --weights outputs/train2/best.pt
     python predict.py folder/ --json > grades.json      # machine-readable output
     python predict.py image.jpg --cam heatmaps/         # also write a Grad-CAM overlay per image
+    python predict.py image.jpg --weights outputs/train/model.onnx       # ONNX Runtime: no torch needed
+    python predict.py image.jpg --weights outputs/train/model.int8.onnx  # int8, faster on a CPU
 
 Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
 cannot be read are reported and skipped; the exit code is 1 if any failed.
+
+With an .onnx, nothing imports torch: a grading workstation needs only requirements-predict.txt
+(onnxruntime, NumPy, Pillow). torch is imported only to grade with a .pt.
 """
 
 import argparse
@@ -15,11 +20,9 @@ import sys
 from pathlib import Path
 
 from ucgrade.cli import ArgumentParser, UserError, main_entry
-from ucgrade.data import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
-from ucgrade.device import PRECISIONS, choose_device, choose_precision
-from ucgrade.engine import predict_image
-from ucgrade.files import check_folder_path
-from ucgrade.model import load_checkpoint, model_from_checkpoint
+from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # ucgrade.device.PRECISIONS, which imports torch (tested equal)
 
 
 def get_args_parser():
@@ -31,26 +34,31 @@ def get_args_parser():
     parser.add_argument(
         "--weights",
         default=None,
-        help="a best.pt or last.pt written by qq.py, or a run folder (default: best.pt of the newest run under --out)",
+        help="a best.pt or last.pt written by qq.py, a run folder, or an .onnx written by export.py "
+        "(default: best.pt of the newest run under --out)",
     )
     parser.add_argument(
         "--out",
         default="outputs",
         help="where to look for the newest run when --weights is not given (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps; an .onnx runs on the CPU (default: %(default)s)",
+    )
     parser.add_argument(
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="auto: bf16 where supported, as in training (default: %(default)s)",
+        help="auto: bf16 where supported, as in training; an .onnx runs as exported (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     parser.add_argument(
         "--cam",
         default=None,
         metavar="DIR",
-        help="write a Grad-CAM overlay of the predicted grade for each image into DIR",
+        help="write a Grad-CAM overlay of the predicted grade for each image into DIR (needs a .pt)",
     )
     return parser
 
@@ -62,17 +70,20 @@ def newest_checkpoint(out_dir):
     )
     if not candidates and (Path(out_dir) / "best.pt").is_file():
         raise UserError(
-            f"'{out_dir}' is a run folder itself (--out is the folder that holds the runs); pass --weights {Path(out_dir) / 'best.pt'}."
+            f"'{out_dir}' is a run folder itself (--out is the folder that holds the runs); pass --weights "
+            f"{Path(out_dir) / 'best.pt'}."
         )
     if not candidates:
         raise UserError(
-            f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights path/to/best.pt."
+            f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights "
+            "path/to/best.pt."
         )
     newest = candidates[-1]
     if newest.parent.parent != Path(out_dir):  # outputs/RUN/foldK/best.pt: a fold of a cross-validation run
         run = newest.parent.parent
         raise UserError(
-            f"the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with --weights, for example --weights {run / 'fold1' / 'best.pt'}."
+            f"the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with "
+            f"--weights, for example --weights {run / 'fold1' / 'best.pt'}."
         )
     return newest
 
@@ -86,7 +97,8 @@ def collect_images(inputs):
             errors.append(
                 (
                     name,
-                    "a run folder written by qq.py, not a folder of images; to grade with its model, pass it as --weights",
+                    "a run folder written by qq.py, not a folder of images; to grade with its model, pass it as "
+                    "--weights",
                 )
             )
         elif path.is_dir():
@@ -98,7 +110,8 @@ def collect_images(inputs):
             errors.append(
                 (
                     name,
-                    f"not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)}), so it is skipped, as in training",
+                    f"not an image file by its extension ({', '.join(IMAGE_EXTENSIONS)}), so it is skipped, as in "
+                    "training",
                 )
             )
         elif path.exists():
@@ -117,7 +130,8 @@ def unique_path(folder, stem):
     return path
 
 
-def main(args):
+def resolve_weights(args):
+    """The model file to grade with: --weights (a run folder stands for its best.pt), or the newest run's best.pt."""
     weights = Path(args.weights) if args.weights else newest_checkpoint(args.out)
     if weights.is_dir():  # a run folder: its best model
         if not (weights / "best.pt").is_file():
@@ -127,19 +141,79 @@ def main(args):
                 else ""
             )
             raise UserError(
-                f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by qq.py{fold}."
+                f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by "
+                f"qq.py{fold}."
             )
         weights = weights / "best.pt"
     if not args.weights:
         print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)
+    return weights
+
+
+def torch_grader(weights, args, cam_dir):
+    """(class names, grade(path), write_cam(path, grade, file) or None) of a .pt checkpoint, on --device."""
+    try:
+        from ucgrade.device import choose_device, choose_precision
+        from ucgrade.engine import predict_image
+        from ucgrade.model import load_checkpoint, model_from_checkpoint
+    except ImportError as error:  # a grading-only install (requirements-predict.txt) has no torch
+        raise UserError(
+            f"grading with '{weights.name}' needs torch, and {error.name or 'a package'} is not installed here; "
+            "install requirements.txt, or grade with an .onnx that 'python export.py RUN_FOLDER' writes."
+        ) from None
+    from ucgrade.files import check_folder_path
+
     device = choose_device(args.device)
     precision = choose_precision(device, args.precision)
     checkpoint = load_checkpoint(weights)
     model = model_from_checkpoint(checkpoint, weights).to(device).eval()
     class_names = checkpoint["class_names"]
-    cam_dir = Path(args.cam) if args.cam else None
     if cam_dir is not None:
         check_folder_path(cam_dir, "--cam")
+
+    def grade(path):
+        return predict_image(path, model, checkpoint, device, precision)
+
+    def write_cam(path, grade, cam_path):
+        from ucgrade.cam import cam_overlay, save_png
+
+        # the preprocessing the model was trained with, as its checkpoint records it
+        overlay, _, _ = cam_overlay(model, path, checkpoint, target_class=class_names.index(grade))
+        save_png(overlay, cam_path)
+
+    return class_names, grade, write_cam if cam_dir is not None else None
+
+
+def onnx_grader(weights, args):
+    """(class names, grade(path), None) of an .onnx written by export.py, through ONNX Runtime on the CPU."""
+    if args.cam:
+        raise UserError(
+            f"--cam needs the .pt checkpoint, because Grad-CAM reads the model's gradients and '{weights.name}' keeps "
+            "none; pass --weights with the best.pt it was exported from."
+        )
+    if args.device not in ("auto", "cpu"):
+        raise UserError(
+            f"--device {args.device} is for a .pt checkpoint; an .onnx model runs on the CPU, so leave it out."
+        )
+    from ucgrade.onnx_grade import load_onnx_model, predict_image
+
+    model = load_onnx_model(weights)
+    if args.precision not in ("auto", model.precision):
+        raise UserError(
+            f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
+            f"exported in ({model.precision}), so leave --precision out."
+        )
+    return model.class_names, lambda path: predict_image(path, model), None
+
+
+def main(args):
+    weights = resolve_weights(args)
+    cam_dir = Path(args.cam) if args.cam else None
+    if weights.suffix.lower() == ".onnx":
+        class_names, grade_image, write_cam = onnx_grader(weights, args)
+    else:
+        class_names, grade_image, write_cam = torch_grader(weights, args, cam_dir)
+    if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
 
     images, errors = collect_images(args.inputs)
@@ -148,19 +222,16 @@ def main(args):
     results = []
     for path in images:
         try:
-            grade, probabilities = predict_image(path, model, checkpoint, device, precision)
+            grade, probabilities = grade_image(path)
             result = {
                 "path": str(path),
                 "grade": grade,
                 "probability": probabilities[grade],
                 "probabilities": probabilities,
             }
-            if cam_dir is not None:
-                from ucgrade.cam import cam_overlay, save_png
-
-                overlay, _, _ = cam_overlay(model, path, checkpoint, target_class=class_names.index(grade))
+            if write_cam is not None:
                 result["cam"] = str(unique_path(cam_dir, path.stem))
-                save_png(overlay, result["cam"])
+                write_cam(path, grade, result["cam"])
         except UnreadableImage as error:
             errors.append((str(path), str(error)))
             print(f"error: {path}: {error}", file=sys.stderr)

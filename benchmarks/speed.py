@@ -8,6 +8,11 @@ In one run, on the same images and on the device it runs on, this measures:
   - the same for a plain baseline, the PyTorch transfer-learning tutorial's loop: fp32, eager,
     batch 4, 4 workers, torchvision ImageFolder decoding every JPEG every epoch;
   - inference at batch 1 (mean and median ms per image) and the throughput at a larger batch;
+  - batch-1 inference on the CPU side by side, on the same validation crops, in interleaved rounds:
+    torch eager fp32, torch in the precision --precision auto chooses on this CPU, and the model
+    exported by export.py's code through ONNX Runtime in fp32 and in int8 (static, QDQ, per-channel),
+    with their top-1 agreement and accuracy;
+  - the CPU's instruction sets that decide these speeds (AVX2, AVX-512, AVX-512 BF16, AMX, VNNI);
   - peak memory of each part (RSS of this process, and CUDA memory where present);
   - the validation accuracy of bf16 and of fp32 training on the same split, from the same start;
   - --freeze-backbone: features once, then 25 epochs of the fc layer.
@@ -47,17 +52,19 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch imports tqdm: one line per epoch, not bars among the results
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from ucgrade import data, engine, train  # noqa: E402
+from ucgrade import data, engine, onnx_export, onnx_grade, train  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
     Runtime,
+    autocast,
     choose_device,
     choose_precision,
     cpu_has_fast_bf16,
@@ -219,6 +226,46 @@ def device_name(device):
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The instruction sets that decide CPU inference speed, as /proc/cpuinfo names them: AVX2 everywhere
+# since 2013; AVX-512 BF16 and AMX for native bf16 (what --precision auto needs for bf16); VNNI for int8
+# dot products (ONNX Runtime's int8 kernels: without it, 8-bit weights are reduced to 7 bits).
+CPU_FLAGS = {
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "AVX-512 BF16": ("avx512_bf16",),
+    "AMX": ("amx_tile",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+}
+
+
+def onnxruntime_version():
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def cpu_features():
+    """{instruction set: True/False} from /proc/cpuinfo (Linux), or None where it cannot be read; and torch's own
+    reading of the CPU (its kernels' capability: DEFAULT, AVX2, AVX512, ...)."""
+    try:
+        flags = next(
+            set(line.split(":", 1)[1].split())
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+        features = {name: any(flag in flags for flag in names) for name, names in CPU_FLAGS.items()}
+    except (OSError, StopIteration):
+        features = None
+    return {"instruction_sets": features, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def describe_cpu_features(features):
+    sets = features["instruction_sets"]
+    if sets is None:
+        return f"instruction sets unknown (no /proc/cpuinfo); torch's CPU capability {features['torch_cpu_capability']}"
+    return ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in sets.items())
 
 
 def peak_rate(device, run, flop, trials, seconds_per_trial):
@@ -403,6 +450,91 @@ def time_project_inference(model, class_names, img_size, val_set, device, precis
     return timing | {"checkpoint_save_s": save_s, "checkpoint_mb": path.stat().st_size / 2**20}
 
 
+def inference_runners(model, checkpoint, precision, onnx_models):
+    """{name: run(crop)} for a uint8 (3, S, S) crop to a predicted grade: torch eager on the CPU in fp32 and in
+    precision (as predict.py runs a .pt), and ONNX Runtime with each model (as predict.py runs an .onnx)."""
+    cpu = torch.device("cpu")
+    mean, std = checkpoint.get("mean", data.IMAGENET_MEAN), checkpoint.get("std", data.IMAGENET_STD)
+
+    def torch_runner(torch_precision):
+        @torch.inference_mode()
+        def run(crop):
+            with autocast(cpu, torch_precision):
+                return int(model(data.normalize(torch.from_numpy(crop)[None], mean, std)).argmax(1))
+
+        return run
+
+    def onnx_runner(onnx_model):
+        return lambda crop: int(onnx_grade.probabilities(onnx_model, crop[None]).argmax(1)[0])
+
+    runners = {"torch eager fp32": torch_runner("fp32")}
+    if precision != "fp32":
+        runners[f"torch eager {precision}"] = torch_runner(precision)
+    return runners | {f"ONNX Runtime {name}": onnx_runner(m) for name, m in onnx_models.items()}
+
+
+def time_inference_side_by_side(checkpoint_path, crops, labels, calibration_crops, threads, rounds):
+    """Batch-1 inference on the CPU, on the same crops, in interleaved rounds (a machine that gets busy slows every
+    candidate alike): torch eager fp32, torch in the precision auto chooses here, ONNX Runtime fp32 and int8.
+
+    The ONNX models are made by export.py's code (onnx_export) from the checkpoint predict.py would load; int8 is
+    calibrated on calibration_crops (training images). Each timing is one image from a uint8 crop to its grade.
+    """
+    cpu = torch.device("cpu")
+    precision = choose_precision(cpu, "auto")
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, checkpoint_path).eval()
+    metadata = onnx_export.metadata_for(checkpoint, onnx_export.sha256_of(checkpoint_path), "fp32")
+    start = time.perf_counter()
+    fp32_bytes = onnx_export.export_onnx(model, checkpoint, metadata)
+    export_s = time.perf_counter() - start
+    int8_bytes = onnx_export.quantize_int8(fp32_bytes, calibration_crops, metadata | {"precision": "int8"})
+    quantise_s = time.perf_counter() - start - export_s
+    onnx_models = {
+        name: onnx_grade.describe(name, onnx_grade.make_session(model_bytes, threads))
+        for name, model_bytes in (("fp32", fp32_bytes), ("int8", int8_bytes))
+    }
+    runners = inference_runners(model, checkpoint, precision, onnx_models)
+    inputs = [np.ascontiguousarray(crop) for crop in crops]
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name] += engine.time_each(run, inputs)
+    timings = {
+        name: {
+            "batch1_median_ms": statistics.median(t),
+            "batch1_mean_ms": statistics.fmean(t),
+            "batch1_p95_ms": float(np.percentile(t, 95)),
+        }
+        for name, t in times.items()
+    }
+
+    stacked = np.stack(inputs)
+    torch_probs = onnx_export.torch_probabilities(model, checkpoint, stacked)
+    fp32_probs, int8_probs = (onnx_export.onnx_probabilities(onnx_models[n], stacked) for n in ("fp32", "int8"))
+    paths = [str(i) for i in range(len(inputs))]  # the crops have no files here
+    return {
+        "device": "cpu",
+        "threads": threads,
+        "images": len(inputs),
+        "rounds": rounds,
+        "precision_auto": precision,
+        "timings": timings,
+        "onnx_export_s": export_s,
+        "int8_quantisation_s": quantise_s,
+        "calibration_images": len(calibration_crops),
+        "onnx_mb": len(fp32_bytes) / 2**20,
+        "int8_mb": len(int8_bytes) / 2**20,
+        "onnx_fp32_vs_torch_fp32": onnx_export.agreement(torch_probs, fp32_probs, paths),
+        "onnx_int8_vs_onnx_fp32": onnx_export.agreement(fp32_probs, int8_probs, paths),
+        "accuracy": {
+            "torch_fp32": float((torch_probs.argmax(1) == labels).mean()),
+            "onnx_fp32": float((fp32_probs.argmax(1) == labels).mean()),
+            "onnx_int8": float((int8_probs.argmax(1) == labels).mean()),
+        },
+    }
+
+
 # ----------------------------------------------------------------------------- the baseline: the tutorial's loop
 
 
@@ -581,6 +713,28 @@ def run_benchmark(args, data_dir, device, precision):
         )
     results["inference"] = {"project": inference | {"part": part.numbers}}
     crops = [parts["val_set"][i][0] for i in range(len(parts["val_set"]))]
+
+    rounds = 1 if args.quick else 3
+    print(
+        f"batch-1 inference side by side on the CPU ({min(len(crops), 50)} validation images, {rounds} round(s)): "
+        "torch eager fp32 and in auto's precision, ONNX Runtime fp32 and int8 ...",
+        flush=True,
+    )
+    calibration_items = onnx_export.calibration_sample([(image_set.paths[i], image_set.labels[i]) for i in train])
+    resize_size = data.resize_size_for(args.img_size)
+    with Part(device) as part, tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "best.pt"
+        save_checkpoint(path, make_checkpoint(parts["model"], image_set.class_names, args.img_size, 1, {}, False, {}))
+        calibration, _ = onnx_export.read_crops(calibration_items, args.img_size, resize_size)
+        side_by_side = time_inference_side_by_side(
+            path,
+            [crop.numpy() for crop in crops[:50]],
+            np.asarray(image_set.labels)[val][:50],
+            calibration.crops,
+            torch.get_num_threads(),
+            rounds,
+        )
+    results["inference"]["side_by_side"] = side_by_side | {"part": part.numbers}
     del parts
 
     print(
@@ -657,6 +811,13 @@ def run_benchmark(args, data_dir, device, precision):
         "steps_alone": project["steps_alone"]["images_per_s"] / baseline["steps_alone"]["images_per_s"],
         "inference_batch1": inference["baseline"]["batch1_median_ms"] / inference["project"]["batch1_median_ms"],
     }
+    timings = inference["side_by_side"]["timings"]
+    for name in timings:
+        if name != "torch eager fp32":
+            key = "inference_batch1_" + name.lower().replace(" ", "_") + "_over_torch_eager_fp32"
+            results["speedup"][key] = (
+                timings["torch eager fp32"]["batch1_median_ms"] / timings[name]["batch1_median_ms"]
+            )
     return results
 
 
@@ -676,7 +837,12 @@ def print_table(results, setup):
     infer, infer_base = results["inference"]["project"], results["inference"]["baseline"]
     gflop = setup["train_gflop_per_image"]
     print(
-        f"\n{setup['device_name']} ({setup['device']}, {setup['threads']} threads), torch {setup['torch']}, {setup['date']}"
+        f"\n{setup['device_name']} ({setup['device']}, {setup['threads']} threads), torch {setup['torch']}, "
+        f"onnxruntime {setup['onnxruntime']}, {setup['date']}"
+    )
+    print(
+        f"CPU instruction sets: {describe_cpu_features(setup['cpu_features'])}; --precision auto chose "
+        f"{setup['precision']} on {setup['device']}"
     )
     print(
         f"{data_info['images']} images ({data_info['train']} train, {data_info['val']} val) at {setup['img_size']} px; "
@@ -729,6 +895,7 @@ def print_table(results, setup):
     print(
         f"inference throughput: project at batch {infer['throughput_batch_size']}: {infer['throughput_images_per_s']:.1f} img/s"
     )
+    print_side_by_side(results["inference"]["side_by_side"])
     print(
         f"accuracy after {accuracy['epochs']} epoch(s) on the same {accuracy['val_images']} validation images: "
         f"{accuracy['precision']} {accuracy['val_acc']:.3f} (val loss {accuracy['val_loss']:.4f}), "
@@ -748,6 +915,34 @@ def print_table(results, setup):
     print(f"other processes used {percent(setup['others_cpu_share'])} of the CPUs during the benchmark")
 
 
+def print_side_by_side(side):
+    """Batch-1 inference of the four ways to grade on a CPU, measured side by side."""
+    reference = side["timings"]["torch eager fp32"]["batch1_median_ms"]
+    print(
+        f"\nbatch-1 inference on the CPU, side by side ({side['images']} validation images x {side['rounds']} "
+        f"round(s), {side['threads']} threads; from a uint8 crop to its grade)"
+    )
+    print(f"{'':<26}{'median ms':>10}{'mean ms':>9}{'p95 ms':>8}{'speed-up':>10}")
+    for name, t in side["timings"].items():
+        auto = " (auto)" if name == f"torch eager {side['precision_auto']}" else ""
+        print(
+            f"{name + auto:<26}{t['batch1_median_ms']:>10.1f}{t['batch1_mean_ms']:>9.1f}{t['batch1_p95_ms']:>8.1f}"
+            f"{reference / t['batch1_median_ms']:>9.2f}x"
+        )
+    fp32, int8, accuracy = side["onnx_fp32_vs_torch_fp32"], side["onnx_int8_vs_onnx_fp32"], side["accuracy"]
+    print(
+        f"top-1 agreement: ONNX Runtime fp32 with torch fp32 {fp32['top1_agreement']:.1%} (largest probability "
+        f"difference {fp32['max_probability_difference']:.2g}), int8 with fp32 {int8['top1_agreement']:.1%}; "
+        f"accuracy torch fp32 {accuracy['torch_fp32']:.3f}, ONNX fp32 {accuracy['onnx_fp32']:.3f}, "
+        f"int8 {accuracy['onnx_int8']:.3f}"
+    )
+    print(
+        f"export {side['onnx_export_s']:.1f} s ({side['onnx_mb']:.0f} MB), int8 quantisation "
+        f"{side['int8_quantisation_s']:.1f} s "
+        f"({side['int8_mb']:.0f} MB, calibrated on {side['calibration_images']} training images)"
+    )
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -765,6 +960,8 @@ def main(args):
         "precision": precision,
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
+        "onnxruntime": onnxruntime_version(),
+        "cpu_features": cpu_features(),
         "python": platform.python_version(),
         "img_size": args.img_size,
         "train_gflop_per_image": train_gflop_per_image(args.img_size),
@@ -774,6 +971,10 @@ def main(args):
         "quick": args.quick,
     }
     print("settings: " + ", ".join(f"{k} {v}" for k, v in vars(args).items()), flush=True)
+    print(
+        f"{setup['device_name']}: {describe_cpu_features(setup['cpu_features'])}; --precision auto chose {precision}",
+        flush=True,
+    )
     start, cpu_start = time.perf_counter(), cpu_snapshot()
     with tempfile.TemporaryDirectory() as folder:
         data_dir = Path(args.data) if args.data else Path(folder) / "images"

@@ -82,6 +82,23 @@ def test_quick_benchmark_writes_every_number(tmp_path):
     )
     assert positive(inference["project"]["checkpoint_mb"])
 
+    # issue 11: the CPU's instruction sets, and batch-1 inference side by side on the same images
+    features = setup["cpu_features"]
+    assert features["torch_cpu_capability"] and "--precision auto chose" in result.stdout
+    if features["instruction_sets"] is not None:
+        assert set(features["instruction_sets"]) == {"AVX2", "AVX-512", "AVX-512 BF16", "AMX", "VNNI"}
+        assert "AVX-512 BF16 " in result.stdout
+    side = inference["side_by_side"]
+    cpu_precision = side["precision_auto"]
+    expected = {"torch eager fp32", f"torch eager {cpu_precision}", "ONNX Runtime fp32", "ONNX Runtime int8"}
+    assert set(side["timings"]) == expected and side["threads"] == 1 and side["images"] == data["val"]
+    for timing in side["timings"].values():
+        assert positive(timing["batch1_median_ms"]) and positive(timing["batch1_mean_ms"])
+    assert side["onnx_fp32_vs_torch_fp32"]["top1_agreement"] == 1.0
+    assert side["onnx_fp32_vs_torch_fp32"]["max_probability_difference"] <= 1e-3
+    assert 0 <= side["onnx_int8_vs_onnx_fp32"]["top1_agreement"] <= 1 and side["calibration_images"] == data["train"]
+    assert "batch-1 inference on the CPU, side by side" in result.stdout and "ONNX Runtime int8" in result.stdout
+
     accuracy = numbers["accuracy"]
     assert (
         0 <= accuracy["val_acc"] <= 1 and 0 <= accuracy["fp32_val_acc"] <= 1 and accuracy["val_images"] == data["val"]

@@ -16,21 +16,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
 from .files import read_csv
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Reading and preprocessing images needs no torch: they live in images.py, for the torch-free grader,
+# and are re-exported here for the rest of the package.
+from .images import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    UnreadableImage,
+    _is_utf8,
+    _to_rgb,
+    files_under,
+    is_image_file,
+    load_image,
+    preprocess,
+    resize_shorter_side,
+    to_chw,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class UnreadableImage(Exception):
-    """An image file that cannot be used; the message says why."""
 
 
 @dataclass
@@ -59,61 +68,9 @@ def resize_size_for(img_size):
     return int(round(img_size * 256 / 224))
 
 
-def _to_rgb(image):
-    """Convert any Pillow mode to 8-bit RGB: 16-bit scaled down, transparency over black."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # convert("RGB") would clip 16-bit values at 255 and turn the picture white. I;16 is known
-        # to be 16-bit; a 32-bit "I" image is taken as 16-bit only when its values need more than 8 bits.
-        array = np.asarray(image).astype(np.float64)
-        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
-            array = array / 257.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        if array.max(initial=0) <= 1.0:
-            array = array * 255.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def load_image(path):
-    """Open an image as 8-bit RGB with its EXIF orientation applied; raise UnreadableImage if it cannot be."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF and palette warnings: the conversion handles them
-            with Image.open(path) as image:
-                image.load()  # a full decode, so that truncated files fail here and not mid-epoch
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb(image)
-    except UnreadableImage:
-        raise
-    except Image.DecompressionBombError as error:
-        raise UnreadableImage(f"too large for a safe decode ({error}); downscale it") from None
-    except FileNotFoundError:
-        raise UnreadableImage("file not found") from None
-    except IsADirectoryError:
-        raise UnreadableImage("is a folder, not an image") from None
-    except PermissionError:
-        raise UnreadableImage("permission denied") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage("not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise UnreadableImage(f"truncated or corrupt image ({error})") from None
-
-
 def read_resized(path, resize_size):
     """Load an image and resize its shorter side to resize_size: a uint8 tensor of shape (3, H, W)."""
-    image = F.resize(load_image(path), resize_size)  # PIL resize, antialiased
-    return F.pil_to_tensor(image)
+    return torch.from_numpy(to_chw(resize_shorter_side(load_image(path), resize_size)))  # PIL resize, antialiased
 
 
 # ----------------------------------------------------------------------------- scanning a folder
@@ -149,34 +106,6 @@ def _class_folders(root, class_order):
             )
         folders = list(class_order)
     return root, folders
-
-
-def files_under(folder):
-    """Every file below folder, nested sub-folders included (hidden ones not), in a stable order.
-    Linked folders are followed, each real folder once, so a link back to a parent cannot loop."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        stat = os.stat(dirpath)
-        if (stat.st_dev, stat.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / name for name in sorted(filenames))
-    return found
-
-
-def _is_utf8(path):
-    try:
-        str(path).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def is_image_file(path):
-    """An image by its extension, and not a hidden file (such as macOS's ._ copies)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def scan_folder(root, class_order=None):
@@ -621,10 +550,16 @@ def val_transform(img_size):
 def eval_transform(img_size, resize_size=None):
     """The one evaluation preprocessing: PIL image -> resize -> centre crop -> uint8 tensor.
 
-    Validation takes the same centre crop of the cached, already resized tensor, which gives the
-    same pixels; normalize() then maps either to the model's input. A checkpoint stores both sizes.
+    It is images.preprocess, which the torch-free ONNX grader uses too. Validation takes the same
+    centre crop of the cached, already resized tensor, which gives the same pixels; normalize() then
+    maps either to the model's input. A checkpoint stores both sizes.
     """
-    return v2.Compose([v2.Resize(resize_size or resize_size_for(img_size)), v2.CenterCrop(img_size), v2.PILToTensor()])
+    resize_size = resize_size or resize_size_for(img_size)
+    return functools.partial(_preprocess_tensor, img_size=img_size, resize_size=resize_size)
+
+
+def _preprocess_tensor(image, img_size, resize_size):
+    return torch.from_numpy(preprocess(image, img_size, resize_size))
 
 
 @functools.lru_cache(maxsize=8)

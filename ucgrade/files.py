@@ -7,8 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .cli import UserError
 
 
@@ -72,6 +70,8 @@ def read_status(run_dir):
 
 
 def save_torch(path, obj):
+    import torch  # here, not at the top: the torch-free grader (predict.py with an .onnx) uses this module
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 

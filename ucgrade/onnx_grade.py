@@ -1,0 +1,118 @@
+"""Grade images with a model exported by export.py, through ONNX Runtime: no torch needed.
+
+This module and everything it imports need only onnxruntime, NumPy and Pillow
+(requirements-predict.txt), so that a hospital desktop can grade images without a 6 GB torch install.
+
+The ONNX graph takes a batch of uint8 RGB images of shape (batch, 3, img_size, img_size), already
+resized and centre-cropped by images.preprocess (the preprocessing of validation and of a .pt), and
+returns the probability of each grade: the normalisation and the softmax are inside the graph. The
+graph's metadata describes it (see METADATA_KEYS), as a checkpoint describes itself.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cli import UserError
+from .images import load_image, preprocess
+
+ONNX_FORMAT = "ucgrade-onnx"
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+# what export.py writes into the ONNX metadata, all as strings (lists as JSON); onnx_export.metadata_for adds
+# mean, std and a description of the input and the output
+METADATA_KEYS = ("format", "version", "arch", "class_names", "img_size", "resize_size", "checkpoint_sha256")
+
+
+@dataclass
+class OnnxModel:
+    """An ONNX Runtime session and the description export.py stored with the graph."""
+
+    path: Path
+    session: object  # onnxruntime.InferenceSession
+    class_names: list
+    img_size: int
+    resize_size: int
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def precision(self):
+        return self.metadata.get("precision", "fp32")
+
+
+def make_session(model, threads=None):
+    """An ONNX Runtime CPU session of a file name or the bytes of a model; threads=None lets it use every core."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its optimiser's notes are not for users
+    if threads:
+        options.intra_op_num_threads = threads
+    model = str(model) if isinstance(model, Path) else model
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def load_onnx_model(path, threads=None):
+    """Open an .onnx written by export.py; a file that is not one is one clear sentence."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise UserError(f"ONNX model '{path}' {problem}; write one with 'python export.py RUN_FOLDER'.")
+    try:
+        session = make_session(path, threads)
+    except Exception as error:  # onnxruntime raises its own types for bad protobuf, bad graphs, unknown ops
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"'{path}' is not a readable ONNX model ({reason}); it may be truncated or corrupt, "
+            "so copy it again or write it again with 'python export.py RUN_FOLDER'."
+        ) from None
+    return describe(path, session)
+
+
+def describe(path, session):
+    """The OnnxModel of a session, from the metadata export.py wrote; refuse a graph without it."""
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    if metadata.get("format") != ONNX_FORMAT:
+        raise UserError(
+            f"'{path}' is an ONNX model without ucgrade's description (grade names, input size), so its outputs "
+            "cannot be named; export the run's best.pt with 'python export.py RUN_FOLDER' and grade with that file."
+        )
+    try:
+        class_names = json.loads(metadata["class_names"])
+        img_size, resize_size = int(metadata["img_size"]), int(metadata["resize_size"])
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        names_ok = isinstance(class_names, list) and all(isinstance(name, str) for name in class_names)
+        if not names_ok or len(class_names) < 2:
+            raise ValueError("class_names is not a list of grade names")
+        if not 0 < img_size <= resize_size:
+            raise ValueError(f"img_size {img_size} and resize_size {resize_size} do not fit a centre crop")
+        if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)":
+            raise ValueError(f"the graph's input is not one uint8 tensor named '{INPUT_NAME}'")
+        if [o.name for o in outputs] != [OUTPUT_NAME] or outputs[0].shape[-1] != len(class_names):
+            raise ValueError(f"the graph's output is not '{OUTPUT_NAME}' with one column per grade")
+    except (KeyError, ValueError, TypeError) as error:
+        problem = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise UserError(
+            f"the ucgrade description inside '{path}' is damaged ({problem}); export the model again with "
+            "'python export.py RUN_FOLDER'."
+        ) from None
+    return OnnxModel(Path(path), session, class_names, img_size, resize_size, metadata)
+
+
+def probabilities(model, images):
+    """The grade probabilities (N x C float32) of a uint8 batch (N, 3, img_size, img_size)."""
+    return model.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+def predict_image(image_path, model):
+    """(grade, {grade: probability}) of one image file: the ONNX twin of engine.predict_image.
+
+    The image is read and cropped by the code that validation and the .pt path use (EXIF
+    orientation, RGB, resize, centre crop); the graph normalises it.
+    """
+    image = preprocess(load_image(image_path), model.img_size, model.resize_size)
+    probs = probabilities(model, image[np.newaxis])[0].tolist()
+    grade = model.class_names[max(range(len(probs)), key=probs.__getitem__)]
+    return grade, dict(zip(model.class_names, probs))
