@@ -8,6 +8,7 @@ Put the images in data/<grade>/<image> (one sub-folder per grade, in grade order
     python qq.py --data images --groups patients.csv --folds 5
     python qq.py --arch efficientnet_b0                # another backbone
     python qq.py --resume outputs/train2               # continue an interrupted run
+    torchrun --nproc-per-node 4 qq.py --data images    # one model on 4 GPUs (--batch-size stays the global batch)
 
 Each run writes a new folder under outputs/ (train, train2, ...) with best.pt, last.pt,
 history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and report.html.
@@ -17,7 +18,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ucgrade import data, evaluate, files, settings, splits, train
+from ucgrade import data, distributed, evaluate, files, settings, splits, train
 from ucgrade.cli import ArgumentParser, UserError, main_entry
 from ucgrade.device import PRECISIONS, explain_out_of_memory, make_runtime
 from ucgrade.interrupt import GracefulStop
@@ -108,6 +109,11 @@ def get_args_parser():
         "without looking at the validation images, for figures that are not optimistic (default: %(default)s)",
     )
     add(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun, batch norm over the global batch instead of each process's share (default: off)",
+    )
+    add(
         "--freeze-backbone",
         action="store_true",
         help="train only the new head on features computed once (default: off)",
@@ -153,6 +159,15 @@ def check_args(args):
             "--weights and --pretrained no contradict each other; drop one of them",
         ),
     ]
+    processes = distributed.env_world_size()
+    checks.append(
+        (
+            args.batch_size % processes == 0,
+            f"--batch-size {args.batch_size} does not divide among the {processes} processes that torchrun "
+            f"starts, and it is the global batch; give a multiple of {processes}, such as "
+            f"{processes * max(1, args.batch_size // processes)}",
+        )
+    )
     for ok, message in checks:
         if not ok:
             raise UserError(message + ".")
@@ -182,23 +197,23 @@ def main(args):
         image_set = data.read_data(args, stop)
         if resumed:
             settings.check_same_data(resumed, image_set)
-        groups, folds = splits.plan(args, image_set, resumed)
+        plan = splits.plan(args, image_set, resumed)
         imagenet_state, source = train.initial_weights(args, resumed)
-        run_dir = Path(args.resume) if resumed else files.new_run_dir(args.out, args.name)
+        run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
 
         evaluations = []
         with explain_out_of_memory(args.batch_size):
-            for split in splits.open_folders(args, run_dir, image_set, groups, folds, config):
+            for split in splits.open_folders(args, run_dir, image_set, plan, config, runtime):
                 if split.finished:
                     evaluations.append(evaluate.read_finished(split, image_set, args.folds))
                     continue
-                with evaluate.keep_when_interrupted(args, split):
+                with evaluate.keep_when_interrupted(args, split, runtime):
                     history, model = train.train(args, image_set, split, runtime, imagenet_state, config)
                     evaluations.append(evaluate.evaluate_split(args, image_set, split, model, history, runtime))
-            if args.folds:
-                evaluate.cross_validation(args, image_set, run_dir, groups, evaluations)
+            if args.folds and runtime.is_main:
+                evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations)
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")
     return 0
 

@@ -327,7 +327,7 @@ def ask_workers(args, device, precision, folder):
     def epoch(workers):
         def run():
             loader = data.make_loader(
-                dataset, 16, workers, device, shuffle=True, generator=torch.Generator().manual_seed(0)
+                dataset, 16, workers, Runtime(device), shuffle=True, generator=torch.Generator().manual_seed(0)
             )
             engine.train_one_epoch(model, criterion, optimizer, loader, Runtime(device, precision), 0, scaler)
             return len(dataset)

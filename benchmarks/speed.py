@@ -385,7 +385,7 @@ def project_args(data_dir, img_size, **overrides):
     settings = argparse.Namespace(
         data=str(data_dir), arch=DEFAULT_ARCH, class_order=None, remission_upto=None, cache="auto", val_split=0.2,
         seed=0, img_size=img_size, batch_size=16, workers=-1, lr=0.001, momentum=0.9, step_size=7, gamma=0.1,
-        balance="none", freeze_backbone=False, compile=False,
+        balance="none", freeze_backbone=False, compile=False, sync_bn=False,
     )  # fmt: skip
     return argparse.Namespace(**vars(settings) | overrides)
 
@@ -724,7 +724,8 @@ def run_benchmark(args, data_dir, device, precision):
     resize_size = data.resize_size_for(args.img_size)
     with Part(device) as part, tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "best.pt"
-        save_checkpoint(path, make_checkpoint(parts["model"], image_set.class_names, args.img_size, 1, {}, False, {}))
+        config = {"class_names": image_set.class_names, "img_size": args.img_size}
+        save_checkpoint(path, make_checkpoint(parts["model"], config, 1, {}))
         calibration, _ = onnx_export.read_crops(calibration_items, args.img_size, resize_size)
         side_by_side = time_inference_side_by_side(
             path,

@@ -52,6 +52,22 @@ def run_cli(main, args):
             file=sys.stderr,
         )
         return 1
+    except RuntimeError as error:
+        if not lost_a_peer(error):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"error: process {rank} stopped because another process of this torchrun run stopped first; its "
+            "message above says why.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def lost_a_peer(error):
+    """True for the error a collective raises in a torchrun process when another process of the run has ended."""
+    peer_gone = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+    return "WORLD_SIZE" in os.environ and any(text in str(error) for text in peer_gone)
 
 
 def main_entry(main, parser):

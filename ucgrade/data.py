@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
+from .distributed import processes_on_this_machine
 from .files import read_csv
 
 # Reading and preprocessing images needs no torch: they live in images.py, for the torch-free grader,
@@ -620,19 +621,27 @@ class FeatureViews(torch.utils.data.Dataset):
 class SeededSampler(torch.utils.data.Sampler):
     """(index, seed) pairs: every training item draws its augmentation from a seed of its own,
     taken from `generator` in the main process, so that a run's random crops are the same with
-    any --workers and --cache, and --resume replays them."""
+    any --workers and --cache, and --resume replays them.
 
-    def __init__(self, sampler, generator):
+    With several processes (rank of world_size), every process draws the same permutation and seeds
+    and takes every world_size-th pair from its rank, so that the processes' batches together are
+    the batch one process would take; the permutation is padded from its start to a multiple of
+    world_size, so every process takes as many steps."""
+
+    def __init__(self, sampler, generator, rank=0, world_size=1):
         self.sampler = sampler
         self.generator = generator
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self):
-        return len(self.sampler)
+        return math.ceil(len(self.sampler) / self.world_size)
 
     def __iter__(self):
         indices = list(self.sampler)
         seeds = torch.randint(2**62, (len(indices),), generator=self.generator).tolist()
-        return iter(zip(indices, seeds))
+        pairs = list(zip(indices, seeds))
+        pairs += pairs[: len(self) * self.world_size - len(pairs)]
+        return iter(pairs[self.rank :: self.world_size])
 
 
 def default_workers(cached, device):
@@ -643,18 +652,19 @@ def default_workers(cached, device):
     return min(4, max(1, (os.cpu_count() or 2) - 1))
 
 
-def make_loader(dataset, batch_size, workers, device, shuffle=False, generator=None, sampler=None):
-    """A training loader (shuffle or a sampler) hands the dataset (index, seed) pairs: SeededSampler."""
+def make_loader(dataset, batch_size, workers, runtime, shuffle=False, generator=None, sampler=None):
+    """A training loader (shuffle or a sampler) hands the dataset (index, seed) pairs: SeededSampler,
+    which gives each of several processes its share of every epoch."""
     if sampler is None and shuffle:
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
     if sampler is not None:
-        sampler = SeededSampler(sampler, generator)
+        sampler = SeededSampler(sampler, generator, runtime.rank, runtime.world_size)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=runtime.device.type == "cuda",
         persistent_workers=False,  # persistent workers skip the loader's per-epoch draw from `generator`, so the order would depend on --workers
         generator=generator,
         worker_init_fn=_leave_signals_to_the_main_process if workers > 0 else None,
@@ -679,13 +689,15 @@ def read_data(args, stop=None):
     check_remission_grade(args.remission_upto, image_set.class_names)  # before the slow decode
     resize = resize_size_for(args.img_size)
     need = estimate_cache_bytes(image_set.paths, resize)
-    keep = args.cache == "ram" or (args.cache == "auto" and need < available_memory_bytes() / 2)
+    processes = processes_on_this_machine()  # under torchrun each process keeps its own cache
+    keep = args.cache == "ram" or (args.cache == "auto" and need * processes < available_memory_bytes() / 2)
     print(f"reading {len(image_set.paths)} images from {args.data} ...")
     read_images(image_set, resize, keep=keep, stop=stop)
     if stop is not None and stop():
         raise RunInterrupted("stopped while reading the images; nothing was trained, so run qq.py again")
     if keep:
-        print(f"decoded images cached in memory: {need / 2**20:.0f} MB")
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        print(f"decoded images cached in memory: {need / 2**20:.0f} MB{each}")
     else:
         print(f"streaming images from disk (cache {args.cache}; decoded they would need {need / 2**30:.1f} GB)")
     if image_set.skipped:

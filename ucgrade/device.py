@@ -1,11 +1,14 @@
 """Choose the device and the numeric precision once, and pass them on in one Runtime."""
 
 import contextlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from . import distributed
 from .cli import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -97,13 +100,36 @@ class Runtime:
         """The process that writes the run's files."""
         return self.rank == 0
 
+    def should_stop(self):
+        """True on every process once any of them was asked to stop."""
+        return distributed.any_process(self.stop(), self)
+
 
 def make_runtime(device_name="auto", precision="auto", resumed_from=None):
-    """The Runtime of this process: the device and the precision, chosen once, with its backends set up."""
+    """The Runtime of this process: the device and the precision, chosen once, with its backends set up.
+
+    Under torchrun, each process takes its own GPU (cuda:LOCAL_RANK), or the CPU, and joins the others.
+    """
+    env = distributed.torchrun_env()
     device = choose_device(device_name)
+    if env and device.type == "cuda":
+        device = torch.device("cuda", env[1])
+        torch.cuda.set_device(device)
+    if env:
+        distributed.init(device)
+    elif device.type == "cuda" and torch.cuda.device_count() > 1:
+        count = torch.cuda.device_count()
+        print(
+            f"note: this machine has {count} GPUs and python qq.py uses one; to train on all of them, run "
+            f"torchrun --nproc-per-node {count} qq.py ... (or python -m torch.distributed.run --nproc-per-node "
+            f"{count} qq.py ...)."
+        )
     precision = choose_precision(device, precision, resumed_from)
     setup_backends(device, precision)
-    return Runtime(device, precision)
+    rank, _, world_size = env or (0, 0, 1)
+    if rank != 0:  # one process speaks for the run; errors still reach stderr from every one
+        sys.stdout = open(os.devnull, "w")
+    return Runtime(device, precision, rank=rank, world_size=world_size)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
+from . import distributed
 from .cli import RunInterrupted, UserError
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
 from .device import autocast, make_grad_scaler, synchronize
@@ -21,9 +22,11 @@ def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return normalize(batch, mean, std) if batch.dtype == torch.uint8 else batch
 
 
-def _check_stop(should_stop):
-    if should_stop is not None and should_stop():
-        raise RunInterrupted("stop requested")
+def _check_stop(runtime, collective=False):
+    """Stop on Ctrl-C or SIGTERM. Several processes agree first (collective), at a point every one reaches."""
+    if collective or runtime.world_size == 1:
+        if runtime.should_stop():
+            raise RunInterrupted("stop requested")
 
 
 def _check_finite(loss, epoch, step):
@@ -82,9 +85,10 @@ def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, 
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(data_loader, desc=f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        data_loader, f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main
+    )
     for step, (images, targets) in enumerate(bar, 1):
-        _check_stop(runtime.stop)
         images, targets = to_input(images, device), targets.to(device, non_blocking=True)
         with autocast(device, runtime.precision):
             logits = model(images)
@@ -93,16 +97,21 @@ def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        # one device-to-host copy per step, for the progress bar and the check; a diverged step
-        # changes only the weights in memory, never a checkpoint, because the run stops here
-        loss_value, batch_correct = torch.stack(
-            [loss.detach().float(), (logits.argmax(1) == targets).sum().float()]
-        ).tolist()
-        _check_finite(loss_value, epoch, step)
-        n = targets.size(0)
-        total_loss += loss_value * n
+        # one device-to-host copy per step (and with several processes one all_reduce, so that every
+        # process sees the global batch's loss and every stop), for the progress bar and the checks; a
+        # diverged step changes only the weights in memory, never a checkpoint, because the run stops here
+        n = torch.tensor(float(targets.size(0)), device=device)
+        stop = torch.tensor(float(runtime.stop()), device=device)
+        values = torch.stack([loss.detach().float() * n, (logits.argmax(1) == targets).sum().float(), n, stop])
+        if runtime.world_size > 1:
+            distributed.dist.all_reduce(values)
+        loss_sum, batch_correct, n, stop = values.tolist()
+        _check_finite(loss_sum / n, epoch, step)
+        if stop:
+            raise RunInterrupted("stop requested")
+        total_loss += loss_sum
         correct += int(batch_correct)
-        seen += n
+        seen += int(n)
         bar.set_postfix(
             loss=f"{total_loss / seen:.4f}",
             acc=f"{correct / seen:.3f}",
@@ -126,16 +135,21 @@ def evaluate(model, data_loader, runtime, desc="val"):
     The loss is the plain (unweighted) cross-entropy, whatever loss training used.
 
     The metrics come from all predictions of the whole set, never from averages of batch averages.
+    With several processes, each runs over its share of the set, and the shares are gathered in order.
     """
     model.eval()
     all_logits, all_targets = [], []
-    for images, targets in tqdm(data_loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        _check_stop(runtime.stop)
+    for images, targets in tqdm(
+        data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main
+    ):
+        _check_stop(runtime)
         with autocast(runtime.device, runtime.precision):
             logits = model(to_input(images, runtime.device))
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
-    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    logits = distributed.gather(torch.cat(all_logits) if all_logits else torch.empty(0), runtime)
+    targets = distributed.gather(torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long), runtime)
+    _check_stop(runtime, collective=True)
     loss = torch.nn.functional.cross_entropy(logits, targets).item()
     probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
     targets = targets.numpy()
@@ -145,20 +159,25 @@ def evaluate(model, data_loader, runtime, desc="val"):
 
 @torch.inference_mode()
 def extract_features(backbone, data_loader, runtime, flip=False):
-    """The backbone's features (N x D) of every image in data_loader, optionally mirrored."""
+    """The backbone's features (N x D) of every image in data_loader, optionally mirrored (gathered in
+    order from every process's share, as evaluate() gathers)."""
     backbone.eval()
     features, targets = [], []
+    desc = "features" + (" (mirrored)" if flip else "")
     for images, labels in tqdm(
-        data_loader, desc="features" + (" (mirrored)" if flip else ""), unit="batch", leave=False, dynamic_ncols=True
+        data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main
     ):
-        _check_stop(runtime.stop)
+        _check_stop(runtime)
         images = to_input(images, runtime.device)
         if flip:
             images = images.flip(3)
         with autocast(runtime.device, runtime.precision):
             features.append(backbone(images).float().cpu())
         targets.append(labels)
-    return torch.cat(features), torch.cat(targets)
+    features = distributed.gather(torch.cat(features) if features else torch.empty(0), runtime)
+    targets = distributed.gather(torch.cat(targets) if targets else torch.empty(0, dtype=torch.long), runtime)
+    _check_stop(runtime, collective=True)
+    return features, targets
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -14,6 +14,7 @@ import numpy as np
 from . import data, engine, files, metrics, report
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
+from .distributed import shard
 from .model import load_checkpoint
 
 
@@ -30,11 +31,13 @@ class Evaluation:
 def evaluate_split(args, image_set, split, model, history, runtime):
     """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report."""
     model.load_state_dict(load_checkpoint(split.run_dir / "best.pt")["model"])
-    val_set = data.ImageDataset(
-        image_set, split.val, data.val_transform(args.img_size), data.resize_size_for(args.img_size)
-    )
-    val_loader = data.make_loader(val_set, args.batch_size, 0, runtime.device)
+    resize = data.resize_size_for(args.img_size)
+    val_share = data.ImageDataset(image_set, shard(split.val, runtime), data.val_transform(args.img_size), resize)
+    val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
     val_loss, _, probs, targets = engine.evaluate(model, val_loader, runtime, desc="best model")
+    if not runtime.is_main:  # the files and the timing are made once
+        return Evaluation(None, probs, targets, split.val)
+    val_set = data.ImageDataset(image_set, split.val, data.val_transform(args.img_size), resize)
     result = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
     crops = (val_set[i][0] for i in range(len(val_set)))
     timing = engine.measure_inference_time(model, crops, runtime.device, runtime.precision, args.batch_size)
@@ -144,7 +147,7 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
 
 
 @contextlib.contextmanager
-def keep_when_interrupted(args, split):
+def keep_when_interrupted(args, split, runtime):
     """A stop (Ctrl-C, SIGTERM, a closed output pipe) keeps the finished epochs: the split's metrics.json
     says "interrupted" and how to resume, and the message says what was kept."""
     try:
@@ -152,7 +155,8 @@ def keep_when_interrupted(args, split):
     except (RunInterrupted, KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C stops at once
         history_csv = split.run_dir / "history.csv"
         history = report.read_history(history_csv) if history_csv.is_file() else []
-        write_interrupted(args, split, history)
+        if runtime.is_main:
+            write_interrupted(args, split, history)
         if history:
             done = (
                 f"after epoch {len(history)} of {args.epochs}; {split.run_dir} keeps best.pt, last.pt, history.csv "

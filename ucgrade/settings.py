@@ -13,20 +13,21 @@ from pathlib import Path
 import torch
 import torchvision
 
-from . import files
+from . import distributed, files
 from .cli import UserError
 
 # Settings that define a run; config.json records them and --resume takes them from it.
 RUN_SETTINGS = (
     "data", "arch", "epochs", "batch_size", "lr", "momentum", "step_size", "gamma", "val_split", "seed", "img_size",
     "precision", "pretrained", "weights", "class_order", "remission_upto", "groups", "folds", "balance",
-    "freeze_backbone", "cache", "select",
+    "freeze_backbone", "cache", "select", "sync_bn",
 )  # fmt: skip
 # What --resume may change, because the run goes on the same: the same images from elsewhere, more
-# epochs, another precision or cache. (--device, --workers, --compile, --cam-examples are not run settings.)
-RESUME_MAY_CHANGE = ("data", "epochs", "precision", "cache")
+# epochs, another precision, cache or batch norm across processes. (--device, --workers, --compile and
+# --cam-examples are not run settings.)
+RESUME_MAY_CHANGE = ("data", "epochs", "precision", "cache", "sync_bn")
 # Defaults of settings that runs written by earlier versions did not record.
-EARLIER_DEFAULTS = {"select": "best", "arch": "resnet50"}
+EARLIER_DEFAULTS = {"select": "best", "arch": "resnet50", "sync_bn": False}
 PATHS = ("data", "weights", "groups")  # recorded as absolute paths, so a run resumes from any folder
 
 
@@ -156,9 +157,17 @@ def write_config(args, run_dir, image_set, runtime, weights, resumed=None):
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": str(runtime.device),
         "precision_used": runtime.precision,
+        "processes": runtime.world_size,
     }
     data = str(Path(args.data).resolve())
     if resumed:  # the record of how the run started stays; each resumption is added to it
+        before = (resumed.get("resumed") or [resumed])[-1].get("processes", 1)
+        if before != runtime.world_size:
+            print(
+                f"note: the run trained in {before} process(es) and goes on in {runtime.world_size}, so each epoch's "
+                "images are dealt out differently and the augmentation order changes: the run goes on correctly, "
+                "but will not repeat exactly a run that kept one number of processes."
+            )
         config = resumed | {"epochs": args.epochs, "data": data, "resumed": resumed.get("resumed", []) + [now]}
     else:
         paths = {key: str(Path(getattr(args, key)).resolve()) for key in PATHS if getattr(args, key)}
@@ -176,10 +185,18 @@ def write_config(args, run_dir, image_set, runtime, weights, resumed=None):
                 "torchvision": str(torchvision.__version__),
             },
         }
-    files.write_json(run_dir / "config.json", config)
-    skipped = [{"path": str(p), "reason": r} for p, r in image_set.skipped]
-    files.write_csv(run_dir / "skipped.csv", skipped, ["path", "reason"])
+    if runtime.is_main:
+        files.write_json(run_dir / "config.json", config)
+        skipped = [{"path": str(p), "reason": r} for p, r in image_set.skipped]
+        files.write_csv(run_dir / "skipped.csv", skipped, ["path", "reason"])
     return config
+
+
+def run_folder(args, runtime):
+    """The run's folder: the resumed one, or a new one that the main process makes and names for all."""
+    if args.resume:
+        return Path(args.resume)
+    return distributed.broadcast(files.new_run_dir(args.out, args.name) if runtime.is_main else None, runtime)
 
 
 def print_settings(args, runtime):

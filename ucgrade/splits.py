@@ -89,28 +89,31 @@ def new_split(args, image_set, groups):
     return [data.split_holdout(image_set.labels, args.val_split, args.seed, groups)]
 
 
-def open_folders(args, run_dir, image_set, groups, folds, config):
-    """The Splits of a run, each with its folder; split.csv records which image went where.
+def open_folders(args, run_dir, image_set, plan, config, runtime):
+    """The Splits of a run (plan: the groups and the (train, val) pairs of plan()), each with its folder;
+    split.csv records which image went where. Only the main process writes.
 
     A cross-validation run gets fold1..foldK, each with its own config.json and split.csv (a finished
     fold keeps its files); the run's split.csv then names the fold that validates each image.
     """
+    groups, folds = plan
     group_column = ["group"] if groups is not None else []
     if not args.folds:
         split = Split(*folds[0], run_dir, groups)
-        _write_subsets(split, image_set)
+        if runtime.is_main:
+            _write_subsets(split, image_set)
         return [split]
+    splits = [Split(train, val, run_dir / f"fold{k}", groups, fold=k) for k, (train, val) in enumerate(folds, 1)]
+    if not runtime.is_main:
+        return splits
     fold_of = {int(i): k for k, (_, val) in enumerate(folds, 1) for i in val}
     rows = data.split_rows(image_set, fold_of, groups, column="fold")
     files.write_csv(run_dir / "split.csv", rows, ["path", "class", "fold"] + group_column)
-    splits = []
-    for k, (train, val) in enumerate(folds, 1):
-        split = Split(train, val, run_dir / f"fold{k}", groups, fold=k)
+    for split in splits:
         split.run_dir.mkdir(exist_ok=True)
         if not split.finished:
-            files.write_json(split.run_dir / "config.json", config | {"fold": k})
+            files.write_json(split.run_dir / "config.json", config | {"fold": split.fold})
             _write_subsets(split, image_set)
-        splits.append(split)
     return splits
 
 

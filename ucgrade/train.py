@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, engine, files
+from . import data, distributed, engine, files
 from .cli import UserError
 from .device import make_grad_scaler
+from .distributed import shard
 from .model import (
     backbone,
     build_model,
@@ -34,7 +35,8 @@ class Training:
     """What an epoch needs: the model, the part of it that learns, the loaders, the loss and the optimiser."""
 
     model: torch.nn.Module
-    trainable: torch.nn.Module  # the model, its head alone (--freeze-backbone), or a compiled wrapper
+    trainable: torch.nn.Module  # the model, or its head alone (--freeze-backbone): what validation runs
+    step_model: torch.nn.Module  # what the training steps call: trainable, in DistributedDataParallel and compiled
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     criterion: torch.nn.Module
@@ -67,21 +69,26 @@ def initial_weights(args, resumed=None):
 
 
 def make_loaders(args, image_set, split, model, runtime, generator):
-    """(train_loader, val_loader, the module to train). With --freeze-backbone the loaders yield features."""
-    device = runtime.device
+    """(train_loader, val_loader, the module to train). With --freeze-backbone the loaders yield features.
+
+    --batch-size is the global batch: each of several processes loads its share of it, and
+    validates on its share of the validation images.
+    """
     sampler = balanced_sampler(image_set, split, generator) if args.balance == "sampler" else None
     if args.freeze_backbone:
-        train_set, val_set = frozen_features(args, image_set, split, model, runtime)
+        train_set, (val_features, val_labels) = frozen_features(args, image_set, split, model, runtime)
+        val_set = torch.utils.data.TensorDataset(shard(val_features, runtime), shard(val_labels, runtime))
         workers, model = 0, head(model)
     else:
         resize = data.resize_size_for(args.img_size)
         train_set = data.ImageDataset(image_set, split.train, data.train_transform(args.img_size), resize)
-        val_set = data.ImageDataset(image_set, split.val, data.val_transform(args.img_size), resize)
-        workers = loader_workers(args, image_set, device)
+        val_set = data.ImageDataset(image_set, shard(split.val, runtime), data.val_transform(args.img_size), resize)
+        workers = loader_workers(args, image_set, runtime.device)
+    batch_size = args.batch_size // runtime.world_size
     train_loader = data.make_loader(
-        train_set, args.batch_size, workers, device, shuffle=True, generator=generator, sampler=sampler
+        train_set, batch_size, workers, runtime, shuffle=True, generator=generator, sampler=sampler
     )
-    return train_loader, data.make_loader(val_set, args.batch_size, workers, device), model
+    return train_loader, data.make_loader(val_set, batch_size, workers, runtime), model
 
 
 def loader_workers(args, image_set, device):
@@ -105,9 +112,9 @@ def frozen_features(args, image_set, split, model, runtime):
     features = backbone(model)
     resize, workers = data.resize_size_for(args.img_size), loader_workers(args, image_set, runtime.device)
 
-    def loader(indices):
-        dataset = data.ImageDataset(image_set, indices, data.val_transform(args.img_size), resize)
-        return data.make_loader(dataset, args.batch_size, workers, runtime.device)
+    def loader(indices):  # this process's share: extract_features gathers the features of all
+        dataset = data.ImageDataset(image_set, shard(indices, runtime), data.val_transform(args.img_size), resize)
+        return data.make_loader(dataset, args.batch_size, workers, runtime)
 
     start = time.perf_counter()
     views = [engine.extract_features(features, loader(split.train), runtime, flip=flip)[0] for flip in (False, True)]
@@ -115,7 +122,7 @@ def frozen_features(args, image_set, split, model, runtime):
     seconds, count = time.perf_counter() - start, 2 * len(split.train) + len(split.val)
     print(f"backbone features computed once in {seconds:.1f} s ({count} image views)")
     labels = torch.as_tensor(np.asarray(image_set.labels)[split.train])
-    return data.FeatureViews(torch.stack(views), labels), torch.utils.data.TensorDataset(val_features, val_labels)
+    return data.FeatureViews(torch.stack(views), labels), (val_features, val_labels)
 
 
 def prepare(args, image_set, split, model, runtime, generator):
@@ -127,18 +134,22 @@ def prepare(args, image_set, split, model, runtime, generator):
         trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma
     )
     scaler = make_grad_scaler(runtime.device, runtime.precision)
-    trainable = torch.compile(trainable) if args.compile else trainable
-    return Training(model, trainable, train_loader, val_loader, criterion, optimizer, lr_scheduler, scaler, generator)
+    if args.sync_bn and runtime.world_size > 1:
+        trainable = distributed.sync_batch_norm(trainable, runtime)
+    step_model = distributed.wrap(trainable, runtime)
+    step_model = torch.compile(step_model) if args.compile else step_model
+    loaders = (train_loader, val_loader)
+    return Training(model, trainable, step_model, *loaders, criterion, optimizer, lr_scheduler, scaler, generator)
 
 
 def run_epoch(training, epoch, runtime):
     """Train one epoch and validate; the epoch's row of history.csv."""
     start = time.perf_counter()
-    model, optimizer = training.trainable, training.optimizer
+    optimizer = training.optimizer
     stats = engine.train_one_epoch(
-        model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler
+        training.step_model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler
     )
-    val_loss, val_acc, _, _ = engine.evaluate(model, training.val_loader, runtime)
+    val_loss, val_acc, _, _ = engine.evaluate(training.trainable, training.val_loader, runtime)
     if not math.isfinite(val_loss):
         lower = optimizer.param_groups[0]["initial_lr"] / 10
         raise UserError(
@@ -184,7 +195,7 @@ def train(args, image_set, split, runtime, imagenet_state, config):
         print(f"resuming {split.run_dir} after epoch {last['epoch']} of {args.epochs}")
     for epoch in range(len(history) + 1, args.epochs + 1):
         history.append(run_epoch(training, epoch, runtime))
-        kept = save(training, history, split.run_dir, args.select, config)
+        kept = save(training, history, split.run_dir, config, runtime)
         row = history[-1]
         print(
             f"epoch {epoch}/{args.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
@@ -196,17 +207,19 @@ def train(args, image_set, split, runtime, imagenet_state, config):
     return history, model
 
 
-def save(training, history, run_dir, select, config):
-    """Write last.pt (with the training state), best.pt when this epoch's model is kept, and history.csv.
-    True when best.pt was written."""
+def save(training, history, run_dir, config, runtime):
+    """Write last.pt (with the training state), best.pt when this epoch's model is kept (by config's
+    --select), and history.csv; only the main process writes. True when this epoch's model is kept."""
     row = history[-1]
     val_metrics = {"val_acc": row["val_acc"], "val_loss": row["val_loss"]}
-    kept = engine.best_epoch(history, select)["epoch"] == row["epoch"]
+    kept = engine.best_epoch(history, config["select"])["epoch"] == row["epoch"]
+    if not runtime.is_main:
+        return kept
     if kept:
         save_checkpoint(run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics))
     state = {
         "history": history,
-        "rng": engine.rng_state(training.generator, next(training.model.parameters()).device),
+        "rng": engine.rng_state(training.generator, runtime.device),
         "optimizer": training.optimizer.state_dict(),
         "lr_scheduler": training.lr_scheduler.state_dict(),
         "scaler": training.scaler.state_dict(),
