@@ -1,17 +1,24 @@
-"""The report a clinician reads in one minute (issue 15): labels that fit, integer epochs, visible ROC curves.
+"""The report a clinician reads in one minute (issue 15): labels that fit, integer epochs, visible ROC curves,
+the summary first and the settings last, a page that prints on A4.
 
 The plots are real matplotlib figures, drawn with `fig.canvas.draw()` and measured by the window extents of
-their texts.
+their texts; the reports are written from real runs.
 """
 
+import base64
+import io
 import itertools
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
-from conftest import make_folder
+import torch
+from conftest import FAST, make_folder, train
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
+from test_report_cam import Page
 
 from ucgrade import files, report
 
@@ -270,3 +277,129 @@ def test_error_captions_show_the_distinct_part_and_stay_apart(tmp_path, monkeypa
     for box in texts:  # no caption on an image, the one above included
         assert not any(box.overlaps(image) for image in images)
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+
+
+# ----------------------------------------------------------------------------- the HTML page
+
+
+def h2s(html_text):
+    return re.findall(r"<h2>(.*?)</h2>", html_text)
+
+
+def section(html_text, heading):
+    """The HTML of the section under one <h2> heading."""
+    start = html_text.index(f"<h2>{heading}")
+    return html_text[start : html_text.index("</section>", start)]
+
+
+def test_single_run_report_reads_in_the_order_a_clinician_needs(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.pt"))
+    history = report.read_history(run / "history.csv")
+    for above in (True, False):  # the sentence under the curves follows the history
+        rows = [row | {"val_acc": row["train_acc"] + (0.1 if above else -0.1)} for row in history]
+        report.write_history(run / "history.csv", rows)
+        report.run_report(run, report.read_cams(run))
+        text = (run / "report.html").read_text()
+        sentence = "training images are augmented and validation images are not"
+        assert (sentence in section(text, "Training curves")) == above
+        assert text.count(sentence) == (1 if above else 0)
+
+    order = h2s(text)
+    assert order[0] == "Summary"
+    expected = [
+        "Confusion matrices",
+        "Metrics",
+        "Training curves",
+        "ROC curves",
+        "Most confidently wrong images",
+        "Grad-CAM",
+        "Inference time",
+        "Dataset and split",
+        "Settings",
+    ]
+    positions = [next(i for i, h in enumerate(order) if h.startswith(name)) for name in expected]
+    assert positions == sorted(positions) and positions[0] == 1 and order[-1] == "Settings"
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    card = section(text, "Summary")
+    assert text.index('<section class="card">') < text.index("<h2>Summary")
+    card_text = " ".join(" ".join(Page(card).text).split())
+    assert "Grades in order: mild < moderate < severe" in card_text
+    for label, key in (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("QWK", "qwk")):
+        assert f"{label} {metrics[key]:.3f}" in card_text, label
+    assert f"on {metrics['num_images']} validation images" in card_text
+    assert "so these figures lean optimistic" in card_text  # the note on the choice of the best epoch
+    assert "The split was made image by image" in card_text
+
+    settings = section(text, "Settings")
+    cells = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", settings)
+    values = dict(cells)
+    config = json.loads((run / "config.json").read_text())
+    assert len(cells) == len(config)
+    assert "class=num" not in settings  # values left-aligned next to their names
+    assert values["weights"] == values["groups"] == "–"
+    assert values["freeze_backbone"] == "no" and values["pretrained_used"] == "no"
+    assert values["class_names"] == "mild, moderate, severe" and values["img_size"] == "64"
+    assert not re.search(r"\b(None|null|False|True|false|true)\b", " ".join(values.values()))
+
+
+def test_plots_are_shown_at_their_size_and_print_on_a4(trained_run):
+    text = (trained_run / "report.html").read_text()
+    for width, data in re.findall(r'<img alt="[^"]*" width="(\d+)" src="data:image/png;base64,([^"]+)"', text)[:4]:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            assert int(width) == round(image.width * 96 / image.info["dpi"][0])  # inches at 96 CSS px each
+    css = re.sub(r"\s+", "", text[text.index("<style>") : text.index("</style>")])
+    assert "@page{size:A4" in css
+    print_rules = css[css.index("@mediaprint{") :]
+    assert "img{max-width:100%;height:auto" in css  # no image wider than the page
+    assert "max-height:250mm" in print_rules  # nor taller than an A4 page's printable height
+    assert "break-inside:avoid" in print_rules  # and none split across two pages
+
+
+# ----------------------------------------------------------------------------- a real run with six long grade names
+
+
+@pytest.fixture(scope="module")
+def hyperkvasir_cv_run(module_tmp):
+    """One epoch of 2-fold cross-validation on six grade folders named as a public dataset names them."""
+    root = make_folder(module_tmp / "data", {name: 4 for name in HYPERKVASIR})
+    torch.manual_seed(0)
+    argv = ["--data", root, "--out", module_tmp / "out", "--epochs", "1", "--folds", "2", *FAST]
+    assert train([*argv, "--remission-upto", HYPERKVASIR[1], "--precision", "fp32"]) == 0
+    return module_tmp / "out" / "train"
+
+
+def test_cross_validation_report_with_six_long_grade_names(hyperkvasir_cv_run):
+    run = hyperkvasir_cv_run
+    text = (run / "report.html").read_text()
+    order = h2s(text)
+    expected = [
+        "Summary",
+        "Pooled confusion matrices",
+        "Pooled out-of-fold metrics",
+        "Metrics per fold",
+        "Training curves",
+        "ROC curves",
+        "Most confidently wrong images",
+        "Grad-CAM",
+        "Inference time",
+        "Dataset and folds",
+        "Settings",
+        "Folds",
+    ]
+    positions = [next(i for i, h in enumerate(order) if h.startswith(name)) for name in expected]
+    assert positions == sorted(positions)
+    card_text = " ".join(" ".join(Page(section(text, "Summary")).text).split())
+    pooled = json.loads((run / "metrics.json").read_text())
+    assert f"accuracy {pooled['accuracy']:.3f} folds:" in card_text
+    sensitivity = pooled["remission"]["sensitivity"]
+    assert f"sensitivity {sensitivity:.3f} active: above ulcerative-colitis-grade-1 folds:" in card_text
+    assert "lean optimistic" in card_text
+    # the run's own confusion matrix, drawn again from its files, has labels that fit
+    fig = report.confusion_figure(pooled["confusion_matrix"], pooled["class_names"], normalize=True)
+    renderer = drawn(fig)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0-1", "1", "1-2", "2", "2-3", "3"]
+    assert_apart([extent(t, renderer) for t in ax.get_xticklabels()], "x labels")
+    with Image.open(run / "confusion_matrix.png") as image:
+        assert image.width < 1400  # six short labels: no room spent on the shared prefix

@@ -8,6 +8,7 @@ the measured width of their names, so that labels fit whatever the grades are ca
 import base64
 import datetime
 import html
+import io
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.textpath import TextToPath  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
@@ -397,14 +399,34 @@ def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size,
 
 # ----------------------------------------------------------------------------- HTML report
 
+# Plots are shown at their size in inches (96 CSS pixels each), so that their 10-point labels read as 10 points.
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+  color:#222;line-height:1.35}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
+  vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pair{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.pair img{max-width:calc(50% - 1em);box-sizing:border-box}
-img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:.9em}.warn{color:#a40}
-.gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery img{width:100%}.gallery figcaption{font-size:.85em}
+table.settings td{white-space:pre-line;overflow-wrap:anywhere}table.settings td:first-child{white-space:nowrap}
+.card{border:1px solid #c9d3e0;border-radius:6px;background:#f6f8fb;padding:0 1.2em .6em;margin-top:1.2em}
+.card h2{border:0;margin-top:.6em}
+.tiles{display:flex;flex-wrap:wrap;gap:.6em;margin:.7em 0}
+.tile{flex:1 1 0;min-width:7.5em;max-width:14em;background:#fff;border:1px solid #d5dbe5;border-radius:4px;
+  padding:.35em .8em}
+.tile span{display:block;color:#555;font-size:.9em}.tile b{display:block;font-size:1.7em;
+  font-variant-numeric:tabular-nums}.tile small{display:block;color:#666;font-size:.8em;overflow-wrap:anywhere}
+.pair{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+img{max-width:100%;height:auto;border:1px solid #eee}.note{color:#666;font-size:.9em}.warn{color:#a40}
+.gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery img{width:100%}
+.gallery figcaption{font-size:.85em}
+@page{size:A4;margin:14mm 12mm}
+@media print{
+  body{max-width:none;margin:0;padding:0;font-size:10pt}
+  h2{break-after:avoid;page-break-after:avoid}
+  img{max-height:250mm;object-fit:contain}
+  img,figure,tr,.card,.tile{break-inside:avoid;page-break-inside:avoid}
+  .gallery figure{width:30%}
+}
 """
 
 
@@ -416,25 +438,78 @@ def _is_number(value):
         return False
 
 
-def table(header, rows):
-    """An HTML table; numbers are right-aligned so that their digits line up, text stays left-aligned."""
+def table(header, rows, numbers=True, css_class=None):
+    """An HTML table. With numbers, numbers are right-aligned so that their digits line up; text stays left."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
         "<tr>"
-        + "".join(f"<td{' class=num' if _is_number(c) else ''}>{html.escape(str(c))}</td>" for c in row)
+        + "".join(f"<td{' class=num' if numbers and _is_number(c) else ''}>{html.escape(str(c))}</td>" for c in row)
         + "</tr>"
         for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{f' class={css_class}' if css_class else ''}><tr>{head}</tr>{body}</table>"
 
 
 def embed_png(path, alt=""):
+    """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch)."""
     data = Path(path).read_bytes()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+    with Image.open(io.BytesIO(data)) as image:
+        dpi = image.info.get("dpi", (96, 96))[0] or 96
+        width = round(image.width * 96 / dpi)
+    return (
+        f'<img alt="{html.escape(alt)}" width="{width}" '
+        f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+    )
 
 
 def pair(*images):
     return '<div class="pair">' + "".join(images) + "</div>"
+
+
+def tiles(items):
+    """The headline figures of the summary card: (label, value, details) each, details a list of short lines."""
+    return (
+        '<div class="tiles">'
+        + "".join(
+            f'<div class="tile"><span>{html.escape(label)}</span><b>{html.escape(value)}</b>'
+            + "".join(f"<small>{html.escape(detail)}</small>" for detail in details)
+            + "</div>"
+            for label, value, details in items
+        )
+        + "</div>"
+    )
+
+
+HEADLINE = ["accuracy", "balanced_accuracy", "qwk", "macro_f1"]
+
+
+def headline(metrics, spread=None):
+    """(label, value, details) of the figures a clinician looks at first.
+
+    spread: metric key -> 'mean ± std' over the folds of a cross-validation run.
+    """
+    spread = spread or {}
+
+    def details(key):
+        return [f"folds: {spread[key]}"] if key in spread else []
+
+    items = [(LABELS[name], fmt(metrics.get(name)), details(name)) for name in HEADLINE]
+    remission = metrics.get("remission")
+    if remission:
+        last = remission["remission_classes"][-1]
+        items += [
+            (
+                "sensitivity",
+                fmt(remission["sensitivity"]),
+                [f"active: above {last}", *details("remission_sensitivity")],
+            ),
+            (
+                "specificity",
+                fmt(remission["specificity"]),
+                [f"remission: up to {last}", *details("remission_specificity")],
+            ),
+        ]
+    return items
 
 
 def metrics_html(metrics):
@@ -451,7 +526,8 @@ def metrics_html(metrics):
     remission = metrics.get("remission")
     if remission:
         parts.append(
-            f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>"
+            f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) "
+            f"vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>"
         )
         parts.append(
             table(
@@ -461,8 +537,10 @@ def metrics_html(metrics):
         )
         c = remission["confusion"]
         parts.append(
-            f'<p class="note">An image is called active when its predicted grade is above {html.escape(remission["remission_classes"][-1])}. '
-            f"Active images: {c['tp']} called active, {c['fn']} called remission; remission images: {c['tn']} called remission, {c['fp']} called active.</p>"
+            '<p class="note">An image is called active when its predicted grade is above '
+            f"{html.escape(remission['remission_classes'][-1])}. "
+            f"Active images: {c['tp']} called active, {c['fn']} called remission; "
+            f"remission images: {c['tn']} called remission, {c['fp']} called active.</p>"
         )
     return "\n".join(parts)
 
@@ -491,6 +569,39 @@ def inference_html(timing):
             ]
         ],
     ) + (f'<p class="warn">{note[0].upper() + note[1:]}.</p>' if note else "")
+
+
+def curves_html(curves):
+    """The training curves, (heading, curves.png, history) each, and one sentence under them when validation
+    accuracy runs above training accuracy."""
+    parts = [
+        (f"<h3>{html.escape(heading)}</h3>" if heading else "") + embed_png(png, f"{heading} loss and accuracy curves")
+        for heading, png, _ in curves
+    ]
+    if any(validation_above_training(history) for *_, history in curves):
+        parts.append(
+            '<p class="note">Validation accuracy runs above training accuracy: training images are augmented '
+            "and validation images are not, so the training figures come from harder images.</p>"
+        )
+    return "\n".join(parts)
+
+
+def setting_text(value):
+    """A setting as a reader wants it: '–' for none, yes/no, lists and records spelled out, not JSON."""
+    if value is None or value == "" or value == []:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {setting_text(v)}" for key, v in value.items())
+    if isinstance(value, list):
+        return ("\n" if any(isinstance(v, dict) for v in value) else ", ").join(setting_text(v) for v in value)
+    return str(value)
+
+
+def settings_html(config):
+    """The resolved settings: each value left-aligned next to its name."""
+    return table(["setting", "value"], [[key, setting_text(value)] for key, value in config.items()], False, "settings")
 
 
 def dataset_html(run_dir, split=None, class_names=None):
@@ -524,7 +635,8 @@ def dataset_html(run_dir, split=None, class_names=None):
         leaks = sorted(g for g, found in subsets_of.items() if len(found) > 1)
         if leaks:
             parts.append(
-                f'<p class="warn">{len(leaks)} group(s) appear in more than one subset: {html.escape(", ".join(leaks[:10]))}.</p>'
+                f'<p class="warn">{len(leaks)} group(s) appear in more than one subset: '
+                f"{html.escape(', '.join(leaks[:10]))}.</p>"
             )
         else:
             parts.append("<p>Checked: no group appears in more than one subset.</p>")
@@ -540,17 +652,24 @@ def dataset_html(run_dir, split=None, class_names=None):
     return "\n".join(parts)
 
 
-def write_report(path, title, sections):
-    """sections: list of (heading, html). One self-contained page: every image is embedded."""
+def write_report(path, title, summary, sections):
+    """One self-contained page, every image embedded: the summary card, then sections, a list of (heading, html)."""
     generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
+    body = f'<section class="card">\n<h2>Summary</h2>\n{summary}\n</section>\n' + "\n".join(
+        f"<section>\n<h2>{html.escape(heading)}</h2>\n{content}\n</section>" for heading, content in sections
+    )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
-        f'<p class="note">Generated {generated} by ucgrade. Research tool: not a medical device; review the results before relying on them.</p>\n'
+        f'<p class="note">Generated {generated} by ucgrade. '
+        "Research tool: not a medical device; review the results before relying on them.</p>\n"
         f"{body}\n</body></html>\n"
     )
     files.write_text(path, page)
+
+
+def grades_html(class_names):
+    return f"<p>Grades in order: <b>{html.escape(' < '.join(class_names))}</b>.</p>"
 
 
 def run_report(run_dir, cams=()):
@@ -561,13 +680,12 @@ def run_report(run_dir, cams=()):
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    best = metrics.get("best_epoch")
-    status = metrics.get("status", "finished")
+    chosen = "Last" if config.get("select") == "last" else "Best"
     summary = (
-        f"<p>Grades in order: <b>{html.escape(' < '.join(metrics['class_names']))}</b>. "
-        f"{'Last' if config.get('select') == 'last' else 'Best'} epoch {best} of {metrics.get('epochs_completed')} ({html.escape(status)}). "
-        f"Validation accuracy {fmt(metrics['accuracy'])}, balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
-        f"QWK {fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
+        grades_html(metrics["class_names"])
+        + tiles(headline(metrics))
+        + f"<p>{chosen} epoch {metrics.get('best_epoch')} of {metrics.get('epochs_completed')} "
+        f"({html.escape(metrics.get('status', 'finished'))}), scored on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
         + caveats(
             config,
@@ -576,37 +694,33 @@ def run_report(run_dir, cams=()):
             "or compare runs by cross-validation (--folds)",
         )
     )
-    sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"]))]
-    sections.append(
-        (
-            "Settings",
-            table(
-                ["setting", "value"],
-                [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()],
-            ),
-        )
-    )
-    sections.append(("Training curves", embed_png(run_dir / "curves.png", "loss and accuracy curves")))
-    sections.append(
+    sections = [
         (
             "Confusion matrices (best.pt, validation set)",
             pair(
                 embed_png(run_dir / "confusion_matrix.png", "confusion matrix"),
                 embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
             ),
-        )
-    )
-    sections.append(("Metrics (best.pt, validation set)", metrics_html(metrics)))
+        ),
+        ("Metrics (best.pt, validation set)", metrics_html(metrics)),
+    ]
+    if (run_dir / "history.csv").exists():
+        history = read_history(run_dir / "history.csv")
+        sections.append(("Training curves", curves_html([("", run_dir / "curves.png", history)])))
     if (run_dir / "roc.png").exists():
         sections.append(("ROC curves", embed_png(run_dir / "roc.png", "ROC curves")))
-    sections.append(("Inference time", inference_html(metrics.get("inference_time"))))
     if (run_dir / "errors.png").exists():
         sections.append(("Most confidently wrong images", embed_png(run_dir / "errors.png", "errors")))
     else:
         sections.append(("Most confidently wrong images", "<p>No validation image was misclassified.</p>"))
     if cams:
         sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
-    write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", sections)
+    sections += [
+        ("Inference time", inference_html(metrics.get("inference_time"))),
+        ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"])),
+        ("Settings", settings_html(config)),
+    ]
+    write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", summary, sections)
 
 
 def caveats(config, model, selection, remedy=""):
@@ -614,18 +728,19 @@ def caveats(config, model, selection, remedy=""):
     --select last) and, without --groups, the split."""
     if config.get("select") == "last":
         notes = (
-            f'<p class="note">{model} is that of the last epoch (--select last), chosen without looking at the validation images, '
-            "so the choice of epoch does not flatter these figures.</p>"
+            f'<p class="note">{model} is that of the last epoch (--select last), chosen without looking at the '
+            "validation images, so the choice of epoch does not flatter these figures.</p>"
         )
     else:
         notes = (
-            f'<p class="note">{selection}, so these figures lean optimistic (--select last avoids this); for an estimate to publish, '
-            f"grade a separate test set with predict.py{', ' + remedy if remedy else ''}.</p>"
+            f'<p class="note">{selection}, so these figures lean optimistic (--select last avoids this); '
+            "for an estimate to publish, grade a separate test set with predict.py"
+            f"{', ' + remedy if remedy else ''}.</p>"
         )
     if not config.get("groups"):
         notes += (
-            '<p class="warn">The split was made image by image (no --groups file): if a patient contributed several images, '
-            "some may be in training and others in validation, which flatters every metric here.</p>"
+            '<p class="warn">The split was made image by image (no --groups file): if a patient contributed several '
+            "images, some may be in training and others in validation, which flatters every metric here.</p>"
         )
     return notes
 
@@ -642,9 +757,8 @@ def cams_html(cams):
         for caption, p in cams
     )
     return (
-        '<p class="note">Red marks the regions that raised the score of the predicted grade most.</p><div class="gallery">'
-        + figures
-        + "</div>"
+        '<p class="note">Red marks the regions that raised the score of the predicted grade most.</p>'
+        f'<div class="gallery">{figures}</div>'
     )
 
 
@@ -653,7 +767,7 @@ def _label(name):
 
 
 def cv_report(run_dir, summary_table, pooled):
-    """report.html of a cross-validation run: the fold table, the pooled metrics and plots, and each fold's curves.
+    """report.html of a cross-validation run: the pooled metrics and plots, the fold table, and each fold's curves.
 
     Everything is embedded, as in a single run's report; each fold folder also keeps its own report.html.
     """
@@ -675,6 +789,7 @@ def cv_report(run_dir, summary_table, pooled):
             for row in summary_table
         ],
     )
+    spread = {row["metric"]: f"{row['mean']} ± {row['std']}" for row in summary_table if row["mean"]}
     timings = [json.loads((d / "metrics.json").read_text()).get("inference_time") for d in fold_dirs]
     timing_rows = [
         [
@@ -691,28 +806,27 @@ def cv_report(run_dir, summary_table, pooled):
     ]
     # a few Grad-CAM overlays, taken from the folds in turn
     per_fold = [[(f"fold{k}: {caption}", path) for caption, path in read_cams(d)] for k, d in enumerate(fold_dirs, 1)]
-    cams = [c for group in itertools.zip_longest(*per_fold) for c in group if c is not None][
-        : max(map(len, per_fold), default=0)
+    cams = [c for group in itertools.zip_longest(*per_fold) for c in group if c is not None]
+    cams = cams[: max(map(len, per_fold), default=0)]
+    grouped = f" grouped by {html.escape(str(config['groups']))}" if config.get("groups") else ""
+    summary = (
+        f"<p>{folds}-fold cross-validation{grouped}. Each image is validated exactly once, by the model that did not "
+        f"train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored here.</p>"
+        + grades_html(pooled["class_names"])
+        + tiles(headline(pooled, spread))
+        + f"<p>ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        + caveats(
+            config,
+            "Each fold's model",
+            "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images",
+        )
+    )
+    curves = [
+        (f"fold{k}", d / "curves.png", read_history(d / "history.csv"))
+        for k, d in enumerate(fold_dirs, 1)
+        if (d / "curves.png").exists() and (d / "history.csv").exists()
     ]
     sections = [
-        (
-            "Summary",
-            f"<p>{folds}-fold cross-validation{' grouped by ' + html.escape(str(config['groups'])) if config.get('groups') else ''}. "
-            f"Each image is validated exactly once, by the model that did not train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored below. "
-            f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>. ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
-            + caveats(
-                config,
-                "Each fold's model",
-                "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images",
-            ),
-        ),
-        (
-            "Dataset and folds",
-            "<p>Images validated in each fold (each fold's model trained on the other folds):</p>"
-            + dataset_html(run_dir, split, pooled["class_names"]),
-        ),
-        ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
-        ("Pooled out-of-fold metrics", metrics_html(pooled)),
         (
             "Pooled confusion matrices",
             pair(
@@ -720,24 +834,10 @@ def cv_report(run_dir, summary_table, pooled):
                 embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
             ),
         ),
+        ("Pooled out-of-fold metrics", metrics_html(pooled)),
+        ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
+        ("Training curves", curves_html(curves)),
         ("ROC curves (pooled)", embed_png(run_dir / "roc.png", "ROC curves")),
-        (
-            "Training curves",
-            "".join(
-                f"<h3>fold{k}</h3>" + embed_png(d / "curves.png", f"fold{k} curves")
-                for k, d in enumerate(fold_dirs, 1)
-                if (d / "curves.png").exists()
-            ),
-        ),
-        (
-            "Inference time",
-            table(
-                ["fold", "device", "precision", "batch 1 mean (ms)", "median (ms)", "p95 (ms)", "throughput (img/s)"],
-                timing_rows,
-            )
-            if timing_rows
-            else "<p>not measured</p>",
-        ),
         (
             "Most confidently wrong images (pooled)",
             embed_png(run_dir / "errors.png", "errors")
@@ -747,14 +847,23 @@ def cv_report(run_dir, summary_table, pooled):
     ]
     if cams:
         sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
+    timing_header = [
+        "fold",
+        "device",
+        "precision",
+        "batch 1 mean (ms)",
+        "median (ms)",
+        "p95 (ms)",
+        "throughput (img/s)",
+    ]
     sections += [
+        ("Inference time", table(timing_header, timing_rows) if timing_rows else "<p>not measured</p>"),
         (
-            "Settings",
-            table(
-                ["setting", "value"],
-                [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()],
-            ),
+            "Dataset and folds",
+            "<p>Images validated in each fold (each fold's model trained on the other folds):</p>"
+            + dataset_html(run_dir, split, pooled["class_names"]),
         ),
+        ("Settings", settings_html(config)),
         (
             "Folds",
             "<p>Each fold folder also holds its own report.html, checkpoints, predictions and Grad-CAM overlays: "
@@ -762,7 +871,7 @@ def cv_report(run_dir, summary_table, pooled):
             + ".</p>",
         ),
     ]
-    write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", sections)
+    write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", summary, sections)
 
 
 def redraw(run_dir):
@@ -787,7 +896,8 @@ def main(runs):
     """python -m ucgrade.report RUN [RUN ...]: redraw the plots of finished runs."""
     if not runs or runs[0] in ("-h", "--help"):
         print(
-            "usage: python -m ucgrade.report RUN [RUN ...]   (from the project folder) redraws the plots of finished runs"
+            "usage: python -m ucgrade.report RUN [RUN ...]   "
+            "(from the project folder) redraws the plots of finished runs"
         )
         return 0 if runs else 2
     for run in runs:
@@ -800,7 +910,8 @@ def main(runs):
             )
         if not path.is_file() or "confusion_matrix" not in json.loads(path.read_text()):
             raise UserError(
-                f"'{run}' has no evaluated model yet (it was interrupted before one); resume it with: python qq.py --resume {run}"
+                f"'{run}' has no evaluated model yet (it was interrupted before one); "
+                f"resume it with: python qq.py --resume {run}"
             )
         redraw(run)
         print(f"redrew the plots of {run}")
