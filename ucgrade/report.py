@@ -1,14 +1,18 @@
 """Report: the files of a run folder (CSV, PNG, one self-contained HTML page).
 
 Plots are drawn from the saved CSV and JSON files, so that they can be drawn again later with
-`python -m ucgrade.report RUN_DIR`.
+`python -m ucgrade.report RUN_DIR`. Every plot is laid out in inches from its number of grades and
+the measured width of their names, so that labels fit whatever the grades are called.
 """
 
 import base64
 import datetime
 import html
+import io
 import itertools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,14 +22,26 @@ matplotlib.use("Agg")  # no screen on a hospital server or in CI
 
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.textpath import TextToPath  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
 from .cli import UserError, run_cli  # noqa: E402
 from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt, timing_note  # noqa: E402
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_images_per_s"]
+HISTORY_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_time_s",
+    "train_images_per_s",
+]
 
 
 # ----------------------------------------------------------------------------- CSV files
@@ -71,10 +87,76 @@ def read_predictions(path, class_names):
     return rows, targets, probs
 
 
+# ----------------------------------------------------------------------------- grade names on plots
+
+LABEL_POINTS = 10  # tick labels
+SEPARATORS = "-_ ./"
+_TEXT_PATHS = TextToPath()
+
+
+def text_width(text, points=LABEL_POINTS):
+    """Inches that one line of text takes as matplotlib draws it, with 5% to spare for hinting."""
+    width, _, _ = _TEXT_PATHS.get_text_width_height_descent(text, FontProperties(size=points), ismath=False)
+    return 1.05 * width / 72
+
+
+def text_height(text, points=LABEL_POINTS):
+    """Inches that text of one or more lines takes (matplotlib spaces lines by 1.2 font sizes)."""
+    return (text.count("\n") + 1) * 1.2 * points / 72
+
+
+def grade_labels(class_names):
+    """(prefix, labels): the start that all grade names share, up to a separator, and the rest of each name.
+
+    ['ulcerative-colitis-grade-0-1', 'ulcerative-colitis-grade-1'] gives ('ulcerative-colitis-grade-', ['0-1', '1']);
+    names with no such start in common come back whole, with the prefix ''.
+    """
+    names = [str(name) for name in class_names]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: max(prefix.rfind(s) for s in SEPARATORS) + 1]
+    if len(names) < 2 or prefix in names:
+        return "", names
+    return prefix, [name[len(prefix) :] for name in names]
+
+
+def prefix_note(prefix):
+    """The line that names the shared start of the grade names once, where the plot shows only the rest."""
+    return f"grades: {prefix}…" if prefix else ""
+
+
+def wrap(text, width, points=LABEL_POINTS):
+    """text in lines of at most `width` inches, broken after a separator where it can and inside a word only
+    where one word is too wide. Nothing is cut: joining the lines gives the text back."""
+
+    def fits(line):  # a separator at the end of a line may stand out a little, as a hyphen does in print
+        return text_width(line.rstrip(SEPARATORS) or line, points) <= width
+
+    pieces = []
+    for piece in re.findall(r"[^-_ ./]*[-_ ./]|[^-_ ./]+", text):
+        while len(piece) > 1 and not fits(piece):
+            k = len(piece) - 1
+            while k > 1 and not fits(piece[:k]):
+                k -= 1
+            pieces.append(piece[:k])
+            piece = piece[k:]
+        pieces.append(piece)
+    lines = []
+    for piece in pieces:
+        if lines and fits(lines[-1] + piece):
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return "\n".join(lines)
+
+
+def widest_line(texts, points=LABEL_POINTS):
+    return max(text_width(line, points) for text in texts for line in text.split("\n"))
+
+
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_curves(history, path):
+def curves_figure(history):
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4))
     for ax, key, label in ((fig.add_subplot(1, 2, 1), "loss", "Loss"), (fig.add_subplot(1, 2, 2), "acc", "Accuracy")):
@@ -85,43 +167,92 @@ def plot_curves(history, path):
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not epoch 1.2
+        # half an epoch around the first and last, so that even one epoch has a whole number on its axis
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         if key == "acc":
             ax.set_ylim(0, 1.02)
     fig.tight_layout()
-    files.save_figure(path, fig)
+    return fig
 
 
-def plot_confusion(matrix, class_names, path, normalize=False, title=None):
-    """Counts, or rows normalised by true class; readable for up to about 10 classes."""
+def plot_curves(history, path):
+    files.save_figure(path, curves_figure(history))
+
+
+def validation_above_training(history):
+    """Validation accuracy above training accuracy in more than half of the epochs."""
+    return 2 * sum(row["val_acc"] > row["train_acc"] for row in history) > len(history)
+
+
+def confusion_figure(matrix, class_names, normalize=False, title=None):
+    """Counts, or rows normalised by true grade: cells of a set size in inches, the grade names wrapped to fit
+    them, and the figure as large as its grades and names need."""
     matrix = np.asarray(matrix, dtype=float if normalize else int)
     totals = matrix.sum(1, keepdims=True)
     if normalize:
         matrix = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
     n = len(class_names)
-    size = max(4.5, 0.75 * n + 2.5)
-    fig = Figure(figsize=(size + 1, size))
-    ax = fig.add_subplot()
-    display = ConfusionMatrixDisplay(matrix, display_labels=class_names)
-    display.plot(
-        ax=ax,
-        cmap="Blues",
-        colorbar=True,
-        values_format=".2f" if normalize else "d",
-        xticks_rotation=45 if n > 4 else "horizontal",
+    prefix, labels = grade_labels(class_names)
+    # inches: 1.1 for up to three grades, so that both matrices stand side by side in the report, down to 0.8 for
+    # five and more; wider when the longest word of a name needs it
+    words = [word for label in labels for word in re.split(r"(?<=[-_ ./])", label)]
+    cell = min(1.4, max(0.8, min(1.1, 3.3 / n), widest_line(words) + 0.12))
+    xlabels = [wrap(label, cell - 0.12) for label in labels]  # 0.12 in between neighbours
+    row_lines = int(cell / text_height("x")) - (1 if normalize else 0)  # lines of a y label that fit in a cell
+    ywidth = 1.8
+    while any(wrap(label, ywidth).count("\n") >= row_lines for label in labels) and ywidth < 6:
+        ywidth += 0.4
+    ylabels = [wrap(label, ywidth) for label in labels]
+    if normalize:  # a row of fractions hides how few images it may rest on
+        ylabels = [
+            label + (" " if text_width(label.split("\n")[-1] + f" (n={t})") <= ywidth else "\n") + f"(n={t})"
+            for label, t in zip(ylabels, totals[:, 0].astype(int))
+        ]
+    vmax = 1 if normalize else max(int(matrix.max()), 1)
+    side = n * cell
+    left = 0.15 + 0.3 + widest_line(ylabels) + 0.12  # margin, axis label, tick labels, ticks
+    bottom = 0.15 + 0.3 + max(text_height(label) for label in xlabels) + 0.12
+    right = 0.2 + 0.2 + 0.12 + text_width(f"{vmax:.1f}" if normalize else str(vmax), 9) + 0.15  # gap, colour bar
+    width = left + side + right
+    centre = left + side / 2  # the title stands over the matrix
+    heading = "\n".join(
+        wrap(line, 2 * min(centre, width - centre) - 0.2, 12)
+        for line in (title or "Confusion matrix").split("\n") + ([prefix_note(prefix)] if prefix else [])
     )
-    if normalize:
-        display.im_.set_clim(0, 1)
-        # a row of fractions hides how few images it may rest on
-        ax.set_yticks(range(n), [f"{name} (n={int(t)})" for name, t in zip(class_names, totals[:, 0])])
-    else:
-        display.im_.colorbar.locator = MaxNLocator(integer=True)  # counts have no fractional ticks
-        display.im_.colorbar.update_ticks()
-    ax.set_xlabel("predicted grade")
-    ax.set_ylabel("true grade")
-    ax.set_title(title or ("Confusion matrix\nnormalised by true grade" if normalize else "Confusion matrix\n(counts)"))
-    fig.tight_layout()
-    files.save_figure(path, fig)
+    height = bottom + side + 0.15 + text_height(heading, 12) + 0.15
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+    colorbar_ax = fig.add_axes(((left + side + 0.2) / width, bottom / height, 0.2 / width, side / height))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
+    colorbar = fig.colorbar(image, cax=colorbar_ax)
+    if not normalize:
+        colorbar.locator = MaxNLocator(integer=True)  # counts have no fractional ticks
+        colorbar.update_ticks()
+    colorbar_ax.tick_params(labelsize=9)
+    for i, j in itertools.product(range(n), range(n)):
+        value = matrix[i, j]
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}" if normalize else str(value),
+            ha="center",
+            va="center",
+            fontsize=14 if cell >= 1 else 12,
+            color="white" if value > vmax / 2 else "#222",
+        )
+    ax.set_xticks(range(n), xlabels, fontsize=LABEL_POINTS, multialignment="center")
+    ax.set_yticks(range(n), ylabels, fontsize=LABEL_POINTS, multialignment="right")
+    ax.set_xlabel("predicted grade", fontsize=11)
+    ax.set_ylabel("true grade", fontsize=11)
+    fig.text(centre / width, 1 - 0.15 / height, heading, ha="center", va="top", fontsize=12)
+    return fig
+
+
+def plot_confusion(matrix, class_names, path, normalize=False, title=None):
+    """Counts, or rows normalised by true class."""
+    title = title or ("Confusion matrix\nnormalised by true grade" if normalize else "Confusion matrix\n(counts)")
+    files.save_figure(path, confusion_figure(matrix, class_names, normalize, title))
 
 
 def plot_confusions(matrix, class_names, run_dir, pooled=False):
@@ -137,91 +268,165 @@ def plot_confusions(matrix, class_names, run_dir, pooled=False):
     )
 
 
-def plot_roc(targets, probs, class_names, path, remission=None):
-    """One-vs-rest ROC curve per grade, and remission vs active when that split is given."""
-    fig = Figure(figsize=(6, 6))
-    ax = fig.add_subplot()
+# dash patterns and markers of the ROC curves, grade by grade: curves that coincide still show through each other
+ROC_DASHES = [(0, ()), (0, (7, 3)), (0, (1.5, 2)), (0, (7, 2, 1.5, 2)), (0, (3, 2)), (0, (10, 2, 1.5, 2, 1.5, 2))]
+ROC_MARKERS = "osD^vPX*<>"
 
-    def curve(positives, scores, label, **style):
-        # drawn with plain matplotlib: RocCurveDisplay's styling arguments change between sklearn versions
-        fpr, tpr, _ = roc_curve(positives, scores)
-        ax.plot(fpr, tpr, label=f"{label} (AUC = {roc_auc_score(positives, scores):.2f})", **style)
 
-    for c, name in enumerate(class_names):
-        positives = np.asarray(targets) == c
-        if 0 < positives.sum() < len(positives):
-            curve(positives, probs[:, c], name)
+def roc_figure(targets, probs, class_names, remission=None):
+    """One-vs-rest ROC curve per grade, and remission vs active when that split is given.
+
+    A good model's curves coincide, so each grade has its own colour, dash pattern and hollow marker, the
+    earlier ones drawn wider and with larger markers, and its AUC in the legend beside the plot."""
+    prefix, labels = grade_labels(class_names)
+    targets = np.asarray(targets)
+    probs = np.asarray(probs)
+    curves = [(targets == c, probs[:, c], label) for c, label in enumerate(labels)]
+    curves = [(positives, scores, label) for positives, scores, label in curves if 0 < positives.sum() < len(targets)]
     if remission is not None:
         cut = class_names.index(remission)
-        active = np.asarray(targets) > cut
+        active = targets > cut
         if 0 < active.sum() < len(active):
-            curve(active, probs[:, cut + 1 :].sum(1), "active vs remission", linestyle="--", color="black")
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+            curves.append((active, probs[:, cut + 1 :].sum(1), "active vs remission"))
+    side, left, bottom = 4.2, 0.85, 0.7
+    entries = [
+        wrap(f"{label} (AUC {roc_auc_score(positives, scores):.2f})", 2.6, 9) for positives, scores, label in curves
+    ] + ["chance"]
+    legend_title = "\n".join(wrap(line, 2.6, 9) for line in ["grade vs the rest", prefix_note(prefix)] if line)
+    legend_width = widest_line(entries + [legend_title], 9) + 0.6  # the text, its line sample and the padding
+    legend_height = sum(text_height(entry, 9) + 0.07 for entry in entries) + text_height(legend_title, 9) + 0.3
+    width = left + side + 0.2 + legend_width + 0.15  # the legend stands right of the plot
+    height = bottom + max(side, legend_height) + 0.45
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+    grades = sum(label != "active vs remission" for *_, label in curves)
+    for k, ((positives, scores, label), entry) in enumerate(zip(curves, entries)):
+        fpr, tpr, _ = roc_curve(positives, scores)
+        if k < grades:
+            wider = (grades - 1 - k) / max(grades - 1, 1)  # 1 for the first grade drawn, 0 for the last
+            style = {
+                "color": f"C{k % 10}",
+                "linestyle": ROC_DASHES[k % len(ROC_DASHES)],
+                "linewidth": 1.5 + 2 * wider,
+                "marker": ROC_MARKERS[k % len(ROC_MARKERS)],
+                "markersize": 5 + 8 * wider,
+                "markerfacecolor": "none",
+                "alpha": 0.85,
+            }
+        else:
+            style = {"color": "black", "linestyle": (0, (4, 4)), "linewidth": 1.2}
+        ax.plot(fpr, tpr, label=entry, **style)
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance", zorder=1)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
+    ax.set_xlim(-0.05, 1.05)  # clear of the frame, where a perfect curve runs
+    ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title("ROC curves (one grade vs the rest)")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    files.save_figure(path, fig)
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=((left + side + 0.2) / width, (bottom + side) / height),
+        bbox_transform=fig.transFigure,
+        fontsize=9,
+        title=legend_title,
+        title_fontsize=9,
+        frameon=False,
+    )
+    return fig
 
 
-def plot_errors(rows, data_root, img_size, path, max_images=12):
-    """A grid of the most confidently wrong images; returns how many were shown (0 draws nothing)."""
+def plot_roc(targets, probs, class_names, path, remission=None):
+    """roc.png: one-vs-rest ROC curve per grade, and remission vs active when that split is given."""
+    files.save_figure(path, roc_figure(targets, probs, class_names, remission))
+
+
+def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None):
+    """A grid of the most confidently wrong images; returns how many were shown (0 draws nothing).
+
+    class_names: the grades, to show the part of their names that differs (default: the names in rows).
+    """
     from .data import UnreadableImage, eval_transform, load_image
 
-    wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))[
-        :max_images
-    ]
+    wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))
+    wrong = wrong[:max_images]
     if not wrong:
         Path(path).unlink(missing_ok=True)  # a resumed or redone evaluation must not show old errors
         return 0
+    names = list(class_names or sorted({r["true"] for r in rows} | {r["predicted"] for r in rows}))
+    prefix, labels = grade_labels(names)
+    short = dict(zip(names, labels))
+    captions = []
+    for row in wrong:
+        lines = [
+            Path(row["path"]).name,
+            f"true: {short[row['true']]}",
+            f"predicted: {short[row['predicted']]} (p={float(row['p_predicted']):.2f})",
+        ]
+        captions.append("\n".join(wrap(line, 2.8, 9) for line in lines))  # long file names wrapped, not cut
+    # laid out in inches: a strip for the heading, then rows of a caption above a 2.7 in image
     cols = min(4, len(wrong))
     nrows = (len(wrong) + cols - 1) // cols
-    fig = Figure(figsize=(3 * cols, 3.9 * nrows + 0.4))  # each row: the image and a three-line caption
-    for k, row in enumerate(wrong):
-        ax = fig.add_subplot(nrows, cols, k + 1)
+    caption_height = max(text_height(caption, 9) for caption in captions) + 0.1
+    row_height = caption_height + 2.7 + 0.25
+    heading = "Most confidently wrong validation images" + (f"\n{prefix_note(prefix)}" if prefix else "")
+    heading_height = 0.15 + text_height(heading, 12) + 0.15
+    width, height = 3 * cols, heading_height + nrows * row_height
+    fig = Figure(figsize=(width, height))
+    for k, (row, caption) in enumerate(zip(wrong, captions)):
+        left = 3 * (k % cols) + 0.15
+        bottom = height - heading_height - (k // cols) * row_height - caption_height - 2.7
+        ax = fig.add_axes((left / width, bottom / height, 2.7 / width, 2.7 / height))
         try:
             image = eval_transform(img_size)(load_image(Path(data_root) / row["path"])).permute(1, 2, 0).numpy()
             ax.imshow(image)
         except UnreadableImage:
             ax.text(0.5, 0.5, "image missing", ha="center")
-        name = Path(row["path"]).name
-        name = name if len(name) <= 30 else name[:13] + "..." + name[-14:]
-        ax.set_title(
-            f"{name}\ntrue: {row['true']}\npredicted: {row['predicted']} (p={float(row['p_predicted']):.2f})",
-            fontsize=9,
-        )
+        ax.set_title(caption, fontsize=9)
         ax.axis("off")
-    fig.suptitle("Most confidently wrong validation images")
-    fig.tight_layout(
-        rect=(0, 0, 1, 1 - 0.4 / (3.9 * nrows + 0.4))
-    )  # the top 0.4 inch holds the title, clear of the captions
+    fig.text(0.5, 1 - 0.15 / height, heading, ha="center", va="top", fontsize=12)
     files.save_figure(path, fig)
     return len(wrong)
 
 
 def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size, remission_upto, pooled=False):
     """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png."""
+    class_names = result["class_names"]
     write_predictions(Path(run_dir) / "predictions.csv", rows)
-    plot_confusions(result["confusion_matrix"], result["class_names"], run_dir, pooled)
-    plot_roc(targets, probs, result["class_names"], Path(run_dir) / "roc.png", remission_upto)
-    plot_errors(rows, data_root, img_size, Path(run_dir) / "errors.png")
+    plot_confusions(result["confusion_matrix"], class_names, run_dir, pooled)
+    plot_roc(targets, probs, class_names, Path(run_dir) / "roc.png", remission_upto)
+    plot_errors(rows, data_root, img_size, Path(run_dir) / "errors.png", class_names=class_names)
 
 
 # ----------------------------------------------------------------------------- HTML report
 
+# Plots are shown at their size in inches (96 CSS pixels each), so that their 10-point labels read as 10 points.
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+  color:#222;line-height:1.35}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
+  vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pair{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.pair img{max-width:calc(50% - 1em);box-sizing:border-box}
-img{max-width:100%;border:1px solid #eee}.note{color:#666;font-size:.9em}.warn{color:#a40}
-.gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery img{width:100%}.gallery figcaption{font-size:.85em}
+table.settings td{white-space:pre-line;overflow-wrap:anywhere}table.settings td:first-child{white-space:nowrap}
+.card{border:1px solid #c9d3e0;border-radius:6px;background:#f6f8fb;padding:0 1.2em .6em;margin-top:1.2em}
+.card h2{border:0;margin-top:.6em}
+.tiles{display:flex;flex-wrap:wrap;gap:.6em;margin:.7em 0}
+.tile{flex:1 1 0;min-width:7.5em;max-width:14em;background:#fff;border:1px solid #d5dbe5;border-radius:4px;
+  padding:.35em .8em}
+.tile span{display:block;color:#555;font-size:.9em}.tile b{display:block;font-size:1.7em;
+  font-variant-numeric:tabular-nums}.tile small{display:block;color:#666;font-size:.8em;overflow-wrap:anywhere}
+.pair{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+img{max-width:100%;height:auto;border:1px solid #eee}.note{color:#666;font-size:.9em}.warn{color:#a40}
+.gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery img{width:100%}
+.gallery figcaption{font-size:.85em}
+@page{size:A4;margin:14mm 12mm}
+@media print{
+  body{max-width:none;margin:0;padding:0;font-size:10pt}
+  h2{break-after:avoid;page-break-after:avoid}
+  img{max-height:250mm;object-fit:contain}
+  img,figure,tr,.card,.tile{break-inside:avoid;page-break-inside:avoid}
+  .gallery figure{width:30%}
+}
 """
 
 
@@ -233,25 +438,78 @@ def _is_number(value):
         return False
 
 
-def table(header, rows):
-    """An HTML table; numbers are right-aligned so that their digits line up, text stays left-aligned."""
+def table(header, rows, numbers=True, css_class=None):
+    """An HTML table. With numbers, numbers are right-aligned so that their digits line up; text stays left."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
         "<tr>"
-        + "".join(f"<td{' class=num' if _is_number(c) else ''}>{html.escape(str(c))}</td>" for c in row)
+        + "".join(f"<td{' class=num' if numbers and _is_number(c) else ''}>{html.escape(str(c))}</td>" for c in row)
         + "</tr>"
         for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{f' class={css_class}' if css_class else ''}><tr>{head}</tr>{body}</table>"
 
 
 def embed_png(path, alt=""):
+    """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch)."""
     data = Path(path).read_bytes()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+    with Image.open(io.BytesIO(data)) as image:
+        dpi = image.info.get("dpi", (96, 96))[0] or 96
+        width = round(image.width * 96 / dpi)
+    return (
+        f'<img alt="{html.escape(alt)}" width="{width}" '
+        f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+    )
 
 
 def pair(*images):
     return '<div class="pair">' + "".join(images) + "</div>"
+
+
+def tiles(items):
+    """The headline figures of the summary card: (label, value, details) each, details a list of short lines."""
+    return (
+        '<div class="tiles">'
+        + "".join(
+            f'<div class="tile"><span>{html.escape(label)}</span><b>{html.escape(value)}</b>'
+            + "".join(f"<small>{html.escape(detail)}</small>" for detail in details)
+            + "</div>"
+            for label, value, details in items
+        )
+        + "</div>"
+    )
+
+
+HEADLINE = ["accuracy", "balanced_accuracy", "qwk", "macro_f1"]
+
+
+def headline(metrics, spread=None):
+    """(label, value, details) of the figures a clinician looks at first.
+
+    spread: metric key -> 'mean ± std' over the folds of a cross-validation run.
+    """
+    spread = spread or {}
+
+    def details(key):
+        return [f"folds: {spread[key]}"] if key in spread else []
+
+    items = [(LABELS[name], fmt(metrics.get(name)), details(name)) for name in HEADLINE]
+    remission = metrics.get("remission")
+    if remission:
+        last = remission["remission_classes"][-1]
+        items += [
+            (
+                "sensitivity",
+                fmt(remission["sensitivity"]),
+                [f"active: above {last}", *details("remission_sensitivity")],
+            ),
+            (
+                "specificity",
+                fmt(remission["specificity"]),
+                [f"remission: up to {last}", *details("remission_specificity")],
+            ),
+        ]
+    return items
 
 
 def metrics_html(metrics):
@@ -268,7 +526,8 @@ def metrics_html(metrics):
     remission = metrics.get("remission")
     if remission:
         parts.append(
-            f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>"
+            f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) "
+            f"vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>"
         )
         parts.append(
             table(
@@ -278,8 +537,10 @@ def metrics_html(metrics):
         )
         c = remission["confusion"]
         parts.append(
-            f'<p class="note">An image is called active when its predicted grade is above {html.escape(remission["remission_classes"][-1])}. '
-            f"Active images: {c['tp']} called active, {c['fn']} called remission; remission images: {c['tn']} called remission, {c['fp']} called active.</p>"
+            '<p class="note">An image is called active when its predicted grade is above '
+            f"{html.escape(remission['remission_classes'][-1])}. "
+            f"Active images: {c['tp']} called active, {c['fn']} called remission; "
+            f"remission images: {c['tn']} called remission, {c['fp']} called active.</p>"
         )
     return "\n".join(parts)
 
@@ -308,6 +569,39 @@ def inference_html(timing):
             ]
         ],
     ) + (f'<p class="warn">{note[0].upper() + note[1:]}.</p>' if note else "")
+
+
+def curves_html(curves):
+    """The training curves, (heading, curves.png, history) each, and one sentence under them when validation
+    accuracy runs above training accuracy."""
+    parts = [
+        (f"<h3>{html.escape(heading)}</h3>" if heading else "") + embed_png(png, f"{heading} loss and accuracy curves")
+        for heading, png, _ in curves
+    ]
+    if any(validation_above_training(history) for *_, history in curves):
+        parts.append(
+            '<p class="note">Validation accuracy runs above training accuracy: training images are augmented '
+            "and validation images are not, so the training figures come from harder images.</p>"
+        )
+    return "\n".join(parts)
+
+
+def setting_text(value):
+    """A setting as a reader wants it: '–' for none, yes/no, lists and records spelled out, not JSON."""
+    if value is None or value == "" or value == []:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {setting_text(v)}" for key, v in value.items())
+    if isinstance(value, list):
+        return ("\n" if any(isinstance(v, dict) for v in value) else ", ").join(setting_text(v) for v in value)
+    return str(value)
+
+
+def settings_html(config):
+    """The resolved settings: each value left-aligned next to its name."""
+    return table(["setting", "value"], [[key, setting_text(value)] for key, value in config.items()], False, "settings")
 
 
 def dataset_html(run_dir, split=None, class_names=None):
@@ -341,7 +635,8 @@ def dataset_html(run_dir, split=None, class_names=None):
         leaks = sorted(g for g, found in subsets_of.items() if len(found) > 1)
         if leaks:
             parts.append(
-                f'<p class="warn">{len(leaks)} group(s) appear in more than one subset: {html.escape(", ".join(leaks[:10]))}.</p>'
+                f'<p class="warn">{len(leaks)} group(s) appear in more than one subset: '
+                f"{html.escape(', '.join(leaks[:10]))}.</p>"
             )
         else:
             parts.append("<p>Checked: no group appears in more than one subset.</p>")
@@ -357,17 +652,24 @@ def dataset_html(run_dir, split=None, class_names=None):
     return "\n".join(parts)
 
 
-def write_report(path, title, sections):
-    """sections: list of (heading, html). One self-contained page: every image is embedded."""
+def write_report(path, title, summary, sections):
+    """One self-contained page, every image embedded: the summary card, then sections, a list of (heading, html)."""
     generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
+    body = f'<section class="card">\n<h2>Summary</h2>\n{summary}\n</section>\n' + "\n".join(
+        f"<section>\n<h2>{html.escape(heading)}</h2>\n{content}\n</section>" for heading, content in sections
+    )
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
-        f'<p class="note">Generated {generated} by ucgrade. Research tool: not a medical device; review the results before relying on them.</p>\n'
+        f'<p class="note">Generated {generated} by ucgrade. '
+        "Research tool: not a medical device; review the results before relying on them.</p>\n"
         f"{body}\n</body></html>\n"
     )
     files.write_text(path, page)
+
+
+def grades_html(class_names):
+    return f"<p>Grades in order: <b>{html.escape(' < '.join(class_names))}</b>.</p>"
 
 
 def run_report(run_dir, cams=()):
@@ -378,13 +680,12 @@ def run_report(run_dir, cams=()):
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    best = metrics.get("best_epoch")
-    status = metrics.get("status", "finished")
+    chosen = "Last" if config.get("select") == "last" else "Best"
     summary = (
-        f"<p>Grades in order: <b>{html.escape(' < '.join(metrics['class_names']))}</b>. "
-        f"{'Last' if config.get('select') == 'last' else 'Best'} epoch {best} of {metrics.get('epochs_completed')} ({html.escape(status)}). "
-        f"Validation accuracy {fmt(metrics['accuracy'])}, balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
-        f"QWK {fmt(metrics['qwk'])}, on {metrics['num_images']} validation images. "
+        grades_html(metrics["class_names"])
+        + tiles(headline(metrics))
+        + f"<p>{chosen} epoch {metrics.get('best_epoch')} of {metrics.get('epochs_completed')} "
+        f"({html.escape(metrics.get('status', 'finished'))}), scored on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
         + caveats(
             config,
@@ -393,37 +694,33 @@ def run_report(run_dir, cams=()):
             "or compare runs by cross-validation (--folds)",
         )
     )
-    sections = [("Summary", summary), ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"]))]
-    sections.append(
-        (
-            "Settings",
-            table(
-                ["setting", "value"],
-                [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()],
-            ),
-        )
-    )
-    sections.append(("Training curves", embed_png(run_dir / "curves.png", "loss and accuracy curves")))
-    sections.append(
+    sections = [
         (
             "Confusion matrices (best.pt, validation set)",
             pair(
                 embed_png(run_dir / "confusion_matrix.png", "confusion matrix"),
                 embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
             ),
-        )
-    )
-    sections.append(("Metrics (best.pt, validation set)", metrics_html(metrics)))
+        ),
+        ("Metrics (best.pt, validation set)", metrics_html(metrics)),
+    ]
+    if (run_dir / "history.csv").exists():
+        history = read_history(run_dir / "history.csv")
+        sections.append(("Training curves", curves_html([("", run_dir / "curves.png", history)])))
     if (run_dir / "roc.png").exists():
         sections.append(("ROC curves", embed_png(run_dir / "roc.png", "ROC curves")))
-    sections.append(("Inference time", inference_html(metrics.get("inference_time"))))
     if (run_dir / "errors.png").exists():
         sections.append(("Most confidently wrong images", embed_png(run_dir / "errors.png", "errors")))
     else:
         sections.append(("Most confidently wrong images", "<p>No validation image was misclassified.</p>"))
     if cams:
         sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
-    write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", sections)
+    sections += [
+        ("Inference time", inference_html(metrics.get("inference_time"))),
+        ("Dataset and split", dataset_html(run_dir, class_names=metrics["class_names"])),
+        ("Settings", settings_html(config)),
+    ]
+    write_report(run_dir / "report.html", f"UC severity grading run: {run_dir.name}", summary, sections)
 
 
 def caveats(config, model, selection, remedy=""):
@@ -431,18 +728,19 @@ def caveats(config, model, selection, remedy=""):
     --select last) and, without --groups, the split."""
     if config.get("select") == "last":
         notes = (
-            f'<p class="note">{model} is that of the last epoch (--select last), chosen without looking at the validation images, '
-            "so the choice of epoch does not flatter these figures.</p>"
+            f'<p class="note">{model} is that of the last epoch (--select last), chosen without looking at the '
+            "validation images, so the choice of epoch does not flatter these figures.</p>"
         )
     else:
         notes = (
-            f'<p class="note">{selection}, so these figures lean optimistic (--select last avoids this); for an estimate to publish, '
-            f"grade a separate test set with predict.py{', ' + remedy if remedy else ''}.</p>"
+            f'<p class="note">{selection}, so these figures lean optimistic (--select last avoids this); '
+            "for an estimate to publish, grade a separate test set with predict.py"
+            f"{', ' + remedy if remedy else ''}.</p>"
         )
     if not config.get("groups"):
         notes += (
-            '<p class="warn">The split was made image by image (no --groups file): if a patient contributed several images, '
-            "some may be in training and others in validation, which flatters every metric here.</p>"
+            '<p class="warn">The split was made image by image (no --groups file): if a patient contributed several '
+            "images, some may be in training and others in validation, which flatters every metric here.</p>"
         )
     return notes
 
@@ -459,9 +757,8 @@ def cams_html(cams):
         for caption, p in cams
     )
     return (
-        '<p class="note">Red marks the regions that raised the score of the predicted grade most.</p><div class="gallery">'
-        + figures
-        + "</div>"
+        '<p class="note">Red marks the regions that raised the score of the predicted grade most.</p>'
+        f'<div class="gallery">{figures}</div>'
     )
 
 
@@ -470,7 +767,7 @@ def _label(name):
 
 
 def cv_report(run_dir, summary_table, pooled):
-    """report.html of a cross-validation run: the fold table, the pooled metrics and plots, and each fold's curves.
+    """report.html of a cross-validation run: the pooled metrics and plots, the fold table, and each fold's curves.
 
     Everything is embedded, as in a single run's report; each fold folder also keeps its own report.html.
     """
@@ -492,6 +789,7 @@ def cv_report(run_dir, summary_table, pooled):
             for row in summary_table
         ],
     )
+    spread = {row["metric"]: f"{row['mean']} ± {row['std']}" for row in summary_table if row["mean"]}
     timings = [json.loads((d / "metrics.json").read_text()).get("inference_time") for d in fold_dirs]
     timing_rows = [
         [
@@ -508,28 +806,27 @@ def cv_report(run_dir, summary_table, pooled):
     ]
     # a few Grad-CAM overlays, taken from the folds in turn
     per_fold = [[(f"fold{k}: {caption}", path) for caption, path in read_cams(d)] for k, d in enumerate(fold_dirs, 1)]
-    cams = [c for group in itertools.zip_longest(*per_fold) for c in group if c is not None][
-        : max(map(len, per_fold), default=0)
+    cams = [c for group in itertools.zip_longest(*per_fold) for c in group if c is not None]
+    cams = cams[: max(map(len, per_fold), default=0)]
+    grouped = f" grouped by {html.escape(str(config['groups']))}" if config.get("groups") else ""
+    summary = (
+        f"<p>{folds}-fold cross-validation{grouped}. Each image is validated exactly once, by the model that did not "
+        f"train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored here.</p>"
+        + grades_html(pooled["class_names"])
+        + tiles(headline(pooled, spread))
+        + f"<p>ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        + caveats(
+            config,
+            "Each fold's model",
+            "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images",
+        )
+    )
+    curves = [
+        (f"fold{k}", d / "curves.png", read_history(d / "history.csv"))
+        for k, d in enumerate(fold_dirs, 1)
+        if (d / "curves.png").exists() and (d / "history.csv").exists()
     ]
     sections = [
-        (
-            "Summary",
-            f"<p>{folds}-fold cross-validation{' grouped by ' + html.escape(str(config['groups'])) if config.get('groups') else ''}. "
-            f"Each image is validated exactly once, by the model that did not train on it; the pooled out-of-fold predictions of all {pooled['num_images']} images are scored below. "
-            f"Grades in order: <b>{html.escape(' < '.join(pooled['class_names']))}</b>. ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
-            + caveats(
-                config,
-                "Each fold's model",
-                "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images",
-            ),
-        ),
-        (
-            "Dataset and folds",
-            "<p>Images validated in each fold (each fold's model trained on the other folds):</p>"
-            + dataset_html(run_dir, split, pooled["class_names"]),
-        ),
-        ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
-        ("Pooled out-of-fold metrics", metrics_html(pooled)),
         (
             "Pooled confusion matrices",
             pair(
@@ -537,24 +834,10 @@ def cv_report(run_dir, summary_table, pooled):
                 embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
             ),
         ),
+        ("Pooled out-of-fold metrics", metrics_html(pooled)),
+        ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
+        ("Training curves", curves_html(curves)),
         ("ROC curves (pooled)", embed_png(run_dir / "roc.png", "ROC curves")),
-        (
-            "Training curves",
-            "".join(
-                f"<h3>fold{k}</h3>" + embed_png(d / "curves.png", f"fold{k} curves")
-                for k, d in enumerate(fold_dirs, 1)
-                if (d / "curves.png").exists()
-            ),
-        ),
-        (
-            "Inference time",
-            table(
-                ["fold", "device", "precision", "batch 1 mean (ms)", "median (ms)", "p95 (ms)", "throughput (img/s)"],
-                timing_rows,
-            )
-            if timing_rows
-            else "<p>not measured</p>",
-        ),
         (
             "Most confidently wrong images (pooled)",
             embed_png(run_dir / "errors.png", "errors")
@@ -564,14 +847,23 @@ def cv_report(run_dir, summary_table, pooled):
     ]
     if cams:
         sections.append(("Grad-CAM: where the model looked", cams_html(cams)))
+    timing_header = [
+        "fold",
+        "device",
+        "precision",
+        "batch 1 mean (ms)",
+        "median (ms)",
+        "p95 (ms)",
+        "throughput (img/s)",
+    ]
     sections += [
+        ("Inference time", table(timing_header, timing_rows) if timing_rows else "<p>not measured</p>"),
         (
-            "Settings",
-            table(
-                ["setting", "value"],
-                [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in config.items()],
-            ),
+            "Dataset and folds",
+            "<p>Images validated in each fold (each fold's model trained on the other folds):</p>"
+            + dataset_html(run_dir, split, pooled["class_names"]),
         ),
+        ("Settings", settings_html(config)),
         (
             "Folds",
             "<p>Each fold folder also holds its own report.html, checkpoints, predictions and Grad-CAM overlays: "
@@ -579,7 +871,7 @@ def cv_report(run_dir, summary_table, pooled):
             + ".</p>",
         ),
     ]
-    write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", sections)
+    write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", summary, sections)
 
 
 def redraw(run_dir):
@@ -604,7 +896,8 @@ def main(runs):
     """python -m ucgrade.report RUN [RUN ...]: redraw the plots of finished runs."""
     if not runs or runs[0] in ("-h", "--help"):
         print(
-            "usage: python -m ucgrade.report RUN [RUN ...]   (from the project folder) redraws the plots of finished runs"
+            "usage: python -m ucgrade.report RUN [RUN ...]   "
+            "(from the project folder) redraws the plots of finished runs"
         )
         return 0 if runs else 2
     for run in runs:
@@ -617,7 +910,8 @@ def main(runs):
             )
         if not path.is_file() or "confusion_matrix" not in json.loads(path.read_text()):
             raise UserError(
-                f"'{run}' has no evaluated model yet (it was interrupted before one); resume it with: python qq.py --resume {run}"
+                f"'{run}' has no evaluated model yet (it was interrupted before one); "
+                f"resume it with: python qq.py --resume {run}"
             )
         redraw(run)
         print(f"redrew the plots of {run}")
