@@ -111,6 +111,9 @@ def make_runtime(device_name="auto", precision="auto", resumed_from=None):
     Under torchrun, each process takes its own GPU (cuda:LOCAL_RANK), or the CPU, and joins the others.
     """
     env = distributed.torchrun_env()
+    rank, _, world_size = env or (0, 0, 1)
+    if rank != 0:  # one process speaks for the run; errors still reach stderr from every one
+        sys.stdout = open(os.devnull, "w")
     device = choose_device(device_name)
     if env and device.type == "cuda":
         device = torch.device("cuda", env[1])
@@ -126,9 +129,6 @@ def make_runtime(device_name="auto", precision="auto", resumed_from=None):
         )
     precision = choose_precision(device, precision, resumed_from)
     setup_backends(device, precision)
-    rank, _, world_size = env or (0, 0, 1)
-    if rank != 0:  # one process speaks for the run; errors still reach stderr from every one
-        sys.stdout = open(os.devnull, "w")
     return Runtime(device, precision, rank=rank, world_size=world_size)
 
 

@@ -9,6 +9,7 @@ order, so none waits for a partner that never comes.
 import atexit
 import datetime
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -102,11 +103,13 @@ def sync_batch_norm(model, runtime):
     torch's does not support)."""
     if runtime.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(model, name, GlobalBatchNorm.from_batch_norm(child))
-        else:
-            sync_batch_norm(child, runtime)
+    # a process group of their own: gloo runs collectives on several threads, and batch norm's, made
+    # during the backward pass, must not pair up with DistributedDataParallel's gradient reductions
+    group = dist.new_group(backend="gloo")
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, GlobalBatchNorm.from_batch_norm(child, group))
     return model
 
 
@@ -118,20 +121,29 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     """
 
     @classmethod
-    def from_batch_norm(cls, bn):
+    def from_batch_norm(cls, bn, group):
+        """The same parameters and buffers (shared, as SyncBatchNorm.convert_sync_batchnorm shares them)."""
         module = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        module.load_state_dict(bn.state_dict())
-        return module.to(bn.weight.device if bn.affine else bn.running_mean.device)
+        module.group = group
+        if bn.affine:
+            module.weight, module.bias = bn.weight, bn.bias
+        if bn.track_running_stats:
+            module.running_mean, module.running_var = bn.running_mean, bn.running_var
+            module.num_batches_tracked = bn.num_batches_tracked
+        return module
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        xf = x.float()
+        xf, shape = x.float(), (1, x.shape[1], 1, 1)
         count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
-        stats = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-        channels, total = x.shape[1], stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels : 2 * channels] / total - mean * mean).clamp_min(0)
+        with warnings.catch_warnings():  # the autograd all_reduce is deprecated for a private successor
+            warnings.simplefilter("ignore", FutureWarning)
+            sums = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=self.group)
+            total = sums[-1]
+            mean = sums[:-1] / total
+            centered = xf - mean.view(shape)  # two passes: the variance of small activations keeps its digits
+            var = dist_nn.all_reduce((centered * centered).sum((0, 2, 3)), group=self.group) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -139,8 +151,7 @@ class GlobalBatchNorm(nn.BatchNorm2d):
                 momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(unbiased, momentum)
-        shape = (1, channels, 1, 1)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

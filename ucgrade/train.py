@@ -128,14 +128,14 @@ def frozen_features(args, image_set, split, model, runtime):
 def prepare(args, image_set, split, model, runtime, generator):
     """The Training of a model: its loaders, loss, optimiser, schedule and loss scaling."""
     train_loader, val_loader, trainable = make_loaders(args, image_set, split, model, runtime, generator)
+    if args.sync_bn and runtime.world_size > 1:  # before the optimiser is made, so that it holds these layers
+        trainable = distributed.sync_batch_norm(trainable, runtime)
     train_labels = np.asarray(image_set.labels)[split.train]
     criterion = engine.make_criterion(args.balance, train_labels, len(image_set.class_names), runtime.device)
     optimizer, lr_scheduler = engine.make_optimizer(
         trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma
     )
     scaler = make_grad_scaler(runtime.device, runtime.precision)
-    if args.sync_bn and runtime.world_size > 1:
-        trainable = distributed.sync_batch_norm(trainable, runtime)
     step_model = distributed.wrap(trainable, runtime)
     step_model = torch.compile(step_model) if args.compile else step_model
     loaders = (train_loader, val_loader)

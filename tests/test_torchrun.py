@@ -1,0 +1,201 @@
+"""torchrun: one model trained by several processes (gloo on the CPU here; NCCL on GPUs), issue 10."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, make_folder, run_script, user_lines
+
+import qq
+from ucgrade import data
+from ucgrade.cli import run_cli
+from ucgrade.files import read_csv
+
+# 30 images: 24 train (three global batches of 8, four images per process), 6 validation (3 per process)
+RUN = ["--img-size", "64", "--batch-size", "8", "--pretrained", "no", "--cam-examples", "1", "--precision", "fp32"]
+OUTPUTS = [
+    "best.pt", "last.pt", "history.csv", "curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png",
+    "roc.png", "metrics.json", "predictions.csv", "split.csv", "skipped.csv", "config.json", "report.html",
+    "cam/index.csv",
+]  # fmt: skip
+
+
+def torchrun(*args):
+    """The command line of torchrun with two processes on this machine, as a user would type it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return command + [str(ROOT / "qq.py"), *map(str, args)]
+
+
+def run_torchrun(*args, env=None, timeout=600):
+    full_env = dict(os.environ) | {"OMP_NUM_THREADS": "1"} | (env or {})
+    return subprocess.run(torchrun(*args), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"), {"mild": 10, "moderate": 10, "severe": 10}, size=64)
+
+
+@pytest.fixture(scope="module")
+def two_and_one(tiny, module_tmp):
+    """A 2-process run with --sync-bn and a 1-process run of the same settings (the same global batch).
+
+    resnet18: a ResNet50 from random weights at 64 px has channels of nearly constant value in its last
+    stage, where any two correct batch norms differ by several percent in the gradient (torch's own
+    BatchNorm2d against the textbook formula, in one process, by up to 11%), so it would test that
+    conditioning rather than the distribution."""
+    argv = ["--data", tiny, "--epochs", "2", "--sync-bn", "--arch", "resnet18", *RUN]
+    result = run_torchrun("--out", module_tmp / "two", *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # one thread, as torchrun gives each process: the thread count alone changes the losses of this
+    # run by 0.15% after six steps (the reductions' order), as much as a real difference would
+    one = run_script("qq.py", "--out", module_tmp / "one", *argv, env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    return module_tmp / "two", module_tmp / "one", result
+
+
+def test_two_processes_write_one_run_with_every_file_and_every_validation_image_once(two_and_one):
+    two, one, result = two_and_one
+    assert os.listdir(two) == ["train"]  # process 0 made the folder and named it for the other
+    run = two / "train"
+    for name in OUTPUTS:
+        assert (run / name).is_file(), name
+    split = read_csv(run / "split.csv")
+    assert split == read_csv(one / "train" / "split.csv")  # the same split as one process with the same seed
+    val = [row["path"] for row in split if row["subset"] == "val"]
+    predicted = [row["path"] for row in read_csv(run / "predictions.csv")]
+    assert predicted == val and len(set(predicted)) == len(val) == 6  # each image once, in the split's order
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_images"] == 6 and sum(map(sum, metrics["confusion_matrix"])) == 6
+    truth = {row["path"]: row["class"] for row in split}
+    correct = sum(truth[row["path"]] == row["predicted"] for row in read_csv(run / "predictions.csv"))
+    assert metrics["accuracy"] == pytest.approx(correct / 6)  # from all the validation images, not one process's
+    config = json.loads((run / "config.json").read_text())
+    assert config["processes"] == 2 and config["sync_bn"] is True
+    assert result.stdout.count("run folder:") == 1  # one process speaks for the run
+
+
+def test_two_processes_with_sync_bn_train_as_one_process_with_the_same_global_batch(two_and_one):
+    """Same images, augmentation seeds, initial weights and global batches, batch norm over the global
+    batch, one thread per process: only the order of the floating-point sums across processes differs,
+    which moves the training losses by about 1e-5 relative here (1e-4 allowed). The validation loss
+    moves by about 4e-4 (1e-3 allowed), because each process validates batches of 4 instead of 8 and
+    the running statistics come from GlobalBatchNorm's sums. Per-process batch norm or another batch
+    composition changes them by percents after one epoch."""
+    two, one, _ = two_and_one
+    got, want = read_csv(two / "train" / "history.csv"), read_csv(one / "train" / "history.csv")
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want):
+        for key, tolerance in (("train_loss", 1e-4), ("train_acc", 1e-6), ("lr", 1e-9), ("val_loss", 1e-3)):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=tolerance), (a["epoch"], key)
+        assert a["val_acc"] == b["val_acc"]
+
+
+def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        torchrun("--data", tiny, "--out", out, "--epochs", "6", *RUN),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the workers can be counted after it ends
+    )
+    history = out / "train" / "history.csv"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and len(read_csv(history)) >= 1) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    start = time.monotonic()
+    process.send_signal(signal.SIGINT)  # to torchrun only, as a scheduler or a user's kill would
+    _, stderr = process.communicate(timeout=60)
+    seconds = time.monotonic() - start
+    assert process.returncode != 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # no process of the group is left
+    assert seconds < 30, seconds
+    run = out / "train"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["resume"] == f"python qq.py --resume {run}"
+    finished = len(read_csv(history))
+    assert finished >= 1 and (run / "last.pt").is_file()
+    assert f"Resume with: python qq.py --resume {run}" in stderr
+
+    # resumed by one process: the run goes on, and says that the images are dealt out differently
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "qq.py"), "--resume", str(run)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "note: the run trained in 2 process(es) and goes on in 1" in resumed.stdout
+    assert len(read_csv(history)) == 6 and json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_a_process_that_fails_stops_the_others_with_one_clear_message(tiny, tmp_path):
+    """Process 1 raises in its first epoch (a sitecustomize stands in for a failure on one machine);
+    process 0, waiting for it in a collective, stops too, and both exit non-zero."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import ucgrade.engine as engine\n"
+        "    from ucgrade.cli import UserError\n\n"
+        "    def failing(*args, **kwargs):\n"
+        "        raise UserError('process 1 could not go on (a stand-in for a failure on one process).')\n\n"
+        "    engine.train_one_epoch = failing\n"
+    )
+    start = time.monotonic()
+    pythonpath = os.pathsep.join([str(tmp_path), str(ROOT)])
+    result = run_torchrun(
+        "--data", tiny, "--out", tmp_path / "out", "--epochs", "2", *RUN, env={"PYTHONPATH": pythonpath}
+    )
+    assert time.monotonic() - start < 120  # startup included; the stop itself takes seconds
+    assert result.returncode != 0
+    lines = user_lines(result.stderr)
+    assert lines.count("error: process 1 could not go on (a stand-in for a failure on one process).") == 1
+    assert (
+        sum(
+            "error: process 0 stopped because another process of this torchrun run stopped first" in line
+            for line in lines
+        )
+        == 1
+    )
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_one_sentence(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = qq.get_args_parser().parse_args(["--data", str(tiny), "--out", str(tmp_path), "--batch-size", "10"])
+    assert run_cli(qq.main, args) == 2
+    assert user_lines(capsys.readouterr().err) == [
+        "error: --batch-size 10 does not divide among the 4 processes that torchrun starts, and it is the global "
+        "batch; give a multiple of 4, such as 8."
+    ]
+
+
+@pytest.mark.parametrize("balance", ["none", "sampler"])
+def test_the_shares_of_the_processes_make_up_the_one_process_epoch(balance):
+    """Every process draws the same permutation and seeds and takes every world_size-th pair: the
+    shares, interleaved, are the one-process sequence (padded from its start to a multiple)."""
+    weights = torch.tensor([1.0, 1.0, 4.0, 1.0, 2.0, 1.0, 1.0])
+
+    def sampler(generator):
+        if balance == "sampler":
+            return torch.utils.data.WeightedRandomSampler(weights, 7, replacement=True, generator=generator)
+        return torch.utils.data.RandomSampler(range(7), generator=generator)
+
+    def epoch(rank, world_size):
+        generator = torch.Generator().manual_seed(3)
+        return list(data.SeededSampler(sampler(generator), generator, rank, world_size))
+
+    one = epoch(0, 1)
+    shares = [epoch(rank, 2) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 4  # 7 padded to 8: every process takes as many steps
+    assert [pair for step in zip(*shares) for pair in step] == one + one[:1]
