@@ -437,7 +437,8 @@ def time_project_steps(parts, steps):
 
 
 def time_project_inference(model, class_names, img_size, val_set, device, precision, batch_size, folder):
-    """The model as predict.py loads it (save, load_checkpoint, model_from_checkpoint), timed by engine.measure_inference_time."""
+    """The model as predict.py loads it (save, load_checkpoint, model_from_checkpoint), timed by
+    engine.measure_inference_time."""
     path = Path(folder) / "best.pt"
     start = time.perf_counter()
     config = {"class_names": class_names, "img_size": img_size}
@@ -613,7 +614,8 @@ def train_tutorial(model, train_loader, val_loader, device, epochs):
             }
         )
         print(
-            f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val {end - val_start:.1f} s), val acc {correct / seen:.3f}",
+            f"  epoch {epoch}/{epochs}: {end - start:.1f} s (train {val_start - start:.1f} s, val "
+            f"{end - val_start:.1f} s), val acc {correct / seen:.3f}",
             flush=True,
         )
     return history, criterion, optimizer
@@ -633,7 +635,8 @@ def time_tutorial_steps(model, criterion, optimizer, train_loader, device, steps
 
 @torch.no_grad()
 def time_tutorial_inference(model, crops, device, warmup=5, max_images=50):
-    """fp32, eager, contiguous: batch 1 from a uint8 crop to a prediction, timed as engine.measure_inference_time does."""
+    """fp32, eager, contiguous: batch 1 from a uint8 crop to a prediction, timed as
+    engine.measure_inference_time does."""
     model.eval()
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
@@ -681,7 +684,8 @@ def run_benchmark(args, data_dir, device, precision):
     }
 
     print(
-        f"the project's training ({precision}, batch {run_args.batch_size}): {args.epochs} whole epochs, then {steps} steps alone ...",
+        f"the project's training ({precision}, batch {run_args.batch_size}): {args.epochs} whole epochs, then "
+        f"{steps} steps alone ...",
         flush=True,
     )
     with Part(device) as part:
@@ -784,7 +788,8 @@ def run_benchmark(args, data_dir, device, precision):
     del image_set  # the baseline decodes from disk: free the cache
 
     print(
-        f"the tutorial baseline (fp32, eager, batch 4, decoding every epoch): {args.baseline_epochs} whole epoch(s), then {steps} steps alone ...",
+        f"the tutorial baseline (fp32, eager, batch 4, decoding every epoch): {args.baseline_epochs} whole "
+        f"epoch(s), then {steps} steps alone ...",
         flush=True,
     )
     with Part(device) as part:
@@ -859,7 +864,8 @@ def print_table(results, setup):
             f"(matmul {c['matmul_gflop_s']:.0f}, 3x3 convolution {c['conv_gflop_s']:.0f} GFLOP/s)"
         )
     print(
-        f"\n{'training':<34}{'img/s':>7}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}{'epoch s':>9}{'s/800 img':>10}{'val acc':>9}{'peak RSS':>10}{'others':>8}"
+        f"\n{'training':<34}{'img/s':>7}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}{'epoch s':>9}"
+        f"{'s/800 img':>10}{'val acc':>9}{'peak RSS':>10}{'others':>8}"
     )
     rows = [(f"project {project['precision']} b{project['batch_size']} w{project['workers']}", project)]
     if "project_fp32" in results:
@@ -868,42 +874,51 @@ def print_table(results, setup):
     for name, part in rows:
         w = part["whole_epochs"]
         print(
-            f"{name + ', epochs':<34}{w['images_per_s']:>7.1f}{w['gflop_s']:>9.0f}{percent(w['of_bf16_ceiling']):>9}{percent(w['of_fp32_ceiling']):>9}"
+            f"{name + ', epochs':<34}{w['images_per_s']:>7.1f}{w['gflop_s']:>9.0f}"
+            f"{percent(w['of_bf16_ceiling']):>9}{percent(w['of_fp32_ceiling']):>9}"
             f"{w['epoch_s']:>9.1f}{w['epoch_s_per_800_images']:>10.1f}{w['val_acc']:>9.3f}{part['part']['peak_rss_mb']:>8.0f}MB"
             f"{percent(part['part']['others_cpu_share']):>8}"
         )
         if "steps_alone" in part:
             s = part["steps_alone"]
             print(
-                f"{name + ', steps alone':<34}{s['images_per_s']:>7.1f}{s['gflop_s']:>9.0f}{percent(s['of_bf16_ceiling']):>9}{percent(s['of_fp32_ceiling']):>9}"
+                f"{name + ', steps alone':<34}{s['images_per_s']:>7.1f}{s['gflop_s']:>9.0f}"
+                f"{percent(s['of_bf16_ceiling']):>9}{percent(s['of_fp32_ceiling']):>9}"
             )
     print(
-        "(epochs: training images / (training + validation s), steady state; baseline: the PyTorch tutorial's loop, ImageFolder decoding every epoch;\n"
+        "(epochs: training images / (training + validation s), steady state; baseline: the PyTorch tutorial's "
+        "loop, ImageFolder decoding every epoch;\n"
         " others: the share of the CPUs other processes used meanwhile; 0% on a quiet machine)"
     )
     print(
-        f"\nspeed-up over the baseline: whole epochs {speedup['whole_epochs']:.2f}x, steps alone {speedup['steps_alone']:.2f}x, "
+        f"\nspeed-up over the baseline: whole epochs {speedup['whole_epochs']:.2f}x, steps alone "
+        f"{speedup['steps_alone']:.2f}x, "
         f"batch-1 inference {speedup['inference_batch1']:.2f}x"
     )
     print(
-        f"first epoch (warm-up included): project {project['whole_epochs']['first_epoch_s']:.1f} s, baseline {baseline['whole_epochs']['first_epoch_s']:.1f} s; "
+        f"first epoch (warm-up included): project {project['whole_epochs']['first_epoch_s']:.1f} s, baseline "
+        f"{baseline['whole_epochs']['first_epoch_s']:.1f} s; "
         f"decoding into the cache: {data_info['part']['seconds']:.1f} s, {data_info['cache_mb']:.0f} MB"
     )
     print(
-        f"inference, batch 1: project ({infer['precision']}) mean {infer['batch1_mean_ms']:.1f} ms, median {infer['batch1_median_ms']:.1f} ms per image; "
+        f"inference, batch 1: project ({infer['precision']}) mean {infer['batch1_mean_ms']:.1f} ms, median "
+        f"{infer['batch1_median_ms']:.1f} ms per image; "
         f"baseline (fp32) mean {infer_base['batch1_mean_ms']:.1f} ms, median {infer_base['batch1_median_ms']:.1f} ms"
     )
     print(
-        f"inference throughput: project at batch {infer['throughput_batch_size']}: {infer['throughput_images_per_s']:.1f} img/s"
+        f"inference throughput: project at batch {infer['throughput_batch_size']}: "
+        f"{infer['throughput_images_per_s']:.1f} img/s"
     )
     print_side_by_side(results["inference"]["side_by_side"])
     print(
         f"accuracy after {accuracy['epochs']} epoch(s) on the same {accuracy['val_images']} validation images: "
         f"{accuracy['precision']} {accuracy['val_acc']:.3f} (val loss {accuracy['val_loss']:.4f}), "
-        f"fp32 {accuracy['fp32_val_acc']:.3f} (val loss {accuracy['fp32_val_loss']:.4f}); one image = {accuracy['one_image']:.3f}"
+        f"fp32 {accuracy['fp32_val_acc']:.3f} (val loss {accuracy['fp32_val_loss']:.4f}); one image = "
+        f"{accuracy['one_image']:.3f}"
     )
     print(
-        f"--freeze-backbone: {frozen['epochs']} epochs in {frozen['total_s']:.1f} s, {frozen['features_s']:.1f} s of it computing the features "
+        f"--freeze-backbone: {frozen['epochs']} epochs in {frozen['total_s']:.1f} s, {frozen['features_s']:.1f} s "
+        "of it computing the features "
         f"({frozen['total_s_per_800_images']:.1f} s per 800 images); val acc {frozen['val_acc']:.3f}"
     )
     cuda = [

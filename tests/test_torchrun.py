@@ -199,3 +199,26 @@ def test_the_shares_of_the_processes_make_up_the_one_process_epoch(balance):
     shares = [epoch(rank, 2) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 4  # 7 padded to 8: every process takes as many steps
     assert [pair for step in zip(*shares) for pair in step] == one + one[:1]
+
+
+def test_cross_validation_with_a_frozen_backbone_and_a_resume_under_torchrun(tiny, tmp_path):
+    """--folds and --freeze-backbone (features computed by shares, gathered in order) under torchrun, and
+    --resume by the same number of processes, which says nothing about the order of the images."""
+    argv = ["--data", tiny, "--freeze-backbone", "--epochs", "2", *RUN]
+    cv = run_torchrun("--out", tmp_path / "cv", "--folds", "2", *argv)
+    assert cv.returncode == 0, cv.stderr[-3000:]
+    run = tmp_path / "cv" / "train"
+    pooled = read_csv(run / "predictions.csv")
+    assert sorted(row["path"] for row in pooled) == sorted(row["path"] for row in read_csv(run / "split.csv"))
+    assert json.loads((run / "metrics.json").read_text())["num_images"] == 30 == len(pooled)
+    assert (run / "cv_summary.json").is_file() and (run / "report.html").is_file()
+    for fold in ("fold1", "fold2"):
+        assert len(read_csv(run / fold / "history.csv")) == 2 and (run / fold / "report.html").is_file()
+
+    single = run_torchrun("--out", tmp_path / "single", *argv[: -len(RUN)], "--epochs", "1", *RUN)
+    assert single.returncode == 0, single.stderr[-3000:]
+    run = tmp_path / "single" / "train"
+    resumed = run_torchrun("--resume", run, "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(read_csv(run / "history.csv")) == 2 and "process(es) and goes on" not in resumed.stdout
+    assert [r["processes"] for r in json.loads((run / "config.json").read_text())["resumed"]] == [2]

@@ -81,6 +81,12 @@ def any_process(flag, runtime):
     return bool(value.item())
 
 
+def barrier(runtime):
+    """Wait until every process is here (and so has finished what it did before, such as writing a file)."""
+    if runtime.world_size > 1:
+        dist.barrier()
+
+
 def broadcast(value, runtime):
     """Process 0's value, on every process (the name of the run folder it made, say)."""
     if runtime.world_size == 1:

@@ -14,7 +14,7 @@ import numpy as np
 from . import data, engine, files, metrics, report
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
-from .distributed import shard
+from .distributed import barrier, shard
 from .model import load_checkpoint
 
 
@@ -30,6 +30,7 @@ class Evaluation:
 
 def evaluate_split(args, image_set, split, model, history, runtime):
     """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report."""
+    barrier(runtime)  # process 0 has written best.pt
     model.load_state_dict(load_checkpoint(split.run_dir / "best.pt")["model"])
     resize = data.resize_size_for(args.img_size)
     val_share = data.ImageDataset(image_set, shard(split.val, runtime), data.val_transform(args.img_size), resize)
