@@ -25,15 +25,17 @@ OUTPUTS = [
 ]  # fmt: skip
 
 
-def torchrun(*args):
-    """The command line of torchrun with two processes on this machine, as a user would type it."""
+def torchrun(*args, logs):
+    """The command line of torchrun with two processes on this machine, as a user would type it (its own
+    logs in logs, not in a folder of the machine's temp folder that it would leave behind)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return command + [str(ROOT / "qq.py"), *map(str, args)]
+    return command + ["--log-dir", str(logs), str(ROOT / "qq.py"), *map(str, args)]
 
 
-def run_torchrun(*args, env=None, timeout=600):
+def run_torchrun(*args, logs, env=None, timeout=600):
     full_env = dict(os.environ) | {"OMP_NUM_THREADS": "1"} | (env or {})
-    return subprocess.run(torchrun(*args), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    command = torchrun(*args, logs=logs)
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def two_and_one(tiny, module_tmp):
     BatchNorm2d against the textbook formula, in one process, by up to 11%), so it would test that
     conditioning rather than the distribution."""
     argv = ["--data", tiny, "--epochs", "2", "--sync-bn", "--arch", "resnet18", *RUN]
-    result = run_torchrun("--out", module_tmp / "two", *argv)
+    result = run_torchrun("--out", module_tmp / "two", *argv, logs=module_tmp / "logs")
     assert result.returncode == 0, result.stderr[-3000:]
     # one thread, as torchrun gives each process: the thread count alone changes the losses of this
     # run by 0.15% after six steps (the reductions' order), as much as a real difference would
@@ -100,7 +102,7 @@ def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny
     out = tmp_path / "out"
     env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        torchrun("--data", tiny, "--out", out, "--epochs", "6", *RUN),
+        torchrun("--data", tiny, "--out", out, "--epochs", "6", *RUN, logs=tmp_path / "logs"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -152,7 +154,15 @@ def test_a_process_that_fails_stops_the_others_with_one_clear_message(tiny, tmp_
     start = time.monotonic()
     pythonpath = os.pathsep.join([str(tmp_path), str(ROOT)])
     result = run_torchrun(
-        "--data", tiny, "--out", tmp_path / "out", "--epochs", "2", *RUN, env={"PYTHONPATH": pythonpath}
+        "--data",
+        tiny,
+        "--out",
+        tmp_path / "out",
+        "--epochs",
+        "2",
+        *RUN,
+        logs=tmp_path / "logs",
+        env={"PYTHONPATH": pythonpath},
     )
     assert time.monotonic() - start < 120  # startup included; the stop itself takes seconds
     assert result.returncode != 0
@@ -205,7 +215,7 @@ def test_cross_validation_with_a_frozen_backbone_and_a_resume_under_torchrun(tin
     """--folds and --freeze-backbone (features computed by shares, gathered in order) under torchrun, and
     --resume by the same number of processes, which says nothing about the order of the images."""
     argv = ["--data", tiny, "--freeze-backbone", "--epochs", "2", *RUN]
-    cv = run_torchrun("--out", tmp_path / "cv", "--folds", "2", *argv)
+    cv = run_torchrun("--out", tmp_path / "cv", "--folds", "2", *argv, logs=tmp_path / "logs")
     assert cv.returncode == 0, cv.stderr[-3000:]
     run = tmp_path / "cv" / "train"
     pooled = read_csv(run / "predictions.csv")
@@ -215,10 +225,10 @@ def test_cross_validation_with_a_frozen_backbone_and_a_resume_under_torchrun(tin
     for fold in ("fold1", "fold2"):
         assert len(read_csv(run / fold / "history.csv")) == 2 and (run / fold / "report.html").is_file()
 
-    single = run_torchrun("--out", tmp_path / "single", *argv[: -len(RUN)], "--epochs", "1", *RUN)
+    single = run_torchrun("--out", tmp_path / "single", *argv[: -len(RUN)], "--epochs", "1", *RUN, logs=tmp_path / "l1")
     assert single.returncode == 0, single.stderr[-3000:]
     run = tmp_path / "single" / "train"
-    resumed = run_torchrun("--resume", run, "--epochs", "2")
+    resumed = run_torchrun("--resume", run, "--epochs", "2", logs=tmp_path / "l2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(read_csv(run / "history.csv")) == 2 and "process(es) and goes on" not in resumed.stdout
     assert [r["processes"] for r in json.loads((run / "config.json").read_text())["resumed"]] == [2]
