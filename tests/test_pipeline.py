@@ -267,6 +267,7 @@ def test_help_shows_every_flag_with_default():
         "--folds",
         "--balance",
         "--select",
+        "--sync-bn",
         "--freeze-backbone",
         "--cache",
         "--compile",
