@@ -16,6 +16,7 @@ history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and r
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ucgrade import data, distributed, evaluate, files, settings, splits, train
@@ -176,6 +177,7 @@ def check_args(args):
             f"--name '{args.name}' must be a plain folder name, without '/'; the run folder goes under --out."
         )
     files.check_folder_path(args.out, "--out")
+    files.check_writable(args.resume or args.out, "--resume" if args.resume else "--out")
     # a resumed run needs neither file (groups come from its split.csv, weights only for a fold not begun)
     for flag, value in (("--weights", args.weights), ("--groups", args.groups)) if not args.resume else ():
         if value and Path(value).is_dir():
@@ -213,8 +215,11 @@ def main(args):
                     history, model = train.train(args, image_set, split, runtime, imagenet_state, config)
                     evaluations.append(evaluate.evaluate_split(args, image_set, split, model, history, runtime))
             if args.folds and runtime.is_main:
-                evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations)
+                evaluations.append(evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations))
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")
+    if failed := evaluate.failures_line(evaluations):
+        print(f"warning: {failed}", file=sys.stderr)
+        return 3
     return 0
 
 

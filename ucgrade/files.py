@@ -1,6 +1,7 @@
 """Run folders and atomic writes: a kill at any moment never leaves a half-written file behind."""
 
 import csv
+import errno
 import io
 import json
 import os
@@ -30,8 +31,10 @@ def _atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error) and not error.filename:  # a write() names no file; the message should
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
 
 
@@ -69,10 +72,23 @@ def read_status(run_dir):
         return None
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def is_disk_full(error):
+    """True for an OSError that says the disk, the quota or the file-size limit is full."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL
+
+
 def save_torch(path, obj):
     import torch  # here, not at the top: the torch-free grader (predict.py with an .onnx) uses this module
 
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        _atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as error:  # torch's zip writer wraps the OSError of a full disk in a RuntimeError
+        if is_disk_full(error.__context__):
+            raise OSError(error.__context__.errno, error.__context__.strerror, str(path)) from None
+        raise
 
 
 def save_figure(path, fig):
@@ -87,6 +103,20 @@ def check_folder_path(path, flag):
     existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())  # '.' and '/' always exist
     if not existing.is_dir():
         raise UserError(f"{flag} '{path}' cannot be a folder, because '{existing}' is a file; give a folder.")
+
+
+def check_writable(path, flag):
+    """Before any work: files can be created in the folder at path, or in the nearest folder above it that exists
+    (where it will be made). Tried with a real file, because permissions alone miss read-only disks (and root)."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".ucgrade-write-test."):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"{flag} '{path}' cannot be written ('{existing}': {error.strerror or error}); give a folder you can "
+            "write to, or fix its permissions, before the images are read."
+        ) from None
 
 
 def new_run_dir(out_dir, name=None):

@@ -19,6 +19,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no screen on a hospital server or in CI
+# grade names and file names are plain text: a class folder 'sev_$1_$2' must not be read as mathtext
+matplotlib.rcParams["text.parse_math"] = False
+matplotlib.rcParams["text.usetex"] = False
 
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -389,12 +392,41 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
 
 
 def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size, remission_upto, pooled=False):
-    """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png."""
+    """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png.
+
+    predictions.csv must be written; a plot that fails is left out. Returns the failures, a list of
+    (part, reason), for the output and the report.
+    """
     class_names = result["class_names"]
     write_predictions(Path(run_dir) / "predictions.csv", rows)
-    plot_confusions(result["confusion_matrix"], class_names, run_dir, pooled)
-    plot_roc(targets, probs, class_names, Path(run_dir) / "roc.png", remission_upto)
-    plot_errors(rows, data_root, img_size, Path(run_dir) / "errors.png", class_names=class_names)
+    failed = []
+    attempt(failed, "the confusion matrices", plot_confusions, result["confusion_matrix"], class_names, run_dir, pooled)
+    attempt(failed, "roc.png", plot_roc, targets, probs, class_names, Path(run_dir) / "roc.png", remission_upto)
+    attempt(
+        failed, "errors.png", plot_errors, rows, data_root, img_size, Path(run_dir) / "errors.png",
+        class_names=class_names,
+    )  # fmt: skip
+    return failed
+
+
+def attempt(failed, part, function, *args, **kwargs):
+    """function(*args, **kwargs), for an optional part of a finished run (a plot, Grad-CAM, the timing): a
+    failure is printed and added to failed as (part, reason) instead of losing the files that must be written.
+    A full disk, a stop and a user's mistake still end the run."""
+    try:
+        return function(*args, **kwargs)
+    except (UserError, KeyboardInterrupt, MemoryError):
+        raise
+    except OSError as error:
+        if files.is_disk_full(error):
+            raise
+        reason = f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else "")
+    except Exception as error:  # an optional part must not lose a finished training, whatever went wrong
+        reason = f"{type(error).__name__}: {error}"
+    reason = " ".join(reason.split())[:300]
+    print(f"warning: {part} could not be made ({reason}); the run's other files are written.", file=sys.stderr)
+    failed.append((part, reason))
+    return None
 
 
 # ----------------------------------------------------------------------------- HTML report
@@ -451,7 +483,10 @@ def table(header, rows, numbers=True, css_class=None):
 
 
 def embed_png(path, alt=""):
-    """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch)."""
+    """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch); a plot that
+    could not be drawn is named instead."""
+    if not Path(path).is_file():
+        return f'<p class="warn">{html.escape(Path(path).name)} could not be drawn; see "What failed" above.</p>'
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as image:
         dpi = image.info.get("dpi", (96, 96))[0] or 96
@@ -672,10 +707,21 @@ def grades_html(class_names):
     return f"<p>Grades in order: <b>{html.escape(' < '.join(class_names))}</b>.</p>"
 
 
-def run_report(run_dir, cams=()):
+def failed_html(failed):
+    """The optional parts of a finished run that could not be made, (part, reason) each, for the summary card."""
+    if not failed:
+        return ""
+    items = "".join(f"<li>{html.escape(part)}: {html.escape(reason)}</li>" for part, reason in failed)
+    return (
+        '<h3 class="warn">What failed</h3><p class="warn">Training finished and the metrics and predictions are '
+        f"complete, but these parts could not be made:</p><ul>{items}</ul>"
+    )
+
+
+def run_report(run_dir, cams=(), failed=()):
     """Build report.html for a single training run from the files in run_dir.
 
-    cams: list of (caption, PNG path) Grad-CAM overlays.
+    cams: list of (caption, PNG path) Grad-CAM overlays. failed: (part, reason) of the optional parts that failed.
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -693,6 +739,7 @@ def run_report(run_dir, cams=()):
             "The best epoch was chosen by its accuracy on these same validation images",
             "or compare runs by cross-validation (--folds)",
         )
+        + failed_html(failed)
     )
     sections = [
         (
