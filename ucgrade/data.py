@@ -28,11 +28,13 @@ from .files import read_csv
 # and are re-exported here for the rest of the package.
 from .images import (  # noqa: F401
     IMAGE_EXTENSIONS,
+    NOT_REGULAR,
     UnreadableImage,
     _is_utf8,
     _to_rgb,
     files_under,
     is_image_file,
+    is_regular_file,
     load_image,
     preprocess,
     resize_shorter_side,
@@ -128,6 +130,8 @@ def scan_folder(root, class_order=None):
                         "the file name is not valid UTF-8; rename the file",
                     )
                 )
+            elif not is_regular_file(path):  # a pipe named x.jpg would block the first open() for ever
+                skipped.append((path, NOT_REGULAR))
             elif is_image_file(path):
                 images.append(path)
             else:
