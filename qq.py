@@ -196,11 +196,11 @@ def main(args):
 
     with GracefulStop() as stop:
         runtime.stop = stop
+        imagenet_state, source = train.initial_weights(args, resumed)  # a bad --weights file before the images
         image_set = data.read_data(args, stop)
         if resumed:
             settings.check_same_data(resumed, image_set)
         plan = splits.plan(args, image_set, resumed)
-        imagenet_state, source = train.initial_weights(args, resumed)
         run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")

@@ -3,6 +3,10 @@ thin images are refused by their header, each with its reason in skipped.csv, in
 
 import os
 import socket
+import struct
+import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,63 @@ def test_predict_names_a_pipe_and_a_thin_image_and_grades_the_rest(hostile_run, 
     assert "pipe.jpg" in text and "not a regular file" in text
     assert "thin.png" in text and "over 20 times the shorter" in text
     assert any("mild_000.jpg" in line and "not a regular file" not in line for line in out), out
+
+
+def zip_bomb(path, gib=4):
+    """A .pt of a few MB whose one entry inflates to gib GiB of zeros, written by hand: zipfile would take 10 s to
+    compress that much, while one deflate block of 16 MiB of zeros, flushed so that it stands alone, repeats.
+    (Its CRC is left 0: nothing reads that far.)"""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(bytes(16 << 20)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    stream = block * (gib * 64) + compressor.flush()
+    name, size = b"archive/data/0", gib << 30
+    zip64 = struct.pack("<HHQQ", 1, 16, size, len(stream))  # sizes that do not fit 32 bits
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 8, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64))
+    central = struct.pack(
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 8, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64),
+        0, 0, 0, 0, 0,
+    )  # fmt: skip
+    head = local + name + zip64 + stream
+    directory = central + name + zip64
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(directory), len(head), 0)
+    path.write_bytes(head + directory + end)
+    return path
+
+
+def test_a_zip_bomb_checkpoint_is_refused_from_its_directory(tmp_path, capsys):
+    bomb = zip_bomb(tmp_path / "best.pt")
+    assert bomb.stat().st_size < 5e6 and sum(i.file_size for i in zipfile.ZipFile(bomb).infolist()) == 4 << 30
+    image = make_folder(tmp_path / "data", {"mild": 1}) / "mild" / "mild_000.jpg"
+    start = time.perf_counter()
+    code, out, err = run(predict, ["--weights", bomb, image], capsys)
+    assert time.perf_counter() - start < 5  # nothing was inflated (it took 33 s and 5 GB)
+    assert code == 2 and not out
+    assert not any("Traceback" in line for line in err), err
+    assert err == [
+        f"error: checkpoint '{bomb}' would unpack to 4.3 GB, more than the 1.4 GB that a checkpoint of any "
+        "architecture this tool knows can need, so it was not loaded (a zip bomb, or not a model of this tool); use "
+        "a file written by this tool or by torch.save."
+    ]
+
+
+def test_imagenet_weights_that_unpack_beyond_their_architecture_are_refused(tmp_path, capsys, monkeypatch):
+    bomb = zip_bomb(tmp_path / "resnet18.pth", gib=1)
+    monkeypatch.setattr(qq.data, "read_data", lambda *args: pytest.fail("the images were read"))
+    data = make_folder(tmp_path / "data", {"mild": 1, "moderate": 1})
+    argv = ["--data", data, "--out", tmp_path / "out", "--arch", "resnet18", "--weights", bomb, "--epochs", "1"]
+    code, _, err = run(qq, argv, capsys)
+    assert code == 2
+    assert err[-1].startswith(f"error: --weights file '{bomb}' would unpack to 1.1 GB, more than the 0.4 GB that a ")
+    assert "checkpoint of resnet18 can need" in err[-1]
+
+
+def test_a_checkpoint_with_compressed_entries_is_refused(trained_run, tmp_path, capsys):
+    repacked = tmp_path / "best.pt"
+    with zipfile.ZipFile(trained_run / "best.pt") as source, zipfile.ZipFile(repacked, "w") as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+        target.writestr("best/extra.txt", "not written by torch.save")
+    code, _, err = run(predict, ["--weights", repacked, trained_run / "report.html"], capsys)
+    assert code == 2
+    assert err[-1].startswith(f"error: checkpoint '{repacked}' holds entries that torch.save does not write (")
+    assert "compressed, or unexpected names), so it was not loaded" in err[-1]

@@ -1,6 +1,7 @@
 """Model: the table of backbones, building one, its ImageNet weights, and self-describing checkpoints."""
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import pickle
 import re
 import threading
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -163,7 +165,7 @@ def load_imagenet_file(path, arch=DEFAULT_ARCH):
     path, wanted = Path(path), f"an ImageNet {arch} state_dict"
     if not path.is_file():
         raise UserError(f"--weights file '{path}' does not exist; give the path of {wanted} (.pth).")
-    state = load_weights_only(path, what="--weights file")
+    state = load_weights_only(path, what="--weights file", arch=arch)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         raise UserError(
             f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it "
@@ -253,8 +255,57 @@ def save_checkpoint(path, checkpoint):
     files.save_torch(path, checkpoint)
 
 
-def load_weights_only(path, what="checkpoint"):
-    """torch.load with weights_only=True, so a crafted file cannot run code; clear errors otherwise."""
+# What torch.save writes into its zip archive, under one folder named after the file: never compressed.
+TORCH_ENTRY = re.compile(
+    r"[^/]+/(data\.pkl|byteorder|version|\.format_version|\.storage_alignment|\.data/version|"
+    r"\.data/serialization_id|data/\d+)"
+)
+
+
+@functools.cache
+def state_bytes(arch):
+    """Bytes of the weights and buffers of an ImageNet model of arch, counted without allocating them."""
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def archive_limit(arch=None):
+    """The most a file of arch may unpack to: 4 times a last.pt (weights, the optimiser's momentum of the same size,
+    small records); for an unknown architecture, that of the largest in the table."""
+    return 4 * 2 * max(state_bytes(a) for a in ([arch] if arch in ARCHITECTURES else ARCHITECTURES))
+
+
+def check_archive(path, what, arch=None):
+    """Refuse a zip bomb from the zip directory alone, before torch.load inflates anything: a PyTorch file that
+    unpacks to more than archive_limit(arch), or holds entries that torch.save does not write (compressed ones)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (an old PyTorch format, a text file): torch.load names the problem
+    total, limit = sum(entry.file_size for entry in entries), archive_limit(arch)
+    if total > limit:
+        raise UserError(
+            f"{what} '{path}' would unpack to {total / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB that a "
+            f"checkpoint of {arch or 'any architecture this tool knows'} can need, so it was not loaded (a zip "
+            "bomb, or not a model of this tool); use a file written by this tool or by torch.save."
+        )
+    odd = [
+        e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED or not TORCH_ENTRY.fullmatch(e.filename)
+    ]
+    if odd:
+        raise UserError(
+            f"{what} '{path}' holds entries that torch.save does not write ({', '.join(odd[:3])}"
+            f"{', ...' if len(odd) > 3 else ''}: compressed, or unexpected names), so it was not loaded; use a "
+            "file written by this tool or by torch.save."
+        )
+
+
+def load_weights_only(path, what="checkpoint", arch=None):
+    """torch.load with weights_only=True, so a crafted file cannot run code; clear errors otherwise.
+    arch, where known, bounds the size the file may unpack to (check_archive)."""
+    check_archive(path, what, arch)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
