@@ -2,6 +2,7 @@
 thin images are refused by their header, each with its reason in skipped.csv, in training and in predict.py."""
 
 import os
+import shutil
 import socket
 import struct
 import time
@@ -10,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, make_folder, user_lines
 from PIL import Image
 
@@ -132,3 +134,39 @@ def test_a_checkpoint_with_compressed_entries_is_refused(trained_run, tmp_path, 
     assert code == 2
     assert err[-1].startswith(f"error: checkpoint '{repacked}' holds entries that torch.save does not write (")
     assert "compressed, or unexpected names), so it was not loaded" in err[-1]
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("class_names", [["mild"], ["moderate"], ["severe"]], "class_names must be a list of non-empty texts"),
+        ("img_size", 0, "img_size must be a whole number from 64 to 4096 pixels (it is 0)"),
+        ("img_size", -5, "img_size must be a whole number from 64 to 4096 pixels (it is -5)"),
+        ("img_size", "64", "img_size must be a whole number from 64 to 4096 pixels (it is '64')"),
+    ],
+)
+def test_an_edited_checkpoint_field_is_one_sentence(trained_run, tmp_path, capsys, field, value, problem):
+    checkpoint = torch.load(trained_run / "best.pt", weights_only=True)
+    checkpoint[field] = value
+    edited = tmp_path / "best.pt"
+    torch.save(checkpoint, edited)
+    code, out, err = run(predict, ["--weights", edited, trained_run.parent / "x.jpg"], capsys)
+    assert code == 2 and not out
+    assert err == [f"error: checkpoint '{edited}' was damaged or edited: {problem}. Use another best.pt or last.pt."]
+
+
+def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_config_json_changes(
+    trained_run, tmp_path, capsys
+):
+    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    last["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(5, 5)
+    torch.save(last, run_dir / "last.pt")
+    config = (run_dir / "config.json").read_bytes()
+    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4"], capsys)
+    assert code == 2 and not out
+    assert err == [
+        f"error: checkpoint '{run_dir / 'last.pt'}' was damaged or edited: its optimizer state does not fit the "
+        "resnet50 model (parameter 0 has another shape). Use another best.pt or last.pt."
+    ]
+    assert (run_dir / "config.json").read_bytes() == config  # a refused resumption is not recorded
