@@ -194,7 +194,7 @@ def main(args):
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))
     settings.print_settings(args, runtime)
 
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, files.run_lock(args.resume if runtime.is_main else None):
         runtime.stop = stop
         imagenet_state, source = train.initial_weights(args, resumed)  # a bad --weights file before the images
         image_set = data.read_data(args, stop)

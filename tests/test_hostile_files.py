@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import time
 import zipfile
 import zlib
@@ -170,3 +171,27 @@ def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_conf
         "resnet50 model (parameter 0 has another shape). Use another best.pt or last.pt."
     ]
     assert (run_dir / "config.json").read_bytes() == config  # a refused resumption is not recorded
+
+
+def test_a_second_resume_of_a_run_in_progress_is_refused(trained_run, tmp_path, capsys):
+    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    (run_dir / "run.lock").write_text(f"{os.getppid()}\n{socket.gethostname()}\n")  # a live process holds it
+    config = (run_dir / "config.json").read_bytes()
+    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4"], capsys)
+    assert code == 2
+    assert err == [
+        f"error: '{run_dir}' is already being resumed by process {os.getppid()} on {socket.gethostname()}; wait for "
+        f"it to finish (if that process is gone, delete {run_dir / 'run.lock'})."
+    ]
+    assert (run_dir / "config.json").read_bytes() == config
+
+
+def test_a_stale_lock_is_taken_over_and_released(trained_run, tmp_path, capsys):
+    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run_dir / "run.lock").write_text(f"{gone.pid}\n{socket.gethostname()}\n")
+    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4", "--cam-examples", "0"], capsys)
+    assert code == 0, err
+    assert f"note: removed a stale {run_dir / 'run.lock'} (its process {gone.pid} is gone)." in out
+    assert not (run_dir / "run.lock").exists()

@@ -1,10 +1,12 @@
 """Run folders and atomic writes: a kill at any moment never leaves a half-written file behind."""
 
+import contextlib
 import csv
 import errno
 import io
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -117,6 +119,54 @@ def check_writable(path, flag):
             f"{flag} '{path}' cannot be written ('{existing}': {error.strerror or error}); give a folder you can "
             "write to, or fix its permissions, before the images are read."
         ) from None
+
+
+LOCK_NAME = "run.lock"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process: alive; a pid out of range: not ours to judge, so alive
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold run_dir/run.lock (created with O_EXCL, holding the pid and the host) while a run is resumed, so
+    that a second --resume of the same run is refused instead of training the same epochs into the same folder.
+    A lock whose process on this host is gone is stale and taken over. run_dir None: no lock."""
+    if run_dir is None:
+        yield
+        return
+    path, host = Path(run_dir) / LOCK_NAME, socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid_text, _, lock_host = path.read_text().partition("\n")
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, lock_host = None, host  # half-written or emptied: stale
+            if attempt == 0 and lock_host.strip() == host and (pid is None or not _process_alive(pid)):
+                print(f"note: removed a stale {path} (its process {pid} is gone).")
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(
+                f"'{run_dir}' is already being resumed by process {pid} on {lock_host.strip() or 'this machine'}; "
+                f"wait for it to finish (if that process is gone, delete {path})."
+            ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n{host}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def new_run_dir(out_dir, name=None):
