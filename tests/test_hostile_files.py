@@ -1,6 +1,7 @@
 """Hostile or unlucky files (issue 13): pipes, sockets and devices are found by stat and never opened, very
 thin images are refused by their header, each with its reason in skipped.csv, in training and in predict.py."""
 
+import csv
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import files
+from ucgrade import files, report
 from ucgrade.cli import run_cli
 
 
@@ -195,3 +196,47 @@ def test_a_stale_lock_is_taken_over_and_released(trained_run, tmp_path, capsys):
     assert code == 0, err
     assert f"note: removed a stale {run_dir / 'run.lock'} (its process {gone.pid} is gone)." in out
     assert not (run_dir / "run.lock").exists()
+
+
+FIXED_COLUMNS = ["correct", "fold", "group", "p_predicted", "path", "predicted", "true"]
+
+
+@pytest.fixture(scope="module")
+def formula_run(module_tmp):
+    """A run whose grades are named as predictions.csv's fixed columns and one formula, grouped by ids that a
+    spreadsheet would run as formulas."""
+    names = ["=1+1", *FIXED_COLUMNS]
+    data = make_folder(module_tmp / "formula_data", {name: 3 for name in names})
+    groups = module_tmp / "groups.csv"
+    starts = ["=HYPERLINK(1)", "+x", "-x", "@x", "'x"]
+    with open(groups, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "group"])
+        for k, path in enumerate(sorted(data.rglob("*.jpg"))):
+            writer.writerow([path.relative_to(data).as_posix(), f"{starts[k % 5]}{k}"])
+    argv = ["--data", data, "--out", module_tmp / "formula_out", "--groups", groups, *FAST, "--epochs", "1"]
+    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--cam-examples", "0"]]))
+    return code, module_tmp / "formula_out" / "train", names
+
+
+def test_a_grade_named_as_a_fixed_column_keeps_its_own_probability_column(formula_run):
+    code, run_dir, names = formula_run
+    assert code == 0
+    rows = files.read_csv(run_dir / "predictions.csv")
+    assert list(rows[0])[:5] == ["path", "true", "predicted", "p_predicted", "correct"]
+    assert [column for column in rows[0] if column.startswith("prob:")] == [f"prob:{name}" for name in sorted(names)]
+    for row in rows:  # the fixed columns hold what they say, whatever the grades are called
+        assert row["true"] in names and row["predicted"] in names and row["correct"] in ("0", "1")
+        assert float(row["p_predicted"]) == max(float(row[f"prob:{name}"]) for name in names)
+    assert report.main([str(run_dir)]) is None  # python -m ucgrade.report reads them back
+
+
+def test_cells_that_a_spreadsheet_would_run_are_written_as_text_and_read_back_unchanged(formula_run):
+    code, run_dir, _ = formula_run
+    raw = (run_dir / "split.csv").read_text() + (run_dir / "predictions.csv").read_text()
+    assert "'=HYPERLINK(1)0" in raw and "'+x1" in raw and "'-x2" in raw and "'@x3" in raw and "''x4" in raw
+    assert "\n'=1+1/" in raw
+    assert not any(line.startswith(("=", "+", "-", "@")) for line in raw.splitlines())
+    groups = {row["group"] for row in files.read_csv(run_dir / "split.csv")}
+    assert {"=HYPERLINK(1)0", "+x1", "-x2", "@x3", "'x4"} <= groups
+    assert any(row["path"].startswith("=1+1/") for row in files.read_csv(run_dir / "predictions.csv"))

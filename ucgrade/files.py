@@ -52,18 +52,43 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def spreadsheet_safe(value):
+    """A cell that a spreadsheet shows as text, not runs as a formula (OWASP's CSV injection advice): text that
+    starts with = + - @, a tab or a carriage return, and is not a number, gets a leading '. So does text that
+    starts with ' itself, so that read_csv gives every value back unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_START + ("'",)) and not _is_number(value):
+        return "'" + value
+    return value
+
+
 def write_csv(path, rows, fieldnames):
-    """rows: a list of dicts with the keys in fieldnames."""
+    """rows: a list of dicts with the keys in fieldnames; text cells are made spreadsheet_safe."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[spreadsheet_safe(name) for name in fieldnames], lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({spreadsheet_safe(k): spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     write_text(path, buffer.getvalue())
 
 
 def read_csv(path):
+    """The rows of a CSV written by write_csv, with every value (and column name) as it was before writing."""
+
+    def unescape(text):
+        return text[1:] if isinstance(text, str) and text.startswith("'") else text
+
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return [{unescape(k): unescape(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def read_status(run_dir):

@@ -71,11 +71,17 @@ def prediction_rows(relpaths, targets, probs, class_names, extra=None):
             "p_predicted": f"{p[predicted]:.6f}",
             "correct": int(predicted == int(target)),
         }
-        row.update({f"p_{name}": f"{value:.6f}" for name, value in zip(class_names, p)})
+        row.update({prob_column(name): f"{value:.6f}" for name, value in zip(class_names, p)})
         if extra:
             row.update({key: values[i] for key, values in extra.items()})
         rows.append(row)
     return rows
+
+
+def prob_column(class_name):
+    """The column of a grade's probability: 'prob:' cannot collide with a fixed column (a grade named 'predicted'
+    would have overwritten p_predicted)."""
+    return f"prob:{class_name}"
 
 
 def write_predictions(path, rows):
@@ -86,7 +92,7 @@ def read_predictions(path, class_names):
     """(rows, targets, probs) from a predictions.csv."""
     rows = files.read_csv(path)
     targets = np.array([class_names.index(r["true"]) for r in rows])
-    probs = np.array([[float(r[f"p_{name}"]) for name in class_names] for r in rows])
+    probs = np.array([[float(r[prob_column(name)]) for name in class_names] for r in rows])
     return rows, targets, probs
 
 
