@@ -240,3 +240,38 @@ def test_cells_that_a_spreadsheet_would_run_are_written_as_text_and_read_back_un
     groups = {row["group"] for row in files.read_csv(run_dir / "split.csv")}
     assert {"=HYPERLINK(1)0", "+x1", "-x2", "@x3", "'x4"} <= groups
     assert any(row["path"].startswith("=1+1/") for row in files.read_csv(run_dir / "predictions.csv"))
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("metrics.json", lambda text: text[: len(text) // 2]),  # invalid JSON
+        ("predictions.csv", lambda text: text[: len(text) - 30]),  # the last row cut short
+        ("predictions.csv", lambda text: text.replace("prob:", "p_")),  # the columns of another version
+    ],
+)
+def test_redrawing_from_a_damaged_file_names_it(trained_run, tmp_path, capsys, name, damage):
+    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    (run_dir / name).write_text(damage((run_dir / name).read_text()))
+    code = run_cli(report.main, [str(run_dir)])
+    err = user_lines(capsys.readouterr().err)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"error: '{run_dir / name}' is damaged ("), err
+    assert err[0].endswith(
+        "so the plots cannot be drawn from it; restore it from a backup, or resume or repeat the run to write it again."
+    )
+
+
+def test_an_image_name_that_starts_with_a_dash_gets_a_hint_about_double_dash(capsys):
+    parser = predict.get_args_parser()
+    parser.prog = "predict.py"  # as run from a shell; under pytest it is the runner's name
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["-dash.jpg"])
+    assert stopped.value.code == 2
+    assert user_lines(capsys.readouterr().err) == [
+        "error: the following arguments are required: IMAGE; see python predict.py --help. If '-dash.jpg' is a file "
+        "name, put -- before the file names that start with '-': python predict.py -- -dash.jpg"
+    ]
+    with pytest.raises(SystemExit):
+        predict.get_args_parser().parse_args(["--wieghts", "x", "a.jpg"])  # a mistyped flag gets no such hint
+    assert "put --" not in capsys.readouterr().err

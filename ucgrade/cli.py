@@ -12,9 +12,30 @@ class ArgumentParser(argparse.ArgumentParser):
     and args.argv keeps the command line, so that --resume can parse it again over a run's settings."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see python {self.prog} --help.\n")
+        self.exit(2, f"error: {message}; see python {self.prog} --help.{self.dash_hint()}\n")
+
+    def dash_hint(self):
+        """A file name that starts with '-' reads as an unknown flag: say how to pass it."""
+
+        def looks_like_a_file(arg):  # -dash.jpg, not a mistyped --flag or a negative number
+            if not arg.startswith("-") or arg.startswith("--") or not ("." in arg or os.path.exists(arg)):
+                return False
+            try:
+                float(arg)
+                return False
+            except ValueError:
+                return True
+
+        dashed = [arg for arg in getattr(self, "_argv", []) if looks_like_a_file(arg)]
+        if not dashed or "--" in getattr(self, "_argv", []):
+            return ""
+        return (
+            f" If '{dashed[0]}' is a file name, put -- before the file names that start with '-': "
+            f"python {self.prog} -- {dashed[0]}"
+        )
 
     def parse_known_args(self, args=None, namespace=None):
+        self._argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
         parsed, extras = super().parse_known_args(args, namespace)
         parsed.argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
         return parsed, extras

@@ -6,6 +6,7 @@ the measured width of their names, so that labels fit whatever the grades are ca
 """
 
 import base64
+import csv
 import datetime
 import html
 import io
@@ -927,15 +928,36 @@ def cv_report(run_dir, summary_table, pooled):
     write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", summary, sections)
 
 
+def read_saved(path, read, *args):
+    """read(path, *args) for a file of a run folder; a damaged file (invalid JSON, a truncated CSV, a missing
+    column) is one sentence that names it."""
+    try:
+        return read(path, *args)
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, csv.Error) as error:
+        what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise UserError(
+            f"'{path}' is damaged ({' '.join(what.split())[:120]}), so the plots cannot be drawn from it; restore "
+            "it from a backup, or resume or repeat the run to write it again."
+        ) from None
+
+
+def _read_json(path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _read_metrics(path):
+    metrics = _read_json(path)
+    return metrics, list(metrics["class_names"]), metrics["confusion_matrix"]
+
+
 def redraw(run_dir):
     """Draw curves.png, the confusion matrices and roc.png again from a run folder's files."""
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    class_names = metrics["class_names"]
+    metrics, class_names, matrix = read_saved(run_dir / "metrics.json", _read_metrics)
     if (run_dir / "history.csv").exists():  # a cross-validation folder has none; its folds do
-        plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png")
-    plot_confusions(metrics["confusion_matrix"], class_names, run_dir, pooled="folds" in metrics)
-    _, targets, probs = read_predictions(run_dir / "predictions.csv", class_names)
+        plot_curves(read_saved(run_dir / "history.csv", read_history), run_dir / "curves.png")
+    plot_confusions(matrix, class_names, run_dir, pooled="folds" in metrics)
+    _, targets, probs = read_saved(run_dir / "predictions.csv", read_predictions, class_names)
     plot_roc(
         targets,
         probs,
@@ -961,7 +983,7 @@ def main(runs):
             raise UserError(
                 f"'{run}' is not a run folder written by qq.py (it has no config.json); give a folder under outputs/."
             )
-        if not path.is_file() or "confusion_matrix" not in json.loads(path.read_text()):
+        if not path.is_file() or "confusion_matrix" not in read_saved(path, _read_json):
             raise UserError(
                 f"'{run}' has no evaluated model yet (it was interrupted before one); "
                 f"resume it with: python qq.py --resume {run}"
