@@ -178,12 +178,15 @@ def check_args(args):
         )
     files.check_folder_path(args.out, "--out")
     files.check_writable(args.resume or args.out, "--resume" if args.resume else "--out")
+    files.check_data_folder(args.data, args.out)
     # a resumed run needs neither file (groups come from its split.csv, weights only for a fold not begun)
     for flag, value in (("--weights", args.weights), ("--groups", args.groups)) if not args.resume else ():
         if value and Path(value).is_dir():
             raise UserError(f"{flag} '{value}' is a folder; give the file itself.")
         if value and not Path(value).is_file():
             raise UserError(f"{flag} file '{value}' does not exist; check the path.")
+    if args.groups and not args.resume:
+        data.read_group_file(args.groups)  # its format, before any image is read
     if isinstance(args.class_order, str):
         args.class_order = [name.strip() for name in args.class_order.split(",") if name.strip()]
 

@@ -146,6 +146,33 @@ def check_writable(path, flag):
         ) from None
 
 
+def check_data_folder(data_dir, out_dir):
+    """Before any work: --data is a folder, and not the project folder, whose 'grades' would be data, docs and
+    outputs, the tool's own plots. Refused when it holds the --out folder or a run folder one level down."""
+    data = Path(data_dir)
+    if not data.exists():
+        raise UserError(
+            f"the data folder '{data}' does not exist; pass --data with a folder that has one sub-folder per grade."
+        )
+    if not data.is_dir():
+        raise UserError(
+            f"--data '{data}' is a file, not a folder; pass the folder that holds one sub-folder per grade."
+        )
+    root, out = data.resolve(), Path(out_dir).resolve()
+    runs = sorted(config.parent for config in root.glob("*/*/config.json"))
+    if root == out or root in out.parents:
+        holds = f"the --out folder '{out_dir}'"
+    elif runs:
+        holds = f"run folders ({runs[0].relative_to(root).as_posix()})"
+    else:
+        return
+    meant = f", probably --data {data / 'data'}" if (root / "data").is_dir() and root / "data" != out else ""
+    raise UserError(
+        f"--data '{data}' holds {holds}, so its 'grades' would include the tool's own outputs; pass the folder that "
+        f"has one sub-folder of images per grade{meant}."
+    )
+
+
 LOCK_NAME = "run.lock"
 
 
