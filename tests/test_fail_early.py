@@ -1,9 +1,13 @@
 """Fail early and plainly (issue 13): mistakes a new user makes are named before any image is decoded, and
 before the settings are printed."""
 
+import json
+from pathlib import Path
+
 import pytest
 from conftest import FAST, make_folder, user_lines
 
+import predict
 import qq
 from ucgrade.cli import run_cli
 
@@ -72,3 +76,20 @@ def test_a_semicolon_or_tab_groups_file_as_european_excel_saves_it_is_read(tmp_p
     groups.write_text("\ufeff" + f"path{separator}group\r\n" + "\r\n".join(rows) + "\r\n", encoding="utf-8")
     image_set, _ = qq.data.scan_folder(data)
     assert qq.data.read_groups(groups, image_set) == [f"patient {k // 2}" for k in range(8)]
+
+
+def test_predict_names_the_absolute_folder_searched_and_the_default_runs_accuracy(trained_run, tmp_path, capsys):
+    image = trained_run / "curves.png"  # any image will do
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", "elsewhere"]))
+    err = user_lines(capsys.readouterr().err)
+    assert code == 2
+    assert err[0].startswith(f"error: no trained model found under '{Path('elsewhere').resolve()}/'")
+
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", str(trained_run.parent)]))
+    err = user_lines(capsys.readouterr().err)
+    accuracy = json.loads((trained_run / "metrics.json").read_text())["accuracy"]
+    assert code == 0, err
+    assert err[0] == (
+        f"using {trained_run / 'best.pt'} (the newest run under {trained_run.parent}/, validation accuracy "
+        f"{accuracy:.2f} after 3 of 3 epochs)"
+    )
