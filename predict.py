@@ -25,10 +25,20 @@ from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_im
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # ucgrade.device.PRECISIONS, which imports torch (tested equal)
 
 
+EXAMPLES = """examples:
+  python predict.py image.jpg                         # best.pt of the newest run under outputs/
+  python predict.py folder/ --weights outputs/train2/best.pt
+  python predict.py folder/ --json > grades.json
+  python predict.py image.jpg --cam heatmaps/         # also a Grad-CAM overlay per image
+  python predict.py image.jpg --weights outputs/train/model.onnx   # ONNX Runtime, no torch
+  python predict.py -- -scan.jpg                      # a file name that starts with '-'"""
+
+
 def get_args_parser():
     parser = ArgumentParser(
         description="Grade colonoscopy images with a model trained by qq.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
     parser.add_argument(

@@ -2,13 +2,15 @@
 before the settings are printed."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, make_folder, user_lines
+from conftest import FAST, make_folder, run_script, user_lines
 
 import predict
 import qq
+from ucgrade import report
 from ucgrade.cli import run_cli
 
 
@@ -93,3 +95,27 @@ def test_predict_names_the_absolute_folder_searched_and_the_default_runs_accurac
         f"using {trained_run / 'best.pt'} (the newest run under {trained_run.parent}/, validation accuracy "
         f"{accuracy:.2f} after 3 of 3 epochs)"
     )
+
+
+def test_predict_help_is_fast_and_shows_examples():
+    start = time.perf_counter()
+    result = run_script("predict.py", "--help")
+    assert time.perf_counter() - start < 3  # no torch import for --help (qq.py's still takes ~6 s)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "examples:\n  python predict.py image.jpg" in result.stdout
+    assert "python predict.py -- -scan.jpg" in result.stdout
+
+
+def test_errors_png_names_each_image_by_its_path_under_the_data_folder(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", {"mild": 1, "severe": 1})
+    for grade in ("mild", "severe"):
+        (data / grade / f"{grade}_000.jpg").rename(data / grade / "IMG_0007.jpg")
+    rows = [
+        {"path": "mild/IMG_0007.jpg", "true": "mild", "predicted": "severe", "p_predicted": "0.9"},
+        {"path": "severe/IMG_0007.jpg", "true": "severe", "predicted": "mild", "p_predicted": "0.8"},
+    ]
+    drawn = []
+    monkeypatch.setattr(report.files, "save_figure", lambda path, fig: drawn.append(fig))
+    assert report.plot_errors(rows, data, 64, tmp_path / "errors.png", class_names=["mild", "severe"]) == 2
+    titles = [ax.get_title() for ax in drawn[0].axes]
+    assert [title.split("\n")[0] for title in titles] == ["mild/IMG_0007.jpg", "severe/IMG_0007.jpg"]

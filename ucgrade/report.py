@@ -368,7 +368,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     captions = []
     for row in wrong:
         lines = [
-            Path(row["path"]).name,
+            row["path"],  # relative to the data folder: two IMG_0007.jpg of different grades differ by their folder
             f"true: {short[row['true']]}",
             f"predicted: {short[row['predicted']]} (p={float(row['p_predicted']):.2f})",
         ]
