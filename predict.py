@@ -25,10 +25,20 @@ from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_im
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # ucgrade.device.PRECISIONS, which imports torch (tested equal)
 
 
+EXAMPLES = """examples:
+  python predict.py image.jpg                         # best.pt of the newest run under outputs/
+  python predict.py folder/ --weights outputs/train2/best.pt
+  python predict.py folder/ --json > grades.json
+  python predict.py image.jpg --cam heatmaps/         # also a Grad-CAM overlay per image
+  python predict.py image.jpg --weights outputs/train/model.onnx   # ONNX Runtime, no torch
+  python predict.py -- -scan.jpg                      # a file name that starts with '-'"""
+
+
 def get_args_parser():
     parser = ArgumentParser(
         description="Grade colonoscopy images with a model trained by qq.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
     parser.add_argument(
@@ -75,8 +85,8 @@ def newest_checkpoint(out_dir):
         )
     if not candidates:
         raise UserError(
-            f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights "
-            "path/to/best.pt."
+            f"no trained model found under '{Path(out_dir).resolve()}/'; train one first with 'python qq.py' (from "
+            "the project folder), pass --out with the folder that holds the runs, or pass --weights path/to/best.pt."
         )
     newest = candidates[-1]
     if newest.parent.parent != Path(out_dir):  # outputs/RUN/foldK/best.pt: a fold of a cross-validation run
@@ -146,8 +156,24 @@ def resolve_weights(args):
             )
         weights = weights / "best.pt"
     if not args.weights:
-        print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)
+        print(f"using {weights} (the newest run under {args.out}/{run_summary(weights.parent)})", file=sys.stderr)
     return weights
+
+
+def run_summary(run_dir):
+    """', validation accuracy 0.91 after 25 of 25 epochs' from a run's metrics.json, so that a throwaway run used
+    by default is noticed; '' when the file says nothing."""
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        accuracy, done, epochs = metrics.get("accuracy"), metrics.get("epochs_completed"), metrics.get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    parts = [f"validation accuracy {accuracy:.2f}" if isinstance(accuracy, (int, float)) else ""]
+    parts.append(f"after {done} of {epochs} epochs" if done is not None and epochs is not None else "")
+    status = metrics.get("status")
+    parts.append(f"({status})" if status and status != "finished" else "")
+    text = " ".join(part for part in parts if part)
+    return f", {text}" if text else ""
 
 
 def torch_grader(weights, args, cam_dir):

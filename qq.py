@@ -16,6 +16,7 @@ history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and r
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ucgrade import data, distributed, evaluate, files, settings, splits, train
@@ -176,12 +177,16 @@ def check_args(args):
             f"--name '{args.name}' must be a plain folder name, without '/'; the run folder goes under --out."
         )
     files.check_folder_path(args.out, "--out")
+    files.check_writable(args.resume or args.out, "--resume" if args.resume else "--out")
+    files.check_data_folder(args.data, args.out)
     # a resumed run needs neither file (groups come from its split.csv, weights only for a fold not begun)
     for flag, value in (("--weights", args.weights), ("--groups", args.groups)) if not args.resume else ():
         if value and Path(value).is_dir():
             raise UserError(f"{flag} '{value}' is a folder; give the file itself.")
         if value and not Path(value).is_file():
             raise UserError(f"{flag} file '{value}' does not exist; check the path.")
+    if args.groups and not args.resume:
+        data.read_group_file(args.groups)  # its format, before any image is read
     if isinstance(args.class_order, str):
         args.class_order = [name.strip() for name in args.class_order.split(",") if name.strip()]
 
@@ -192,13 +197,13 @@ def main(args):
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))
     settings.print_settings(args, runtime)
 
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, files.run_lock(args.resume if runtime.is_main else None):
         runtime.stop = stop
+        imagenet_state, source = train.initial_weights(args, resumed)  # a bad --weights file before the images
         image_set = data.read_data(args, stop)
         if resumed:
             settings.check_same_data(resumed, image_set)
         plan = splits.plan(args, image_set, resumed)
-        imagenet_state, source = train.initial_weights(args, resumed)
         run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
@@ -213,8 +218,11 @@ def main(args):
                     history, model = train.train(args, image_set, split, runtime, imagenet_state, config)
                     evaluations.append(evaluate.evaluate_split(args, image_set, split, model, history, runtime))
             if args.folds and runtime.is_main:
-                evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations)
+                evaluations.append(evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations))
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")
+    if failed := evaluate.failures_line(evaluations):
+        print(f"warning: {failed}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -88,7 +88,8 @@ def isolated_torch_home(tmp_path_factory, monkeypatch):
     """Every test gets an empty torch hub cache, so no test depends on downloaded weights."""
     home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(home))
-    return home
+    yield home
+    shutil.rmtree(home, ignore_errors=True)  # a passing suite leaves nothing in the temp folder (issue 13)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,9 @@ def module_tmp(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("data"), {"mild": 10, "moderate": 10, "severe": 10})
+    root = make_folder(tmp_path_factory.mktemp("data"), {"mild": 10, "moderate": 10, "severe": 10})
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -110,4 +113,5 @@ def trained_run(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
     torch.manual_seed(0)
     assert train(["--data", small_data, "--out", out, "--epochs", "3", *FAST]) == 0
-    return out / "train"
+    yield out / "train"
+    shutil.rmtree(out, ignore_errors=True)  # ~300 MB

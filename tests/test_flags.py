@@ -107,12 +107,20 @@ def test_a_failed_file_operation_is_one_sentence_and_a_closed_pipe_is_left_to_ma
     def disk_full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "outputs/train/last.pt")
 
+    def no_permission(args):
+        raise OSError(errno.EACCES, "Permission denied", "outputs/train/last.pt")
+
     def reader_gone(args):
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
     assert run_cli(disk_full, None) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: no space left while writing 'outputs/train/last.pt' (No space left on device): a run of ResNet50 "
+        "needs about 300 MB free"
+    )
+    assert run_cli(no_permission, None) == 1
     assert capsys.readouterr().err == (
-        "error: could not write or read 'outputs/train/last.pt': No space left on device; "
+        "error: could not write or read 'outputs/train/last.pt': Permission denied; "
         "free disk space or check the folder's permissions, then run again.\n"
     )
     with pytest.raises(BrokenPipeError):

@@ -208,7 +208,7 @@ def test_run_metrics_match_its_predictions_file(trained_run):
     assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in val)  # every validation image, once
     targets = np.array([names.index(r["true"]) for r in rows])
     preds = np.array([names.index(r["predicted"]) for r in rows])
-    probs = np.array([[float(r[f"p_{n}"]) for n in names] for r in rows])
+    probs = np.array([[float(r[f"prob:{n}"]) for n in names] for r in rows])
     assert np.all(probs.argmax(1) == preds) and np.allclose(probs.sum(1), 1, atol=1e-4)
 
     matrix = [[int(np.sum((targets == i) & (preds == j))) for j in range(3)] for i in range(3)]

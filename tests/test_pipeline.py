@@ -182,7 +182,7 @@ def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run,
         row = evaluated[image.relative_to(small_data).as_posix()]
         assert predicted["grade"] == row["predicted"]
         assert predicted["probabilities"] == pytest.approx(
-            {name: float(row[f"p_{name}"]) for name in checkpoint["class_names"]}, abs=5e-3
+            {name: float(row[f"prob:{name}"]) for name in checkpoint["class_names"]}, abs=5e-3
         )
 
 

@@ -407,8 +407,8 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
     assert code == 2
     assert lines == [
-        "error: no trained model found under 'outputs/'; train one first with 'python qq.py', or pass --weights "
-        "path/to/best.pt."
+        f"error: no trained model found under '{tmp_path.resolve() / 'outputs'}/'; train one first with 'python qq.py' "
+        "(from the project folder), pass --out with the folder that holds the runs, or pass --weights path/to/best.pt."
     ]
 
     # a run folder given where a file or the folder of runs is meant

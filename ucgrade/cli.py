@@ -2,6 +2,7 @@
 and one wrapper that turns it into a clean exit."""
 
 import argparse
+import errno
 import os
 import sys
 
@@ -11,9 +12,30 @@ class ArgumentParser(argparse.ArgumentParser):
     and args.argv keeps the command line, so that --resume can parse it again over a run's settings."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see python {self.prog} --help.\n")
+        self.exit(2, f"error: {message}; see python {self.prog} --help.{self.dash_hint()}\n")
+
+    def dash_hint(self):
+        """A file name that starts with '-' reads as an unknown flag: say how to pass it."""
+
+        def looks_like_a_file(arg):  # -dash.jpg, not a mistyped --flag or a negative number
+            if not arg.startswith("-") or arg.startswith("--") or not ("." in arg or os.path.exists(arg)):
+                return False
+            try:
+                float(arg)
+                return False
+            except ValueError:
+                return True
+
+        dashed = [arg for arg in getattr(self, "_argv", []) if looks_like_a_file(arg)]
+        if not dashed or "--" in getattr(self, "_argv", []):
+            return ""
+        return (
+            f" If '{dashed[0]}' is a file name, put -- before the file names that start with '-': "
+            f"python {self.prog} -- {dashed[0]}"
+        )
 
     def parse_known_args(self, args=None, namespace=None):
+        self._argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
         parsed, extras = super().parse_known_args(args, namespace)
         parsed.argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
         return parsed, extras
@@ -45,6 +67,9 @@ def run_cli(main, args):
     except BrokenPipeError:
         raise  # main_entry ends quietly
     except OSError as error:  # a full disk, a folder without write permission: the machine's, not the input's
+        if disk_full(error):
+            print(f"error: {disk_full_message(error)}", file=sys.stderr)
+            return 1
         where = f" '{error.filename}'" if error.filename else ""
         print(
             f"error: could not write or read{where}: {error.strerror or error}; free disk space or check the "
@@ -53,6 +78,9 @@ def run_cli(main, args):
         )
         return 1
     except RuntimeError as error:
+        if disk_full(error.__context__):  # torch's zip writer wraps the OSError in a RuntimeError
+            print(f"error: {disk_full_message(error.__context__)}", file=sys.stderr)
+            return 1
         if not lost_a_peer(error):
             raise
         rank = os.environ.get("RANK", "?")
@@ -62,6 +90,21 @@ def run_cli(main, args):
             file=sys.stderr,
         )
         return 1
+
+
+def disk_full(error):
+    """True for the OSError of a full disk, a full quota or a file-size limit (ulimit -f)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def disk_full_message(error):
+    where = f" while writing '{error.filename}'" if error.filename else ""
+    return (
+        f"no space left{where} ({error.strerror or error}): a run of ResNet50 needs about 300 MB free (best.pt 94 MB, "
+        "last.pt 188 MB, the plots and the report; K times that with --folds K; less for smaller --arch); free disk "
+        "space or raise the quota, then continue the run with python qq.py --resume RUN_DIR, which keeps its last "
+        "finished epoch."
+    )
 
 
 def lost_a_peer(error):

@@ -7,6 +7,7 @@ first pass and listed, instead of failing halfway through an epoch.
 """
 
 import functools
+import io
 import math
 import os
 import signal
@@ -28,11 +29,13 @@ from .files import read_csv
 # and are re-exported here for the rest of the package.
 from .images import (  # noqa: F401
     IMAGE_EXTENSIONS,
+    NOT_REGULAR,
     UnreadableImage,
     _is_utf8,
     _to_rgb,
     files_under,
     is_image_file,
+    is_regular_file,
     load_image,
     preprocess,
     resize_shorter_side,
@@ -128,6 +131,8 @@ def scan_folder(root, class_order=None):
                         "the file name is not valid UTF-8; rename the file",
                     )
                 )
+            elif not is_regular_file(path):  # a pipe named x.jpg would block the first open() for ever
+                skipped.append((path, NOT_REGULAR))
             elif is_image_file(path):
                 images.append(path)
             else:
@@ -436,24 +441,36 @@ def _best(candidates, valid, score):
     return candidates[best]
 
 
-def read_groups(path, image_set):
-    """Read a path,group CSV (paths relative to the data folder): one group id per image."""
+def _read_group_rows(path):
+    """The rows of a --groups CSV, separated by commas, or by semicolons or tabs as European Excel saves it."""
     import csv
 
-    path = Path(path)
     if not path.is_file():
         raise UserError(f"--groups file '{path}' does not exist; give a CSV with the columns path,group.")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            text = f.read()
+        header = text.split("\n", 1)[0]
+        cells = {d: {cell.strip().strip('"') for cell in header.split(d)} for d in ",;\t"}
+        delimiter = next((d for d in ",;\t" if {"path", "group"} <= cells[d]), ",")
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
     except (UnicodeDecodeError, csv.Error) as error:
         raise UserError(
             f"--groups file '{path}' is not a readable CSV ({error}); save it as UTF-8 CSV with the columns path,group."
         ) from None
     if not rows or not {"path", "group"} <= set(rows[0]):
+        found = f" (its first line is '{header.strip()[:60]}')" if header.strip() else " (it is empty)"
         raise UserError(
-            f"--groups file '{path}' needs the header 'path,group' (path relative to --data, group e.g. a patient id)."
+            f"--groups file '{path}' needs the header 'path,group', separated by commas, semicolons or tabs{found}; "
+            "path is relative to --data, group e.g. a patient id."
         )
+    return rows
+
+
+def read_group_file(path):
+    """{path relative to --data: group} of a --groups CSV; checked before any image is read."""
+    path = Path(path)
+    rows = _read_group_rows(path)
     group_of = {}
     for row_number, row in enumerate(rows, start=2):
         rel = Path(
@@ -467,6 +484,13 @@ def read_groups(path, image_set):
                 f"--groups file '{path}' gives '{rel}' two groups ('{group_of[rel]}' and, in row {row_number}, '{group}'); keep one row per image."
             )
         group_of[rel] = group
+    return group_of
+
+
+def read_groups(path, image_set):
+    """Read a path,group CSV (paths relative to the data folder): one group id per image."""
+    path = Path(path)
+    group_of = read_group_file(path)
     groups, missing = [], []
     for i in range(len(image_set.paths)):
         rel = image_set.relpath(i)

@@ -7,7 +7,7 @@ evaluation keeps what it has, with "status": "interrupted" and how to resume.
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from . import data, engine, files, metrics, report
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
 from .distributed import barrier, shard
+from .interrupt import GracefulStop
 from .model import load_checkpoint
 
 
@@ -26,6 +27,7 @@ class Evaluation:
     probs: np.ndarray  # N x C
     targets: np.ndarray  # N
     val: np.ndarray  # the images' indices
+    failed: list = field(default_factory=list)  # (part, reason) of the optional parts that could not be made
 
 
 def evaluate_split(args, image_set, split, model, history, runtime):
@@ -38,10 +40,15 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     val_loss, _, probs, targets = engine.evaluate(model, val_loader, runtime, desc="best model")
     if not runtime.is_main:  # the files and the timing are made once
         return Evaluation(None, probs, targets, split.val)
+    finishing(runtime, len(split.val), args.cam_examples)
     val_set = data.ImageDataset(image_set, split.val, data.val_transform(args.img_size), resize)
     result = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
     crops = (val_set[i][0] for i in range(len(val_set)))
-    timing = engine.measure_inference_time(model, crops, runtime.device, runtime.precision, args.batch_size)
+    failed = []
+    timing = report.attempt(
+        failed, "the inference time", engine.measure_inference_time, model, crops, runtime.device,
+        runtime.precision, args.batch_size,
+    )  # fmt: skip
     result |= {
         "status": "finished",
         "epochs_completed": len(history),
@@ -52,22 +59,40 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         "precision": runtime.precision,
         "inference_time": timing,
     }
-    evaluation = Evaluation(result, probs, targets, split.val)
+    evaluation = Evaluation(result, probs, targets, split.val, failed)
     write_outputs(args, image_set, split, evaluation, history)
-    cams = write_cams(model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples)
-    report.run_report(split.run_dir, cams)
+    cams = report.attempt(
+        failed, "Grad-CAM", write_cams, model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples
+    )
+    if failed:  # metrics.json, written before the optional parts, names what is missing
+        result["failed"] = [{"part": part, "reason": reason} for part, reason in failed]
+        files.write_json(split.run_dir / "metrics.json", result)
+    report.run_report(split.run_dir, cams or [], failed)
     print(metrics.format_metrics(result))
-    print(timing_line(timing))
-    if note := metrics.timing_note(timing):
+    if timing:
+        print(timing_line(timing))
+    if note := timing and metrics.timing_note(timing):
         print(f"note: {note}.")
+    finishing(runtime, None)
     return evaluation
+
+
+def finishing(runtime, num_images, cam_examples=0):
+    """After the last epoch and the evaluation nothing is left to save, so a Ctrl-C makes the run say that it
+    finishes the report, and about how long that takes, instead of claiming to stop after a batch.
+    num_images None: the report is done, and a Ctrl-C stops again (the next fold)."""
+    if not isinstance(runtime.stop, GracefulStop):
+        return
+    seconds = 10 + min(num_images or 0, 50) // 5 + 2 * cam_examples  # the timing, the plots, Grad-CAM: rough
+    doing = f"finishing the metrics and the report first, about {seconds} s"
+    runtime.stop.finishing = None if num_images is None else doing
 
 
 def write_outputs(args, image_set, split, evaluation, history):
     """metrics.json, predictions.csv, the curves, confusion matrices, ROC curves and the error grid."""
     rows = prediction_rows(image_set, evaluation, {"group": split.groups})
-    report.plot_curves(history, split.run_dir / "curves.png")
-    report.write_evaluation(
+    report.attempt(evaluation.failed, "curves.png", report.plot_curves, history, split.run_dir / "curves.png")
+    evaluation.failed += report.write_evaluation(
         split.run_dir,
         evaluation.result,
         rows,
@@ -85,6 +110,17 @@ def prediction_rows(image_set, evaluation, columns):
     extra = {name: [values[i] for i in evaluation.val] for name, values in columns.items() if values is not None}
     relpaths = [image_set.relpath(i) for i in evaluation.val]
     return report.prediction_rows(relpaths, evaluation.targets, evaluation.probs, image_set.class_names, extra)
+
+
+def failures_line(evaluations):
+    """One sentence naming the optional parts that could not be made, or '' when nothing failed."""
+    failed = [part for evaluation in evaluations for part, _ in evaluation.failed]
+    if not failed:
+        return ""
+    return (
+        f"the training finished and metrics.json, predictions.csv and report.html are written, but "
+        f"{', '.join(dict.fromkeys(failed))} could not be made (the warnings above and the report say why)."
+    )
 
 
 def timing_line(timing):
@@ -134,11 +170,12 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
     fold_column = np.zeros(len(image_set.paths), dtype=int)
     fold_column[pooled.val] = fold_of
     rows = prediction_rows(image_set, pooled, {"fold": fold_column.tolist(), "group": groups})
-    report.write_evaluation(
+    pooled.failed = report.write_evaluation(
         run_dir, pooled.result, rows, pooled.targets, pooled.probs, image_set.root, args.img_size,
         args.remission_upto, pooled=True,
     )  # fmt: skip
-    files.write_json(run_dir / "metrics.json", pooled.result | {"status": "finished", "folds": args.folds})
+    failed = {"failed": [{"part": part, "reason": reason} for part, reason in pooled.failed]} if pooled.failed else {}
+    files.write_json(run_dir / "metrics.json", pooled.result | {"status": "finished", "folds": args.folds} | failed)
     report.cv_report(run_dir, table, pooled.result)
     print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
     for row in table:

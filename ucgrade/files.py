@@ -1,9 +1,12 @@
 """Run folders and atomic writes: a kill at any moment never leaves a half-written file behind."""
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -30,8 +33,10 @@ def _atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error) and not error.filename:  # a write() names no file; the message should
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
 
 
@@ -47,18 +52,43 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def spreadsheet_safe(value):
+    """A cell that a spreadsheet shows as text, not runs as a formula (OWASP's CSV injection advice): text that
+    starts with = + - @, a tab or a carriage return, and is not a number, gets a leading '. So does text that
+    starts with ' itself, so that read_csv gives every value back unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_START + ("'",)) and not _is_number(value):
+        return "'" + value
+    return value
+
+
 def write_csv(path, rows, fieldnames):
-    """rows: a list of dicts with the keys in fieldnames."""
+    """rows: a list of dicts with the keys in fieldnames; text cells are made spreadsheet_safe."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[spreadsheet_safe(name) for name in fieldnames], lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({spreadsheet_safe(k): spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     write_text(path, buffer.getvalue())
 
 
 def read_csv(path):
+    """The rows of a CSV written by write_csv, with every value (and column name) as it was before writing."""
+
+    def unescape(text):
+        return text[1:] if isinstance(text, str) and text.startswith("'") else text
+
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return [{unescape(k): unescape(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def read_status(run_dir):
@@ -69,10 +99,23 @@ def read_status(run_dir):
         return None
 
 
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def is_disk_full(error):
+    """True for an OSError that says the disk, the quota or the file-size limit is full."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL
+
+
 def save_torch(path, obj):
     import torch  # here, not at the top: the torch-free grader (predict.py with an .onnx) uses this module
 
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        _atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as error:  # torch's zip writer wraps the OSError of a full disk in a RuntimeError
+        if is_disk_full(error.__context__):
+            raise OSError(error.__context__.errno, error.__context__.strerror, str(path)) from None
+        raise
 
 
 def save_figure(path, fig):
@@ -87,6 +130,95 @@ def check_folder_path(path, flag):
     existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())  # '.' and '/' always exist
     if not existing.is_dir():
         raise UserError(f"{flag} '{path}' cannot be a folder, because '{existing}' is a file; give a folder.")
+
+
+def check_writable(path, flag):
+    """Before any work: files can be created in the folder at path, or in the nearest folder above it that exists
+    (where it will be made). Tried with a real file, because permissions alone miss read-only disks (and root)."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".ucgrade-write-test."):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"{flag} '{path}' cannot be written ('{existing}': {error.strerror or error}); give a folder you can "
+            "write to, or fix its permissions, before the images are read."
+        ) from None
+
+
+def check_data_folder(data_dir, out_dir):
+    """Before any work: --data is a folder, and not the project folder, whose 'grades' would be data, docs and
+    outputs, the tool's own plots. Refused when it holds the --out folder or a run folder one level down."""
+    data = Path(data_dir)
+    if not data.exists():
+        raise UserError(
+            f"the data folder '{data}' does not exist; pass --data with a folder that has one sub-folder per grade."
+        )
+    if not data.is_dir():
+        raise UserError(
+            f"--data '{data}' is a file, not a folder; pass the folder that holds one sub-folder per grade."
+        )
+    root, out = data.resolve(), Path(out_dir).resolve()
+    runs = sorted(config.parent for config in root.glob("*/*/config.json"))
+    if root == out or root in out.parents:
+        holds = f"the --out folder '{out_dir}'"
+    elif runs:
+        holds = f"run folders ({runs[0].relative_to(root).as_posix()})"
+    else:
+        return
+    meant = f", probably --data {data / 'data'}" if (root / "data").is_dir() and root / "data" != out else ""
+    raise UserError(
+        f"--data '{data}' holds {holds}, so its 'grades' would include the tool's own outputs; pass the folder that "
+        f"has one sub-folder of images per grade{meant}."
+    )
+
+
+LOCK_NAME = "run.lock"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process: alive; a pid out of range: not ours to judge, so alive
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold run_dir/run.lock (created with O_EXCL, holding the pid and the host) while a run is resumed, so
+    that a second --resume of the same run is refused instead of training the same epochs into the same folder.
+    A lock whose process on this host is gone is stale and taken over. run_dir None: no lock."""
+    if run_dir is None:
+        yield
+        return
+    path, host = Path(run_dir) / LOCK_NAME, socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid_text, _, lock_host = path.read_text().partition("\n")
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, lock_host = None, host  # half-written or emptied: stale
+            if attempt == 0 and lock_host.strip() == host and (pid is None or not _process_alive(pid)):
+                print(f"note: removed a stale {path} (its process {pid} is gone).")
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(
+                f"'{run_dir}' is already being resumed by process {pid} on {lock_host.strip() or 'this machine'}; "
+                f"wait for it to finish (if that process is gone, delete {path})."
+            ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n{host}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def new_run_dir(out_dir, name=None):

@@ -6,6 +6,7 @@ model was validated on.
 """
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,29 @@ def files_under(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / name for name in sorted(filenames))
     return found
+
+
+NOT_REGULAR = "not a regular file (a pipe, socket or device), so it is not opened"
+MAX_ASPECT = 20  # no endoscopy image is 20 times longer than wide; a 1 x 30000 strip would take 0.5 GB resized
+
+
+def is_regular_file(path):
+    """False for a pipe, a socket or a device (found by stat, because open() on a pipe waits for a writer);
+    True for a regular file, and for a path that cannot be stat'ed, which load_image then names."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return True
+
+
+def check_aspect(size):
+    """Raise UnreadableImage for an image whose longer side is over MAX_ASPECT times its shorter side."""
+    width, height = size
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1) or min(width, height) == 0:
+        raise UnreadableImage(
+            f"{width}x{height} px: the longer side is over {MAX_ASPECT} times the shorter, which no endoscopy "
+            "image is (resized, such a strip would take a lot of memory)"
+        )
 
 
 def _is_utf8(path):
@@ -80,11 +104,14 @@ def load_image(path):
     """Open an image as 8-bit RGB with its EXIF orientation applied; raise UnreadableImage if it cannot be."""
     path = Path(path)
     try:
+        if not is_regular_file(path):
+            raise UnreadableImage(NOT_REGULAR)
         if path.stat().st_size == 0:
             raise UnreadableImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and palette warnings: the conversion handles them
             with Image.open(path) as image:
+                check_aspect(image.size)  # from the header, before the pixels are decoded
                 image.load()  # a full decode, so that truncated files fail here and not mid-epoch
                 image = ImageOps.exif_transpose(image)
                 return _to_rgb(image)

@@ -13,6 +13,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signal_name = None
+        self.finishing = None  # what a run is finishing when nothing is left to stop for (the report), or None
         self._previous = {}
 
     def __enter__(self):
@@ -31,11 +32,8 @@ class GracefulStop:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(
-            f"\n{self.signal_name} received: stopping after the current batch (Ctrl-C again stops at once).",
-            file=sys.stderr,
-            flush=True,
-        )
+        doing = self.finishing or "stopping after the current batch"
+        print(f"\n{self.signal_name} received: {doing} (Ctrl-C again stops at once).", file=sys.stderr, flush=True)
 
     def __call__(self):
         return self.signal_name is not None

@@ -1,13 +1,16 @@
 """Model: the table of backbones, building one, its ImageNet weights, and self-describing checkpoints."""
 
 import copy
+import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import threading
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -163,7 +166,7 @@ def load_imagenet_file(path, arch=DEFAULT_ARCH):
     path, wanted = Path(path), f"an ImageNet {arch} state_dict"
     if not path.is_file():
         raise UserError(f"--weights file '{path}' does not exist; give the path of {wanted} (.pth).")
-    state = load_weights_only(path, what="--weights file")
+    state = load_weights_only(path, what="--weights file", arch=arch)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         raise UserError(
             f"--weights '{path}' is a checkpoint of this tool, not ImageNet weights; grade images with it "
@@ -253,8 +256,57 @@ def save_checkpoint(path, checkpoint):
     files.save_torch(path, checkpoint)
 
 
-def load_weights_only(path, what="checkpoint"):
-    """torch.load with weights_only=True, so a crafted file cannot run code; clear errors otherwise."""
+# What torch.save writes into its zip archive, under one folder named after the file: never compressed.
+TORCH_ENTRY = re.compile(
+    r"[^/]+/(data\.pkl|byteorder|version|\.format_version|\.storage_alignment|\.data/version|"
+    r"\.data/serialization_id|data/\d+)"
+)
+
+
+@functools.cache
+def state_bytes(arch):
+    """Bytes of the weights and buffers of an ImageNet model of arch, counted without allocating them."""
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def archive_limit(arch=None):
+    """The most a file of arch may unpack to: 4 times a last.pt (weights, the optimiser's momentum of the same size,
+    small records); for an unknown architecture, that of the largest in the table."""
+    return 4 * 2 * max(state_bytes(a) for a in ([arch] if arch in ARCHITECTURES else ARCHITECTURES))
+
+
+def check_archive(path, what, arch=None):
+    """Refuse a zip bomb from the zip directory alone, before torch.load inflates anything: a PyTorch file that
+    unpacks to more than archive_limit(arch), or holds entries that torch.save does not write (compressed ones)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (an old PyTorch format, a text file): torch.load names the problem
+    total, limit = sum(entry.file_size for entry in entries), archive_limit(arch)
+    if total > limit:
+        raise UserError(
+            f"{what} '{path}' would unpack to {total / 1e9:.1f} GB, more than the {limit / 1e9:.1f} GB that a "
+            f"checkpoint of {arch or 'any architecture this tool knows'} can need, so it was not loaded (a zip "
+            "bomb, or not a model of this tool); use a file written by this tool or by torch.save."
+        )
+    odd = [
+        e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED or not TORCH_ENTRY.fullmatch(e.filename)
+    ]
+    if odd:
+        raise UserError(
+            f"{what} '{path}' holds entries that torch.save does not write ({', '.join(odd[:3])}"
+            f"{', ...' if len(odd) > 3 else ''}: compressed, or unexpected names), so it was not loaded; use a "
+            "file written by this tool or by torch.save."
+        )
+
+
+def load_weights_only(path, what="checkpoint", arch=None):
+    """torch.load with weights_only=True, so a crafted file cannot run code; clear errors otherwise.
+    arch, where known, bounds the size the file may unpack to (check_archive)."""
+    check_archive(path, what, arch)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -317,7 +369,74 @@ def load_checkpoint(path):
             f"({'no ' + ', '.join(missing) if missing else 'its class names do not match its class count'}); the "
             "file is damaged or was edited, so use another best.pt or last.pt."
         )
+    problems = checkpoint_problems(checkpoint)
+    if problems:
+        raise UserError(
+            f"checkpoint '{path}' was damaged or edited: " + "; ".join(problems) + ". Use another best.pt or last.pt."
+        )
     return checkpoint
+
+
+def _whole(value, low, high=None):
+    """An int (not a bool) from low to high."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def _numbers(value, count):
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def checkpoint_problems(checkpoint):
+    """What is wrong with the fields of a checkpoint, one phrase each: their types, ranges and shapes."""
+    names, problems = checkpoint["class_names"], []
+    if not all(isinstance(name, str) and name for name in names):
+        problems.append("class_names must be a list of non-empty texts")
+    elif len(set(names)) != len(names):
+        problems.append("class_names lists a class twice")
+    if not _whole(checkpoint["num_classes"], 2):
+        problems.append(f"num_classes must be a whole number of at least 2 (it is {checkpoint['num_classes']!r})")
+    if not _whole(checkpoint["img_size"], 64, 4096):
+        problems.append(f"img_size must be a whole number from 64 to 4096 pixels (it is {checkpoint['img_size']!r})")
+    resize = checkpoint.get("resize_size")
+    img_size = checkpoint["img_size"] if _whole(checkpoint["img_size"], 64, 4096) else 64  # named above if wrong
+    if resize is not None and not _whole(resize, img_size, 8192):
+        problems.append(f"resize_size must be a whole number of pixels, at least img_size (it is {resize!r})")
+    for key in ("mean", "std"):
+        if key in checkpoint and not _numbers(checkpoint[key], 3):
+            problems.append(f"{key} must be a list of three numbers (it is {checkpoint[key]!r})")
+    if _numbers(checkpoint.get("std"), 3) and min(checkpoint["std"]) <= 0:
+        problems.append(f"std must be positive (it is {checkpoint['std']!r})")
+    model = checkpoint["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        problems.append("model must map layer names to tensors")
+    elif "optimizer" in checkpoint and not problems:
+        problems += optimizer_problems(checkpoint["optimizer"], checkpoint["arch"], checkpoint["num_classes"])
+    return problems
+
+
+def optimizer_problems(state, arch, num_classes):
+    """The optimiser state of a last.pt must fit the model's parameters (all of them, or the head's alone with
+    --freeze-backbone): a wrong shape would fail only at the first step of the resumed run."""
+    try:
+        with torch.device("meta"):
+            shapes = [tuple(p.shape) for p in build_model(num_classes, arch=arch).parameters()]
+        indices = [i for group in state["param_groups"] for i in group["params"]]
+        expected = dict(zip(indices, shapes if len(indices) == len(shapes) else shapes[-len(indices) :]))
+        wrong = [
+            i
+            for i, entry in state["state"].items()
+            if i not in expected
+            or any(torch.is_tensor(v) and v.dim() and tuple(v.shape) != expected[i] for v in entry.values())
+        ]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return ["its optimizer state is not that of torch.optim"]
+    if wrong:
+        return [f"its optimizer state does not fit the {arch} model (parameter {wrong[0]} has another shape)"]
+    return []
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

@@ -6,6 +6,7 @@ the measured width of their names, so that labels fit whatever the grades are ca
 """
 
 import base64
+import csv
 import datetime
 import html
 import io
@@ -19,6 +20,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no screen on a hospital server or in CI
+# grade names and file names are plain text: a class folder 'sev_$1_$2' must not be read as mathtext
+matplotlib.rcParams["text.parse_math"] = False
+matplotlib.rcParams["text.usetex"] = False
 
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -68,11 +72,17 @@ def prediction_rows(relpaths, targets, probs, class_names, extra=None):
             "p_predicted": f"{p[predicted]:.6f}",
             "correct": int(predicted == int(target)),
         }
-        row.update({f"p_{name}": f"{value:.6f}" for name, value in zip(class_names, p)})
+        row.update({prob_column(name): f"{value:.6f}" for name, value in zip(class_names, p)})
         if extra:
             row.update({key: values[i] for key, values in extra.items()})
         rows.append(row)
     return rows
+
+
+def prob_column(class_name):
+    """The column of a grade's probability: 'prob:' cannot collide with a fixed column (a grade named 'predicted'
+    would have overwritten p_predicted)."""
+    return f"prob:{class_name}"
 
 
 def write_predictions(path, rows):
@@ -83,7 +93,7 @@ def read_predictions(path, class_names):
     """(rows, targets, probs) from a predictions.csv."""
     rows = files.read_csv(path)
     targets = np.array([class_names.index(r["true"]) for r in rows])
-    probs = np.array([[float(r[f"p_{name}"]) for name in class_names] for r in rows])
+    probs = np.array([[float(r[prob_column(name)]) for name in class_names] for r in rows])
     return rows, targets, probs
 
 
@@ -358,7 +368,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     captions = []
     for row in wrong:
         lines = [
-            Path(row["path"]).name,
+            row["path"],  # relative to the data folder: two IMG_0007.jpg of different grades differ by their folder
             f"true: {short[row['true']]}",
             f"predicted: {short[row['predicted']]} (p={float(row['p_predicted']):.2f})",
         ]
@@ -389,12 +399,41 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
 
 
 def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size, remission_upto, pooled=False):
-    """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png."""
+    """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png.
+
+    predictions.csv must be written; a plot that fails is left out. Returns the failures, a list of
+    (part, reason), for the output and the report.
+    """
     class_names = result["class_names"]
     write_predictions(Path(run_dir) / "predictions.csv", rows)
-    plot_confusions(result["confusion_matrix"], class_names, run_dir, pooled)
-    plot_roc(targets, probs, class_names, Path(run_dir) / "roc.png", remission_upto)
-    plot_errors(rows, data_root, img_size, Path(run_dir) / "errors.png", class_names=class_names)
+    failed = []
+    attempt(failed, "the confusion matrices", plot_confusions, result["confusion_matrix"], class_names, run_dir, pooled)
+    attempt(failed, "roc.png", plot_roc, targets, probs, class_names, Path(run_dir) / "roc.png", remission_upto)
+    attempt(
+        failed, "errors.png", plot_errors, rows, data_root, img_size, Path(run_dir) / "errors.png",
+        class_names=class_names,
+    )  # fmt: skip
+    return failed
+
+
+def attempt(failed, part, function, *args, **kwargs):
+    """function(*args, **kwargs), for an optional part of a finished run (a plot, Grad-CAM, the timing): a
+    failure is printed and added to failed as (part, reason) instead of losing the files that must be written.
+    A full disk, a stop and a user's mistake still end the run."""
+    try:
+        return function(*args, **kwargs)
+    except (UserError, KeyboardInterrupt, MemoryError):
+        raise
+    except OSError as error:
+        if files.is_disk_full(error):
+            raise
+        reason = f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else "")
+    except Exception as error:  # an optional part must not lose a finished training, whatever went wrong
+        reason = f"{type(error).__name__}: {error}"
+    reason = " ".join(reason.split())[:300]
+    print(f"warning: {part} could not be made ({reason}); the run's other files are written.", file=sys.stderr)
+    failed.append((part, reason))
+    return None
 
 
 # ----------------------------------------------------------------------------- HTML report
@@ -451,7 +490,10 @@ def table(header, rows, numbers=True, css_class=None):
 
 
 def embed_png(path, alt=""):
-    """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch)."""
+    """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch); a plot that
+    could not be drawn is named instead."""
+    if not Path(path).is_file():
+        return f'<p class="warn">{html.escape(Path(path).name)} could not be drawn; see "What failed" above.</p>'
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as image:
         dpi = image.info.get("dpi", (96, 96))[0] or 96
@@ -672,10 +714,21 @@ def grades_html(class_names):
     return f"<p>Grades in order: <b>{html.escape(' < '.join(class_names))}</b>.</p>"
 
 
-def run_report(run_dir, cams=()):
+def failed_html(failed):
+    """The optional parts of a finished run that could not be made, (part, reason) each, for the summary card."""
+    if not failed:
+        return ""
+    items = "".join(f"<li>{html.escape(part)}: {html.escape(reason)}</li>" for part, reason in failed)
+    return (
+        '<h3 class="warn">What failed</h3><p class="warn">Training finished and the metrics and predictions are '
+        f"complete, but these parts could not be made:</p><ul>{items}</ul>"
+    )
+
+
+def run_report(run_dir, cams=(), failed=()):
     """Build report.html for a single training run from the files in run_dir.
 
-    cams: list of (caption, PNG path) Grad-CAM overlays.
+    cams: list of (caption, PNG path) Grad-CAM overlays. failed: (part, reason) of the optional parts that failed.
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -693,6 +746,7 @@ def run_report(run_dir, cams=()):
             "The best epoch was chosen by its accuracy on these same validation images",
             "or compare runs by cross-validation (--folds)",
         )
+        + failed_html(failed)
     )
     sections = [
         (
@@ -874,15 +928,36 @@ def cv_report(run_dir, summary_table, pooled):
     write_report(run_dir / "report.html", f"UC severity grading, cross-validation: {run_dir.name}", summary, sections)
 
 
+def read_saved(path, read, *args):
+    """read(path, *args) for a file of a run folder; a damaged file (invalid JSON, a truncated CSV, a missing
+    column) is one sentence that names it."""
+    try:
+        return read(path, *args)
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, csv.Error) as error:
+        what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise UserError(
+            f"'{path}' is damaged ({' '.join(what.split())[:120]}), so the plots cannot be drawn from it; restore "
+            "it from a backup, or resume or repeat the run to write it again."
+        ) from None
+
+
+def _read_json(path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _read_metrics(path):
+    metrics = _read_json(path)
+    return metrics, list(metrics["class_names"]), metrics["confusion_matrix"]
+
+
 def redraw(run_dir):
     """Draw curves.png, the confusion matrices and roc.png again from a run folder's files."""
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    class_names = metrics["class_names"]
+    metrics, class_names, matrix = read_saved(run_dir / "metrics.json", _read_metrics)
     if (run_dir / "history.csv").exists():  # a cross-validation folder has none; its folds do
-        plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png")
-    plot_confusions(metrics["confusion_matrix"], class_names, run_dir, pooled="folds" in metrics)
-    _, targets, probs = read_predictions(run_dir / "predictions.csv", class_names)
+        plot_curves(read_saved(run_dir / "history.csv", read_history), run_dir / "curves.png")
+    plot_confusions(matrix, class_names, run_dir, pooled="folds" in metrics)
+    _, targets, probs = read_saved(run_dir / "predictions.csv", read_predictions, class_names)
     plot_roc(
         targets,
         probs,
@@ -908,7 +983,7 @@ def main(runs):
             raise UserError(
                 f"'{run}' is not a run folder written by qq.py (it has no config.json); give a folder under outputs/."
             )
-        if not path.is_file() or "confusion_matrix" not in json.loads(path.read_text()):
+        if not path.is_file() or "confusion_matrix" not in read_saved(path, _read_json):
             raise UserError(
                 f"'{run}' has no evaluated model yet (it was interrupted before one); "
                 f"resume it with: python qq.py --resume {run}"

@@ -15,6 +15,7 @@ import torchvision
 
 from . import distributed, files
 from .cli import UserError
+from .model import load_checkpoint
 
 # Settings that define a run; config.json records them and --resume takes them from it.
 RUN_SETTINGS = (
@@ -117,6 +118,8 @@ def check_epochs(run_dir, config, epochs):
                 f"'{folder}' has finished epochs but no last.pt, which holds the training state, so the run cannot "
                 "continue; start a new run (its best.pt still grades images with predict.py)."
             )
+        if continues and (folder / "last.pt").is_file():
+            check_last_checkpoint(folder / "last.pt")
     if epochs < trained:
         raise UserError(
             f"--epochs {epochs} is fewer than the {trained} epochs the run has already trained; give --epochs "
@@ -129,6 +132,17 @@ def check_epochs(run_dir, config, epochs):
             else f"to train it longer, pass --epochs with more than {trained}"
         )
         raise UserError(f"'{run_dir}' has already finished its {trained} epochs; {more}.")
+
+
+def check_last_checkpoint(path):
+    """Before anything is written (config.json records every resumption): a last.pt that the run would go on
+    from must load, with the fields, shapes and training state that resuming needs."""
+    missing = [key for key in ("optimizer", "lr_scheduler", "history", "rng") if key not in load_checkpoint(path)]
+    if missing:
+        raise UserError(
+            f"'{path}' holds no training state ({', '.join(missing)} missing), so the run cannot continue from it; "
+            "start a new run instead of resuming."
+        )
 
 
 def precision_used(config):

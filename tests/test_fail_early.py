@@ -1,0 +1,121 @@
+"""Fail early and plainly (issue 13): mistakes a new user makes are named before any image is decoded, and
+before the settings are printed."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, make_folder, run_script, user_lines
+
+import predict
+import qq
+from ucgrade import report
+from ucgrade.cli import run_cli
+
+
+def refused(argv, capsys, monkeypatch):
+    """(exit code, stdout lines, stderr lines) of qq.py, which must stop before reading any image."""
+    monkeypatch.setattr(qq.data, "read_data", lambda *args: pytest.fail("the images were read"))
+    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
+    captured = capsys.readouterr()
+    return code, user_lines(captured.out), user_lines(captured.err)
+
+
+def test_the_project_folder_as_data_is_refused_with_the_folder_meant(tmp_path, capsys, monkeypatch):
+    project = tmp_path / "project"
+    make_folder(project / "data", {"mild": 2, "moderate": 2})
+    (project / "docs").mkdir()
+    code, out, err = refused(["--data", project, "--out", project / "outputs", *FAST], capsys, monkeypatch)
+    assert code == 2 and not out
+    assert err == [
+        f"error: --data '{project}' holds the --out folder '{project / 'outputs'}', so its 'grades' would include "
+        f"the tool's own outputs; pass the folder that has one sub-folder of images per grade, probably --data "
+        f"{project / 'data'}."
+    ]
+
+
+def test_a_data_folder_whose_grades_hold_run_folders_is_refused(tmp_path, capsys, monkeypatch):
+    project = tmp_path / "project"
+    make_folder(project / "data", {"mild": 2, "moderate": 2})
+    (project / "old_outputs" / "train").mkdir(parents=True)
+    (project / "old_outputs" / "train" / "config.json").write_text("{}")
+    code, out, err = refused(["--data", project, "--out", tmp_path / "out", *FAST], capsys, monkeypatch)
+    assert code == 2 and not out
+    assert err[0].startswith(f"error: --data '{project}' holds run folders (old_outputs/train), so its 'grades'")
+    assert err[0].endswith(f"probably --data {project / 'data'}.")
+
+
+def test_a_missing_data_folder_is_named_before_the_settings(tmp_path, capsys, monkeypatch):
+    code, out, err = refused(["--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST], capsys, monkeypatch)
+    assert code == 2 and not out  # not after 24 lines of settings
+    assert err == [
+        f"error: the data folder '{tmp_path / 'nowhere'}' does not exist; pass --data with a folder that has one "
+        "sub-folder per grade."
+    ]
+
+
+def test_a_groups_file_with_a_problem_is_named_before_any_image_is_read(tmp_path, capsys, monkeypatch):
+    data = make_folder(tmp_path / "data", {"mild": 2, "moderate": 2})
+    groups = tmp_path / "groups.csv"
+    groups.write_text("file,patient\nmild/mild_000.jpg,p1\n")
+    code, out, err = refused(["--data", data, "--out", tmp_path / "out", "--groups", groups], capsys, monkeypatch)
+    assert code == 2 and not out
+    assert err == [
+        f"error: --groups file '{groups}' needs the header 'path,group', separated by commas, semicolons or tabs "
+        "(its first line is 'file,patient'); path is relative to --data, group e.g. a patient id."
+    ]
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_semicolon_or_tab_groups_file_as_european_excel_saves_it_is_read(tmp_path, separator):
+    data = make_folder(tmp_path / "data", {"mild": 4, "moderate": 4})
+    groups = tmp_path / "groups.csv"
+    rows = [
+        f"{p.relative_to(data).as_posix()}{separator}patient {k // 2}"
+        for k, p in enumerate(sorted(data.rglob("*.jpg")))
+    ]
+    groups.write_text("\ufeff" + f"path{separator}group\r\n" + "\r\n".join(rows) + "\r\n", encoding="utf-8")
+    image_set, _ = qq.data.scan_folder(data)
+    assert qq.data.read_groups(groups, image_set) == [f"patient {k // 2}" for k in range(8)]
+
+
+def test_predict_names_the_absolute_folder_searched_and_the_default_runs_accuracy(trained_run, tmp_path, capsys):
+    image = trained_run / "curves.png"  # any image will do
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", "elsewhere"]))
+    err = user_lines(capsys.readouterr().err)
+    assert code == 2
+    assert err[0].startswith(f"error: no trained model found under '{Path('elsewhere').resolve()}/'")
+
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", str(trained_run.parent)]))
+    err = user_lines(capsys.readouterr().err)
+    accuracy = json.loads((trained_run / "metrics.json").read_text())["accuracy"]
+    assert code == 0, err
+    assert err[0] == (
+        f"using {trained_run / 'best.pt'} (the newest run under {trained_run.parent}/, validation accuracy "
+        f"{accuracy:.2f} after 3 of 3 epochs)"
+    )
+
+
+def test_predict_help_is_fast_and_shows_examples():
+    start = time.perf_counter()
+    result = run_script("predict.py", "--help")
+    assert time.perf_counter() - start < 3  # no torch import for --help (qq.py's still takes ~6 s)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "examples:\n  python predict.py image.jpg" in result.stdout
+    assert "python predict.py -- -scan.jpg" in result.stdout
+
+
+def test_errors_png_names_each_image_by_its_path_under_the_data_folder(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", {"mild": 1, "severe": 1})
+    for grade in ("mild", "severe"):
+        (data / grade / f"{grade}_000.jpg").rename(data / grade / "IMG_0007.jpg")
+    rows = [
+        {"path": "mild/IMG_0007.jpg", "true": "mild", "predicted": "severe", "p_predicted": "0.9"},
+        {"path": "severe/IMG_0007.jpg", "true": "severe", "predicted": "mild", "p_predicted": "0.8"},
+    ]
+    drawn = []
+    monkeypatch.setattr(report.files, "save_figure", lambda path, fig: drawn.append(fig))
+    assert report.plot_errors(rows, data, 64, tmp_path / "errors.png", class_names=["mild", "severe"]) == 2
+    titles = [ax.get_title() for ax in drawn[0].axes]
+    assert [title.split("\n")[0] for title in titles] == ["mild/IMG_0007.jpg", "severe/IMG_0007.jpg"]
