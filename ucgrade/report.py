@@ -620,6 +620,21 @@ def ood_html(metrics, images="validation images"):
     )
 
 
+def patient_summary(metrics):
+    """One line of the summary card with the patient-level accuracy and QWK, or '' without groups."""
+    level = metrics.get("patient_level")
+    if not level:
+        return ""
+    patients = level["metrics"] | {"intervals": level["intervals"]}
+    figures = ", ".join(
+        f"{LABELS[name]} {fmt(patients[name], 2)} ({ci_text(patients, name)})" for name in ("accuracy", "qwk")
+    )
+    return (
+        f"<p>Per patient ({patients['num_patients']} patients, --patient-grade {html.escape(level['rule'])}): "
+        f"{html.escape(figures)}. The intervals resample whole patients.</p>"
+    )
+
+
 def _key(name):
     return name.removeprefix("remission_")
 
@@ -771,6 +786,7 @@ def run_report(run_dir, cams=()):
         + f"<p>{chosen} epoch {metrics.get('best_epoch')} of {metrics.get('epochs_completed')} "
         f"({html.escape(metrics.get('status', 'finished'))}), scored on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        + patient_summary(metrics)
         + ood_html(metrics)
         + caveats(
             config,
@@ -901,6 +917,7 @@ def cv_report(run_dir, summary_table, pooled):
         + grades_html(pooled["class_names"])
         + tiles(headline(pooled, spread))
         + f"<p>ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        + patient_summary(pooled)
         + ood_html(pooled)
         + caveats(
             config,
@@ -996,6 +1013,7 @@ def test_report(out_dir):
         f"{models}.</p>"
         + grades_html(metrics["class_names"])
         + tiles(headline(metrics))
+        + patient_summary(metrics)
         + ood_html(metrics, "test images")
         + "".join(notes)
     )
