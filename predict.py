@@ -6,9 +6,17 @@
     python predict.py image.jpg --cam heatmaps/         # also write a Grad-CAM overlay per image
     python predict.py image.jpg --weights outputs/train/model.onnx       # ONNX Runtime: no torch needed
     python predict.py image.jpg --weights outputs/train/model.int8.onnx  # int8, faster on a CPU
+    python predict.py test_images/ --evaluate           # score a labelled test set: outputs/train/test/report.html
+    python predict.py test_images/ --evaluate --weights outputs/train3 --groups test_patients.csv
 
 Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
-cannot be read are reported and skipped; the exit code is 1 if any failed.
+cannot be read are reported and skipped; the exit code is 1 if any failed. With a .pt, an image unlike
+the training images gets "not like the training images: grade not reliable" beside its grade.
+
+With --evaluate, the one input is a test folder with one sub-folder per grade: it is graded and
+scored like a validation split (95% intervals, and per patient with --groups), into a new folder
+test, test2, ... of the run (or --eval-out). A cross-validation run folder grades with every fold's
+model and scores their mean probabilities.
 
 With an .onnx, nothing imports torch: a grading workstation needs only requirements-predict.txt
 (onnxruntime, NumPy, Pillow). torch is imported only to grade with a .pt.
@@ -23,6 +31,7 @@ from ucgrade.cli import ArgumentParser, UserError, main_entry
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # ucgrade.device.PRECISIONS, which imports torch (tested equal)
+OOD_WARNING = "not like the training images: grade not reliable"  # ucgrade.ood.WARNING (torch-free here)
 
 
 EXAMPLES = """examples:
@@ -70,7 +79,55 @@ def get_args_parser():
         metavar="DIR",
         help="write a Grad-CAM overlay of the predicted grade for each image into DIR (needs a .pt)",
     )
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="the input is a labelled test folder (one sub-folder per grade): score the model on it (default: off)",
+    )
+    parser.add_argument(
+        "--eval-out",
+        default=None,
+        metavar="DIR",
+        help="with --evaluate, the results folder (a number is added if it exists) (default: test, test2, ... "
+        "in the run's folder)",
+    )
+    parser.add_argument(
+        "--remission-upto",
+        default=None,
+        metavar="CLASS",
+        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: off)",
+    )
+    parser.add_argument(
+        "--groups",
+        default=None,
+        metavar="CSV",
+        help="with --evaluate, a path,group CSV (paths relative to the test folder): intervals over patients and "
+        "the patient-level section (default: none)",
+    )
+    parser.add_argument(
+        "--patient-grade",
+        default="max",
+        choices=("max", "mean-prob"),
+        help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
+        "images' mean probabilities (default: %(default)s)",
+    )
     return parser
+
+
+def check_evaluate_args(args):
+    """The --evaluate flags go together: one test folder, and the options that only it reads."""
+    if not args.evaluate:
+        used = [flag for flag in ("eval_out", "remission_upto", "groups") if getattr(args, flag)]
+        if used:
+            flags = ", ".join("--" + flag.replace("_", "-") for flag in used)
+            raise UserError(f"{flags} only apply to --evaluate; add --evaluate with a labelled test folder.")
+        return
+    if len(args.inputs) != 1:
+        raise UserError("--evaluate takes one test folder (with one sub-folder per grade), not several inputs.")
+    if args.json or args.cam:
+        raise UserError("--evaluate writes its own results folder; leave out --json and --cam.")
+    if args.groups and not Path(args.groups).is_file():
+        raise UserError(f"--groups file '{args.groups}' does not exist; check the path.")
 
 
 def newest_checkpoint(out_dir):
@@ -197,8 +254,18 @@ def torch_grader(weights, args, cam_dir):
     if cam_dir is not None:
         check_folder_path(cam_dir, "--cam")
 
+    from ucgrade import ood
+    from ucgrade.engine import load_for_prediction
+
+    scorer = ood.scorer(model, checkpoint, device, precision)
+
     def grade(path):
-        return predict_image(path, model, checkpoint, device, precision)
+        grade, probabilities = predict_image(path, model, checkpoint, device, precision)
+        if scorer is None:
+            return grade, probabilities, None
+        image = load_for_prediction(path, checkpoint["img_size"], checkpoint.get("resize_size"))
+        score = float(scorer.scores(image)[0])
+        return grade, probabilities, {"out_of_distribution": score > scorer.threshold, "ood_score": score}
 
     def write_cam(path, grade, cam_path):
         from ucgrade.cam import cam_overlay, save_png
@@ -229,10 +296,20 @@ def onnx_grader(weights, args):
             f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
             f"exported in ({model.precision}), so leave --precision out."
         )
-    return model.class_names, lambda path: predict_image(path, model), None
+    print(
+        "note: the check for images unlike the training images needs the .pt the model was exported from; "
+        f"'{weights.name}' grades without it.",
+        file=sys.stderr,
+    )
+    return model.class_names, lambda path: (*predict_image(path, model), None), None
 
 
 def main(args):
+    check_evaluate_args(args)
+    if args.evaluate:
+        from ucgrade.testset import evaluate_test_set
+
+        return evaluate_test_set(args, args.inputs[0])
     weights = resolve_weights(args)
     cam_dir = Path(args.cam) if args.cam else None
     if weights.suffix.lower() == ".onnx":
@@ -248,13 +325,13 @@ def main(args):
     results = []
     for path in images:
         try:
-            grade, probabilities = grade_image(path)
+            grade, probabilities, unusual = grade_image(path)
             result = {
                 "path": str(path),
                 "grade": grade,
                 "probability": probabilities[grade],
                 "probabilities": probabilities,
-            }
+            } | (unusual or {})
             if write_cam is not None:
                 result["cam"] = str(unique_path(cam_dir, path.stem))
                 write_cam(path, grade, result["cam"])
@@ -265,7 +342,8 @@ def main(args):
         results.append(result)
         if not args.json:
             others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
-            print(f"{path}: {grade} (p={probabilities[grade]:.2f})  {others}", flush=True)
+            warning = f"  [{OOD_WARNING}]" if result.get("out_of_distribution") else ""
+            print(f"{path}: {grade} (p={probabilities[grade]:.2f}){warning}  {others}", flush=True)
 
     if args.json:
         print(

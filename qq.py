@@ -94,6 +94,13 @@ def get_args_parser():
         help="CSV with columns path,group (e.g. patient id); a group never spans train and validation (default: none)",
     )
     add(
+        "--patient-grade",
+        default="max",
+        choices=("max", "mean-prob"),
+        help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
+        "images' mean probabilities (default: %(default)s)",
+    )
+    add(
         "--folds", type=int, default=0, metavar="K", help="K-fold cross-validation, K >= 2; 0 is one split (default: 0)"
     )
     add(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import data, engine, files, metrics, report
+from . import data, engine, evidence, files, metrics, ood, report
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
 from .distributed import barrier, shard
@@ -60,6 +60,8 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         "inference_time": timing,
     }
     evaluation = Evaluation(result, probs, targets, split.val, failed)
+    add_evidence(args, evaluation, split.groups, split.run_dir)
+    result["out_of_distribution"] = ood.calibrate(model, image_set, split, args, runtime)  # written into best.pt
     write_outputs(args, image_set, split, evaluation, history)
     cams = report.attempt(
         failed, "Grad-CAM", write_cams, model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples
@@ -69,6 +71,7 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         files.write_json(split.run_dir / "metrics.json", result)
     report.run_report(split.run_dir, cams or [], failed)
     print(metrics.format_metrics(result))
+    print(evidence.format_evidence(result))
     if timing:
         print(timing_line(timing))
     if note := timing and metrics.timing_note(timing):
@@ -86,6 +89,19 @@ def finishing(runtime, num_images, cam_examples=0):
     seconds = 10 + min(num_images or 0, 50) // 5 + 2 * cam_examples  # the timing, the plots, Grad-CAM: rough
     doing = f"finishing the metrics and the report first, about {seconds} s"
     runtime.stop.finishing = None if num_images is None else doing
+
+
+def add_evidence(args, evaluation, groups, out_dir):
+    """The 95% intervals and, with groups (of every image of the set), the patient-level section."""
+    evidence.add_evidence(
+        evaluation.result,
+        evaluation.targets,
+        evaluation.probs,
+        out_dir,
+        evidence.groups_of(groups, evaluation.val),
+        args.patient_grade,
+        args.remission_upto,
+    )
 
 
 def write_outputs(args, image_set, split, evaluation, history):
@@ -155,6 +171,8 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
         np.concatenate([e.val for e in evaluations]),
     )
     pooled.result = metrics.compute_metrics(pooled.targets, pooled.probs, class_names, args.remission_upto)
+    add_evidence(args, pooled, groups, run_dir)
+    pooled.result["out_of_distribution"] = evidence.pooled_flagged(fold_results)
     summary = metrics.summarize_folds(fold_results)
     per_fold_keys = list(metrics.SCALARS) + ["num_images", "best_epoch"]
     per_fold = [
@@ -181,6 +199,7 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
     for row in table:
         mean, std, pooled_value = (row[key] or "n/a" for key in ("mean", "std", "pooled"))
         print(f"  {row['metric']:<24}{mean:>7} ± {std:<7} pooled {pooled_value}")
+    print(evidence.format_evidence(pooled.result))
     return pooled
 
 

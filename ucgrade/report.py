@@ -32,7 +32,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from . import files  # noqa: E402
+from . import files, stats  # noqa: E402
 from .cli import UserError, run_cli  # noqa: E402
 from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt, timing_note  # noqa: E402
 
@@ -533,7 +533,7 @@ def headline(metrics, spread=None):
     spread = spread or {}
 
     def details(key):
-        return [f"folds: {spread[key]}"] if key in spread else []
+        return [text for text in (interval_text(metrics, key), spread.get(key) and f"folds: {spread[key]}") if text]
 
     items = [(LABELS[name], fmt(metrics.get(name)), details(name)) for name in HEADLINE]
     remission = metrics.get("remission")
@@ -554,12 +554,44 @@ def headline(metrics, spread=None):
     return items
 
 
-def metrics_html(metrics):
-    parts = [
-        table(
-            ["metric", "value", "meaning"], [[LABELS[name], fmt(metrics.get(name)), SCALARS[name]] for name in SCALARS]
-        )
+def interval_text(metrics, name):
+    """'95% CI 0.76-0.86' for a key of stats.INTERVAL_METRICS, or '' when metrics has no interval for it."""
+    interval = (metrics.get("intervals") or {}).get(name)
+    if not interval or interval["low"] is None:
+        return ""
+    return "95% CI " + stats.format_ci(0.0, interval).split("(", 1)[1].rstrip(")")
+
+
+def ci_text(metrics, name):
+    """The 95% interval of a metric as a table shows it: '0.76-0.86', or 'n/a'."""
+    return interval_text(metrics, name).removeprefix("95% CI ") or "n/a"
+
+
+def bootstrap_note(metrics):
+    unit = (metrics.get("bootstrap") or {}).get("unit", "image")
+    return (
+        f'<p class="note">95% CI: percentile bootstrap of {stats.N_RESAMPLES} resamples of {unit}s '
+        f"(seeded){', whole patients at a time' if unit == 'patient' else ''}; n/a where a metric is undefined "
+        "on too many resamples.</p>"
+    )
+
+
+def metric_rows(metrics, names, meanings):
+    """Rows of a metrics table: label, value, its 95% CI when metrics has intervals, and the meaning."""
+    with_ci = "intervals" in metrics
+    return [
+        [LABELS[name.removeprefix("remission_")], fmt(stats.metric_value(metrics, name))]
+        + ([ci_text(metrics, name)] if with_ci else [])
+        + [meanings[name.removeprefix("remission_")]]
+        for name in names
     ]
+
+
+def metrics_html(metrics):
+    header = ["metric", "value"] + (["95% CI"] if "intervals" in metrics else []) + ["meaning"]
+    parts = [table(header, metric_rows(metrics, SCALARS, SCALARS))]
+    if "intervals" in metrics:
+        parts.append(bootstrap_note(metrics))
     per_class = [
         [name, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), r["support"]]
         for name, r in metrics["per_class"].items()
@@ -571,12 +603,8 @@ def metrics_html(metrics):
             f"<h3>Remission ({html.escape(', '.join(remission['remission_classes']))}) "
             f"vs active disease ({html.escape(', '.join(remission['active_classes']))})</h3>"
         )
-        parts.append(
-            table(
-                ["metric", "value", "meaning"],
-                [[LABELS[name], fmt(remission[name]), REMISSION_SCALARS[name]] for name in REMISSION_SCALARS],
-            )
-        )
+        names = [f"remission_{name}" for name in REMISSION_SCALARS]
+        parts.append(table(header, metric_rows(metrics, names, REMISSION_SCALARS)))
         c = remission["confusion"]
         parts.append(
             '<p class="note">An image is called active when its predicted grade is above '
@@ -585,6 +613,77 @@ def metrics_html(metrics):
             f"remission images: {c['tn']} called remission, {c['fp']} called active.</p>"
         )
     return "\n".join(parts)
+
+
+def patient_rule_text(rule):
+    """How a patient's grades are made from their images' grades."""
+    if rule == "max":
+        return "the worst grade among their images, true and predicted (the Mayo convention)"
+    return "the worst true grade among their images; predicted: the grade of their images' mean probabilities"
+
+
+def patients_html(run_dir, metrics):
+    """The patient-level section: how grades are made, the confusion matrix and the metrics with their CIs."""
+    level = metrics["patient_level"]
+    patients = level["metrics"] | {"intervals": level["intervals"], "bootstrap": {"unit": "patient"}}
+    names = ["accuracy", "qwk", "balanced_accuracy", "macro_f1", "mae_grades"]
+    if level["rule"] == "mean-prob":
+        names.append("roc_auc_ovr_macro")
+    if "remission" in patients:
+        names += [f"remission_{name}" for name in REMISSION_SCALARS if name != "auroc" or level["rule"] != "max"]
+    meanings = SCALARS | REMISSION_SCALARS
+    rows = [
+        [_label(name), fmt(stats.metric_value(patients, name)), ci_text(patients, name), meanings[_key(name)]]
+        for name in names
+    ]
+    png = Path(run_dir) / "patients_confusion_matrix.png"
+    return (
+        f"<p>{patients['num_patients']} patients ({metrics['num_images']} images). A patient's grade is "
+        f"{html.escape(patient_rule_text(level['rule']))} (--patient-grade {html.escape(level['rule'])}); "
+        "one row per patient in patients.csv.</p>"
+        + (embed_png(png, "patient-level confusion matrix") if png.exists() else "")
+        + table(["metric", "value", "95% CI", "meaning"], rows)
+        + bootstrap_note(patients)
+        + '<p class="note">Patient-level intervals are wider than image-level ones: there are fewer patients than '
+        "images, and each patient counts once.</p>"
+    )
+
+
+def ood_html(metrics, images="validation images"):
+    """One sentence on the images flagged as unlike the training images, or '' without the check."""
+    flags = metrics.get("out_of_distribution")
+    if not flags:
+        return ""
+    css = "warn" if flags["rate"] > 0.05 else "note"
+    return (
+        f'<p class="{css}">Unlike the training images (out-of-distribution check): {flags["flagged"]} of '
+        f"{flags['images']} {images} ({100 * flags['rate']:.1f}%) flagged; the check is calibrated at training to "
+        "flag about 1% of the validation images, and a flagged image's grade is not reliable.</p>"
+    )
+
+
+def patient_summary(metrics):
+    """One line of the summary card with the patient-level accuracy and QWK, or '' without groups."""
+    level = metrics.get("patient_level")
+    if not level:
+        return ""
+    patients = level["metrics"] | {"intervals": level["intervals"]}
+    figures = ", ".join(
+        f"{LABELS[name]} {fmt(patients[name], 2)} ({ci_text(patients, name)})" for name in ("accuracy", "qwk")
+    )
+    return (
+        f"<p>Per patient ({patients['num_patients']} patients, --patient-grade {html.escape(level['rule'])}): "
+        f"{html.escape(figures)}. The intervals resample whole patients.</p>"
+    )
+
+
+def _key(name):
+    return name.removeprefix("remission_")
+
+
+def patient_section(run_dir, metrics):
+    """[("Patient level", html)] when the evaluation had groups, else []."""
+    return [("Patient level", patients_html(run_dir, metrics))] if metrics.get("patient_level") else []
 
 
 def inference_html(timing):
@@ -740,6 +839,8 @@ def run_report(run_dir, cams=(), failed=()):
         + f"<p>{chosen} epoch {metrics.get('best_epoch')} of {metrics.get('epochs_completed')} "
         f"({html.escape(metrics.get('status', 'finished'))}), scored on {metrics['num_images']} validation images. "
         f"ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        + patient_summary(metrics)
+        + ood_html(metrics)
         + caveats(
             config,
             "The model",
@@ -757,6 +858,7 @@ def run_report(run_dir, cams=(), failed=()):
             ),
         ),
         ("Metrics (best.pt, validation set)", metrics_html(metrics)),
+        *patient_section(run_dir, metrics),
     ]
     if (run_dir / "history.csv").exists():
         history = read_history(run_dir / "history.csv")
@@ -869,6 +971,8 @@ def cv_report(run_dir, summary_table, pooled):
         + grades_html(pooled["class_names"])
         + tiles(headline(pooled, spread))
         + f"<p>ImageNet weights: {'yes' if config.get('pretrained_used') else 'no'}.</p>"
+        + patient_summary(pooled)
+        + ood_html(pooled)
         + caveats(
             config,
             "Each fold's model",
@@ -889,6 +993,7 @@ def cv_report(run_dir, summary_table, pooled):
             ),
         ),
         ("Pooled out-of-fold metrics", metrics_html(pooled)),
+        *patient_section(run_dir, pooled),
         ("Metrics per fold (mean ± standard deviation over the folds)", fold_table),
         ("Training curves", curves_html(curves)),
         ("ROC curves (pooled)", embed_png(run_dir / "roc.png", "ROC curves")),
@@ -948,6 +1053,81 @@ def _read_json(path):
 def _read_metrics(path):
     metrics = _read_json(path)
     return metrics, list(metrics["class_names"]), metrics["confusion_matrix"]
+
+
+def test_report(out_dir):
+    """report.html of a test set graded by predict.py --evaluate, from the files in out_dir."""
+    out_dir = Path(out_dir)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    weights = metrics["weights"]
+    models = (
+        f"the mean probabilities of {len(weights)} fold models (an ensemble)"
+        if metrics.get("ensemble")
+        else html.escape(weights[0])
+    )
+    notes = []
+    if metrics.get("missing_grades"):
+        notes.append(
+            f"<p class=note>The test set has no images of {html.escape(', '.join(metrics['missing_grades']))}; "
+            "those grades are absent from the figures.</p>"
+        )
+    leaked = metrics.get("images_in_training")
+    if leaked:
+        notes.append(
+            f'<p class="warn">{leaked} test image(s) have the same bytes as images the model trained on: that is '
+            "leakage, and it flatters every figure here; remove them from the test set.</p>"
+        )
+    elif leaked is None:
+        notes.append(
+            '<p class="note">Not checked for images the model trained on: the run\'s split.csv or its data folder '
+            "is not at hand.</p>"
+        )
+    else:
+        notes.append("<p>Checked: no test image has the bytes of an image the model trained on.</p>")
+    summary = (
+        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} images graded by "
+        f"{models}.</p>"
+        + grades_html(metrics["class_names"])
+        + tiles(headline(metrics))
+        + patient_summary(metrics)
+        + ood_html(metrics, "test images")
+        + "".join(notes)
+    )
+    sections = [
+        (
+            "Confusion matrices (test set)",
+            pair(
+                embed_png(out_dir / "confusion_matrix.png", "confusion matrix"),
+                embed_png(out_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
+            ),
+        ),
+        ("Metrics (test set)", metrics_html(metrics)),
+        *patient_section(out_dir, metrics),
+    ]
+    if metrics.get("per_model"):
+        header = ["model"] + [LABELS[name] for name in SCALARS]
+        rows = [[Path(m["weights"]).parent.name] + [fmt(m.get(name)) for name in SCALARS] for m in metrics["per_model"]]
+        rows.append(["ensemble (mean probabilities)"] + [fmt(metrics.get(name)) for name in SCALARS])
+        sections.append(("Each fold's model", table(header, rows)))
+    sections.append(("ROC curves", embed_png(out_dir / "roc.png", "ROC curves")))
+    if (out_dir / "errors.png").exists():
+        sections.append(("Most confidently wrong images", embed_png(out_dir / "errors.png", "errors")))
+    else:
+        sections.append(("Most confidently wrong images", "<p>No test image was misclassified.</p>"))
+    counts = np.bincount(
+        [metrics["class_names"].index(r["true"]) for r in files.read_csv(out_dir / "predictions.csv")],
+        minlength=len(metrics["class_names"]),
+    )
+    skipped = files.read_csv(out_dir / "skipped.csv") if (out_dir / "skipped.csv").exists() else []
+    dataset = table(["grade", "test images"], [[n, int(c)] for n, c in zip(metrics["class_names"], counts)])
+    if skipped:
+        dataset += f'<p class="warn">{len(skipped)} file(s) were skipped:</p>' + table(
+            ["file", "reason"], [[r["path"], r["reason"]] for r in skipped]
+        )
+    else:
+        dataset += "<p>No files were skipped.</p>"
+    sections.append(("Test images", dataset))
+    write_report(out_dir / "report.html", f"UC severity grading, test set: {out_dir.name}", summary, sections)
 
 
 def redraw(run_dir):

@@ -21,14 +21,15 @@ from .model import load_checkpoint
 RUN_SETTINGS = (
     "data", "arch", "epochs", "batch_size", "lr", "momentum", "step_size", "gamma", "val_split", "seed", "img_size",
     "precision", "pretrained", "weights", "class_order", "remission_upto", "groups", "folds", "balance",
-    "freeze_backbone", "cache", "select", "sync_bn",
+    "freeze_backbone", "cache", "select", "sync_bn", "patient_grade",
 )  # fmt: skip
 # What --resume may change, because the run goes on the same: the same images from elsewhere, more
 # epochs, another precision, cache or batch norm across processes. (--device, --workers, --compile and
-# --cam-examples are not run settings.)
+# --cam-examples are not run settings.) --patient-grade may not change: the folds already evaluated
+# made their patients' grades by the rule the run started with, and the pooled report must use the same one.
 RESUME_MAY_CHANGE = ("data", "epochs", "precision", "cache", "sync_bn")
 # Defaults of settings that runs written by earlier versions did not record.
-EARLIER_DEFAULTS = {"select": "best", "arch": "resnet50", "sync_bn": False}
+EARLIER_DEFAULTS = {"select": "best", "arch": "resnet50", "sync_bn": False, "patient_grade": "max"}
 PATHS = ("data", "weights", "groups")  # recorded as absolute paths, so a run resumes from any folder
 
 

@@ -1,0 +1,265 @@
+"""Evidence a clinician can cite (issue 12), end to end: 95% intervals in every evaluation, the
+patient-level section with --groups, `predict.py TEST_DIR --evaluate` with its rules, and the flag
+for images unlike the training images. Real runs, tiny: 64 px, random weights."""
+
+import contextlib
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, make_folder, run_script, train
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+import predict
+from ucgrade import files, ood, stats
+from ucgrade.cli import UserError, run_cli
+from ucgrade.demo import make_image
+from ucgrade.model import load_checkpoint
+
+NAMES = ["mild", "moderate", "severe"]
+CI = re.compile(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)")  # "0.81 (0.76-0.86)"
+QUIET = [a if a != "2" else "0" for a in FAST]  # no Grad-CAM overlays: nothing here reads them
+
+
+def quiet_train(argv):
+    """train() with its terminal output returned."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train(argv) == 0
+    return out.getvalue()
+
+
+def grade(argv, capsys):
+    """predict.py in this process: (exit code, stdout, stderr)."""
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(a) for a in argv]))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_groups(path, rows):
+    files.write_csv(path, [{"path": p, "group": g} for p, g in rows], ["path", "group"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(module_tmp):
+    """A hold-out run long enough for its features to know endoscopy-like images: 20 per grade, 3 epochs."""
+    data = make_folder(module_tmp / "data", {name: 20 for name in NAMES}, seed=3)
+    torch.manual_seed(0)
+    output = quiet_train(
+        ["--data", data, "--out", module_tmp / "out", "--epochs", "3", "--remission-upto", "mild", *QUIET]
+    )
+    return module_tmp / "out" / "train", output
+
+
+@pytest.fixture(scope="module")
+def grouped_cv(module_tmp):
+    """The small study of the issue (12 images per grade, 3 per patient) in 3 grouped folds."""
+    data = make_folder(module_tmp / "study", {name: 12 for name in NAMES})
+    groups = write_groups(
+        module_tmp / "patients.csv", [(f"{n}/{n}_{i:03d}.jpg", f"{n}-p{i // 3}") for n in NAMES for i in range(12)]
+    )
+    torch.manual_seed(0)
+    argv = ["--data", data, "--out", module_tmp / "cv", "--groups", groups, "--folds", "3", "--epochs", "1"]
+    output = quiet_train([*argv, "--remission-upto", "mild", *QUIET])
+    return module_tmp / "cv" / "train", output
+
+
+# ----------------------------------------------------------------------------- validation and folds
+
+
+def test_validation_metrics_have_intervals_in_json_terminal_and_report(run):
+    run_dir, output = run
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert set(result["intervals"]) == set(stats.INTERVAL_METRICS)
+    assert result["bootstrap"]["unit"] == "image" and result["bootstrap"]["resamples"] == 2000
+    accuracy = result["intervals"]["accuracy"]
+    assert accuracy["low"] <= result["accuracy"] <= accuracy["high"]
+    assert "95% confidence intervals" in output and len(CI.findall(output)) >= 5
+    page = (run_dir / "report.html").read_text()
+    assert "95% CI" in page and "resamples of images" in page
+    assert "patient_level" not in result and not (run_dir / "patients.csv").exists()  # no --groups
+
+
+def test_grouped_folds_and_pooled_predictions_have_the_patient_level_section(grouped_cv):
+    run_dir, output = grouped_cv
+    pooled = json.loads((run_dir / "metrics.json").read_text())
+    assert pooled["bootstrap"]["unit"] == "patient"
+    level = pooled["patient_level"]
+    assert level["rule"] == "max" and level["metrics"]["num_patients"] == 12
+    assert set(level["intervals"]) == set(stats.INTERVAL_METRICS)
+    patients = files.read_csv(run_dir / "patients.csv")
+    assert len(patients) == 12 and all(row["images"] == "3" for row in patients)
+    assert {row["true"] for row in patients} == set(NAMES)
+    for folder in [run_dir, *(run_dir / f"fold{k}" for k in (1, 2, 3))]:
+        page = (folder / "report.html").read_text()
+        assert "Patient level" in page and "Patient-level intervals are wider" in page, folder
+        assert (folder / "patients_confusion_matrix.png").exists()
+        assert json.loads((folder / "metrics.json").read_text())["patient_level"]["metrics"]["num_patients"] >= 3
+    assert "patient level (12 patients" in output and len(CI.findall(output)) >= 10
+    assert "out-of-distribution check" in (run_dir / "report.html").read_text()  # the pooled flagged rate
+
+
+def test_a_resumed_run_keeps_its_patient_grade_rule(grouped_cv):
+    with pytest.raises(UserError, match="--patient-grade cannot change"):
+        train(["--resume", grouped_cv[0], "--patient-grade", "mean-prob"])
+
+
+# ----------------------------------------------------------------------------- a test set
+
+
+@pytest.fixture(scope="module")
+def test_dir(run, module_tmp):
+    """Two of the three grades, a file that is not an image, and one image copied from the training images."""
+    root = make_folder(module_tmp / "external", {"mild": 6, "severe": 6}, seed=11)
+    (root / "severe" / "broken.jpg").write_bytes(b"not a jpeg")
+    train_row = next(r for r in files.read_csv(run[0] / "split.csv") if r["subset"] == "train")
+    shutil.copy(module_tmp / "data" / train_row["path"], root / train_row["class"] / "copied.jpg")
+    return root
+
+
+def test_a_test_set_is_scored_like_validation_with_its_rules(run, test_dir, tmp_path, capsys):
+    run_dir, _ = run
+    images = sorted(p.relative_to(test_dir).as_posix() for p in test_dir.rglob("*.jpg") if p.name != "broken.jpg")
+    groups = write_groups(tmp_path / "test_patients.csv", [(p, f"t{k // 2}") for k, p in enumerate(images)])
+    argv = [test_dir, "--evaluate", "--weights", run_dir, "--groups", groups, "--remission-upto", "mild"]
+    code, out, err = grade(argv, capsys)
+    assert code == 0, err
+    out_dir = run_dir / "test"
+    assert f"test results in {out_dir}" in out and len(CI.findall(out)) >= 10
+    assert "no images of moderate" in err  # a subset of the grades is noted
+    assert "broken.jpg" in err  # skipped and reported
+    assert "1 test image(s) have the same bytes as images the model trained on" in err
+    for name in ["metrics.json", "predictions.csv", "confusion_matrix.png", "confusion_matrix_normalized.png",
+                 "roc.png", "report.html", "patients.csv", "patients_confusion_matrix.png", "skipped.csv"]:  # fmt: skip
+        assert (out_dir / name).exists(), name
+    result = json.loads((out_dir / "metrics.json").read_text())
+    assert result["num_images"] == 13 and result["missing_grades"] == ["moderate"]
+    assert result["images_in_training"] == 1 and result["skipped_files"] == 1
+    assert result["bootstrap"]["unit"] == "patient" and result["patient_level"]["metrics"]["num_patients"] == 7
+    assert "remission_sensitivity" in result["intervals"] and "out_of_distribution" in result
+    rows = files.read_csv(out_dir / "predictions.csv")
+    assert {"ood_score", "out_of_distribution", "group"} <= set(rows[0])
+    page = (out_dir / "report.html").read_text()
+    for text in [
+        "95% CI",
+        "Patient level",
+        "leakage",
+        "no images of moderate",
+        "broken.jpg",
+        "out-of-distribution check",
+    ]:
+        assert text in page, text
+    assert "<img" in page and 'src="data:image/png;base64,' in page and 'src="http' not in page  # self-contained
+    # never overwritten: the next evaluation is test2; --eval-out goes where it is told
+    assert grade([test_dir, "--evaluate", "--weights", run_dir / "best.pt"], capsys)[0] == 0
+    assert (run_dir / "test2" / "report.html").exists() and (run_dir / "test" / "patients.csv").exists()
+    assert grade([test_dir, "--evaluate", "--weights", run_dir, "--eval-out", tmp_path / "mine"], capsys)[0] == 0
+    assert (tmp_path / "mine" / "metrics.json").exists()
+
+
+def test_test_set_mistakes_are_one_sentence(run, test_dir, tmp_path, capsys):
+    run_dir, _ = run
+    unknown = make_folder(tmp_path / "unknown", {"mild": 2, "mayo4": 2})
+    cases = [
+        ([unknown, "--evaluate", "--weights", run_dir], "'mayo4'"),
+        ([tmp_path / "nothing", "--evaluate", "--weights", run_dir], "does not exist"),
+        ([test_dir, "--evaluate", "--weights", run_dir, "--remission-upto", "mayo1"], "--remission-upto"),
+        ([test_dir, "--groups", tmp_path / "g.csv", "--weights", run_dir], "only apply to --evaluate"),
+        ([test_dir, test_dir, "--evaluate", "--weights", run_dir], "one test folder"),
+    ]
+    before = sorted(run_dir.glob("test*"))
+    for argv, expected in cases:
+        code, _, err = grade(argv, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert sorted(run_dir.glob("test*")) == before  # refused before any results folder is made
+
+
+def test_a_cross_validation_run_grades_with_each_fold_and_their_ensemble(grouped_cv, test_dir, capsys):
+    run_dir, _ = grouped_cv
+    code, out, err = grade([test_dir, "--evaluate", "--weights", run_dir], capsys)
+    assert code == 0, err
+    result = json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert result["ensemble"] and len(result["per_model"]) == 3 and len(result["weights"]) == 3
+    assert all(m["num_images"] if "num_images" in m else True for m in result["per_model"])
+    page = (run_dir / "test" / "report.html").read_text()
+    assert "Each fold&#x27;s model" in page or "Each fold's model" in page
+    assert "ensemble (mean probabilities)" in page
+
+
+def test_a_test_set_is_scored_with_an_onnx_model(run, test_dir, capsys):
+    run_dir, _ = run
+    exported = run_script("export.py", run_dir)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    code, out, err = grade([test_dir, "--evaluate", "--weights", run_dir / "model.onnx"], capsys)
+    assert code == 0, err
+    out_dir = sorted(run_dir.glob("test*"), key=lambda p: p.stat().st_mtime)[-1]
+    result = json.loads((out_dir / "metrics.json").read_text())
+    assert result["weights"][0].endswith("model.onnx") and "accuracy" in result["intervals"]
+    assert "out_of_distribution" not in result  # the check needs the .pt, and says so
+    assert "needs the .pt" in err
+
+
+# ----------------------------------------------------------------------------- unlike the training images
+
+
+def other_kinds_of_images(folder):
+    """Plots, text and flat colours: nothing like an endoscopy image."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, colour in enumerate([(255, 255, 255), (0, 0, 0), (40, 60, 220), (128, 128, 128), (30, 160, 60)]):
+        Image.new("RGB", (200, 160), colour).save(folder / f"flat{k}.png")
+    for k in range(3):
+        fig = Figure(figsize=(4, 3))
+        fig.add_subplot().plot(rng.normal(size=30).cumsum())
+        fig.savefig(folder / f"plot{k}.png")
+        text = Image.new("RGB", (320, 200), "white")
+        for line in range(8):
+            ImageDraw.Draw(text).text(
+                (10, 10 + 22 * line), f"patient {k} report line {line}: no findings", fill="black"
+            )
+        text.save(folder / f"text{k}.png")
+    return folder
+
+
+def test_images_unlike_the_training_images_are_flagged(run, tmp_path, capsys):
+    run_dir, _ = run
+    checkpoint = load_checkpoint(run_dir / "best.pt")  # weights_only=True, with the calibration inside
+    assert set(checkpoint["ood"]) >= {"mean", "precision", "threshold"}
+    assert json.loads((run_dir / "metrics.json").read_text())["out_of_distribution"]["images"] == 12
+    odd = other_kinds_of_images(tmp_path / "odd")
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    rng = np.random.default_rng(99)  # demo images the model has not seen
+    for k in range(30):
+        make_image(NAMES[k % 3], rng, 72).save(held_out / f"h{k}.jpg")
+    code, out, err = grade([odd, held_out, "--weights", run_dir / "best.pt", "--json"], capsys)
+    assert code == 0, err
+    graded = {p["path"]: p for p in json.loads(out)["predictions"]}
+    unlike = [p for path, p in graded.items() if "/odd/" in path]
+    alike = [p for path, p in graded.items() if "/held_out/" in path]
+    assert len(unlike) == 11 and all(p["out_of_distribution"] for p in unlike), [
+        (p["path"], p["ood_score"]) for p in unlike
+    ]
+    assert sum(p["out_of_distribution"] for p in alike) <= 3  # most are not flagged
+    code, out, _ = grade([odd / "plot0.png", held_out / "h0.jpg", "--weights", run_dir / "best.pt"], capsys)
+    lines = out.splitlines()
+    assert "not like the training images: grade not reliable" in lines[0]
+    assert "not like" not in lines[1] or graded[str(held_out / "h0.jpg")]["out_of_distribution"]
+
+
+def test_the_threshold_flags_about_one_percent_of_images_like_the_validation_ones():
+    rng = np.random.default_rng(0)
+    train_features = rng.gamma(2.0, 1.0, size=(300, 16))  # non-negative and skewed, as pooled activations are
+    stats_, val_scores = ood.fit(train_features, rng.gamma(2.0, 1.0, size=(200, 16)))
+    fresh = ood.mahalanobis(rng.gamma(2.0, 1.0, size=(20000, 16)), stats_["mean"].numpy(), stats_["precision"].numpy())
+    assert 0.003 < (fresh > stats_["threshold"]).mean() < 0.03
+    assert all(torch.is_tensor(stats_[key]) for key in ("mean", "precision")) and isinstance(stats_["threshold"], float)
+    far = ood.mahalanobis(np.full((1, 16), 20.0), stats_["mean"].numpy(), stats_["precision"].numpy())
+    assert far[0] > stats_["threshold"]
