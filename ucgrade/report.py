@@ -493,7 +493,7 @@ def embed_png(path, alt=""):
     """An <img> with the PNG inside, as wide as its figure is in inches (at 96 CSS pixels an inch); a plot that
     could not be drawn is named instead."""
     if not Path(path).is_file():
-        return f'<p class="warn">{html.escape(Path(path).name)} could not be drawn; see "What failed" above.</p>'
+        return f'<p class="warn">{html.escape(Path(path).name)} could not be drawn (metrics.json says why).</p>'
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as image:
         dpi = image.info.get("dpi", (96, 96))[0] or 96
