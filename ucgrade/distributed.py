@@ -138,6 +138,13 @@ class GlobalBatchNorm(nn.BatchNorm2d):
             module.num_batches_tracked = bn.num_batches_tracked
         return module
 
+    def __getstate__(self):
+        """A copy (the backbone of a model, say) leaves the process group out, which cannot be copied; it
+        then sums over all processes of the run, if it ever trains."""
+        state = self.__dict__.copy()
+        state.pop("group", None)
+        return state
+
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
@@ -145,11 +152,11 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
         with warnings.catch_warnings():  # the autograd all_reduce is deprecated for a private successor
             warnings.simplefilter("ignore", FutureWarning)
-            sums = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=self.group)
+            sums = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), count]), group=getattr(self, "group", None))
             total = sums[-1]
             mean = sums[:-1] / total
             centered = xf - mean.view(shape)  # two passes: the variance of small activations keeps its digits
-            var = dist_nn.all_reduce((centered * centered).sum((0, 2, 3)), group=self.group) / total
+            var = dist_nn.all_reduce((centered * centered).sum((0, 2, 3)), group=getattr(self, "group", None)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
