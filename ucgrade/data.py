@@ -93,20 +93,23 @@ def _class_folders(root, class_order):
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(
-            f"the data folder '{root}' has no class sub-folders; put the images in '{root}/<grade>/<image>' with one sub-folder per grade."
+            f"the data folder '{root}' has no class sub-folders; put the images in '{root}/<grade>/<image>' with "
+            "one sub-folder per grade."
         )
     if class_order:
         missing = [name for name in class_order if name not in folders]
         if missing:
             raise UserError(
-                f"--class-order names {', '.join(missing)}, which is not a sub-folder of '{root}' (found: {', '.join(folders)})."
+                f"--class-order names {', '.join(missing)}, which is not a sub-folder of '{root}' (found: "
+                f"{', '.join(folders)})."
             )
         if len(set(class_order)) != len(class_order):
             raise UserError("--class-order lists a class twice; list each class once, in grade order.")
         unused = [name for name in folders if name not in class_order]
         if unused:
             raise UserError(
-                f"--class-order leaves out the sub-folder(s) {', '.join(unused)} of '{root}'; list every class, in grade order."
+                f"--class-order leaves out the sub-folder(s) {', '.join(unused)} of '{root}'; list every class, in "
+                "grade order."
             )
         folders = list(class_order)
     return root, folders
@@ -145,19 +148,24 @@ def scan_folder(root, class_order=None):
         paths += images
     if empty and class_order:
         raise UserError(
-            f"the class folder(s) {', '.join(empty)} in '{root}' hold no images; add images or leave the class out of --class-order."
+            f"the class folder(s) {', '.join(empty)} in '{root}' hold no images; add images or leave the class out "
+            "of --class-order."
         )
     if len(class_names) < 2:
         detail = f" (empty: {', '.join(empty)})" if empty else ""
         raise UserError(
-            f"'{root}' has images for only {len(class_names)} {'class' if len(class_names) == 1 else 'classes'}{detail}; a classifier needs at least two grades with images."
+            f"'{root}' has images for only {len(class_names)} "
+            f"{'class' if len(class_names) == 1 else 'classes'}{detail}; a classifier needs at least two grades "
+            "with images."
         )
     inner = [name for name in empty if class_names[0] < name < class_names[-1]]  # folders are in sorted order here
     if inner:
         below, above = max(n for n in class_names if n < inner[0]), min(n for n in class_names if n > inner[0])
         raise UserError(
-            f"the class folder '{inner[0]}' in '{root}' holds no images, and leaving out a grade between '{below}' and '{above}' would make "
-            f"QWK and MAE count those two as neighbours; add its images, or remove the folder to grade on a scale without it."
+            f"the class folder '{inner[0]}' in '{root}' holds no images, and leaving out a grade between '{below}' "
+            f"and '{above}' would make "
+            "QWK and MAE count those two as neighbours; add its images, or remove the folder to grade on a scale "
+            "without it."
         )
     return ImageSet(root, class_names, paths, labels, skipped), empty
 
@@ -224,11 +232,13 @@ def check_class_sizes(image_set, minimum=2):
     for name, count in zip(image_set.class_names, image_set.class_counts()):
         if count == 0:
             raise UserError(
-                f"class '{name}' has no readable images left after skipping bad files; add images to '{image_set.root / name}'."
+                f"class '{name}' has no readable images left after skipping bad files; add images to "
+                f"'{image_set.root / name}'."
             )
         if count < minimum:
             raise UserError(
-                f"class '{name}' has only {count} usable image(s); it needs at least {minimum} so that training and validation each get one. Add images or remove the folder."
+                f"class '{name}' has only {count} usable image(s); it needs at least {minimum} so that training "
+                "and validation each get one. Add images or remove the folder."
             )
 
 
@@ -481,7 +491,8 @@ def read_group_file(path):
             continue  # an image with no group in any row is reported below
         if group_of.get(rel, group) != group:
             raise UserError(
-                f"--groups file '{path}' gives '{rel}' two groups ('{group_of[rel]}' and, in row {row_number}, '{group}'); keep one row per image."
+                f"--groups file '{path}' gives '{rel}' two groups ('{group_of[rel]}' and, in row {row_number}, "
+                f"'{group}'); keep one row per image."
             )
         group_of[rel] = group
     return group_of
@@ -501,13 +512,15 @@ def read_groups(path, image_set):
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UserError(
-            f"--groups file '{path}' has no group for {len(missing)} image(s): {shown}; add a row 'path,group' for each (paths relative to --data)."
+            f"--groups file '{path}' has no group for {len(missing)} image(s): {shown}; add a row 'path,group' for "
+            "each (paths relative to --data)."
         )
     unknown = sorted(set(group_of) - {image_set.relpath(i) for i in range(len(image_set.paths))})
     if unknown:  # a typo, or an image skipped as unreadable: said, not an error
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         print(
-            f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, which are left out: {shown}."
+            f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, "
+            f"which are left out: {shown}."
         )
     return groups
 
@@ -524,13 +537,15 @@ def split_rows(image_set, subset_of, groups=None, column="subset"):
 
 
 def read_split(path, image_set):
-    """{image index: its row of a run's split.csv (subset or fold, and group)}, for --resume; the images must still be there."""
+    """{image index: its row of a run's split.csv (subset or fold, and group)}, for --resume; the images
+    must still be there."""
     index = {image_set.relpath(i): i for i in range(len(image_set.paths))}
     split = {}
     for row in read_csv(path):
         if row["path"] not in index:
             raise UserError(
-                f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; the data changed, so start a new run instead of resuming."
+                f"the image '{row['path']}' of the run's split.csv is missing or unreadable in '{image_set.root}'; "
+                "the data changed, so start a new run instead of resuming."
             )
         split[index[row["path"]]] = row
     return split
@@ -689,7 +704,8 @@ def make_loader(dataset, batch_size, workers, runtime, shuffle=False, generator=
         sampler=sampler,
         num_workers=workers,
         pin_memory=runtime.device.type == "cuda",
-        persistent_workers=False,  # persistent workers skip the loader's per-epoch draw from `generator`, so the order would depend on --workers
+        # persistent workers skip the loader's per-epoch draw from `generator`: the order would depend on --workers
+        persistent_workers=False,
         generator=generator,
         worker_init_fn=_leave_signals_to_the_main_process if workers > 0 else None,
     )
