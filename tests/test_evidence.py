@@ -148,6 +148,7 @@ def test_a_test_set_is_scored_like_validation_with_its_rules(run, test_dir, tmp_
     page = (out_dir / "report.html").read_text()
     for text in [
         "95% CI",
+        "Per patient (7 patients",
         "Patient level",
         "leakage",
         "no images of moderate",

@@ -264,6 +264,7 @@ def test_help_shows_every_flag_with_default():
         "--class-order",
         "--remission-upto",
         "--groups",
+        "--patient-grade",
         "--folds",
         "--balance",
         "--select",

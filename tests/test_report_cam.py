@@ -98,10 +98,16 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
         assert f"{grade} {n_train} {n_val} {n_train + n_val}" in text, grade
     assert "No files were skipped." in text
     metrics = json.loads((run / "metrics.json").read_text())
-    # the metrics table: name, value, one line for clinicians
-    assert f"QWK {metrics['qwk']:.3f} quadratic weighted kappa" in text
-    assert f"macro F1 {metrics['macro_f1']:.3f} F1 (the balance of precision and recall)" in text
-    assert f"balanced accuracy {metrics['balanced_accuracy']:.3f} mean of the per-grade recalls" in text
+    # the metrics table: name, value, its 95% CI, one line for clinicians
+    ci = report.ci_text
+    assert f"QWK {metrics['qwk']:.3f} {ci(metrics, 'qwk')} quadratic weighted kappa" in text
+    assert (
+        f"macro F1 {metrics['macro_f1']:.3f} {ci(metrics, 'macro_f1')} F1 (the balance of precision and recall)" in text
+    )
+    assert (
+        f"balanced accuracy {metrics['balanced_accuracy']:.3f} {ci(metrics, 'balanced_accuracy')} mean of the per-grade"
+        in text
+    )
     assert f"MAE (grade steps) {metrics['mae_grades']:.3f}" in text
     for grade, row in metrics["per_class"].items():
         assert f"{grade} {row['precision']:.3f} {row['recall']:.3f} {row['f1']:.3f} {row['support']}" in text

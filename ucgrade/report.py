@@ -350,10 +350,11 @@ def plot_roc(targets, probs, class_names, path, remission=None):
     files.save_figure(path, roc_figure(targets, probs, class_names, remission))
 
 
-def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None):
+def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None, images="validation images"):
     """A grid of the most confidently wrong images; returns how many were shown (0 draws nothing).
 
-    class_names: the grades, to show the part of their names that differs (default: the names in rows).
+    class_names: the grades, to show the part of their names that differs (default: the names in rows); images:
+    what they are, for the heading (validation images, test images).
     """
     from .data import UnreadableImage, eval_transform, load_image
 
@@ -378,7 +379,7 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     nrows = (len(wrong) + cols - 1) // cols
     caption_height = max(text_height(caption, 9) for caption in captions) + 0.1
     row_height = caption_height + 2.7 + 0.25
-    heading = "Most confidently wrong validation images" + (f"\n{prefix_note(prefix)}" if prefix else "")
+    heading = f"Most confidently wrong {images}" + (f"\n{prefix_note(prefix)}" if prefix else "")
     heading_height = 0.15 + text_height(heading, 12) + 0.15
     width, height = 3 * cols, heading_height + nrows * row_height
     fig = Figure(figsize=(width, height))
@@ -398,7 +399,9 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     return len(wrong)
 
 
-def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size, remission_upto, pooled=False):
+def write_evaluation(
+    run_dir, result, rows, targets, probs, data_root, img_size, remission_upto, pooled=False, images="validation images"
+):
     """The files of one evaluation: predictions.csv, the confusion matrices, roc.png and errors.png.
 
     predictions.csv must be written; a plot that fails is left out. Returns the failures, a list of
@@ -411,7 +414,7 @@ def write_evaluation(run_dir, result, rows, targets, probs, data_root, img_size,
     attempt(failed, "roc.png", plot_roc, targets, probs, class_names, Path(run_dir) / "roc.png", remission_upto)
     attempt(
         failed, "errors.png", plot_errors, rows, data_root, img_size, Path(run_dir) / "errors.png",
-        class_names=class_names,
+        class_names=class_names, images=images,
     )  # fmt: skip
     return failed
 
@@ -533,7 +536,7 @@ def headline(metrics, spread=None):
     spread = spread or {}
 
     def details(key):
-        return [text for text in (interval_text(metrics, key), spread.get(key) and f"folds: {spread[key]}") if text]
+        return [text for text in (spread.get(key) and f"folds: {spread[key]}", interval_text(metrics, key)) if text]
 
     items = [(LABELS[name], fmt(metrics.get(name)), details(name)) for name in HEADLINE]
     remission = metrics.get("remission")

@@ -285,7 +285,9 @@ def evaluate_test_set(args, test_dir):
         extra |= {"ood_score": [f"{s:.3f}" for s in scores[0]], "out_of_distribution": [int(f) for f in scores[1]]}
     rows = report.prediction_rows([test_set.relpath(i) for i in range(len(targets))], targets, probs, class_names,
                                   {k: v for k, v in extra.items() if v is not None})  # fmt: skip
-    report.write_evaluation(out_dir, result, rows, targets, probs, test_set.root, first.img_size, args.remission_upto)
+    report.write_evaluation(
+        out_dir, result, rows, targets, probs, test_set.root, first.img_size, args.remission_upto, images="test images"
+    )
     files.write_csv(out_dir / "skipped.csv", [{"path": str(p), "reason": r} for p, r in test_set.skipped],
                     ["path", "reason"])  # fmt: skip
     files.write_json(out_dir / "metrics.json", result)
