@@ -12,18 +12,32 @@ from sklearn import metrics as skm
 # The scalar metrics, in the order tables show them, with a one-line meaning for clinicians.
 SCALARS = {
     "accuracy": "share of images graded exactly right",
-    "balanced_accuracy": "mean of the per-grade recalls, so that a large grade cannot inflate it (always guessing one grade scores 1/number of grades)",
-    "macro_f1": "F1 (the balance of precision and recall) averaged over grades with equal weight, so rare grades count as much as common ones",
-    "qwk": "quadratic weighted kappa: agreement with the reference grade beyond chance, where a miss by two grades costs four times a miss by one (1 = perfect, 0 = chance)",
+    "balanced_accuracy": (
+        "mean of the per-grade recalls, so that a large grade cannot inflate it (always guessing one grade "
+        "scores 1/number of grades)"
+    ),
+    "macro_f1": (
+        "F1 (the balance of precision and recall) averaged over grades with equal weight, so rare grades count "
+        "as much as common ones"
+    ),
+    "qwk": (
+        "quadratic weighted kappa: agreement with the reference grade beyond chance, where a miss by two "
+        "grades costs four times a miss by one (1 = perfect, 0 = chance)"
+    ),
     "mae_grades": "mean absolute error in grade steps (0 = always right, 0.3 = off by 0.3 grades on average)",
-    "roc_auc_ovr_macro": "how well the probabilities rank each grade above the others, averaged over grades (0.5 = chance, 1 = perfect)",
+    "roc_auc_ovr_macro": (
+        "how well the probabilities rank each grade above the others, averaged over grades (0.5 = chance, 1 = perfect)"
+    ),
 }
 REMISSION_SCALARS = {
     "sensitivity": "share of active-disease images called active",
     "specificity": "share of remission images called remission",
     "ppv": "share of images called active that are active",
     "npv": "share of images called remission that are in remission",
-    "auroc": "how well the summed probability of the active grades separates active from remission images (0.5 = chance, 1 = perfect)",
+    "auroc": (
+        "how well the summed probability of the active grades separates active from remission images (0.5 = "
+        "chance, 1 = perfect)"
+    ),
 }
 
 # How reports name the metrics; metrics.json and the terminal use the keys.
@@ -143,7 +157,8 @@ def format_metrics(metrics):
     if remission:
         lines.append("")
         lines.append(
-            f"remission ({', '.join(remission['remission_classes'])}) vs active ({', '.join(remission['active_classes'])}):"
+            f"remission ({', '.join(remission['remission_classes'])}) vs active "
+            f"({', '.join(remission['active_classes'])}):"
         )
         lines += [f"  {name:<18}{fmt(remission[name]):>8}" for name in REMISSION_SCALARS]
     return "\n".join(lines)
@@ -194,4 +209,7 @@ def timing_note(timing):
     """A warning when batch-1 times spread widely: then something else was using the device."""
     if timing["batch1_p95_ms"] <= 2 * timing["batch1_median_ms"]:
         return ""
-    return "the times varied widely (p95 over twice the median), so another program was probably using the device; quote the median"
+    return (
+        "the times varied widely (p95 over twice the median), so another program was probably using the device; "
+        "quote the median"
+    )
