@@ -689,6 +689,12 @@ def patient_section(run_dir, metrics):
     return [("Patient level", patients_html(run_dir, metrics))] if metrics.get("patient_level") else []
 
 
+def timing_cells(timing):
+    """A row of the inference-time table: device, precision, batch-1 mean, median and p95 ms, throughput."""
+    keys = ("batch1_mean_ms", "batch1_median_ms", "batch1_p95_ms", "throughput_images_per_s")
+    return [timing["device"], timing["precision"], *(fmt(timing[key], 1) for key in keys)]
+
+
 def inference_html(timing):
     if not timing:
         return "<p>not measured</p>"
@@ -702,16 +708,7 @@ def inference_html(timing):
             "p95 (ms)",
             f"throughput at batch {timing['throughput_batch_size']} (img/s)",
         ],
-        [
-            [
-                timing["device"],
-                timing["precision"],
-                fmt(timing["batch1_mean_ms"], 1),
-                fmt(timing["batch1_median_ms"], 1),
-                fmt(timing["batch1_p95_ms"], 1),
-                fmt(timing["throughput_images_per_s"], 1),
-            ]
-        ],
+        [timing_cells(timing)],
     ) + (f'<p class="warn">{note[0].upper() + note[1:]}.</p>' if note else "")
 
 
@@ -950,19 +947,7 @@ def cv_report(run_dir, summary_table, pooled):
     )
     spread = {row["metric"]: f"{row['mean']} ± {row['std']}" for row in summary_table if row["mean"]}
     timings = [json.loads((d / "metrics.json").read_text()).get("inference_time") for d in fold_dirs]
-    timing_rows = [
-        [
-            f"fold{k}",
-            t["device"],
-            t["precision"],
-            fmt(t["batch1_mean_ms"], 1),
-            fmt(t["batch1_median_ms"], 1),
-            fmt(t["batch1_p95_ms"], 1),
-            fmt(t["throughput_images_per_s"], 1),
-        ]
-        for k, t in enumerate(timings, 1)
-        if t
-    ]
+    timing_rows = [[f"fold{k}", *timing_cells(t)] for k, t in enumerate(timings, 1) if t]
     # a few Grad-CAM overlays, taken from the folds in turn
     per_fold = [[(f"fold{k}: {caption}", path) for caption, path in read_cams(d)] for k, d in enumerate(fold_dirs, 1)]
     cams = [c for group in itertools.zip_longest(*per_fold) for c in group if c is not None]
