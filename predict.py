@@ -27,10 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade.cli import ArgumentParser, UserError, main_entry
+from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # ucgrade.device.PRECISIONS, which imports torch (tested equal)
 OOD_WARNING = "not like the training images: grade not reliable"  # ucgrade.ood.WARNING (torch-free here)
 
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from ucgrade import data, distributed, evaluate, files, settings, splits, train
-from ucgrade.cli import ArgumentParser, UserError, main_entry
-from ucgrade.device import PRECISIONS, explain_out_of_memory, make_runtime
+from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
+from ucgrade.device import explain_out_of_memory, make_runtime
 from ucgrade.interrupt import GracefulStop
 from ucgrade.model import ARCHITECTURES, DEFAULT_ARCH
 

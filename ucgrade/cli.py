@@ -41,6 +41,9 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, extras
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # here, not in device.py, so that predict.py needs no torch for it
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one sentence, never as a traceback."""
 

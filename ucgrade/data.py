@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
 from .distributed import processes_on_this_machine
-from .files import read_csv
+from .files import check_image_folder, read_csv
 
 # Reading and preprocessing images needs no torch: they live in images.py, for the torch-free grader,
 # and are re-exported here for the rest of the package.
@@ -81,15 +81,7 @@ def read_resized(path, resize_size):
 
 
 def _class_folders(root, class_order):
-    root = Path(root)
-    if not root.exists():
-        raise UserError(
-            f"the data folder '{root}' does not exist; pass --data with a folder that has one sub-folder per grade."
-        )
-    if not root.is_dir():
-        raise UserError(
-            f"--data '{root}' is a file, not a folder; pass the folder that holds one sub-folder per grade."
-        )
+    root = check_image_folder(root)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(

@@ -9,9 +9,7 @@ from typing import Callable
 import torch
 
 from . import distributed
-from .cli import UserError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .cli import PRECISIONS, UserError  # noqa: F401  (PRECISIONS: device.PRECISIONS, as before)
 
 
 def choose_device(name="auto"):

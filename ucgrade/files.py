@@ -146,18 +146,24 @@ def check_writable(path, flag):
         ) from None
 
 
+def check_image_folder(path):
+    """The --data folder exists and is a folder; one sentence otherwise."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(
+            f"the data folder '{folder}' does not exist; pass --data with a folder that has one sub-folder per grade."
+        )
+    if not folder.is_dir():
+        raise UserError(
+            f"--data '{folder}' is a file, not a folder; pass the folder that holds one sub-folder per grade."
+        )
+    return folder
+
+
 def check_data_folder(data_dir, out_dir):
     """Before any work: --data is a folder, and not the project folder, whose 'grades' would be data, docs and
     outputs, the tool's own plots. Refused when it holds the --out folder or a run folder one level down."""
-    data = Path(data_dir)
-    if not data.exists():
-        raise UserError(
-            f"the data folder '{data}' does not exist; pass --data with a folder that has one sub-folder per grade."
-        )
-    if not data.is_dir():
-        raise UserError(
-            f"--data '{data}' is a file, not a folder; pass the folder that holds one sub-folder per grade."
-        )
+    data = check_image_folder(data_dir)
     root, out = data.resolve(), Path(out_dir).resolve()
     runs = sorted(config.parent for config in root.glob("*/*/config.json"))
     if root == out or root in out.parents:

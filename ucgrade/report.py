@@ -507,6 +507,14 @@ def embed_png(path, alt=""):
     )
 
 
+def confusion_pair(folder):
+    """The two confusion matrices of an evaluation folder, side by side: counts and normalised by true grade."""
+    return pair(
+        embed_png(Path(folder) / "confusion_matrix.png", "confusion matrix"),
+        embed_png(Path(folder) / "confusion_matrix_normalized.png", "normalised confusion matrix"),
+    )
+
+
 def pair(*images):
     return '<div class="pair">' + "".join(images) + "</div>"
 
@@ -852,10 +860,7 @@ def run_report(run_dir, cams=(), failed=()):
     sections = [
         (
             "Confusion matrices (best.pt, validation set)",
-            pair(
-                embed_png(run_dir / "confusion_matrix.png", "confusion matrix"),
-                embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
-            ),
+            confusion_pair(run_dir),
         ),
         ("Metrics (best.pt, validation set)", metrics_html(metrics)),
         *patient_section(run_dir, metrics),
@@ -975,10 +980,7 @@ def cv_report(run_dir, summary_table, pooled):
     sections = [
         (
             "Pooled confusion matrices",
-            pair(
-                embed_png(run_dir / "confusion_matrix.png", "confusion matrix"),
-                embed_png(run_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
-            ),
+            confusion_pair(run_dir),
         ),
         ("Pooled out-of-fold metrics", metrics_html(pooled)),
         *patient_section(run_dir, pooled),
@@ -1084,10 +1086,7 @@ def test_report(out_dir):
     sections = [
         (
             "Confusion matrices (test set)",
-            pair(
-                embed_png(out_dir / "confusion_matrix.png", "confusion matrix"),
-                embed_png(out_dir / "confusion_matrix_normalized.png", "normalised confusion matrix"),
-            ),
+            confusion_pair(out_dir),
         ),
         ("Metrics (test set)", metrics_html(metrics)),
         *patient_section(out_dir, metrics),
