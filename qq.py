@@ -19,11 +19,9 @@ import math
 import sys
 from pathlib import Path
 
-from ucgrade import data, distributed, evaluate, files, settings, splits, train
-from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
-from ucgrade.device import explain_out_of_memory, make_runtime
-from ucgrade.interrupt import GracefulStop
-from ucgrade.model import ARCHITECTURES, DEFAULT_ARCH
+# Only what parsing needs: torch and the modules that use it load in main, so --help answers at once.
+from ucgrade import files
+from ucgrade.cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, PRECISIONS, ArgumentParser, UserError, main_entry
 
 EXAMPLES = """examples:
   python qq.py
@@ -41,7 +39,7 @@ def get_args_parser():
     add("--data", default="data", help="folder with one sub-folder of images per grade (default: %(default)s)")
     add("--out", default="outputs", help="folder that receives a new run folder (default: %(default)s)")
     add("--name", default=None, help="run folder name; a number is added if it exists (default: train, train2, ...)")
-    add("--arch", default=DEFAULT_ARCH, choices=list(ARCHITECTURES), help="the backbone (default: %(default)s)")
+    add("--arch", default=DEFAULT_ARCH, choices=ARCHITECTURE_NAMES, help="the backbone (default: %(default)s)")
     add("--epochs", type=int, default=25, help="training epochs (default: %(default)s)")
     add("--batch-size", type=int, default=16, help="images per training step (default: %(default)s)")
     add("--lr", type=float, default=0.001, help="SGD learning rate (default: %(default)s)")
@@ -145,6 +143,8 @@ def get_args_parser():
 
 def check_args(args):
     """Reject impossible settings before any work starts."""
+    from ucgrade import data, distributed
+
     checks = [
         (args.epochs >= 1, f"--epochs must be at least 1 (got {args.epochs})"),
         (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
@@ -199,6 +199,10 @@ def check_args(args):
 
 
 def main(args):
+    from ucgrade import data, evaluate, settings, splits, train
+    from ucgrade.device import explain_out_of_memory, make_runtime
+    from ucgrade.interrupt import GracefulStop
+
     args, resumed = settings.resolve(args, get_args_parser())
     check_args(args)
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))

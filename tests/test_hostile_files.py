@@ -117,7 +117,7 @@ def test_a_zip_bomb_checkpoint_is_refused_from_its_directory(tmp_path, capsys):
 
 def test_imagenet_weights_that_unpack_beyond_their_architecture_are_refused(tmp_path, capsys, monkeypatch):
     bomb = zip_bomb(tmp_path / "resnet18.pth", gib=1)
-    monkeypatch.setattr(qq.data, "read_data", lambda *args: pytest.fail("the images were read"))
+    monkeypatch.setattr("ucgrade.data.read_data", lambda *args: pytest.fail("the images were read"))
     data = make_folder(tmp_path / "data", {"mild": 1, "moderate": 1})
     argv = ["--data", data, "--out", tmp_path / "out", "--arch", "resnet18", "--weights", bomb, "--epochs", "1"]
     code, _, err = run(qq, argv, capsys)

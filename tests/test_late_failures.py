@@ -120,7 +120,7 @@ def test_ctrl_c_in_the_report_phase_says_the_report_is_being_finished(tmp_path, 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_images_are_read(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 3, "moderate": 3})
     read = []
-    monkeypatch.setattr(qq.data, "read_data", lambda *args: read.append(args))
+    monkeypatch.setattr("ucgrade.data.read_data", lambda *args: read.append(args))
     out = "/proc/ucgrade-out"  # read-only even for root, where a chmod'ed folder is not
     code, out_lines, err = run(["--data", data, "--out", out, *ONE_EPOCH], capsys)
     assert code == 2 and not read

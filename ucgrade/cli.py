@@ -41,7 +41,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, extras
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # here, not in device.py, so that predict.py needs no torch for it
+# Here, not in device.py and model.py, so that --help and a mistyped flag need no torch: choices of the flags.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ARCHITECTURE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0", "convnext_tiny")
+DEFAULT_ARCH = "resnet50"  # the method of the project
 
 
 class UserError(Exception):

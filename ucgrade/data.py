@@ -490,8 +490,11 @@ def read_group_file(path):
     return group_of
 
 
-def read_groups(path, image_set):
-    """Read a path,group CSV (paths relative to the data folder): one group id per image."""
+def read_groups(path, image_set, note_unknown=True):
+    """Read a path,group CSV (paths relative to the data folder): one group id per image.
+
+    Called once right after the scan, before the slow decode (note_unknown=False), so that an image
+    without a group stops the run at once, and again for the split, on the images that decoded."""
     path = Path(path)
     group_of = read_group_file(path)
     groups, missing = [], []
@@ -508,7 +511,7 @@ def read_groups(path, image_set):
             "each (paths relative to --data)."
         )
     unknown = sorted(set(group_of) - {image_set.relpath(i) for i in range(len(image_set.paths))})
-    if unknown:  # a typo, or an image skipped as unreadable: said, not an error
+    if unknown and note_unknown:  # a typo, or an image skipped as unreadable: said, not an error
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         print(
             f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, "
@@ -719,6 +722,8 @@ def read_data(args, stop=None):
     for name in empty:
         print(f"warning: class folder '{name}' holds no images and is ignored.")
     check_remission_grade(args.remission_upto, image_set.class_names)  # before the slow decode
+    if args.groups and not args.resume:  # a resumed run takes its groups from its split.csv
+        read_groups(args.groups, image_set, note_unknown=False)
     resize = resize_size_for(args.img_size)
     need = estimate_cache_bytes(image_set.paths, resize)
     processes = processes_on_this_machine()  # under torchrun each process keeps its own cache

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import files
-from .cli import UserError
+from .cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, UserError
 from .data import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 
 CHECKPOINT_FORMAT = "ucgrade-checkpoint"
@@ -52,7 +52,7 @@ ARCHITECTURES = {
     "efficientnet_b0": Architecture("EfficientNet_B0_Weights.IMAGENET1K_V1", head="classifier.1", cam_layer="features"),
     "convnext_tiny": Architecture("ConvNeXt_Tiny_Weights.IMAGENET1K_V1", head="classifier.2", cam_layer="features"),
 }
-DEFAULT_ARCH = "resnet50"  # the method of the project
+assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES, "qq.py's --arch choices (cli.py) must name these rows"
 
 
 def _set_submodule(model, path, module):
