@@ -86,6 +86,34 @@ def test_a_failing_timing_and_plot_are_named_and_the_rest_is_written(tmp_path, c
     assert "confusion_matrix.png could not be drawn" in page and "Inference time" in page
 
 
+def test_a_cross_validation_report_names_what_failed_in_the_folds_and_the_pooled_part(tmp_path, capsys, monkeypatch):
+    data = make_folder(tmp_path / "data", {"mild": 4, "moderate": 4})
+
+    def broken(*args, **kwargs):
+        raise ValueError("the clock went backwards")
+
+    monkeypatch.setattr(engine, "measure_inference_time", broken)  # in every fold
+    monkeypatch.setattr(evaluate.report, "plot_roc", broken)  # in every fold and in the pooled part
+    code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--folds", "2"], capsys)
+    assert code == 3, err
+    assert not any("Traceback" in line for line in err), err
+    assert err[-1] == (
+        "warning: the training finished and metrics.json, predictions.csv and report.html are written, but the "
+        "inference time, roc.png could not be made (the warnings above and the report say why)."
+    )
+    run_dir = tmp_path / "out" / "train"
+    assert_results_written(run_dir)
+    pooled = json.loads((run_dir / "metrics.json").read_text())
+    assert pooled["failed"] == [{"part": "roc.png", "reason": "ValueError: the clock went backwards"}]
+    page = (run_dir / "report.html").read_text()
+    assert '<h3 class="warn">What failed</h3>' in page
+    items = [
+        f"<li>{part}: ValueError: the clock went backwards</li>" for part in ("roc.png", "fold1: the inference time")
+    ]
+    items += ["<li>fold1: roc.png: ValueError: the clock went backwards</li>", "<li>fold2: the inference time: "]
+    assert all(item in page for item in items), page[page.index("What failed") :][:1500]
+
+
 def test_a_full_disk_is_one_sentence_with_the_space_a_run_needs(tmp_path, capsys):
     data = make_folder(tmp_path / "data", {"mild": 6, "moderate": 6})
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

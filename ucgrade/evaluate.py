@@ -194,7 +194,7 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
     )  # fmt: skip
     failed = {"failed": [{"part": part, "reason": reason} for part, reason in pooled.failed]} if pooled.failed else {}
     files.write_json(run_dir / "metrics.json", pooled.result | {"status": "finished", "folds": args.folds} | failed)
-    report.cv_report(run_dir, table, pooled.result)
+    report.cv_report(run_dir, table, pooled.result, pooled.failed)
     print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
     for row in table:
         mean, std, pooled_value = (row[key] or "n/a" for key in ("mean", "std", "pooled"))

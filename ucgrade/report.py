@@ -927,10 +927,11 @@ def _label(name):
     return "remission " + LABELS[name.removeprefix("remission_")] if name.startswith("remission_") else LABELS[name]
 
 
-def cv_report(run_dir, summary_table, pooled):
+def cv_report(run_dir, summary_table, pooled, failed=()):
     """report.html of a cross-validation run: the pooled metrics and plots, the fold table, and each fold's curves.
 
     Everything is embedded, as in a single run's report; each fold folder also keeps its own report.html.
+    failed: (part, reason) of the pooled parts that could not be made; the folds' own come from their metrics.json.
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -951,7 +952,11 @@ def cv_report(run_dir, summary_table, pooled):
         ],
     )
     spread = {row["metric"]: f"{row['mean']} ± {row['std']}" for row in summary_table if row["mean"]}
-    timings = [json.loads((d / "metrics.json").read_text()).get("inference_time") for d in fold_dirs]
+    fold_metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
+    timings = [m.get("inference_time") for m in fold_metrics]
+    fold_failed = [
+        (f"fold{k}: {f['part']}", f["reason"]) for k, m in enumerate(fold_metrics, 1) for f in m.get("failed", [])
+    ]
     timing_rows = [[f"fold{k}", *timing_cells(t)] for k, t in enumerate(timings, 1) if t]
     # a few Grad-CAM overlays, taken from the folds in turn
     per_fold = [[(f"fold{k}: {caption}", path) for caption, path in read_cams(d)] for k, d in enumerate(fold_dirs, 1)]
@@ -971,6 +976,7 @@ def cv_report(run_dir, summary_table, pooled):
             "Each fold's model",
             "Each fold's model is its best epoch, chosen by its accuracy on that fold's validation images",
         )
+        + failed_html([*failed, *fold_failed])
     )
     curves = [
         (f"fold{k}", d / "curves.png", read_history(d / "history.csv"))
