@@ -3,7 +3,6 @@ thin images are refused by their header, each with its reason in skipped.csv, in
 
 import csv
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, make_folder, user_lines
+from conftest import FAST, copy_run, make_folder, user_lines
 from PIL import Image
 
+import export
 import predict
 import qq
 from ucgrade import files, report
@@ -115,6 +115,25 @@ def test_a_zip_bomb_checkpoint_is_refused_from_its_directory(tmp_path, capsys):
     ]
 
 
+def test_a_zip_bomb_is_refused_by_resume_and_by_export_too(trained_run, tmp_path, capsys):
+    """Every reader of a checkpoint goes through the same check: --resume reads last.pt, export.py best.pt."""
+    run_dir = copy_run(trained_run, tmp_path / "train")
+    for name in ("last.pt", "best.pt"):
+        (run_dir / name).unlink()  # hard links to the shared run's: replaced, not written into
+        zip_bomb(run_dir / name, gib=2)
+    config = (run_dir / "config.json").read_bytes()
+    for module, argv, name in ((qq, ["--resume", run_dir, "--epochs", "4"], "last.pt"), (export, [run_dir], "best.pt")):
+        code, out, err = run(module, argv, capsys)
+        assert code == 2 and not any("Traceback" in line for line in err), err
+        assert err == [
+            f"error: checkpoint '{run_dir / name}' would unpack to 2.1 GB, more than the 1.4 GB that a checkpoint of "
+            "any architecture this tool knows can need, so it was not loaded (a zip bomb, or not a model of this "
+            "tool); use a file written by this tool or by torch.save."
+        ], module.__name__
+    assert (run_dir / "config.json").read_bytes() == config  # the refused resumption is not recorded
+    assert sorted(p.name for p in run_dir.glob("*.onnx")) == []
+
+
 def test_imagenet_weights_that_unpack_beyond_their_architecture_are_refused(tmp_path, capsys, monkeypatch):
     bomb = zip_bomb(tmp_path / "resnet18.pth", gib=1)
     monkeypatch.setattr("ucgrade.data.read_data", lambda *args: pytest.fail("the images were read"))
@@ -160,9 +179,10 @@ def test_an_edited_checkpoint_field_is_one_sentence(trained_run, tmp_path, capsy
 def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_config_json_changes(
     trained_run, tmp_path, capsys
 ):
-    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    run_dir = copy_run(trained_run, tmp_path / "train")
     last = torch.load(run_dir / "last.pt", weights_only=True)
     last["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(5, 5)
+    (run_dir / "last.pt").unlink()  # a hard link to the shared run's: replaced, not written into
     torch.save(last, run_dir / "last.pt")
     config = (run_dir / "config.json").read_bytes()
     code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4"], capsys)
@@ -175,7 +195,7 @@ def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_conf
 
 
 def test_a_second_resume_of_a_run_in_progress_is_refused(trained_run, tmp_path, capsys):
-    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    run_dir = copy_run(trained_run, tmp_path / "train")
     (run_dir / "run.lock").write_text(f"{os.getppid()}\n{socket.gethostname()}\n")  # a live process holds it
     config = (run_dir / "config.json").read_bytes()
     code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4"], capsys)
@@ -188,7 +208,7 @@ def test_a_second_resume_of_a_run_in_progress_is_refused(trained_run, tmp_path, 
 
 
 def test_a_stale_lock_is_taken_over_and_released(trained_run, tmp_path, capsys):
-    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    run_dir = copy_run(trained_run, tmp_path / "train")
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run_dir / "run.lock").write_text(f"{gone.pid}\n{socket.gethostname()}\n")
@@ -251,7 +271,7 @@ def test_cells_that_a_spreadsheet_would_run_are_written_as_text_and_read_back_un
     ],
 )
 def test_redrawing_from_a_damaged_file_names_it(trained_run, tmp_path, capsys, name, damage):
-    run_dir = shutil.copytree(trained_run, tmp_path / "train")
+    run_dir = copy_run(trained_run, tmp_path / "train")
     (run_dir / name).write_text(damage((run_dir / name).read_text()))
     code = run_cli(report.main, [str(run_dir)])
     err = user_lines(capsys.readouterr().err)
