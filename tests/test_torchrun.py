@@ -192,7 +192,8 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_one_sentence(tiny, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    args = qq.get_args_parser().parse_args(["--data", str(tiny), "--out", str(tmp_path), "--batch-size", "10"])
+    argv = ["--data", tiny, "--out", tmp_path, "--batch-size", "10", "--device", "cpu"]
+    args = qq.get_args_parser().parse_args([str(a) for a in argv])
     assert run_cli(qq.main, args) == 2
     assert user_lines(capsys.readouterr().err) == [
         "error: --batch-size 10 does not divide among the 4 processes that torchrun starts, and it is the global "
@@ -244,3 +245,4 @@ def test_resume_under_torchrun_by_the_same_number_of_processes(two_and_one, tmp_
     assert len(read_csv(run / "history.csv")) == 3 and "process(es) and goes on" not in resumed.stdout
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
     assert [r["processes"] for r in json.loads((run / "config.json").read_text())["resumed"]] == [2]
+    assert len(read_csv(two_and_one[0] / "train" / "history.csv")) == 2  # the copy went on, not the module's run
