@@ -15,7 +15,7 @@ from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 from ucgrade.model import ARCHITECTURES, backbone, build_model, head, load_checkpoint, model_from_checkpoint
 
-SMALL = ["--img-size", "64", "--batch-size", "8", "--cam-examples", "1", "--epochs", "1"]
+SMALL = ["--img-size", "64", "--batch-size", "8", "--cam-examples", "1", "--epochs", "1", "--device", "cpu"]
 TINY = [*SMALL, "--pretrained", "no"]
 
 
@@ -63,7 +63,9 @@ def test_an_arch_trains_predicts_resumes_and_draws_grad_cam(arch, tiny_data, tmp
 
     # predict.py builds the model that the checkpoint's arch names, and draws its Grad-CAM
     image = tiny_data / "severe" / "severe_000.jpg"
-    code, out, err = run_in_process(predict, [image, "--weights", run, "--cam", tmp_path / "cams", "--json"], capsys)
+    code, out, err = run_in_process(
+        predict, [image, "--weights", run, "--device", "cpu", "--cam", tmp_path / "cams", "--json"], capsys
+    )
     assert code == 0, err
     graded = json.loads(out)["predictions"][0]
     assert graded["grade"] in ("mild", "moderate", "severe") and sum(graded["probabilities"].values()) == pytest.approx(
@@ -72,11 +74,11 @@ def test_an_arch_trains_predicts_resumes_and_draws_grad_cam(arch, tiny_data, tmp
     assert (tmp_path / "cams" / "severe_000_cam.png").stat().st_size > 1000
 
     # resume goes on with the same backbone, and another --arch is one sentence
-    code, _, err = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
+    code, _, err = run_in_process(qq, ["--resume", run, "--epochs", "2", "--device", "cpu"], capsys)
     assert code == 0, err
     assert len(read_csv(run / "history.csv")) == 2 and load_checkpoint(run / "last.pt")["arch"] == arch
     other = "resnet34" if arch != "resnet34" else "resnet18"
-    code, _, err = run_in_process(qq, ["--resume", run, "--epochs", "3", "--arch", other], capsys)
+    code, _, err = run_in_process(qq, ["--resume", run, "--epochs", "3", "--arch", other, "--device", "cpu"], capsys)
     assert code == 2 and err == [
         "error: --arch cannot change when a run is resumed, because the run goes on with the settings in its "
         "config.json; leave them out, or start a new run with them."

@@ -1,6 +1,6 @@
 """ONNX export, ONNX Runtime grading in fp32 and int8, and a torch-free predict.py (issue 11).
 
-One tiny run (1 epoch, 64 px, random weights) is exported once with --int8; the tests read it."""
+One tiny run (ResNet18, 1 epoch, 64 px, random weights) is exported once with --int8; the tests read it."""
 
 import json
 import os
@@ -20,6 +20,8 @@ from ucgrade.cli import run_cli
 
 # What a grading-only install (requirements-predict.txt) lacks: importing any of these fails.
 NOT_INSTALLED = ("torch", "torchvision", "matplotlib", "sklearn", "scipy", "tqdm", "onnx")
+# predict.py with a .pt chooses its device and precision (an .onnx runs on the CPU in its own precision).
+ON_THE_CPU_IN_FP32 = ["--device", "cpu", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,8 @@ def test_export_writes_checked_models_that_describe_themselves(run, exported):
         onnx.checker.check_model(model)
         metadata = {p.key: p.value for p in model.metadata_props}
         assert json.loads(metadata["class_names"]) == checkpoint["class_names"] == ["mild", "moderate", "severe"]
-        assert (metadata["img_size"], metadata["resize_size"], metadata["arch"]) == ("64", "73", "resnet50")
+        assert (metadata["img_size"], metadata["resize_size"], metadata["arch"]) == ("64", "73", checkpoint["arch"])
+        assert checkpoint["arch"] == "resnet18"
         assert metadata["checkpoint_sha256"] == figures["checkpoint_sha256"] and metadata["precision"] == precision
         (graph_input,) = model.graph.input
         assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -101,7 +104,7 @@ def test_pt_onnx_and_int8_grade_the_same_images_alike(run, exported, small_data)
     pt, fp32, int8 = [
         json.loads(result.stdout)
         for result in run_scripts(
-            ("predict.py", small_data, "--weights", run / "best.pt", "--precision", "fp32", "--json"),
+            ("predict.py", small_data, "--weights", run / "best.pt", *ON_THE_CPU_IN_FP32, "--json"),
             ("predict.py", small_data, "--weights", run / "model.onnx", "--json"),
             ("predict.py", *images, "--weights", run / "model.int8.onnx", "--json"),
         )
@@ -140,7 +143,8 @@ def test_predict_with_an_onnx_needs_no_torch(run, exported, small_data, tmp_path
     missing = run_script("predict.py", image, tmp_path / "nothing.jpg", "--weights", run / "model.onnx", env=env)
     assert missing.returncode == 1 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
     assert run_script("predict.py", "--help", env=env).returncode == 0
-    needs_torch = one_error_line(run_script("predict.py", image, "--weights", run / "best.pt", env=env))
+    pt = run_script("predict.py", image, "--weights", run / "best.pt", *ON_THE_CPU_IN_FP32, env=env)
+    needs_torch = one_error_line(pt)
     assert "needs torch" in needs_torch and "export.py" in needs_torch
 
 

@@ -9,15 +9,16 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, make_folder, run_script, user_lines
+from conftest import FAST, ROOT, copy_run, make_folder, train, user_lines
 
 import qq
 from ucgrade import data
 from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 
-# 30 images: 24 train (three global batches of 8, four images per process), 6 validation (3 per process)
-RUN = ["--img-size", "64", "--batch-size", "8", "--pretrained", "no", "--cam-examples", "1", "--precision", "fp32"]
+# 30 images: 24 train (three global batches of 8, four images per process), 6 validation (3 per process).
+# ResNet18 on --device cpu, so the processes meet over gloo on any machine; fp32, which every CPU runs natively.
+RUN = [*FAST, "--precision", "fp32"]
 OUTPUTS = [
     "best.pt", "last.pt", "history.csv", "curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png",
     "roc.png", "metrics.json", "predictions.csv", "split.csv", "skipped.csv", "config.json", "report.html",
@@ -45,19 +46,31 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_and_one(tiny, module_tmp):
-    """A 2-process run with --sync-bn and a 1-process run of the same settings (the same global batch).
+    """A 2-process run with --sync-bn and a 1-process run of the same settings (the same global batch),
+    trained side by side: torchrun in the background, the one process in this one.
 
     resnet18: a ResNet50 from random weights at 64 px has channels of nearly constant value in its last
     stage, where any two correct batch norms differ by several percent in the gradient (torch's own
     BatchNorm2d against the textbook formula, in one process, by up to 11%), so it would test that
     conditioning rather than the distribution."""
-    argv = ["--data", tiny, "--epochs", "2", "--sync-bn", "--arch", "resnet18", *RUN]
-    result = run_torchrun("--out", module_tmp / "two", *argv, logs=module_tmp / "logs")
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["--data", tiny, "--epochs", "2", "--sync-bn", *RUN, "--cam-examples", "1"]
+    env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
+    command = torchrun("--out", module_tmp / "two", *argv, logs=module_tmp / "logs")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # one thread, as torchrun gives each process: the thread count alone changes the losses of this
     # run by 0.15% after six steps (the reductions' order), as much as a real difference would
-    one = run_script("qq.py", "--out", module_tmp / "one", *argv, env={"OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train(["--out", module_tmp / "one", *argv]) == 0
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    stdout, stderr = process.communicate(timeout=600)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert result.returncode == 0, result.stderr[-3000:]
     return module_tmp / "two", module_tmp / "one", result
 
 
@@ -98,11 +111,13 @@ def test_two_processes_with_sync_bn_train_as_one_process_with_the_same_global_ba
         assert a["val_acc"] == b["val_acc"]
 
 
-def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny, tmp_path):
+def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny, tmp_path, capsys):
+    """--epochs 40: a ResNet18 epoch takes a fraction of a second, so the signal lands during training; the
+    resumed run then trains one epoch more than the interrupted one had finished, and finishes."""
     out = tmp_path / "out"
     env = dict(os.environ) | {"OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        torchrun("--data", tiny, "--out", out, "--epochs", "6", *RUN, logs=tmp_path / "logs"),
+        torchrun("--data", tiny, "--out", out, "--epochs", "40", *RUN, logs=tmp_path / "logs"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -127,16 +142,15 @@ def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["resume"] == f"python qq.py --resume {run}"
     finished = len(read_csv(history))
-    assert finished >= 1 and (run / "last.pt").is_file()
+    assert 1 <= finished < 40 and (run / "last.pt").is_file()
     assert f"Resume with: python qq.py --resume {run}" in stderr
 
     # resumed by one process: the run goes on, and says that the images are dealt out differently
-    resumed = subprocess.run(
-        [sys.executable, str(ROOT / "qq.py"), "--resume", str(run)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "note: the run trained in 2 process(es) and goes on in 1" in resumed.stdout
-    assert len(read_csv(history)) == 6 and json.loads((run / "metrics.json").read_text())["status"] == "finished"
+    capsys.readouterr()
+    assert train(["--resume", run, "--epochs", finished + 1, "--device", "cpu"]) == 0, capsys.readouterr().err[-3000:]
+    assert "note: the run trained in 2 process(es) and goes on in 1" in capsys.readouterr().out
+    assert len(read_csv(history)) == finished + 1
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
 
 def test_a_process_that_fails_stops_the_others_with_one_clear_message(tiny, tmp_path):
@@ -178,7 +192,8 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_one_sentence(tiny, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    args = qq.get_args_parser().parse_args(["--data", str(tiny), "--out", str(tmp_path), "--batch-size", "10"])
+    argv = ["--data", tiny, "--out", tmp_path, "--batch-size", "10", "--device", "cpu"]
+    args = qq.get_args_parser().parse_args([str(a) for a in argv])
     assert run_cli(qq.main, args) == 2
     assert user_lines(capsys.readouterr().err) == [
         "error: --batch-size 10 does not divide among the 4 processes that torchrun starts, and it is the global "
@@ -207,9 +222,8 @@ def test_the_shares_of_the_processes_make_up_the_one_process_epoch(balance):
     assert [pair for step in zip(*shares) for pair in step] == one + one[:1]
 
 
-def test_cross_validation_with_a_frozen_backbone_and_a_resume_under_torchrun(tiny, tmp_path):
-    """--folds and --freeze-backbone (features computed by shares, gathered in order) under torchrun, and
-    --resume by the same number of processes, which says nothing about the order of the images."""
+def test_cross_validation_with_a_frozen_backbone_under_torchrun(tiny, tmp_path):
+    """--folds and --freeze-backbone (features computed by shares, gathered in order) under torchrun."""
     argv = ["--data", tiny, "--freeze-backbone", "--epochs", "2", *RUN]
     cv = run_torchrun("--out", tmp_path / "cv", "--folds", "2", *argv, logs=tmp_path / "logs")
     assert cv.returncode == 0, cv.stderr[-3000:]
@@ -221,10 +235,14 @@ def test_cross_validation_with_a_frozen_backbone_and_a_resume_under_torchrun(tin
     for fold in ("fold1", "fold2"):
         assert len(read_csv(run / fold / "history.csv")) == 2 and (run / fold / "report.html").is_file()
 
-    single = run_torchrun("--out", tmp_path / "single", *argv[: -len(RUN)], "--epochs", "1", *RUN, logs=tmp_path / "l1")
-    assert single.returncode == 0, single.stderr[-3000:]
-    run = tmp_path / "single" / "train"
-    resumed = run_torchrun("--resume", run, "--epochs", "2", logs=tmp_path / "l2")
+
+def test_resume_under_torchrun_by_the_same_number_of_processes(two_and_one, tmp_path):
+    """--resume of a 2-process run by 2 processes says nothing about the order of the images (a copy of the
+    module's run, which the other tests read as it is)."""
+    run = copy_run(two_and_one[0] / "train", tmp_path / "train")
+    resumed = run_torchrun("--resume", run, "--epochs", "3", "--device", "cpu", logs=tmp_path / "logs")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(read_csv(run / "history.csv")) == 2 and "process(es) and goes on" not in resumed.stdout
+    assert len(read_csv(run / "history.csv")) == 3 and "process(es) and goes on" not in resumed.stdout
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
     assert [r["processes"] for r in json.loads((run / "config.json").read_text())["resumed"]] == [2]
+    assert len(read_csv(two_and_one[0] / "train" / "history.csv")) == 2  # the copy went on, not the module's run
