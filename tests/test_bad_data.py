@@ -5,6 +5,8 @@ huge scans, non-ASCII names and sub-folders per patient. One training run over s
 checks what the user sees and what the run folder records.
 """
 
+import contextlib
+import io
 import json
 import os
 import struct
@@ -13,13 +15,28 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, run_script, run_scripts, user_lines
+from conftest import FAST, make_folder, run_scripts, user_lines
 from PIL import Image
 
+import predict
 import qq
 from ucgrade import data, engine, files
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
+from ucgrade.device import choose_device, choose_precision
+from ucgrade.model import load_checkpoint, model_from_checkpoint
+
+EXTENSIONS = {  # every extension the README names, some in upper or mixed case as cameras and Windows write them
+    "mild/photo.jpeg": "JPEG",
+    "mild/scan.bmp": "BMP",
+    "moderate/scan.tif": "TIFF",
+    "moderate/scan.tiff": "TIFF",
+    "severe/scan.webp": "WEBP",
+    "severe/CAMERA.JPG": "JPEG",
+    "mild/SCREEN.PNG": "PNG",
+    "moderate/Scan.Tif": "TIFF",
+    "severe/SCAN.WEBP": "WEBP",
+}
 
 RED, BLUE = (220, 40, 40), (40, 40, 220)
 
@@ -52,7 +69,8 @@ def rotated_jpeg(path):
 
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory):
-    """(data folder, files that must be skipped with a word of their reason, relative paths that must be used)."""
+    """(data folder, files that must be skipped with a word of their reason, relative paths that must be used,
+    hidden files that must be neither used nor listed)."""
     root = make_folder(tmp_path_factory.mktemp("messy"), {"mild": 6, "moderate": 6, "severe": 6})
     mild, moderate, severe = root / "mild", root / "moderate", root / "severe"
     jpeg = (mild / "mild_000.jpg").read_bytes()
@@ -74,14 +92,23 @@ def messy(tmp_path_factory):
     nested.mkdir(parents=True)
     make_image("severe", rng, 72).save(nested / "ulcère près du côlon.jpg")
     make_image("severe", rng, 72).save(nested / "内镜 图像.png")
-    hidden = severe / ".ipynb_checkpoints"  # hidden folders are never read
-    hidden.mkdir()
-    make_image("severe", rng, 72).save(hidden / "copy.jpg")
+    for relative, image_format in EXTENSIONS.items():
+        make_image(relative.split("/")[0], rng, 72).save(root / relative, format=image_format)
     (root / "unused").mkdir()  # an empty class folder: reported and ignored
+
+    # hidden files and folders: clutter of the operating system or of tools, left out without a word
+    notebook = severe / ".ipynb_checkpoints"
+    notebook.mkdir()
+    make_image("severe", rng, 72).save(notebook / "copy.jpg")
+    make_image("moderate", rng, 72).save(moderate / ".hidden.png")  # a good image, yet hidden
+    (mild / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (mild / "._mild_000.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(64))  # AppleDouble
+    (nested / ".Spotlight-V100").write_bytes(b"")
+    hidden = [notebook / "copy.jpg", moderate / ".hidden.png", mild / ".DS_Store", mild / "._mild_000.jpg"]
+    hidden.append(nested / ".Spotlight-V100")
 
     # not usable: each must be skipped, with its reason
     bad = {
-        mild / ".DS_Store": (b"\x00\x00\x00\x01Bud1" + bytes(64), "not an image"),
         mild / "Thumbs.db": (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(64), "not an image"),
         mild / "notes.txt": (b"patient 12: second look in March", "not an image"),
         mild / "empty.jpg": (b"", "0 bytes"),
@@ -111,29 +138,34 @@ def messy(tmp_path_factory):
         "mild/Ärztlicher Befund 1.jpg",
         "severe/patient 7/visit 2/ulcère près du côlon.jpg",
         "severe/patient 7/visit 2/内镜 图像.png",
+        *EXTENSIONS,
     }
-    return root, reasons, used
+    return root, reasons, used, hidden
 
 
 @pytest.fixture(scope="module")
 def messy_run(messy, module_tmp):
-    root, _, _ = messy
+    """(exit code, stdout, stderr, run folder) of one training run over the messy folder, in this process: the
+    user's terminal is the redirected output (a subprocess would only add seconds of torch import)."""
+    root = messy[0]
     out = module_tmp / "out"
-    result = run_script("qq.py", "--data", root, "--out", out, "--epochs", "1", *FAST)
-    return result, out / "train"
+    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", root, "--out", out, "--epochs", "1", *FAST]])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = run_cli(qq.main, args)
+    return code, stdout.getvalue(), stderr.getvalue(), out / "train"
 
 
 def test_bad_files_are_skipped_listed_and_recorded_before_training(messy, messy_run):
-    _, reasons, _ = messy
-    result, run = messy_run
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
+    _, reasons, _, hidden = messy
+    code, stdout, stderr, run = messy_run
+    assert code == 0, stderr
     recorded = {row["path"]: row["reason"] for row in files.read_csv(run / "skipped.csv")}
     assert set(recorded) == set(reasons)
     for path, word in reasons.items():
         assert word in recorded[path], (path, recorded[path])
 
-    lines = user_lines(result.stdout)
+    lines = user_lines(stdout)
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/"))
     assert (
         f"warning: skipped {len(reasons)} file(s) that cannot be used (listed in skipped.csv of the run):"
@@ -142,35 +174,82 @@ def test_bad_files_are_skipped_listed_and_recorded_before_training(messy, messy_
     for path, reason in recorded.items():  # each one named in the warning, before training starts
         assert f"{path}: {reason}" in lines[:first_epoch]
     assert json.loads((run / "config.json").read_text())["skipped_files"] == len(reasons)
+    # hidden files are left out without a word: not in skipped.csv (above), nor anywhere in the output
+    for path in hidden:
+        assert path.name not in stdout + stderr, path
 
 
 def test_unusual_images_names_and_sub_folders_are_used(messy, messy_run):
-    _, _, used = messy
-    result, run = messy_run
-    assert result.returncode == 0, result.stderr
+    _, _, used, hidden = messy
+    code, stdout, stderr, run = messy_run
+    assert code == 0, stderr
     split = files.read_csv(run / "split.csv")
-    assert {row["path"] for row in split} == used  # nested folders included, hidden ones not
+    # nested folders and every extension in any case included; hidden files and folders not, good images or not
+    assert {row["path"] for row in split} == used
+    assert not {path.name for path in hidden} & {row["path"].rsplit("/", 1)[-1] for row in split}
     assert all(row["class"] == row["path"].split("/")[0] for row in split)
     config = json.loads((run / "config.json").read_text())
     assert config["class_names"] == ["mild", "moderate", "severe"]  # the empty folder is left out ...
-    assert "warning: class folder 'unused' holds no images and is ignored." in user_lines(
-        result.stdout
-    )  # ... and said so
+    assert "warning: class folder 'unused' holds no images and is ignored." in user_lines(stdout)  # ... and said so
     assert config["class_counts"] == [sum(p.startswith(c + "/") for p in used) for c in config["class_names"]]
 
 
-def test_predict_reads_the_same_unusual_images(messy, messy_run):
-    root, _, _ = messy
-    _, run = messy_run
+def grade_with_library(images, weights):
+    """{path: (grade, probabilities)} from ucgrade.engine.predict_image with the checkpoint, as predict.py on a CPU."""
+    checkpoint = load_checkpoint(weights)
+    model = model_from_checkpoint(checkpoint).eval()
+    device = choose_device("cpu")
+    precision = choose_precision(device, "auto")
+    return {str(path): engine.predict_image(path, model, checkpoint, device, precision) for path in images}
+
+
+def assert_graded_as_the_library(predictions, expected):
+    """predict.py's --json predictions: the files expected, in order, each with the library's grade and
+    probabilities, and `probability` the largest of them."""
+    assert [p["path"] for p in predictions] == list(expected)
+    for predicted in predictions:
+        grade, probabilities = expected[predicted["path"]]
+        assert predicted["grade"] == grade
+        assert predicted["probabilities"] == pytest.approx(probabilities, rel=1e-5, abs=1e-30)
+        assert predicted["probability"] == max(predicted["probabilities"].values())
+        assert predicted["probability"] == predicted["probabilities"][grade]
+
+
+def test_predict_reads_the_same_unusual_images(messy, messy_run, capsys):
+    root = messy[0]
+    run = messy_run[-1]
     images = [
         root / "severe/patient 7/visit 2/内镜 图像.png",
         root / "mild/Ärztlicher Befund 1.jpg",
         root / "moderate/gray16.png",
         root / "moderate/cmyk.jpg",
+        *(root / relative for relative in EXTENSIONS),
     ]
-    result = run_script("predict.py", *images, "--weights", run / "best.pt", "--json")
-    assert result.returncode == 0, result.stderr
-    assert [p["path"] for p in json.loads(result.stdout)["predictions"]] == [str(p) for p in images]
+    argv = [*map(str, images), "--weights", str(run / "best.pt"), "--json", "--device", "cpu"]
+    assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert output["errors"] == []
+    assert_graded_as_the_library(output["predictions"], grade_with_library(images, run / "best.pt"))
+
+
+def test_predict_leaves_hidden_files_out_of_a_folder_without_a_word(messy, messy_run, tmp_path, capsys):
+    root = messy[0]
+    run = messy_run[-1]
+    folder = tmp_path / "visit"
+    (folder / ".cache").mkdir(parents=True)
+    for name in ("a.jpg", ".hidden.jpg", ".cache/b.jpg"):  # good images, two of them hidden
+        (folder / name).write_bytes((root / "mild" / "mild_000.jpg").read_bytes())
+    (folder / "sub").mkdir()
+    (folder / "sub" / "B.JPG").write_bytes((root / "severe" / "CAMERA.JPG").read_bytes())
+    for name in (".DS_Store", "._a.jpg", "sub/._B.JPG"):  # clutter that no decoder reads
+        (folder / name).write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    argv = [str(folder), "--weights", str(run / "best.pt"), "--json", "--device", "cpu"]
+    assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
+    captured = capsys.readouterr()
+    output = json.loads(captured.out)
+    assert output["errors"] == [] and "error" not in captured.err and "._" not in captured.err
+    graded = [folder / "a.jpg", folder / "sub" / "B.JPG"]
+    assert_graded_as_the_library(output["predictions"], grade_with_library(graded, run / "best.pt"))
 
 
 def test_image_modes_become_the_right_rgb_pixels(tmp_path):

@@ -1,23 +1,76 @@
 """The whole pipeline: qq.py trains and writes every output, predict.py grades images (issue 2)."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+from html import escape as html_escape
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, make_folder, run_script, train
+from conftest import FAST, ROOT, make_folder, run_script, run_scripts, train
 from PIL import Image
 
+import predict
 import qq
 from ucgrade import data, engine, files
+from ucgrade.cam import cam_overlay
+from ucgrade.cli import run_cli
 from ucgrade.device import choose_device, choose_precision
 from ucgrade.engine import predict_image
 from ucgrade.files import read_csv
 from ucgrade.model import load_checkpoint, model_from_checkpoint
+
+
+def timed_as(times):
+    """engine.time_each that runs the model as usual but reports the given batch-1 milliseconds (as many as it
+    timed), so that the run's note on spread times can be checked on times known in advance."""
+    real = engine.time_each
+
+    def time_each(run, inputs, warmup=5):
+        measured = real(run, inputs, warmup)
+        return [times[0]] * (len(measured) - len(times) + 1) + list(times[1:])
+
+    return time_each
+
+
+SPREAD = (10.0, 100.0, 100.0)  # a median of 10 ms and a p95 of 100 ms: another program was using the device
+STEADY = (10.0, 12.0)  # a p95 of under 12 ms
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, module_tmp):
+    """Three runs in one --out folder, trained in this process, with what each printed.
+
+    train: 1 epoch, seed 5, every validation image through Grad-CAM, batch-1 times that spread widely.
+    train2 and train3 (asked for as --name train, which exists): seed 7, the last of 3 epochs kept (--select last,
+    --lr 0.01), with steady times; alike but for the loading of the images: train2 decodes them once (--cache
+    ram, no loader process), train3 streams them from disk through a loader process (--cache off --workers 1).
+    """
+    out = module_tmp / "outputs"
+    printed = {}
+
+    def run(name, argv, times):
+        stdout = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+            patch.setattr(engine, "time_each", timed_as(times))
+            assert train(["--data", small_data, "--out", out, *FAST, *argv]) == 0
+        printed[name] = stdout.getvalue()
+
+    run("train", ["--epochs", "1", "--seed", "5", "--cam-examples", "20"], SPREAD)
+    first = {name: (out / "train" / name).read_bytes() for name in ("best.pt", "history.csv")}
+    seven = ["--epochs", "3", "--seed", "7", "--select", "last", "--lr", "0.01"]
+    run("train2", [*seven, "--cache", "ram", "--workers", "0"], STEADY)
+    run("train3", ["--name", "train", *seven, "--cache", "off", "--workers", "1"], STEADY)
+    digest = hashlib.sha256(first["best.pt"]).hexdigest()
+    return SimpleNamespace(out=out, printed=printed, first_digest=digest, first_history=first["history.csv"])
 
 
 def test_run_writes_every_output(trained_run):
@@ -108,36 +161,17 @@ def test_split_is_stratified_disjoint_and_seeded():
     assert sorted(np.array([0, 0, 1, 1, 1])[val].tolist()) == [0, 1]
 
 
-def test_split_csv_matches_seed(small_data, tmp_path):
-    # b streams its images from disk through a loader process; a decodes them once and has none
-    for name, loading in (("a", ["--cache", "ram", "--workers", "0"]), ("b", ["--cache", "off", "--workers", "1"])):
-        assert (
-            train(
-                [
-                    "--data",
-                    small_data,
-                    "--out",
-                    tmp_path,
-                    "--name",
-                    name,
-                    "--epochs",
-                    "2",
-                    "--seed",
-                    "7",
-                    *FAST,
-                    *loading,
-                ]
-            )
-            == 0
-        )
-    a, b = read_csv(tmp_path / "a" / "split.csv"), read_csv(tmp_path / "b" / "split.csv")
+def test_split_csv_matches_seed(runs):
+    # train3 streams its images from disk through a loader process; train2 decodes them once and has none
+    a, b = read_csv(runs.out / "train2" / "split.csv"), read_csv(runs.out / "train3" / "split.csv")
     assert a == b
     val = [r for r in a if r["subset"] == "val"]
     assert {r["class"] for r in val} == {"mild", "moderate", "severe"} and len(val) == 6
+    assert read_csv(runs.out / "train" / "split.csv") != a  # another seed, another split
     # the same seed also gives the same training, however the images are loaded: identical histories apart
     # from the timing
-    ha, hb = read_csv(tmp_path / "a" / "history.csv"), read_csv(tmp_path / "b" / "history.csv")
-    assert len(ha) == len(hb) == 2
+    ha, hb = read_csv(runs.out / "train2" / "history.csv"), read_csv(runs.out / "train3" / "history.csv")
+    assert len(ha) == len(hb) == 3
     for ra, rb in zip(ha, hb):
         for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6)
@@ -162,78 +196,208 @@ def test_training_transform_is_random():
     assert not all(torch.equal(views[0], v) for v in views[1:])
 
 
-def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run, small_data):
-    evaluated = {r["path"]: r for r in read_csv(trained_run / "predictions.csv")}  # the validation images
-    images = [small_data / path for path in sorted(evaluated)]
-    result = run_script("predict.py", *images, "--weights", trained_run / "best.pt", "--json")
-    assert result.returncode == 0, result.stderr
-    output = json.loads(result.stdout)
-    checkpoint = load_checkpoint(trained_run / "best.pt")
-    model = model_from_checkpoint(checkpoint)
+def grade_with_library(images, weights):
+    """{str(path): (grade, probabilities)} from ucgrade.engine.predict_image, with the checkpoint on the CPU in
+    the precision predict.py chooses there."""
+    checkpoint = load_checkpoint(weights)
+    model = model_from_checkpoint(checkpoint).eval()
     device = choose_device("cpu")
     precision = choose_precision(device, "auto")
-    for image, predicted in zip(images, output["predictions"]):
-        grade, probabilities = predict_image(image, model, checkpoint, device, precision)
-        assert predicted["path"] == str(image) and predicted["grade"] == grade
-        assert predicted["probabilities"] == pytest.approx(probabilities, abs=1e-6)
-        assert sum(predicted["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    return {str(image): predict_image(image, model, checkpoint, device, precision) for image in images}
+
+
+@pytest.fixture(scope="module")
+def predicted(trained_run, small_data):
+    """predict.py as a user runs it, twice at once (each process spends seconds importing torch): the validation
+    images with --json, and a folder and a file with the lines and the newest run under --out."""
+    evaluated = {r["path"]: r for r in read_csv(trained_run / "predictions.csv")}  # the validation images
+    images = [small_data / path for path in sorted(evaluated)]
+    as_json, as_lines = run_scripts(
+        ("predict.py", *images, "--weights", trained_run / "best.pt", "--json", "--device", "cpu"),
+        ("predict.py", small_data / "moderate", small_data / "mild" / "mild_000.jpg", "--out", trained_run.parent,
+         "--device", "cpu"),
+    )  # fmt: skip
+    return SimpleNamespace(evaluated=evaluated, images=images, json=as_json, lines=as_lines)
+
+
+def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run, small_data, predicted):
+    result = predicted.json
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["weights"] == str(trained_run / "best.pt") and output["errors"] == []
+    assert [p["path"] for p in output["predictions"]] == [str(image) for image in predicted.images]
+    library = grade_with_library(predicted.images, trained_run / "best.pt")
+    for image, prediction in zip(predicted.images, output["predictions"]):
+        grade, probabilities = library[str(image)]
+        assert prediction["grade"] == grade
+        assert prediction["probabilities"] == pytest.approx(probabilities, abs=1e-6)
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        # `probability` is that of the grade, the largest of them
+        assert prediction["probability"] == prediction["probabilities"][grade] == max(probabilities.values())
         # predict.py sees an image as the run's evaluation did (the file decoded and cropped anew,
         # one image at a time instead of a cached batch, both in bf16 on this CPU)
-        row = evaluated[image.relative_to(small_data).as_posix()]
-        assert predicted["grade"] == row["predicted"]
-        assert predicted["probabilities"] == pytest.approx(
-            {name: float(row[f"prob:{name}"]) for name in checkpoint["class_names"]}, abs=5e-3
+        row = predicted.evaluated[image.relative_to(small_data).as_posix()]
+        assert prediction["grade"] == row["predicted"]
+        assert prediction["probabilities"] == pytest.approx(
+            {name: float(row[f"prob:{name}"]) for name in output["class_names"]}, abs=5e-3
         )
 
 
-def test_predict_cli_text_output_and_folders(trained_run, small_data):
-    result = run_script(
-        "predict.py", small_data / "moderate", small_data / "mild" / "mild_000.jpg", "--out", trained_run.parent
-    )
+LINE = re.compile(  # README: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`, the OOD warning maybe between
+    r"(?P<path>.+): (?P<grade>\S+) \(p=(?P<p>\d\.\d\d)\)(  \[not like the training images: grade not reliable\])?"
+    r"  (?P<values>\S+=\d\.\d{3}(  \S+=\d\.\d{3})*)"
+)
+
+
+def test_predict_cli_text_output_and_folders(trained_run, small_data, predicted):
+    result = predicted.lines
     assert result.returncode == 0, result.stderr
     assert f"using {trained_run / 'best.pt'}" in result.stderr  # the newest run, said out loud
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 11
-    first = lines[0]
-    path, rest = first.split(": ", 1)
-    assert path.endswith("moderate_000.jpg")
-    grade = rest.split(" ")[0]
-    assert grade in ("mild", "moderate", "severe") and "(p=" in rest
-    assert all(f"{name}=" in rest for name in ("mild", "moderate", "severe"))
+    # every image of the folder, in order, then the file
+    images = sorted((small_data / "moderate").iterdir()) + [small_data / "mild" / "mild_000.jpg"]
+    assert len(images) == 11
+    lines = result.stdout.splitlines()
+    matches = [LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    assert [m["path"] for m in matches] == [str(image) for image in images]
+    library = grade_with_library(images, trained_run / "best.pt")
+    for m in matches:
+        grade, probabilities = library[m["path"]]
+        printed = dict(value.split("=") for value in m["values"].split("  "))
+        assert list(printed) == ["mild", "moderate", "severe"]
+        for name, value in printed.items():  # each to 3 decimals, as the library has it
+            assert float(value) == pytest.approx(probabilities[name], abs=5e-4 + 1e-6), (m["path"], name)
+        # the grade and its p: the largest per-grade value, as in --json
+        assert m["grade"] == grade == max(printed, key=lambda name: float(printed[name]))
+        assert m["p"] == f"{probabilities[grade]:.2f}" == f"{max(probabilities.values()):.2f}"
 
 
-@pytest.mark.parametrize("output", [[], ["--json"]], ids=["lines", "json"])
-def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data, output):
+def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data):
     """`python predict.py folder/ | head -1`: the reader stops early, which is no reason for a traceback.
-    Run as in a user's shell, where stdout to a pipe is block-buffered (no PYTHONUNBUFFERED)."""
+    Run as in a user's shell, where stdout to a pipe is block-buffered (no PYTHONUNBUFFERED); one line per image,
+    and --json, side by side."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt", *output],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt", *output],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, output in (("lines", ["--device", "cpu"]), ("json", ["--device", "cpu", "--json"]))
+    }
+    # one line per image: read the first, as head -1 does, and stop while the next is graded
+    assert processes["lines"].stdout.readline().startswith(str(small_data).encode())
+    for name, process in processes.items():
+        process.stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
+        code = process.wait(timeout=300)
+        stderr = process.stderr.read().decode()
+        assert code == 141 and "Traceback" not in stderr and "Error" not in stderr, (name, stderr)
+
+
+def predict_in_process(capsys, *argv):
+    """(exit code, stdout, stderr) of predict.py's main, called as the command line would."""
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(a) for a in argv]))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def told_apart(first, second):
+    """Whether two lists of {grade: probability} differ somewhere by more than 0.1%, down to the smallest
+    probabilities (a model sure of its grade gives the others 1e-30, which an absolute tolerance would miss)."""
+    pairs = [(a[name], b[name]) for a, b in zip(first, second, strict=True) for name in a]
+    return any(a != pytest.approx(b, rel=1e-3, abs=1e-30) for a, b in pairs)
+
+
+def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
+    images = [small_data / grade / f"{grade}_000.jpg" for grade in ("mild", "moderate", "severe")]
+    now = time.time()
+    by_run = {}
+    for newest in ("train2", "train"):  # by the time its best.pt was written, not by its name
+        for age, name in enumerate(n for n in ("train", "train2", "train3") if n != newest):
+            os.utime(runs.out / name / "best.pt", (now - 100 * (age + 1), now - 100 * (age + 1)))
+        os.utime(runs.out / newest / "best.pt", (now, now))
+        code, out, err = predict_in_process(capsys, *images, "--out", runs.out, "--device", "cpu", "--json")
+        assert code == 0, err
+        weights = runs.out / newest / "best.pt"
+        metrics = json.loads((runs.out / newest / "metrics.json").read_text())
+        epochs = metrics["epochs"]
+        assert err == (
+            f"using {weights} (the newest run under {runs.out}/, validation accuracy {metrics['accuracy']:.2f} after "
+            f"{epochs} of {epochs} epochs)\n"
+        )
+        output = json.loads(out)
+        assert output["weights"] == str(weights)
+        library = grade_with_library(images, weights)
+        assert [p["path"] for p in output["predictions"]] == list(library)
+        for prediction in output["predictions"]:
+            assert prediction["probabilities"] == pytest.approx(library[prediction["path"]][1], rel=1e-5, abs=1e-30)
+        by_run[newest] = [p["probabilities"] for p in output["predictions"]]
+    assert told_apart(by_run["train"], by_run["train2"])  # the checks above tell the two models apart
+
+
+def test_predict_takes_last_pt(trained_run, small_data, capsys):
+    images = sorted((small_data / "mild").iterdir())[:3]
+    code, out, err = predict_in_process(
+        capsys, *images, "--weights", trained_run / "last.pt", "--device", "cpu", "--json"
     )
-    if not output:  # one line per image: read the first, as head -1 does, and stop while the next is graded
-        assert process.stdout.readline().startswith(str(small_data).encode())
-    process.stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
-    code = process.wait(timeout=300)
-    stderr = process.stderr.read().decode()
-    assert code == 141 and "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert code == 0, err
+    output = json.loads(out)
+    assert output["weights"] == str(trained_run / "last.pt") and output["errors"] == []
+    library = grade_with_library(images, trained_run / "last.pt")
+    assert [p["path"] for p in output["predictions"]] == list(library)
+    for prediction in output["predictions"]:
+        grade, probabilities = library[prediction["path"]]
+        assert prediction["grade"] == grade
+        assert prediction["probabilities"] == pytest.approx(probabilities, rel=1e-5, abs=1e-30)
+    if load_checkpoint(trained_run / "best.pt")["epoch"] != 3:  # then last.pt is another model than best.pt
+        best = grade_with_library(images, trained_run / "best.pt")
+        assert told_apart([p["probabilities"] for p in output["predictions"]], [best[str(i)][1] for i in images])
 
 
-def test_second_run_does_not_overwrite_the_first(small_data, tmp_path):
-    assert train(["--data", small_data, "--out", tmp_path, "--epochs", "1", *FAST]) == 0
-    first = tmp_path / "train"
-    digest = hashlib.sha256((first / "best.pt").read_bytes()).hexdigest()
-    history = (first / "history.csv").read_text()
-    assert train(["--data", small_data, "--out", tmp_path, "--epochs", "1", "--seed", "5", *FAST]) == 0
-    assert (tmp_path / "train2" / "best.pt").is_file()
-    assert hashlib.sha256((first / "best.pt").read_bytes()).hexdigest() == digest
-    assert (first / "history.csv").read_text() == history
+def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, tmp_path, capsys):
+    """a/scan.jpg and b/scan.jpg get an overlay each, of their own image, and a second call overwrites neither."""
+    images = [tmp_path / "a" / "scan.jpg", tmp_path / "b" / "scan.jpg"]
+    for image, (source, size) in zip(images, ((small_data / "mild" / "mild_001.jpg", (90, 70)),
+                                              (small_data / "severe" / "severe_002.jpg", (64, 100)))):  # fmt: skip
+        image.parent.mkdir()
+        Image.open(source).resize(size).save(image)
+    weights = runs.out / "train" / "best.pt"
+    cam_dir = tmp_path / "heatmaps"
+    checkpoint = load_checkpoint(weights)
+    model = model_from_checkpoint(checkpoint).eval()
+    written = []
+    for call in range(2):
+        code, out, err = predict_in_process(
+            capsys, *images, "--weights", weights, "--cam", cam_dir, "--json", "--device", "cpu"
+        )
+        assert code == 0, err
+        predictions = json.loads(out)["predictions"]
+        expected = [cam_dir / f"scan_cam{k if k > 1 else ''}.png" for k in (2 * call + 1, 2 * call + 2)]
+        assert [p["cam"] for p in predictions] == [str(path) for path in expected]
+        for image, prediction in zip(images, predictions):
+            overlay, _, _ = cam_overlay(
+                model, image, checkpoint, target_class=checkpoint["class_names"].index(prediction["grade"])
+            )
+            with Image.open(prediction["cam"]) as saved:
+                assert saved.size == Image.open(image).size
+                assert np.abs(np.asarray(saved.convert("RGB"), int) - np.asarray(overlay, int)).max() <= 1
+        written += [(path, path.read_bytes()) for path in expected]
+    assert sorted(cam_dir.iterdir()) == sorted(path for path, _ in written)
+    assert all(path.read_bytes() == content for path, content in written)  # the first call's overlays are kept
+
+
+def test_second_run_does_not_overwrite_the_first(runs, tmp_path):
+    first = runs.out / "train"
+    assert hashlib.sha256((first / "best.pt").read_bytes()).hexdigest() == runs.first_digest
+    assert (first / "history.csv").read_bytes() == runs.first_history
+    assert json.loads((first / "config.json").read_text())["seed"] == 5
+    assert json.loads((runs.out / "train2" / "config.json").read_text())["seed"] == 7
     # a named run that exists gets a number too
-    assert train(["--data", small_data, "--out", tmp_path, "--name", "train", "--epochs", "1", *FAST]) == 0
-    assert (tmp_path / "train3" / "best.pt").is_file()
+    config = json.loads((runs.out / "train3" / "config.json").read_text())
+    assert config["seed"] == 7 and config["cache"] == "off" and (runs.out / "train3" / "best.pt").is_file()
+    assert sorted(path.name for path in runs.out.iterdir()) == ["train", "train2", "train3"]
     # and a name that ends in a number gets a dash before its own
     assert [files.new_run_dir(tmp_path, "visit2").name for _ in range(3)] == ["visit2", "visit2-2", "visit2-3"]
 
@@ -298,16 +462,10 @@ def test_help_shows_every_flag_with_default():
         assert default in text, default
 
 
-def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(
-    small_data, tmp_path, capsys
-):
-    assert (
-        train(["--data", small_data, "--out", tmp_path, "--epochs", "3", "--select", "last", "--lr", "0.01", *FAST])
-        == 0
-    )
-    epoch_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+def test_select_last_keeps_the_last_epoch_and_says_the_figures_are_not_chosen_on_validation(runs):
+    epoch_lines = [line for line in runs.printed["train3"].splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and all(line.endswith("  saved") for line in epoch_lines)  # not "best"
-    run = tmp_path / "train"
+    run = runs.out / "train3"
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert best["epoch"] == last["epoch"] == 3
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
@@ -332,3 +490,56 @@ def test_best_epoch_is_chosen_on_validation_accuracy_unless_select_last():
     assert engine.best_epoch(history)["epoch"] == 2  # ties go to the lower loss
     assert engine.best_epoch(history, "last")["epoch"] == 3
     assert engine.best_epoch([], "last") is None and engine.best_epoch([]) is None
+
+
+# ----------------------------------------------------------------------------- what a run prints and shows
+
+
+def test_widely_spread_inference_times_are_noted_in_the_terminal_and_the_report(runs):
+    note = (
+        "note: the times varied widely (p95 over twice the median), so another program was probably using the "
+        "device; quote the median."
+    )
+    spread = [line.strip() for line in runs.printed["train"].splitlines()]
+    timing = json.loads((runs.out / "train" / "metrics.json").read_text())["inference_time"]
+    assert timing["batch1_median_ms"] == 10 and timing["batch1_p95_ms"] == 100  # the times given
+    line = next(i for i, text in enumerate(spread) if text.startswith("inference on cpu ("))
+    assert "median 10.0 ms, p95 100.0 ms per image" in spread[line]
+    assert spread[line + 1] == note  # under the timing it is about
+    assert "The times varied widely" in (runs.out / "train" / "report.html").read_text()
+    for name in ("train2", "train3"):  # steady times: no note
+        assert "median 10.0 ms, p95 11.5 ms per image" in runs.printed[name]
+        assert "varied widely" not in runs.printed[name]
+        assert "varied widely" not in (runs.out / name / "report.html").read_text()
+
+
+def test_grad_cam_shows_the_most_confident_right_image_per_grade_then_the_errors(runs):
+    run = runs.out / "train"  # --cam-examples 20: every validation image
+    rows = read_csv(run / "predictions.csv")
+    names = json.loads((run / "metrics.json").read_text())["class_names"]
+    cams = read_csv(run / "cam" / "index.csv")
+    shown = [re.fullmatch(r"(.+): true (\S+), predicted (\S+) \(p=(\d\.\d\d)\)", row["caption"]) for row in cams]
+    assert all(shown), cams
+    by_path = {row["path"]: row for row in rows}
+
+    def p(row):
+        return float(row[f"prob:{row['predicted']}"])
+
+    right = {name: [r for r in rows if r["true"] == r["predicted"] == name] for name in names}
+    graded = [name for name in names if right[name]]  # in grade order, the grades with a right image
+    wrong = [r for r in rows if r["true"] != r["predicted"]]
+    assert graded and wrong, "this run should have right and wrong images, to show the order of both"
+    assert len(cams) == len(graded) + len(wrong)
+    for m, name in zip(shown, graded):  # first the most confident right image of each grade
+        row = by_path[m[1]]
+        assert row["true"] == row["predicted"] == m[2] == m[3] == name
+        assert p(row) == max(p(r) for r in right[name]) and m[4] == f"{p(row):.2f}"
+    errors = [by_path[m[1]] for m in shown[len(graded) :]]  # then the errors, the most confident first
+    assert sorted(r["path"] for r in errors) == sorted(r["path"] for r in wrong)
+    assert [p(r) for r in errors] == sorted((p(r) for r in errors), reverse=True)
+    for m, row in zip(shown[len(graded) :], errors):
+        assert (m[2], m[3], m[4]) == (row["true"], row["predicted"], f"{p(row):.2f}")
+    # the report shows them in that order
+    report = (run / "report.html").read_text()
+    positions = [report.index(html_escape(row["caption"])) for row in cams]
+    assert positions == sorted(positions)

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,11 +11,13 @@ from html.parser import HTMLParser
 
 import numpy as np
 import torch
-from conftest import ROOT, make_folder, run_script
+from conftest import ROOT, make_folder
 from PIL import Image
 
+import predict
 from ucgrade import data, report
 from ucgrade.cam import cam_on_original, cam_overlay, grad_cam
+from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
 from ucgrade.files import read_csv
 from ucgrade.model import build_model, load_checkpoint, model_from_checkpoint
@@ -111,7 +114,24 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
     assert f"MAE (grade steps) {metrics['mae_grades']:.3f}" in text
     for grade, row in metrics["per_class"].items():
         assert f"{grade} {row['precision']:.3f} {row['recall']:.3f} {row['f1']:.3f} {row['support']}" in text
-    assert f"{metrics['inference_time']['batch1_median_ms']:.1f}" in text
+    # the inference row, whole: the device, the precision and the four figures of metrics.json, under their headings
+    timing = metrics["inference_time"]
+    html_text = (run / "report.html").read_text()
+    start = html_text.index("<h2>Inference time</h2>")
+    rows = [
+        re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)
+        for row in re.findall(r"<tr>(.*?)</tr>", html_text[start : html_text.index("</section>", start)])
+    ]
+    assert rows == [
+        ["device", "precision", "batch 1 mean (ms)", "median (ms)", "p95 (ms)", "throughput at batch 8 (img/s)"],
+        [
+            "cpu",
+            metrics["precision"],
+            *(f"{timing[key]:.1f}" for key in ("batch1_mean_ms", "batch1_median_ms", "batch1_p95_ms")),
+            f"{timing['throughput_images_per_s']:.1f}",
+        ],
+    ]
+    assert timing["device"] == "cpu" and timing["precision"] == metrics["precision"]
     assert "img_size 64" in text and "epochs 3" in text
     for row in cams:
         assert row["caption"] in text
@@ -153,7 +173,7 @@ def test_plots_stay_readable_with_ten_grades(tmp_path):
 # ----------------------------------------------------------------------------- Grad-CAM
 
 
-def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_path):
+def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_path, capsys):
     rng = np.random.default_rng(5)
     images = []
     for style, size in (("severe", (150, 110)), ("mild", (97, 131)), ("moderate", (120, 120))):
@@ -161,20 +181,12 @@ def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_pa
         make_image(style, rng, 160).resize(size).save(path)
         images.append((path, size))
     cam_dir = tmp_path / "heatmaps"
-    result = run_script(
-        "predict.py",
-        *[p for p, _ in images],
-        "--weights",
-        trained_run / "best.pt",
-        "--cam",
-        cam_dir,
-        "--json",
-        "--precision",
-        "fp32",
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"Grad-CAM overlays of 3 image(s) written to {cam_dir}" in result.stderr
-    predictions = json.loads(result.stdout)["predictions"]
+    argv = [*[p for p, _ in images], "--weights", trained_run / "best.pt", "--cam", cam_dir, "--json"]
+    args = predict.get_args_parser().parse_args([str(a) for a in [*argv, "--precision", "fp32", "--device", "cpu"]])
+    assert run_cli(predict.main, args) == 0
+    result = capsys.readouterr()
+    assert f"Grad-CAM overlays of 3 image(s) written to {cam_dir}" in result.err
+    predictions = json.loads(result.out)["predictions"]
     for (path, size), prediction in zip(images, predictions):
         overlay_path = cam_dir / f"{path.stem}_cam.png"
         assert prediction["cam"] == str(overlay_path) and overlay_path.is_file()
@@ -204,7 +216,7 @@ def test_heatmap_has_the_image_size_and_follows_the_content(trained_run, tmp_pat
 def test_heatmap_follows_a_salient_patch():
     """A textured patch on a flat background, moved around: the heat moves with it."""
     torch.manual_seed(0)
-    model = build_model(2).eval()
+    model = build_model(2, arch="resnet18").eval()  # Grad-CAM reads layer4 of any ResNet; ResNet18 is 3 times faster
     with torch.no_grad():  # class 0 = the total activation of the last stage, so the evidence is where the texture is
         model.fc.weight.zero_()
         model.fc.weight[0] = 1.0
@@ -241,17 +253,16 @@ def test_heatmap_lands_where_the_crop_came_from():
     assert heatmap[:, :28].max() == 0 and heatmap[:, 119:].max() == 0
 
 
-def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
-    run = shutil.copytree(trained_run, tmp_path / "run")
+def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.pt"))  # the plots' files
     plots = ("curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png")
     for name in plots:
         (run / name).unlink()
-    redraw = [sys.executable, "-m", "ucgrade.report"]
-    result = subprocess.run([*redraw, run], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ucgrade.report", run], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == f"redrew the plots of {run}\n", result.stderr
     for name in plots:
         Image.open(run / name).verify()
-    # no traceback for a folder that is not a finished run
+    # no traceback for a folder that is not a finished run: one line and exit code 2, from the same main
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "config.json").write_text((run / "config.json").read_text())
     (tmp_path / "stopped").mkdir()
@@ -264,8 +275,7 @@ def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
         (tmp_path / "started", "has no evaluated model yet"),
         (tmp_path / "stopped", "has no evaluated model yet"),
     ):
-        result = subprocess.run([*redraw, folder], cwd=ROOT, capture_output=True, text=True)
-        assert (
-            result.returncode == 2 and result.stderr.startswith(f"error: '{folder}' ") and message in result.stderr
-        ), result.stderr
-        assert len(result.stderr.splitlines()) == 1
+        assert run_cli(report.main, [str(folder)]) == 2, folder
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"error: '{folder}' ") and message in captured.err
+        assert len(captured.err.splitlines()) == 1

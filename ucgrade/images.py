@@ -24,8 +24,10 @@ class UnreadableImage(Exception):
 
 
 def files_under(folder):
-    """Every file below folder, nested sub-folders included (hidden ones not), in a stable order.
-    Linked folders are followed, each real folder once, so a link back to a parent cannot loop."""
+    """Every file below folder, nested sub-folders included, in a stable order. Hidden files and folders (names
+    starting with '.': .DS_Store, macOS's ._ copies, .ipynb_checkpoints) are left out silently, as clutter of the
+    operating system or of tools, not the user's images. Linked folders are followed, each real folder once,
+    so a link back to a parent cannot loop."""
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         stat = os.stat(dirpath)
@@ -34,7 +36,7 @@ def files_under(folder):
             continue
         seen.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / name for name in sorted(filenames))
+        found.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
     return found
 
 
@@ -70,8 +72,8 @@ def _is_utf8(path):
 
 
 def is_image_file(path):
-    """An image by its extension, and not a hidden file (such as macOS's ._ copies)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """An image by its extension, in upper or lower case (hidden files are left out by files_under)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 # ----------------------------------------------------------------------------- reading images
