@@ -4,22 +4,27 @@ The runs are real: generated images, qq.py trained for one epoch, its files read
 values are recomputed here from predictions.csv and split.csv, not taken from the code under test.
 """
 
+import contextlib
 import csv
+import io
 import json
 import statistics
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, run_script, train
-from test_metrics import kappa_by_definition
+from conftest import FAST, copy_run, make_folder, train
+from test_metrics import kappa_by_definition, pairwise_auc, pairwise_auc_bounds
 from test_report_cam import Page, assert_self_contained, embedded_pngs
 
+import predict
 import qq
-from ucgrade import data, engine, splits
+from ucgrade import data, engine, files, splits
+from ucgrade import train as training
 from ucgrade.cli import run_cli
 from ucgrade.device import Runtime
 from ucgrade.files import read_csv
+from ucgrade.model import build_model
 from ucgrade.train import make_loaders
 
 ONE_EPOCH = [*FAST, "--epochs", "1", "--precision", "fp32"]  # fp32: no bf16 kernel warm-up in a fresh process
@@ -61,48 +66,122 @@ def graded_data(tmp_path_factory):
     return root
 
 
+def run_and_record(argv):
+    """qq.main in this process: (its terminal output, what train.prepare built for each model it trained).
+
+    Each record holds the model's folder, its training images in the order its dataset has them,
+    and the loss and the sampler that the training epochs used.
+    """
+    made = []
+    prepare = training.prepare
+
+    def recording_prepare(args, image_set, split, *rest):
+        built = prepare(args, image_set, split, *rest)
+        made.append(
+            {
+                "run_dir": split.run_dir,
+                "train": [image_set.relpath(i) for i in split.train],
+                "criterion": built.criterion,
+                "sampler": built.train_loader.sampler.sampler,  # inside the SeededSampler that adds the seeds
+            }
+        )
+        return built
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setattr(training, "prepare", recording_prepare)
+        torch.manual_seed(0)
+        assert train(argv) == 0
+    return out.getvalue(), made
+
+
+def training_counts(rows, class_names):
+    """Images per grade among the training rows of a split.csv."""
+    return np.array([sum(r["subset"] == "train" and r["class"] == name for r in rows) for name in class_names])
+
+
 @pytest.fixture(scope="module")
 def holdout_run(graded_data, module_tmp):
-    """python qq.py with --groups, --class-order and --remission-upto, as a user runs it."""
+    """qq.py with --groups, --class-order, --remission-upto and --balance weights, for three epochs
+    with the learning rate halved every two."""
     out = module_tmp / "holdout"
     out.mkdir()
     groups = write_groups(graded_data, out / "patients.csv")
-    result = run_script(
-        "qq.py",
-        "--data",
-        graded_data,
-        "--out",
-        out,
-        "--groups",
-        groups,
-        "--class-order",
-        "normal,mild,severe",
-        "--remission-upto",
-        "normal",
-        "--balance",
-        "weights",
-        *ONE_EPOCH,
+    schedule = ["--epochs", "3", "--step-size", "2", "--gamma", "0.5", "--lr", "0.001", "--precision", "fp32"]
+    stdout, made = run_and_record(
+        ["--data", graded_data, "--out", out, "--groups", groups, "--class-order", "normal,mild,severe"]
+        + ["--remission-upto", "normal", "--balance", "weights", *FAST, *schedule]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "train", result.stdout
+    return out / "train", stdout, made, groups
 
 
 def test_holdout_keeps_every_patient_on_one_side(holdout_run, graded_data):
-    run, _ = holdout_run
+    run, stdout, _, groups_csv = holdout_run
     split = read_csv(run / "split.csv")
     assert len(split) == 24 and {r["path"] for r in split} == {
         p.relative_to(graded_data).as_posix() for p in graded_data.rglob("*.jpg")
     }
-    assert all(r["group"] for r in split)
+    given = {r["path"]: r["group"] for r in read_csv(groups_csv)}  # the --groups file this test wrote
+    assert {r["path"]: r["group"] for r in split} == given
     assert_no_group_split(split)
     val = [r for r in split if r["subset"] == "val"]
     assert 0 < len(val) < len(split)
     assert {r["class"] for r in val} == {"normal", "mild", "severe"}  # as stratified as the patients allow
-    assert [r["group"] for r in read_csv(run / "predictions.csv")]  # predictions carry the patient too
+    # the predictions are those of the validation images, each with its own patient
+    predictions = read_csv(run / "predictions.csv")
+    assert sorted(r["path"] for r in predictions) == sorted(r["path"] for r in val)
+    assert all(r["group"] == given[r["path"]] for r in predictions)
+    # patients.csv: one row per validation patient, with their images and their worst true grade
+    order = ["normal", "mild", "severe"]
+    patients = {r["group"]: r for r in read_csv(run / "patients.csv")}
+    assert set(patients) == {r["group"] for r in val}
+    for group, row in patients.items():
+        images = [r for r in val if r["group"] == group]
+        assert int(row["images"]) == len(images), group
+        assert row["true"] == max((r["class"] for r in images), key=order.index), group
+    # the report says the check was made, and the run did not print the note for runs without --groups
+    text = " ".join(" ".join(Page((run / "report.html").read_text()).text).split())
+    assert "Checked: no group appears in more than one subset." in text and "appear in more than one" not in text
+    assert "without --groups" not in stdout
+
+
+def test_the_learning_rate_follows_step_lr(holdout_run):
+    run, stdout, _, _ = holdout_run
+    # --lr 0.001 --step-size 2 --gamma 0.5: halved after every second epoch
+    assert [float(r["lr"]) for r in read_csv(run / "history.csv")] == pytest.approx([0.001, 0.001, 0.0005])
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  lr ")[1].split()[0] for line in epoch_lines] == ["0.001", "0.001", "0.0005"]
+
+
+def test_a_resumed_split_with_a_patient_on_both_sides_is_flagged_in_the_report(holdout_run, tmp_path, capsys):
+    """The only way a patient gets onto both sides: a split.csv edited by hand, which --resume takes as it is.
+    The resumed run also goes on with the learning-rate schedule where it stopped."""
+    run, _, _, _ = holdout_run
+    copy = copy_run(run, tmp_path / "run")
+    rows = read_csv(copy / "split.csv")
+    val = [r for r in rows if r["subset"] == "val"]
+    # one image of a validation patient with several, of a grade that keeps other validation images
+    edited = next(
+        r
+        for r in val
+        if sum(v["group"] == r["group"] for v in val) > 1 and sum(v["class"] == r["class"] for v in val) > 1
+    )
+    moved = edited["group"]
+    edited["subset"] = "train"
+    files.write_csv(copy / "split.csv", rows, list(rows[0]))
+    assert train(["--resume", copy, "--epochs", "4"]) == 0
+    assert "without --groups" not in capsys.readouterr().out  # the groups came with the split
+    assert read_csv(copy / "split.csv") == rows  # the run kept the split it was given
+    text = " ".join(" ".join(Page((copy / "report.html").read_text()).text).split())
+    assert f"1 group(s) appear in more than one subset: {moved}." in text
+    assert "no group appears in more than one subset" not in text
+    assert edited["path"] not in {r["path"] for r in read_csv(copy / "predictions.csv")}  # it trained instead
+    lrs = [float(r["lr"]) for r in read_csv(copy / "history.csv")]
+    assert lrs == pytest.approx([0.001, 0.001, 0.0005, 0.0005])
 
 
 def test_class_order_sets_the_grades(holdout_run):
-    run, stdout = holdout_run
+    run, stdout, _, _ = holdout_run
     assert "classes (grade order): normal (10), mild (8), severe (6)" in stdout
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["class_names"] == ["normal", "mild", "severe"]
@@ -121,10 +200,7 @@ def test_class_order_sets_the_grades(holdout_run):
 
 
 def test_remission_block_is_printed_stored_and_right(holdout_run):
-    run, stdout = holdout_run
-    assert "remission (normal) vs active (mild, severe):" in stdout
-    for name in ("sensitivity", "specificity", "ppv", "npv", "auroc"):
-        assert any(line.strip().startswith(name) for line in stdout.splitlines()), name
+    run, stdout, _, _ = holdout_run
     block = json.loads((run / "metrics.json").read_text())["remission"]
     rows = read_csv(run / "predictions.csv")
     active = np.array([r["true"] != "normal" for r in rows])
@@ -134,11 +210,26 @@ def test_remission_block_is_printed_stored_and_right(holdout_run):
     assert block["confusion"] == {"tp": tp, "fn": fn, "tn": tn, "fp": fp}
 
     def ratio(a, b):
-        return None if a + b == 0 else pytest.approx(a / (a + b))
+        return None if a + b == 0 else a / (a + b)
 
-    assert block["sensitivity"] == ratio(tp, fn) and block["specificity"] == ratio(tn, fp)
-    assert block["ppv"] == ratio(tp, fp) and block["npv"] == ratio(tn, fn)
-    assert 0 <= block["auroc"] <= 1
+    expected = {"sensitivity": ratio(tp, fn), "specificity": ratio(tn, fp), "ppv": ratio(tp, fp), "npv": ratio(tn, fn)}
+    for name, value in expected.items():
+        assert block[name] == (None if value is None else pytest.approx(value)), name
+    # the AUROC by its definition: the share of (active, remission) pairs in which the active image has the
+    # higher P(active) = P(mild) + P(severe), ties counting half; predictions.csv rounds the probabilities to
+    # 6 decimals, so pairs closer than that may count either way
+    assert 0 < active.sum() < len(rows)  # both kinds are validated, so the AUROC is defined
+    scores = [float(r["prob:mild"]) + float(r["prob:severe"]) for r in rows]
+    low, high = pairwise_auc_bounds(scores, active, eps=3e-6)
+    assert low - 1e-9 <= block["auroc"] <= high + 1e-9
+    if low == high:  # no pair that close: the definition gives one number
+        assert block["auroc"] == pytest.approx(pairwise_auc(scores, active))
+    # the terminal shows the stored values, one per line under the block's title
+    lines = stdout.splitlines()
+    start = lines.index("remission (normal) vs active (mild, severe):")
+    printed = dict(line.split() for line in lines[start + 1 : start + 6])
+    expected["auroc"] = block["auroc"]
+    assert printed == {name: "n/a" if v is None else f"{v:.3f}" for name, v in expected.items()}
     report = (run / "report.html").read_text()
     assert (
         "Remission (normal) vs active disease (mild, severe)" in report and "notes.txt" in report
@@ -147,10 +238,8 @@ def test_remission_block_is_printed_stored_and_right(holdout_run):
 
 
 def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path, capsys):
-    result = run_script("qq.py", "--data", graded_data, "--out", tmp_path, "--remission-upto", "mayo1", *ONE_EPOCH)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr
+    code, lines = cli_error(["--data", graded_data, "--out", tmp_path, "--remission-upto", "mayo1", *ONE_EPOCH], capsys)
+    assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: --remission-upto 'mayo1' is not one of the grades (mild, normal, severe)")
     assert not any(tmp_path.iterdir())  # nothing written
     code, lines = cli_error(
@@ -274,48 +363,35 @@ def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def cv_run(module_tmp):
-    """python qq.py --folds 3 --groups ..., as a user runs it."""
+    """qq.py --folds 3 --groups ... --balance sampler."""
     tmp = module_tmp / "cv"
     root = make_folder(tmp / "data", {"mild": 7, "moderate": 7, "severe": 7})
     groups = write_groups(root, tmp / "patients.csv")
-    result = run_script(
-        "qq.py",
-        "--data",
-        root,
-        "--out",
-        tmp / "out",
-        "--folds",
-        "3",
-        "--groups",
-        groups,
-        "--remission-upto",
-        "mild",
-        "--balance",
-        "sampler",
-        *ONE_EPOCH,
-        "--cam-examples",
-        "1",
+    stdout, made = run_and_record(
+        ["--data", root, "--out", tmp / "out", "--folds", "3", "--groups", groups, "--remission-upto", "mild"]
+        + ["--balance", "sampler", *ONE_EPOCH, "--cam-examples", "1"]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return tmp / "out" / "train", root, result.stdout
+    return tmp / "out" / "train", root, stdout, made
 
 
-def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run):
-    run, root, _ = cv_run
-    result = run_script("predict.py", root / "mild" / "mild_000.jpg", "--out", run.parent)
-    assert result.returncode == 2 and result.stdout == ""
+def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run, capsys):
+    run, root, _, _ = cv_run
+    image = root / "mild" / "mild_000.jpg"
+    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", str(run.parent)]))
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
     assert (
-        result.stderr
+        captured.err
         == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one "
         f"with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
     )
-    assert (
-        run_script("predict.py", root / "mild" / "mild_000.jpg", "--weights", run / "fold1" / "best.pt").returncode == 0
-    )
+    argv = [str(image), "--weights", str(run / "fold1" / "best.pt")]
+    assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
+    assert "mild_000.jpg" in capsys.readouterr().out  # the fold's model grades it
 
 
 def test_cross_validation_validates_every_image_exactly_once(cv_run):
-    run, root, _ = cv_run
+    run, root, _, _ = cv_run
     everything = {p.relative_to(root).as_posix() for p in root.rglob("*.jpg")}
     validated = []
     fold_of = {}
@@ -355,7 +431,7 @@ def test_cross_validation_validates_every_image_exactly_once(cv_run):
 
 
 def test_cross_validation_scores_the_pooled_predictions(cv_run):
-    run, _, stdout = cv_run
+    run, _, stdout, _ = cv_run
     names = ["mild", "moderate", "severe"]
     pooled = json.loads((run / "metrics.json").read_text())
     rows = read_csv(run / "predictions.csv")
@@ -393,7 +469,7 @@ def test_cross_validation_scores_the_pooled_predictions(cv_run):
 
 
 def test_cross_validation_report_embeds_everything(cv_run):
-    run, _, _ = cv_run
+    run, _, _, _ = cv_run
     page = Page((run / "report.html").read_text())
     assert_self_contained(page)
     pngs = embedded_pngs(page)
@@ -476,30 +552,62 @@ def test_weighted_loss_uses_balanced_class_weights():
     assert criterion(logits, targets).item() == pytest.approx(expected.item())
 
 
-def test_balance_changes_training(tmp_path, capsys):
-    """Same seed, same split, same start: only --balance differs, and the training loss follows it."""
-    root = make_folder(tmp_path / "data", {"mild": 8, "moderate": 3, "severe": 2})
-    losses = {}
-    for balance in ("none", "weights", "sampler"):
-        argv = [
-            "--data",
-            root,
-            "--out",
-            tmp_path,
-            "--name",
-            balance,
-            "--balance",
-            balance,
-            "--freeze-backbone",
-            *ONE_EPOCH,
-            "--cam-examples",
-            "0",
-        ]
-        assert train(argv) == 0
-        assert (
-            "warning: --freeze-backbone without ImageNet weights trains only the last layer" in capsys.readouterr().out
-        )  # --pretrained no
-        losses[balance] = float(read_csv(tmp_path / balance / "history.csv")[0]["train_loss"])
-        assert read_csv(tmp_path / balance / "split.csv") == read_csv(tmp_path / "none" / "split.csv")
-    assert losses["weights"] != pytest.approx(losses["none"], rel=1e-4)
-    assert losses["sampler"] != pytest.approx(losses["none"], rel=1e-4)
+def built_for(image_set, balance):
+    """What train.prepare builds for a ResNet18 on the first 20 % hold-out split of image_set:
+    (the training images' labels, the loss, the sampler inside the loader's SeededSampler)."""
+    args = qq.get_args_parser().parse_args(
+        ["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0", "--arch", "resnet18"]
+    )
+    train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
+    model = build_model(3, None, "resnet18")
+    generator = torch.Generator().manual_seed(0)
+    built = training.prepare(args, image_set, splits.Split(train_idx, val_idx, run_dir=None), model,
+                             Runtime(torch.device("cpu")), generator)  # fmt: skip
+    return np.asarray(image_set.labels)[train_idx], built.criterion, built.train_loader.sampler.sampler
+
+
+def test_balance_builds_the_loss_and_the_sampler_from_the_training_images(imbalanced):
+    _, image_set = imbalanced
+    labels, criterion, sampler = built_for(image_set, "weights")
+    counts = np.bincount(labels, minlength=3)
+    assert counts.tolist() == [19, 6, 3]  # 24, 8, 4 minus the validation images
+    # n / (k * count) over the 28 training images, not over all 36 (which would give 36 / (3 * [24, 8, 4]))
+    assert criterion.weight.tolist() == pytest.approx([28 / (3 * 19), 28 / (3 * 6), 28 / (3 * 3)])
+    assert isinstance(sampler, torch.utils.data.RandomSampler)  # weights or sampler, not both
+    labels, criterion, sampler = built_for(image_set, "sampler")
+    assert criterion.weight is None
+    assert isinstance(sampler, torch.utils.data.WeightedRandomSampler)
+    assert sampler.replacement and sampler.num_samples == 28  # an epoch draws as many images as there are
+    # one weight per training image, in the dataset's order: 1 / (its grade's training images)
+    assert sampler.weights.tolist() == pytest.approx([1 / counts[label] for label in labels])
+    _, criterion, sampler = built_for(image_set, "none")
+    assert criterion.weight is None and isinstance(sampler, torch.utils.data.RandomSampler)
+
+
+def test_a_run_trains_with_the_balance_it_was_given(holdout_run, cv_run):
+    """The loss and the sampler that qq.py's runs trained with, checked against their split.csv."""
+    names = ["normal", "mild", "severe"]
+    run, _, [made], _ = holdout_run  # --balance weights
+    assert made["run_dir"] == run
+    counts = training_counts(read_csv(run / "split.csv"), names)
+    assert made["criterion"].weight.tolist() == pytest.approx(counts.sum() / (3 * counts))
+    assert isinstance(made["sampler"], torch.utils.data.RandomSampler)
+    run, _, _, made = cv_run  # --balance sampler, in each of the 3 folds
+    names = ["mild", "moderate", "severe"]
+    assert [m["run_dir"] for m in made] == [run / f"fold{k}" for k in (1, 2, 3)]
+    for m in made:
+        rows = read_csv(m["run_dir"] / "split.csv")
+        class_of = {r["path"]: r["class"] for r in rows}
+        assert sorted(m["train"]) == sorted(r["path"] for r in rows if r["subset"] == "train")
+        counts = dict(zip(names, training_counts(rows, names)))
+        assert m["criterion"].weight is None
+        assert isinstance(m["sampler"], torch.utils.data.WeightedRandomSampler) and m["sampler"].num_samples == len(
+            m["train"]
+        )
+        assert m["sampler"].weights.tolist() == pytest.approx([1 / counts[class_of[path]] for path in m["train"]])
+
+
+def test_freeze_backbone_without_imagenet_weights_is_warned_about(capsys):
+    args = qq.get_args_parser().parse_args(["--pretrained", "no", "--freeze-backbone"])
+    assert training.initial_weights(args) == (None, "none (random initialisation, --pretrained no)")
+    assert "warning: --freeze-backbone without ImageNet weights trains only the last layer" in capsys.readouterr().out

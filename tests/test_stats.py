@@ -4,6 +4,8 @@ The vectorised metrics are checked against metrics.compute_metrics (scikit-learn
 resamples; the intervals against cases whose answer is known without the code under test.
 """
 
+import collections
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -29,7 +31,7 @@ def predictions(n, num_classes, seed, skill=1.5):
 def assert_same_as_compute_metrics(targets, probs, class_names, weights, remission_upto):
     values = stats.resample_metrics(targets, probs, class_names, weights, remission_upto)
     assert set(values) == set(stats.INTERVAL_METRICS if remission_upto else metrics.SCALARS)
-    undefined = 0
+    undefined = collections.Counter()  # metric name: resamples on which it is undefined
     for b, row in enumerate(weights.astype(int)):
         drawn = np.repeat(np.arange(len(targets)), row)  # the resample as a list of images
         expected = metrics.compute_metrics(targets[drawn], probs[drawn], class_names, remission_upto)
@@ -37,7 +39,7 @@ def assert_same_as_compute_metrics(targets, probs, class_names, weights, remissi
             reference = stats.metric_value(expected, name)
             if reference is None:
                 assert np.isnan(per_resample[b]), (name, b)
-                undefined += 1
+                undefined[name] += 1
             else:
                 assert per_resample[b] == pytest.approx(reference, abs=1e-12), (name, b)
     return undefined
@@ -68,8 +70,12 @@ def test_metrics_undefined_on_a_resample_are_nan_where_compute_metrics_gives_non
     # image or call nothing active
     targets = np.array([0, 0, 0, 1, 1, 1, 1, 2])
     probs = softmax(np.eye(3)[[0, 0, 1, 1, 1, 0, 2, 1]] * 2.0)
-    weights = stats.resample_weights(np.random.default_rng(1), 8, n_resamples=300)
-    assert assert_same_as_compute_metrics(targets, probs, NAMES, weights, "moderate") > 50
+    weights = stats.resample_weights(np.random.default_rng(2), 8, n_resamples=100)
+    undefined = assert_same_as_compute_metrics(targets, probs, NAMES, weights, "moderate")
+    # a resample with one grade only has no AUC; one without the severe image no sensitivity and AUROC;
+    # one that calls nothing active no PPV
+    assert set(undefined) == {"roc_auc_ovr_macro", "remission_sensitivity", "remission_auroc", "remission_ppv"}
+    assert sum(undefined.values()) > 50
 
 
 def test_every_resample_counts_images_as_drawn():
