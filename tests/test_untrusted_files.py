@@ -237,9 +237,9 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
         "qq.py."
     ]
 
-    # fewer epochs than the run has trained cannot be continued; more extend it. The run is an fp16 run from
-    # a GPU, which this CPU goes on with in its own precision and says so, and one written before --select
-    # and --arch were recorded
+    # fewer epochs than the run has trained cannot be continued; more extend it. The run is one written before
+    # --select and --arch were recorded, and an fp16 run from a GPU, which a CPU goes on with in its own
+    # precision, saying so: fp32 here, as on a CPU without native bf16 (the choice is stood in for, on any CPU)
     run = copy_run(trained_run, tmp_path / "extended")
     started = json.loads((run / "config.json").read_text())
     older = {k: v for k, v in started.items() if k not in ("select", "arch")}
@@ -250,24 +250,21 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
         "leave it out."
     ]
     resume = ["--resume", run, "--cam-examples", "0", *CPU]
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
     assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*resume, "--epochs", "4"]])) == 0
-    cpu_choice = choose_precision(torch.device("cpu"), "auto")
-    assert (
-        f"note: the run trained in fp16, which cpu does not run fast; it goes on in {cpu_choice}."
-        in capsys.readouterr().out
-    )
+    assert "note: the run trained in fp16, which cpu does not run fast; it goes on in fp32." in capsys.readouterr().out
     assert len(files.read_csv(run / "history.csv")) == 4
     config = json.loads((run / "config.json").read_text())
     assert (
         config["epochs"] == 4 and config["command"] == started["command"] and config["started"] == started["started"]
     )  # how it began stays
-    assert [r["precision_used"] for r in config["resumed"]] == [cpu_choice]
-    # it goes on in the precision it last used, also where the device's own choice would now be bf16
+    assert [r["precision_used"] for r in config["resumed"]] == ["fp32"]
+    # it goes on in the precision it last used, although the CPU's own choice would now be bf16
     monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: True)
     assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*resume, "--epochs", "5"]])) == 0
     assert "note:" not in capsys.readouterr().out
     resumed = json.loads((run / "config.json").read_text())["resumed"]
-    assert [r["precision_used"] for r in resumed] == [cpu_choice, cpu_choice]
+    assert [r["precision_used"] for r in resumed] == ["fp32", "fp32"]
     monkeypatch.undo()
 
     # the data changed since the run started: one more image of a class
