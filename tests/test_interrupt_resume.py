@@ -427,7 +427,7 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
         ),
         (["--resume", run, "--epochs", "4"], "--epochs cannot change when a cross-validation run is resumed"),
     ]:
-        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv])) == 2
+        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--device", "cpu"]])) == 2
         lines = user_lines(capsys.readouterr().err)
         assert len(lines) == 1 and message in lines[0], lines
 
