@@ -4,7 +4,7 @@ import errno
 
 import pytest
 import torch
-from conftest import FAST, ROOT, run_script, run_scripts, user_lines
+from conftest import FAST, ROOT, run_scripts, user_lines
 
 import predict
 import qq
@@ -33,13 +33,6 @@ INVALID = [
 ]
 if not torch.cuda.is_available():
     INVALID.append((["--device", "cuda"], "--device cuda was asked for, but this machine has no CUDA GPU"))
-
-
-def test_invalid_flag_on_the_command_line(small_data, tmp_path):
-    result = run_script("qq.py", "--data", small_data, "--out", tmp_path / "out", *FAST, "--val-split", "1.5")
-    assert result.returncode == 2
-    assert result.stderr == "error: --val-split must be between 0 and 1, for example 0.2 (got 1.5).\n"
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag, expected", INVALID, ids=[" ".join(flag) for flag, _ in INVALID])
@@ -92,7 +85,7 @@ def test_fp32_on_a_gpu_is_true_fp32(precision, tf32):
 def test_predict_cam_folder_under_a_file_is_one_sentence(trained_run, small_data, capsys):
     image, notes = small_data / "mild" / "mild_000.jpg", small_data / "mild" / "mild_001.jpg"
     args = predict.get_args_parser().parse_args(
-        [str(image), "--weights", str(trained_run / "best.pt"), "--cam", str(notes / "cams")]
+        [str(image), "--weights", str(trained_run / "best.pt"), "--cam", str(notes / "cams"), "--device", "cpu"]
     )
     assert run_cli(predict.main, args) == 2
     captured = capsys.readouterr()
@@ -127,12 +120,15 @@ def test_a_failed_file_operation_is_one_sentence_and_a_closed_pipe_is_left_to_ma
         run_cli(reader_gone, None)
 
 
-def test_a_command_line_mistake_is_one_line_without_the_usage_block():
+def test_a_command_line_mistake_is_one_line_without_the_usage_block(small_data, tmp_path):
+    """The scripts as a user runs them, side by side: argparse's mistakes and a value check_args refuses."""
+    out = tmp_path / "out"
     results = run_scripts(
         ("qq.py", "--select", "worst"),
         ("qq.py", "--epochs", "ten"),
         ("qq.py", "--lerning-rate", "0.01"),
         ("predict.py",),
+        ("qq.py", "--data", small_data, "--out", out, *FAST, "--val-split", "1.5"),
     )
     expected = [  # argparse's own words, which vary a little between Python versions, then ours
         ("error: argument --select: invalid choice: 'worst'", "qq.py"),
@@ -144,3 +140,7 @@ def test_a_command_line_mistake_is_one_line_without_the_usage_block():
         assert result.returncode == 2 and result.stdout == "", result.stderr
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(start), result.stderr
         assert result.stderr.endswith(f"; see python {script} --help.\n"), result.stderr
+    refused = results[-1]
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    assert refused.stderr == "error: --val-split must be between 0 and 1, for example 0.2 (got 1.5).\n"
+    assert not out.exists()

@@ -2,6 +2,8 @@
 files, a diverging loss and running out of memory.
 """
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -14,11 +16,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, make_folder, run_script, run_scripts, train, user_lines
+from conftest import FAST, ROOT, make_folder, train, user_lines
 from PIL import Image
 
 import qq
-from ucgrade import engine, files
+from ucgrade import data, engine, files
 from ucgrade.cli import run_cli
 from ucgrade.model import load_checkpoint
 
@@ -31,6 +33,17 @@ NUMBERS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history co
 @pytest.fixture(scope="module")
 def data24(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("data"), {"mild": 8, "moderate": 8, "severe": 8})
+
+
+@pytest.fixture(scope="module")
+def reference(data24, module_tmp):
+    """The run of RUN never interrupted, on a machine whose free memory cannot hold the decoded images:
+    --cache auto streams them from disk, read in this process (--workers 0). (run folder, what it printed)"""
+    said = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(said):
+        patch.setattr(data, "available_memory_bytes", lambda: 100_000)  # 24 images decoded need ~0.4 MB
+        assert train(["--data", data24, "--out", module_tmp, "--name", "full", *RUN, "--workers", "0"]) == 0
+    return module_tmp / "full", said.getvalue()
 
 
 def history_of(run_dir):
@@ -76,7 +89,7 @@ def interrupt_after_first_epoch(args, run_dir, signum, log_dir, whole_group=Fals
 
 def check_interrupted_run(run_dir, code, seconds, stderr):
     """What an interrupted run must leave behind; returns the number of finished epochs."""
-    assert code != 0 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr
     assert seconds < 20, f"took {seconds:.1f} s to stop"
     message = user_lines(stderr)[-1]
     assert message.startswith("interrupted: training stopped after epoch ") and message.endswith(
@@ -97,33 +110,44 @@ def check_interrupted_run(run_dir, code, seconds, stderr):
     return finished
 
 
+def test_cache_auto_streams_the_images_when_they_do_not_fit(reference):
+    run, said = reference
+    assert any(
+        line.startswith("streaming images from disk (cache auto; decoded they would need ")
+        for line in said.splitlines()
+    ), said
+    assert "decoded images cached in memory" not in said  # the cached run below says so, with its memory
+    assert len(history_of(run)) == EPOCHS and json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.parametrize(
     "loading, resume_flags",
     [([], []), (["--cache", "off", "--workers", "1"], ["--workers", "0"])],
     ids=["cached", "streamed-by-a-worker-then-resumed-without"],
 )
-def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(data24, tmp_path, loading, resume_flags):
+def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(
+    data24, reference, tmp_path, capsys, loading, resume_flags
+):
     run = tmp_path / "out" / "cut"
     code, seconds, stderr = interrupt_after_first_epoch(
         ["--data", data24, "--out", tmp_path / "out", "--name", "cut", *RUN, *loading], run, signal.SIGINT, tmp_path
     )
-    assert code == 130
     assert "SIGINT received: stopping after the current batch" in stderr
     finished = check_interrupted_run(run, code, seconds, stderr)
     before = history_of(run)
 
-    resumed = run_script("qq.py", "--resume", run, *resume_flags)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run} after epoch {finished} of {EPOCHS}" in resumed.stdout
+    assert train(["--resume", run, *resume_flags, "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"resuming {run} after epoch {finished} of {EPOCHS}" in said
+    assert ("decoded images cached in memory" in said) is (not loading)  # the run's --cache, auto or off
     assert os.listdir(tmp_path / "out") == ["cut"]  # the same folder, no new one
     history = history_of(run)
     assert len(history) == EPOCHS and history[:finished] == before
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
-    # the same seed without the interruption, its images cached and no loader process: the same history,
-    # metrics and weights
-    assert train(["--data", data24, "--out", tmp_path / "ref", "--name", "full", *RUN]) == 0
-    reference = tmp_path / "ref" / "full"
+    # the same seed without the interruption, its images streamed in the main process: the same history,
+    # metrics and weights, whatever --cache and --workers were
+    reference = reference[0]
     for epoch, (got, want) in enumerate(zip(history, history_of(reference)), 1):
         for key in NUMBERS:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (epoch, key)
@@ -158,6 +182,65 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_p
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
+def test_a_second_ctrl_c_stops_at_once_and_the_run_is_still_marked_interrupted(data24, tmp_path, capsys, monkeypatch):
+    """Ctrl-C twice, in training and then in the report after the last epoch: the first asks to stop after
+    the batch, or to finish the report; the second stops at once. Each time the run says it was interrupted
+    and resumes; the last resume only evaluates."""
+    run = tmp_path / "out" / "twice"
+    resume = f"Resume with: python qq.py --resume {run}"
+    went_on = []
+
+    def ctrl_c_twice(real):
+        def pressed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the handler raises KeyboardInterrupt here
+            went_on.append(real.__name__)
+            return real(*args, **kwargs)
+
+        return pressed
+
+    def epoch_two_pressed(model, criterion, optimizer, data_loader, runtime, epoch, *rest):
+        step = ctrl_c_twice(real_epoch) if epoch == 2 else real_epoch
+        return step(model, criterion, optimizer, data_loader, runtime, epoch, *rest)
+
+    real_epoch = engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch", epoch_two_pressed)
+    argv = ["--data", data24, "--out", tmp_path / "out", "--name", "twice", *RUN, "--epochs", "2"]
+    assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv])) == 130
+    lines = user_lines(capsys.readouterr().err)
+    assert "SIGINT received: stopping after the current batch (Ctrl-C again stops at once)." in lines, lines
+    assert lines[-1] == (
+        f"interrupted: training stopped after epoch 1 of 2; {run} keeps best.pt, last.pt, history.csv and curves.png "
+        f"of the finished epochs. {resume}"
+    )
+    assert not went_on and len(history_of(run)) == 1 and load_checkpoint(run / "last.pt")["epoch"] == 1
+    status = json.loads((run / "metrics.json").read_text())
+    assert status["status"] == "interrupted" and status["epochs_completed"] == 1
+
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(engine, "measure_inference_time", ctrl_c_twice(engine.measure_inference_time))
+    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--device", "cpu"])) == 130
+    lines = user_lines(capsys.readouterr().err)
+    assert any(line.startswith("SIGINT received: finishing the metrics and the report first, about ") for line in lines)
+    assert lines[-1] == (
+        f"interrupted: training stopped after epoch 2 of 2; {run} keeps best.pt, last.pt, history.csv and curves.png "
+        f"of the finished epochs. {resume}"
+    )
+    assert not went_on and len(history_of(run)) == 2 and not (run / "report.html").exists()
+    status = json.loads((run / "metrics.json").read_text())
+    assert (
+        status["status"] == "interrupted"
+        and status["epochs_completed"] == 2
+        and status["resume"] == f"python qq.py --resume {run}"
+    )
+
+    monkeypatch.undo()
+    assert train(["--resume", run, "--device", "cpu"]) == 0
+    assert f"resuming {run} after epoch 2 of 2" in capsys.readouterr().out
+    assert len(history_of(run)) == 2 and (run / "report.html").is_file()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
 def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp_path):
     run = tmp_path / "out" / "train"
     args = [
@@ -178,31 +261,13 @@ def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp
     check_interrupted_run(run, code, seconds, stderr)
 
 
-def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path):
+def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path, capsys):
     # 1e30: the training loss is nan at the second step. 50: the weights blow up so that the
     # validation loss is nan while the training loss still looks finite.
-    results = run_scripts(
-        *[
-            (
-                "qq.py",
-                "--data",
-                small_data,
-                "--out",
-                tmp_path / f"lr{lr}",
-                *FAST,
-                "--epochs",
-                "3",
-                "--precision",
-                "fp32",
-                "--lr",
-                lr,
-            )
-            for lr in ("1e30", "50")
-        ]
-    )
-    for lr, result in zip(("1e30", "50"), results):
-        lines = user_lines(result.stderr)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    for lr in ("1e30", "50"):
+        argv = ["--data", small_data, "--out", tmp_path / f"lr{lr}", *FAST, "--epochs", "3", "--precision", "fp32"]
+        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--lr", lr]])) == 2
+        lines = user_lines(capsys.readouterr().err)
         assert len(lines) == 1 and "lower the learning rate (for example --lr" in lines[0], lines
         assert (
             "the training loss became nan in epoch 1, batch 2"
@@ -248,6 +313,8 @@ def test_running_out_of_memory_suggests_a_smaller_batch(tmp_path):
         "no",
         "--cam-examples",
         "0",
+        "--device",
+        "cpu",
     ]
     result = subprocess.run([sys.executable, "-c", driver, *map(str, args)], cwd=ROOT, capture_output=True)
     stderr = result.stderr.decode("utf-8", "replace")
@@ -360,11 +427,11 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
         ),
         (["--resume", run, "--epochs", "4"], "--epochs cannot change when a cross-validation run is resumed"),
     ]:
-        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv])) == 2
+        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--device", "cpu"]])) == 2
         lines = user_lines(capsys.readouterr().err)
         assert len(lines) == 1 and message in lines[0], lines
 
-    assert train(["--resume", run]) == 0
+    assert train(["--resume", run, "--device", "cpu"]) == 0
     said = capsys.readouterr().out
     assert (
         "fold 1/2 already finished" in said
