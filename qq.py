@@ -214,7 +214,9 @@ def main(args):
         image_set = data.read_data(args, stop)
         if resumed:
             settings.check_same_data(resumed, image_set)
-        plan = splits.plan(args, image_set, resumed)
+        plan = splits.plan(args, image_set, resumed)  # a resumed run's split names an image that is gone
+        if resumed:
+            settings.check_same_files(resumed, image_set)
         run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")

@@ -304,6 +304,18 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
             "changed, so start a new run instead of resuming."
         ], (change, lines)
         assert (run / "config.json").read_text() == config and (run / "history.csv").read_text() == history
+    # the same files by name, but one edited (here: another image's pixels under its name)
+    data = shutil.copytree(small_data, tmp_path / "edited")
+    (data / "mild" / "mild_003.jpg").write_bytes((data / "severe" / "severe_003.jpg").read_bytes())
+    run = copy_run(trained_run, tmp_path / "edited_run")
+    (run / "config.json").write_text(json.dumps(json.loads((run / "config.json").read_text()) | {"data": str(data)}))
+    config = (run / "config.json").read_text()
+    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    assert code == 2 and lines == [
+        f"error: the usable images in '{data}' changed since the run started: the same files by name, but the "
+        "content of some differs; resuming needs the same data, so start a new run instead."
+    ], lines
+    assert (run / "config.json").read_text() == config and (run / "history.csv").read_text() == history
 
     # a finished run has nothing to resume unless --epochs extends it
     run = copy_run(trained_run, tmp_path / "finished")

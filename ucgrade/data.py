@@ -7,6 +7,7 @@ first pass and listed, instead of failing halfway through an epoch.
 """
 
 import functools
+import hashlib
 import io
 import math
 import os
@@ -56,6 +57,12 @@ class ImageSet:
     labels: list  # class index of each image
     skipped: list = field(default_factory=list)  # (path, reason) of each file not used
     images: list = None  # decoded uint8 CHW tensors, or None when streaming from disk
+    digests: list = None  # SHA-256 of each usable file, taken when it is decoded
+
+    def fingerprint(self):
+        """One SHA-256 of every usable image's path and content: a resumed run checks its data against it."""
+        lines = sorted(f"{self.relpath(i)}\0{digest}\n" for i, digest in enumerate(self.digests))
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
 
     def relpath(self, i):
         return self.paths[i].relative_to(self.root).as_posix()
@@ -199,20 +206,25 @@ def read_images(image_set, resize_size, keep, stop=None):
     Files that fail to decode move from image_set.paths to image_set.skipped with the reason.
     stop() is polled between images so that Ctrl-C stops a long scan promptly.
     """
-    paths, labels, images = [], [], []
+    paths, labels, images, digests = [], [], [], []
     for path, label in zip(tqdm(image_set.paths, desc="reading images", unit="img", leave=False), image_set.labels):
         if stop is not None and stop():
             break
         try:
             image = read_resized(path, resize_size)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()  # from the page cache, just read
         except UnreadableImage as error:
             image_set.skipped.append((path, str(error)))
             continue
+        except OSError as error:  # gone or locked between the decode and this read
+            image_set.skipped.append((path, f"cannot be read ({error.strerror or error})"))
+            continue
         paths.append(path)
         labels.append(label)
+        digests.append(digest)
         if keep:
             images.append(image)
-    image_set.paths, image_set.labels = paths, labels
+    image_set.paths, image_set.labels, image_set.digests = paths, labels, digests
     image_set.images = images if keep else None
     return image_set
 

@@ -152,13 +152,24 @@ def precision_used(config):
 
 
 def check_same_data(config, image_set):
-    """Resuming needs the images the run started with: the same classes with the same counts."""
+    """Resuming needs the images the run started with: the same classes with the same counts (then the split
+    names a missing image; check_same_files finds the rest)."""
     before = ", ".join(f"{n} {c}" for n, c in zip(config["class_names"], config["class_counts"]))
     now = ", ".join(f"{n} {c}" for n, c in zip(image_set.class_names, image_set.class_counts()))
     if before != now:
         raise UserError(
             f"the usable images in '{image_set.root}' changed since the run started (then: {before}; now: {now}); "
             "resuming needs the same data, so start a new run instead."
+        )
+
+
+def check_same_files(config, image_set):
+    """The same files by path and content, which their fingerprint says (a run made before the fingerprint was
+    kept is checked by its counts and split only)."""
+    if config.get("images_sha256", image_set.fingerprint()) != image_set.fingerprint():
+        raise UserError(
+            f"the usable images in '{image_set.root}' changed since the run started: the same files by name, but "
+            "the content of some differs; resuming needs the same data, so start a new run instead."
         )
 
 
@@ -192,6 +203,7 @@ def write_config(args, run_dir, image_set, runtime, weights, resumed=None):
             "weights_source": weights[1],
             "class_names": image_set.class_names,
             "class_counts": image_set.class_counts(),
+            "images_sha256": image_set.fingerprint(),  # of every usable image's path and content: see check_same_data
             "skipped_files": len(image_set.skipped),
             "cached_in_memory": image_set.images is not None,
             "versions": {
