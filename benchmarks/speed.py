@@ -59,6 +59,7 @@ from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+import qq  # noqa: E402
 from ucgrade import data, engine, onnx_export, onnx_grade, train  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
@@ -73,7 +74,6 @@ from ucgrade.device import (  # noqa: E402
     synchronize,
 )
 from ucgrade.model import (  # noqa: E402
-    DEFAULT_ARCH,
     build_model,
     load_checkpoint,
     make_checkpoint,
@@ -382,11 +382,7 @@ def whole_epochs(epochs, n_train, n_images, img_size, ceiling):
 
 def project_args(data_dir, img_size, **overrides):
     """The method's settings, qq.py's defaults, for the images in data_dir at img_size; overrides change them."""
-    settings = argparse.Namespace(
-        data=str(data_dir), arch=DEFAULT_ARCH, class_order=None, remission_upto=None, cache="auto", val_split=0.2,
-        seed=0, img_size=img_size, batch_size=16, workers=-1, lr=0.001, momentum=0.9, step_size=7, gamma=0.1,
-        balance="none", freeze_backbone=False, compile=False, sync_bn=False,
-    )  # fmt: skip
+    settings = qq.get_args_parser().parse_args(["--data", str(data_dir), "--img-size", str(img_size)])
     return argparse.Namespace(**vars(settings) | overrides)
 
 

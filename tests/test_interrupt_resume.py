@@ -290,6 +290,7 @@ def test_running_out_of_memory_suggests_a_smaller_batch(tmp_path):
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         import qq
+        import torch  # noqa: F401  (loaded before the limit is set, as qq.main loads it)
         from ucgrade.cli import run_cli
 
         with open("/proc/self/status") as status:
