@@ -22,6 +22,7 @@ from PIL import Image
 import qq
 from ucgrade import data, engine, files
 from ucgrade.cli import run_cli
+from ucgrade.interrupt import GracefulStop
 from ucgrade.model import load_checkpoint
 
 EPOCHS = 3
@@ -453,3 +454,17 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
     pooled = files.read_csv(run / "predictions.csv")
     assert sorted(r["path"] for r in pooled) == sorted(r["path"] for r in files.read_csv(run / "split.csv"))
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_a_loader_process_hit_before_it_ignores_signals_leaves_the_stop_to_the_run(capfd):
+    """A data loader process is forked with the run's handler and only then ignores signals: a SIGTERM to the
+    whole process group in between must neither print a second "SIGTERM received" nor stop it (seen on an
+    AVX2 CPU, where the loader processes start more slowly). The run's own process handles the signal."""
+    with GracefulStop() as stop:
+        pid = os.fork()
+        if pid == 0:  # the loader process, before its worker_init_fn
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(1 if stop() else 0)
+        _, status = os.waitpid(pid, 0)
+        assert not stop()
+    assert os.WEXITSTATUS(status) == 0 and "SIGTERM received" not in capfd.readouterr().err

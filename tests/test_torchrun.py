@@ -98,15 +98,22 @@ def test_two_processes_write_one_run_with_every_file_and_every_validation_image_
 def test_two_processes_with_sync_bn_train_as_one_process_with_the_same_global_batch(two_and_one):
     """Same images, augmentation seeds, initial weights and global batches, batch norm over the global
     batch, one thread per process: only the order of the floating-point sums across processes differs,
-    which moves the training losses by about 1e-5 relative here (1e-4 allowed). The validation loss
-    moves by about 4e-4 (1e-3 allowed), because each process validates batches of 4 instead of 8 and
-    the running statistics come from GlobalBatchNorm's sums. Per-process batch norm or another batch
-    composition changes them by percents after one epoch."""
+    which moves the first epoch's training loss by about 1e-5 relative (1e-4 allowed). Its validation
+    loss moves by about 4e-4 (1e-3 allowed), because each process validates batches of 4 instead of 8
+    and the running statistics come from GlobalBatchNorm's sums. Per-process batch norm changes the first
+    epoch's training loss by 3% (1.2612 against 1.2245).
+
+    The second epoch is compared by its accuracy and learning rate only: by then this run from random
+    weights is so ill-conditioned that, with an AVX2-only CPU's kernels, the thread count alone moves its
+    loss by 0.2% and the two correct batch norms (torch's, and GlobalBatchNorm's global sums) by 1%, more
+    than per-process batch norm does there (0.65%). (With AVX-512 kernels all three agree to 1e-5.)"""
     two, one, _ = two_and_one
     got, want = read_csv(two / "train" / "history.csv"), read_csv(one / "train" / "history.csv")
     assert len(got) == len(want) == 2
+    for key, tolerance in (("train_loss", 1e-4), ("val_loss", 1e-3)):
+        assert float(got[0][key]) == pytest.approx(float(want[0][key]), rel=tolerance), key
     for a, b in zip(got, want):
-        for key, tolerance in (("train_loss", 1e-4), ("train_acc", 1e-6), ("lr", 1e-9), ("val_loss", 1e-3)):
+        for key, tolerance in (("train_acc", 1e-6), ("lr", 1e-9)):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=tolerance), (a["epoch"], key)
         assert a["val_acc"] == b["val_acc"]
 

@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM ask a run to stop after the current batch, so that what finished is kept."""
 
+import os
 import signal
 import sys
 import threading
@@ -15,8 +16,10 @@ class GracefulStop:
         self.signal_name = None
         self.finishing = None  # what a run is finishing when nothing is left to stop for (the report), or None
         self._previous = {}
+        self._pid = os.getpid()
 
     def __enter__(self):
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -29,6 +32,8 @@ class GracefulStop:
         return False
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a data loader process, forked with this handler, before it ignores signals
+            return  # the run's own process, which got the signal too, stops the run
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name

@@ -203,7 +203,7 @@ def write_config(args, run_dir, image_set, runtime, weights, resumed=None):
             "weights_source": weights[1],
             "class_names": image_set.class_names,
             "class_counts": image_set.class_counts(),
-            "images_sha256": image_set.fingerprint(),  # of every usable image's path and content: see check_same_data
+            "images_sha256": image_set.fingerprint(),  # every usable image's path and content: see check_same_files
             "skipped_files": len(image_set.skipped),
             "cached_in_memory": image_set.images is not None,
             "versions": {
