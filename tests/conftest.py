@@ -72,13 +72,16 @@ def run_script(script, *args, cwd=ROOT, env=None, timeout=600):
 def run_scripts(*commands, cwd=ROOT, timeout=600):
     """Run several commands, each (script, *args), at the same time; their results in order.
 
-    Each process spends seconds importing torch, so running them side by side saves test time.
+    Each process spends seconds importing torch, so running them side by side saves test time. They share
+    the cores instead of each starting a thread per core, which would make them wait for one another.
     The output is decoded without newline translation, so that user_lines() sees the carriage returns.
     """
+    threads = str(max(1, (os.cpu_count() or 1) // len(commands)))
     processes = [
         subprocess.Popen(
             [sys.executable, str(ROOT / script), *map(str, args)],
             cwd=cwd,
+            env=os.environ | {"OMP_NUM_THREADS": threads},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
