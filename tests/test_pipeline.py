@@ -233,7 +233,9 @@ def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run,
         assert prediction["probabilities"] == pytest.approx(probabilities, abs=1e-6)
         assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-5)
         # `probability` is that of the grade, the largest of them
-        assert prediction["probability"] == prediction["probabilities"][grade] == max(probabilities.values())
+        assert (
+            prediction["probability"] == prediction["probabilities"][grade] == max(prediction["probabilities"].values())
+        )
         # predict.py sees an image as the run's evaluation did (the file decoded and cropped anew,
         # one image at a time instead of a cached batch, both in bf16 on this CPU)
         row = predicted.evaluated[image.relative_to(small_data).as_posix()]
