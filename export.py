@@ -207,7 +207,7 @@ def main(args):
     out, out_int8, out_json = output_paths(checkpoint_path, args.out)
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path).eval()
-    sha256 = onnx_export.sha256_of(checkpoint_path)
+    sha256 = files.sha256_of(checkpoint_path)
     metadata = onnx_export.metadata_for(checkpoint, sha256, "fp32", checkpoint_file=checkpoint_path.name)
     class_names, img_size, resize_size = checkpoint["class_names"], checkpoint["img_size"], int(metadata["resize_size"])
     print(

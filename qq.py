@@ -214,7 +214,7 @@ def main(args):
         image_set = data.read_data(args, stop)
         if resumed:
             settings.check_same_data(resumed, image_set)
-        plan = splits.plan(args, image_set, resumed)  # a resumed run's split names an image that is gone
+        plan = splits.plan(args, image_set, resumed)  # before check_same_files, so that a missing image is named
         if resumed:
             settings.check_same_files(resumed, image_set)
         run_dir = settings.run_folder(args, runtime)

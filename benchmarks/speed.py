@@ -60,7 +60,7 @@ from torchvision import datasets, transforms  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import qq  # noqa: E402
-from ucgrade import data, engine, onnx_export, onnx_grade, train  # noqa: E402
+from ucgrade import data, engine, files, onnx_export, onnx_grade, train  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
@@ -481,7 +481,7 @@ def time_inference_side_by_side(checkpoint_path, crops, labels, calibration_crop
     precision = choose_precision(cpu, "auto")
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path).eval()
-    metadata = onnx_export.metadata_for(checkpoint, onnx_export.sha256_of(checkpoint_path), "fp32")
+    metadata = onnx_export.metadata_for(checkpoint, files.sha256_of(checkpoint_path), "fp32")
     start = time.perf_counter()
     fp32_bytes = onnx_export.export_onnx(model, checkpoint, metadata)
     export_s = time.perf_counter() - start

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, run_scripts, user_lines
+from conftest import FAST, grade_with_library, make_folder, run_scripts, user_lines
 from PIL import Image
 
 import predict
@@ -23,8 +23,6 @@ import qq
 from ucgrade import data, engine, files
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
-from ucgrade.device import choose_device, choose_precision
-from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 EXTENSIONS = {  # every extension the README names, some in upper or mixed case as cameras and Windows write them
     "mild/photo.jpeg": "JPEG",
@@ -192,15 +190,6 @@ def test_unusual_images_names_and_sub_folders_are_used(messy, messy_run):
     assert config["class_names"] == ["mild", "moderate", "severe"]  # the empty folder is left out ...
     assert "warning: class folder 'unused' holds no images and is ignored." in user_lines(stdout)  # ... and said so
     assert config["class_counts"] == [sum(p.startswith(c + "/") for p in used) for c in config["class_names"]]
-
-
-def grade_with_library(images, weights):
-    """{path: (grade, probabilities)} from ucgrade.engine.predict_image with the checkpoint, as predict.py on a CPU."""
-    checkpoint = load_checkpoint(weights)
-    model = model_from_checkpoint(checkpoint).eval()
-    device = choose_device("cpu")
-    precision = choose_precision(device, "auto")
-    return {str(path): engine.predict_image(path, model, checkpoint, device, precision) for path in images}
 
 
 def assert_graded_as_the_library(predictions, expected):

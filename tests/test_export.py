@@ -75,7 +75,7 @@ def test_export_writes_checked_models_that_describe_themselves(run, exported):
     assert int8["calibration_images"] == n_train and int8["against_fp32"]["images"] == n_val
     for model in (figures["fp32"], int8):
         assert 0 <= model["accuracy"] <= 1 and "qwk" in model
-    assert figures["checkpoint_sha256"] == onnx_export.sha256_of(run / "best.pt")
+    assert figures["checkpoint_sha256"] == files.sha256_of(run / "best.pt")
 
     for name, precision in (("model.onnx", "fp32"), ("model.int8.onnx", "int8")):
         model = onnx.load(str(run / name))

@@ -15,6 +15,7 @@ import qq
 from ucgrade import report
 from ucgrade.cli import run_cli
 from ucgrade.data import read_groups, scan_folder
+from ucgrade.files import read_csv
 
 
 def refused(argv, capsys, monkeypatch):
@@ -84,6 +85,21 @@ def test_an_image_without_a_group_is_named_before_any_image_is_decoded(tmp_path,
         "each (paths relative to --data)."
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_will_not_decode_needs_no_group(tmp_path, capsys):
+    """A groups file made from a run's split.csv leaves out the files that run skipped: they are skipped again."""
+    data = make_folder(tmp_path / "data", {"mild": 4, "moderate": 4})
+    groups = tmp_path / "groups.csv"
+    rows = [f"{p.relative_to(data).as_posix()},patient {k}" for k, p in enumerate(sorted(data.rglob("*.jpg")))]
+    groups.write_text("path,group\n" + "\n".join(rows) + "\n")
+    (data / "mild" / "broken.jpg").write_bytes(b"not a JPEG")  # no row in the groups file
+    argv = ["--data", data, "--out", tmp_path / "out", "--groups", groups, *FAST, "--epochs", "1", "--val-split", "0.5"]
+    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
+    assert code == 0, capsys.readouterr().err
+    assert "has no group" not in capsys.readouterr().err
+    skipped = read_csv(tmp_path / "out" / "train" / "skipped.csv")
+    assert [row["path"] for row in skipped] == [str(data / "mild" / "broken.jpg")]
 
 
 @pytest.mark.parametrize("separator", [";", "\t"])

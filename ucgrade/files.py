@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -89,6 +90,15 @@ def read_csv(path):
 
     with open(path, newline="", encoding="utf-8") as f:
         return [{unescape(k): unescape(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def sha256_of(path):
+    """The SHA-256 of a file's bytes, read in blocks: a checkpoint's, or an image's for a run's fingerprint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_status(run_dir):

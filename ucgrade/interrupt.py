@@ -16,7 +16,6 @@ class GracefulStop:
         self.signal_name = None
         self.finishing = None  # what a run is finishing when nothing is left to stop for (the report), or None
         self._previous = {}
-        self._pid = os.getpid()
 
     def __enter__(self):
         self._pid = os.getpid()

@@ -7,7 +7,6 @@ normalisation then lives in the graph with the constants of the checkpoint, wher
 it wrong. The metadata carries what onnx_grade needs to name the outputs (onnx_grade.METADATA_KEYS).
 """
 
-import hashlib
 import io
 import json
 import tempfile
@@ -37,14 +36,6 @@ QUANTISATION = (
     "ONNX Runtime static quantisation: QDQ, per-channel int8 weights (7-bit range), uint8 activations, MinMax"
 )
 BATCH_SIZE = 16
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the run's images

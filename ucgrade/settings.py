@@ -166,7 +166,8 @@ def check_same_data(config, image_set):
 def check_same_files(config, image_set):
     """The same files by path and content, which their fingerprint says (a run made before the fingerprint was
     kept is checked by its counts and split only)."""
-    if config.get("images_sha256", image_set.fingerprint()) != image_set.fingerprint():
+    kept = config.get("images_sha256")
+    if kept is not None and kept != image_set.fingerprint():
         raise UserError(
             f"the usable images in '{image_set.root}' changed since the run started: the same files by name, but "
             "the content of some differs; resuming needs the same data, so start a new run instead."

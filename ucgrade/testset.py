@@ -9,7 +9,6 @@ A cross-validation run folder grades with each fold's model, and the mean of the
 (an ensemble) is what the report scores; each model's own figures are in metrics.json and the report.
 """
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -178,10 +177,6 @@ def in_batches(function, crops):
 # ----------------------------------------------------------------------------- leakage
 
 
-def file_hash(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def training_files(graders):
     """(paths of the images the models trained on, or None when the run's split.csv or data are not at hand)."""
     paths = set()
@@ -202,8 +197,8 @@ def leaked_images(test_set, graders):
     train = training_files(graders)
     if train is None:
         return [], False
-    hashes = {file_hash(p) for p in train if p.is_file()}
-    return [test_set.relpath(i) for i, p in enumerate(test_set.paths) if file_hash(p) in hashes], True
+    hashes = {files.sha256_of(p) for p in train if p.is_file()}
+    return [test_set.relpath(i) for i, p in enumerate(test_set.paths) if files.sha256_of(p) in hashes], True
 
 
 # ----------------------------------------------------------------------------- the evaluation
