@@ -124,6 +124,15 @@ def user_lines(stream):
     return [line for line in lines if line]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory, request):
+    """A passing suite leaves nothing in the temp folder (issue 13), not even the small data folders that
+    fixtures share; a failing one keeps them, beside the folders of the failed tests, to look into."""
+    yield
+    if request.session.testsfailed == 0:
+        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def isolated_torch_home(tmp_path_factory, monkeypatch):
     """Every test gets an empty torch hub cache, so no test depends on downloaded weights."""
