@@ -14,9 +14,8 @@ import torch
 from conftest import FAST, ROOT, run_script, run_scripts, train, user_lines
 
 import export
-import predict
 from ucgrade import device, files, onnx_export, onnx_grade
-from ucgrade.cli import run_cli
+from ucgrade.cli import PRECISIONS, UserError, run_cli
 
 # What a grading-only install (requirements-predict.txt) lacks: importing any of these fails.
 NOT_INSTALLED = ("torch", "torchvision", "matplotlib", "sklearn", "scipy", "tqdm", "onnx")
@@ -222,8 +221,14 @@ def test_export_refuses_a_model_that_disagrees_beyond_the_tolerance(run, tmp_pat
     assert not out.exists()
 
 
-def test_predict_py_knows_the_precisions_without_importing_torch():
-    assert predict.PRECISIONS == device.PRECISIONS
+def test_every_precision_the_scripts_offer_is_one_the_device_code_handles():
+    """qq.py and predict.py offer cli.PRECISIONS (known without torch); device.choose_precision takes each."""
+    cpu = torch.device("cpu")
+    assert set(PRECISIONS) == {"auto", "fp32", "bf16", "fp16"}
+    assert device.choose_precision(cpu, "auto") in ("fp32", "bf16")
+    assert [device.choose_precision(cpu, name) for name in ("fp32", "bf16")] == ["fp32", "bf16"]
+    with pytest.raises(UserError, match="fp16 is for GPUs"):
+        device.choose_precision(cpu, "fp16")
 
 
 def test_the_exported_graph_normalises_like_training(run):

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from . import distributed
-from .cli import PRECISIONS, UserError  # noqa: F401  (PRECISIONS: device.PRECISIONS, as before)
+from .cli import UserError
 
 
 def choose_device(name="auto"):
