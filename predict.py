@@ -236,7 +236,7 @@ def torch_grader(weights, args, cam_dir):
     """(class names, grade(path), write_cam(path, grade, file) or None) of a .pt checkpoint, on --device."""
     try:
         from ucgrade.device import choose_device, choose_precision
-        from ucgrade.engine import predict_image
+        from ucgrade.engine import load_for_prediction, predict_crop
         from ucgrade.model import load_checkpoint, model_from_checkpoint
     except ImportError as error:  # a grading-only install (requirements-predict.txt) has no torch
         raise UserError(
@@ -254,15 +254,14 @@ def torch_grader(weights, args, cam_dir):
         check_folder_path(cam_dir, "--cam")
 
     from ucgrade import ood
-    from ucgrade.engine import load_for_prediction
 
     scorer = ood.scorer(model, checkpoint, device, precision)
 
-    def grade(path):
-        grade, probabilities = predict_image(path, model, checkpoint, device, precision)
+    def grade(path):  # the image decoded once, for the grade and for its out-of-distribution score
+        image = load_for_prediction(path, checkpoint["img_size"], checkpoint.get("resize_size"))
+        grade, probabilities = predict_crop(image, model, checkpoint, device, precision)
         if scorer is None:
             return grade, probabilities, None
-        image = load_for_prediction(path, checkpoint["img_size"], checkpoint.get("resize_size"))
         score = float(scorer.scores(image)[0])
         return grade, probabilities, {"out_of_distribution": score > scorer.threshold, "ood_score": score}
 

@@ -195,8 +195,14 @@ def predict_image(image_path, model, checkpoint, device=torch.device("cpu"), pre
     The image is preprocessed as the checkpoint records (EXIF orientation, RGB, resize, centre crop,
     normalisation), exactly as the run's validation did.
     """
-    model.eval()
     image = load_for_prediction(image_path, checkpoint["img_size"], checkpoint.get("resize_size"))
+    return predict_crop(image, model, checkpoint, device, precision)
+
+
+@torch.inference_mode()
+def predict_crop(image, model, checkpoint, device=torch.device("cpu"), precision="fp32"):
+    """predict_image of an image already preprocessed by load_for_prediction (a uint8 1 x 3 x S x S tensor)."""
+    model.eval()
     with autocast(device, precision):
         logits = model(
             to_input(image, device, checkpoint.get("mean", IMAGENET_MEAN), checkpoint.get("std", IMAGENET_STD))
