@@ -591,9 +591,9 @@ def metric_rows(metrics, names, meanings):
     """Rows of a metrics table: label, value, its 95% CI when metrics has intervals, and the meaning."""
     with_ci = "intervals" in metrics
     return [
-        [LABELS[name.removeprefix("remission_")], fmt(stats.metric_value(metrics, name))]
+        [LABELS[_key(name)], fmt(stats.metric_value(metrics, name))]
         + ([ci_text(metrics, name)] if with_ci else [])
-        + [meanings[name.removeprefix("remission_")]]
+        + [meanings[_key(name)]]
         for name in names
     ]
 
@@ -924,7 +924,7 @@ def cams_html(cams):
 
 
 def _label(name):
-    return "remission " + LABELS[name.removeprefix("remission_")] if name.startswith("remission_") else LABELS[name]
+    return "remission " + LABELS[_key(name)] if name.startswith("remission_") else LABELS[name]
 
 
 def cv_report(run_dir, summary_table, pooled, failed=()):
