@@ -163,9 +163,8 @@ def scan_folder(root, class_order=None):
         below, above = max(n for n in class_names if n < inner[0]), min(n for n in class_names if n > inner[0])
         raise UserError(
             f"the class folder '{inner[0]}' in '{root}' holds no images, and leaving out a grade between '{below}' "
-            f"and '{above}' would make "
-            "QWK and MAE count those two as neighbours; add its images, or remove the folder to grade on a scale "
-            "without it."
+            f"and '{above}' would make QWK and MAE count those two as neighbours; add its images, or remove the "
+            "folder to grade on a scale without it."
         )
     return ImageSet(root, class_names, paths, labels, skipped), empty
 
