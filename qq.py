@@ -143,7 +143,7 @@ def get_args_parser():
 
 def check_args(args):
     """Reject impossible settings before any work starts."""
-    from ucgrade import data, distributed
+    from ucgrade import distributed, groups
 
     checks = [
         (args.epochs >= 1, f"--epochs must be at least 1 (got {args.epochs})"),
@@ -193,7 +193,7 @@ def check_args(args):
         if value and not Path(value).is_file():
             raise UserError(f"{flag} file '{value}' does not exist; check the path.")
     if args.groups and not args.resume:
-        data.read_group_file(args.groups)  # its format, before any image is read
+        groups.read_group_file(args.groups)  # its format, before any image is read
     if isinstance(args.class_order, str):
         args.class_order = [name.strip() for name in args.class_order.split(",") if name.strip()]
 

@@ -80,7 +80,7 @@ from ucgrade.model import (  # noqa: E402
     model_from_checkpoint,
     save_checkpoint,
 )
-from ucgrade.splits import Split  # noqa: E402
+from ucgrade.splits import Split, split_holdout  # noqa: E402
 
 FORWARD_GFLOP_224 = 8.2  # ResNet50 forward pass at 224 px: 4.1 G multiply-adds
 TRAIN_STEP_FACTOR = 3  # forward + backward (gradients of the activations and of the weights)
@@ -666,7 +666,7 @@ def run_benchmark(args, data_dir, device, precision):
     run_args = project_args(data_dir, args.img_size, **the_benchmarks(args))
     with Part(device) as part:
         image_set = data.read_data(run_args)
-    train, val = data.split_holdout(image_set.labels, run_args.val_split, run_args.seed)
+    train, val = split_holdout(image_set.labels, run_args.val_split, run_args.seed)
     split = Split(train, val, run_dir=None)
     n_images, cached = len(train) + len(val), image_set.images is not None
     results["data"] = {

@@ -20,7 +20,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import data, engine, files
+from ucgrade import data, engine, files, splits
 from ucgrade.cam import cam_overlay
 from ucgrade.cli import run_cli
 from ucgrade.engine import predict_image
@@ -150,15 +150,15 @@ def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data
 
 def test_split_is_stratified_disjoint_and_seeded():
     labels = [0] * 50 + [1] * 30 + [2] * 11
-    train, val = data.split_holdout(labels, 0.2, seed=3)
+    train, val = splits.split_holdout(labels, 0.2, seed=3)
     assert set(train).isdisjoint(val) and len(train) + len(val) == len(labels)
     counts = np.bincount(np.array(labels)[val])
     assert counts.tolist() == [10, 6, 2]  # round(0.2 * n) per class
-    again_train, again_val = data.split_holdout(labels, 0.2, seed=3)
+    again_train, again_val = splits.split_holdout(labels, 0.2, seed=3)
     assert again_val.tolist() == val.tolist() and again_train.tolist() == train.tolist()
-    assert data.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
+    assert splits.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
     # tiny classes still get one image on each side
-    train, val = data.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
+    train, val = splits.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
     assert sorted(np.array([0, 0, 1, 1, 1])[val].tolist()) == [0, 1]
 
 
