@@ -20,7 +20,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import data, engine, files, splits
+from ucgrade import data, engine, files, presets, splits
 from ucgrade.cam import cam_overlay
 from ucgrade.cli import run_cli
 from ucgrade.engine import predict_image
@@ -181,17 +181,17 @@ def test_split_csv_matches_seed(runs):
 def test_validation_transform_is_deterministic_and_matches_prediction(tmp_path):
     path = make_folder(tmp_path, {"mild": 1}, size=150) / "mild" / "mild_000.jpg"
     Image.open(path).resize((150, 110)).save(path)  # not square
-    cached = data.read_resized(path, data.resize_size_for(96))
-    crop = data.val_transform(96)
+    cached = data.read_resized(path, presets.resize_size_for(96))
+    crop = presets.val_transform(96)
     first, second = crop(cached), crop(cached)
     assert torch.equal(first, second) and first.shape == (3, 96, 96)
     # the cache path used in validation and the file path used by predict.py give the same pixels
-    assert torch.equal(first, data.eval_transform(96)(data.load_image(path)))
+    assert torch.equal(first, presets.eval_transform(96)(data.load_image(path)))
 
 
 def test_training_transform_is_random():
     image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
-    transform = data.train_transform(64)
+    transform = presets.train_transform(64)
     views = [transform(image) for _ in range(4)]
     assert all(v.shape == (3, 64, 64) for v in views)
     assert not all(torch.equal(views[0], v) for v in views[1:])

@@ -19,7 +19,7 @@ from test_report_cam import Page, assert_self_contained, embedded_pngs
 
 import predict
 import qq
-from ucgrade import data, engine, files, splits
+from ucgrade import data, engine, files, presets, splits
 from ucgrade import train as training
 from ucgrade.cli import run_cli
 from ucgrade.device import Runtime
@@ -510,7 +510,7 @@ def test_cross_validation_report_embeds_everything(cv_run):
 def imbalanced(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("imbalanced"), {"mild": 24, "moderate": 8, "severe": 4})
     image_set, _ = data.scan_folder(root)
-    data.read_images(image_set, data.resize_size_for(64), keep=True)
+    data.read_images(image_set, presets.resize_size_for(64), keep=True)
     return root, image_set
 
 

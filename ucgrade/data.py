@@ -2,11 +2,10 @@
 
 Images are decoded once, before training starts. Each one is resized so that its shorter side is
 `resize_size` (256 for a 224 crop) and kept in memory as uint8. Training crops and flips from that
-cache; validation and prediction take the centre crop. Files that cannot be used are found in this
-first pass and listed, instead of failing halfway through an epoch.
+cache; validation and prediction take the centre crop (the transforms are presets.py's). Files that
+cannot be used are found in this first pass and listed, instead of failing halfway through an epoch.
 """
 
-import functools
 import hashlib
 import math
 import os
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
@@ -42,9 +40,7 @@ from .images import (  # noqa: F401
     resize_shorter_side,
     to_chw,
 )
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .presets import resize_size_for
 
 
 @dataclass
@@ -73,11 +69,6 @@ class ImageSet:
 
 
 # ----------------------------------------------------------------------------- reading images
-
-
-def resize_size_for(img_size):
-    """The shorter side to resize to before a centre crop of img_size (256 for 224, as for ImageNet)."""
-    return int(round(img_size * 256 / 224))
 
 
 def read_resized(path, resize_size):
@@ -230,45 +221,7 @@ def read_images(image_set, resize_size, keep, stop=None):
     return image_set
 
 
-# ----------------------------------------------------------------------------- transforms and loaders
-
-
-def train_transform(img_size):
-    """Random crop and flip of a cached uint8 tensor."""
-    return v2.Compose([v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip()])
-
-
-def val_transform(img_size):
-    """The centre crop of a cached, already resized uint8 tensor: the same pixels as eval_transform."""
-    return v2.CenterCrop(img_size)
-
-
-def eval_transform(img_size, resize_size=None):
-    """The one evaluation preprocessing: PIL image -> resize -> centre crop -> uint8 tensor.
-
-    It is images.preprocess, which the torch-free ONNX grader uses too. Validation takes the same
-    centre crop of the cached, already resized tensor, which gives the same pixels; normalize() then
-    maps either to the model's input. A checkpoint stores both sizes.
-    """
-    resize_size = resize_size or resize_size_for(img_size)
-    return functools.partial(_preprocess_tensor, img_size=img_size, resize_size=resize_size)
-
-
-def _preprocess_tensor(image, img_size, resize_size):
-    return torch.from_numpy(preprocess(image, img_size, resize_size))
-
-
-@functools.lru_cache(maxsize=8)
-def _mean_std(device, mean, std):
-    # made once per device: a fresh tensor per batch would be a blocking host-to-GPU copy each step
-    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-
-def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 (N, 3, H, W) on any device -> normalised float32 in channels_last."""
-    mean, std = _mean_std(images.device, tuple(mean), tuple(std))
-    images = images.float().div_(255).sub_(mean).div_(std)
-    return images.contiguous(memory_format=torch.channels_last)
+# ----------------------------------------------------------------------------- datasets and loaders
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ from . import files
 from .cli import UserError
 from .groups import read_groups
 
-VAL_SPLIT_DEFAULT = 0.2  # qq.py's default; another value given with --folds gets a note
+VAL_SPLIT_DEFAULT = 0.2  # qq.py's --val-split; another value given with --folds gets a note
 
 
 @dataclass
