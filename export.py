@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ucgrade import files, onnx_export, onnx_grade
 from ucgrade.cli import ArgumentParser, UserError, main_entry
+from ucgrade.metrics import fmt
 from ucgrade.model import load_checkpoint, model_from_checkpoint
 
 INT8_AGREEMENT_TARGET = 0.98  # issue 11: the int8 model agrees with fp32 on at least 98% of validation images
@@ -110,10 +111,6 @@ def output_paths(checkpoint_path, out):
 
 def percent(share):
     return f"{share:.1%}"
-
-
-def number(value):
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def read_validation_images(val_items, img_size, resize_size):
@@ -238,9 +235,9 @@ def main(args):
     models = [("fp32", fp32)] + ([("int8", record["int8"])] if args.int8 else [])
     print(
         f"validation ({len(val.crops)} images): accuracy "
-        + ", ".join(f"{name} {number(figures['accuracy'])}" for name, figures in models)
+        + ", ".join(f"{name} {fmt(figures['accuracy'])}" for name, figures in models)
         + "; QWK "
-        + ", ".join(f"{name} {number(figures['qwk'])}" for name, figures in models)
+        + ", ".join(f"{name} {fmt(figures['qwk'])}" for name, figures in models)
     )
     files.write_json(out_json, record)
     print(f"figures written to {out_json}")

@@ -20,7 +20,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import data, engine, files
+from ucgrade import data, engine, files, presets
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
 
@@ -287,11 +287,11 @@ def test_exif_orientation_is_applied_in_training_and_prediction_alike(tmp_path):
     assert upright.shape == (90, 60, 3)
     assert np.abs(upright[5:40].mean((0, 1)) - RED).max() < 10 and np.abs(upright[50:85].mean((0, 1)) - BLUE).max() < 10
 
-    cached = data.read_resized(path, data.resize_size_for(64))  # training and validation start from this
+    cached = data.read_resized(path, presets.resize_size_for(64))  # training and validation start from this
     assert cached.shape[1] > cached.shape[2]  # portrait
     assert cached[0, :10].float().mean() > 180 and cached[2, -10:].float().mean() > 180  # red top, blue bottom
     predicted = engine.load_for_prediction(path, 64)[0]  # what predict.py feeds the model
-    assert torch.equal(data.val_transform(64)(cached), predicted)
+    assert torch.equal(presets.val_transform(64)(cached), predicted)
 
 
 def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):

@@ -232,7 +232,7 @@ def test_every_precision_the_scripts_offer_is_one_the_device_code_handles():
 
 
 def test_the_exported_graph_normalises_like_training(run):
-    """GradingGraph's arithmetic is data.normalize's: the same probabilities from the same uint8 crops."""
+    """GradingGraph's arithmetic is presets.normalize's: the same probabilities from the same uint8 crops."""
     from ucgrade.model import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(run / "best.pt")

@@ -14,8 +14,9 @@ import predict
 import qq
 from ucgrade import report
 from ucgrade.cli import run_cli
-from ucgrade.data import read_groups, scan_folder
+from ucgrade.data import scan_folder
 from ucgrade.files import read_csv
+from ucgrade.groups import read_groups
 
 
 def refused(argv, capsys, monkeypatch):

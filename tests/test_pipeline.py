@@ -20,7 +20,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import data, engine, files
+from ucgrade import data, engine, files, presets, splits
 from ucgrade.cam import cam_overlay
 from ucgrade.cli import run_cli
 from ucgrade.engine import predict_image
@@ -150,15 +150,15 @@ def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data
 
 def test_split_is_stratified_disjoint_and_seeded():
     labels = [0] * 50 + [1] * 30 + [2] * 11
-    train, val = data.split_holdout(labels, 0.2, seed=3)
+    train, val = splits.split_holdout(labels, 0.2, seed=3)
     assert set(train).isdisjoint(val) and len(train) + len(val) == len(labels)
     counts = np.bincount(np.array(labels)[val])
     assert counts.tolist() == [10, 6, 2]  # round(0.2 * n) per class
-    again_train, again_val = data.split_holdout(labels, 0.2, seed=3)
+    again_train, again_val = splits.split_holdout(labels, 0.2, seed=3)
     assert again_val.tolist() == val.tolist() and again_train.tolist() == train.tolist()
-    assert data.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
+    assert splits.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
     # tiny classes still get one image on each side
-    train, val = data.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
+    train, val = splits.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
     assert sorted(np.array([0, 0, 1, 1, 1])[val].tolist()) == [0, 1]
 
 
@@ -181,17 +181,17 @@ def test_split_csv_matches_seed(runs):
 def test_validation_transform_is_deterministic_and_matches_prediction(tmp_path):
     path = make_folder(tmp_path, {"mild": 1}, size=150) / "mild" / "mild_000.jpg"
     Image.open(path).resize((150, 110)).save(path)  # not square
-    cached = data.read_resized(path, data.resize_size_for(96))
-    crop = data.val_transform(96)
+    cached = data.read_resized(path, presets.resize_size_for(96))
+    crop = presets.val_transform(96)
     first, second = crop(cached), crop(cached)
     assert torch.equal(first, second) and first.shape == (3, 96, 96)
     # the cache path used in validation and the file path used by predict.py give the same pixels
-    assert torch.equal(first, data.eval_transform(96)(data.load_image(path)))
+    assert torch.equal(first, presets.eval_transform(96)(data.load_image(path)))
 
 
 def test_training_transform_is_random():
     image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
-    transform = data.train_transform(64)
+    transform = presets.train_transform(64)
     views = [transform(image) for _ in range(4)]
     assert all(v.shape == (3, 64, 64) for v in views)
     assert not all(torch.equal(views[0], v) for v in views[1:])

@@ -15,7 +15,7 @@ from conftest import ROOT, make_folder
 from PIL import Image
 
 import predict
-from ucgrade import data, report
+from ucgrade import presets, report
 from ucgrade.cam import cam_on_original, cam_overlay, grad_cam
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
@@ -225,7 +225,7 @@ def test_heatmap_follows_a_salient_patch():
     for x, y in ((60, 30), (190, 150), (60, 150)):
         image = np.full((240, 300, 3), 120, dtype=np.uint8)
         image[y : y + 56, x : x + 56] = texture
-        crop = data.eval_transform(224)(Image.fromarray(image)).unsqueeze(0)
+        crop = presets.eval_transform(224)(Image.fromarray(image)).unsqueeze(0)
         cams, classes = grad_cam(model, crop)
         heatmap = cam_on_original(cams[0], (300, 240), 224)
         assert classes == [0] and heatmap.shape == (240, 300)
@@ -241,7 +241,7 @@ def test_heatmap_lands_where_the_crop_came_from():
     image = np.zeros((height, width, 3), dtype=np.uint8)
     mark_x, mark_y = 100, 30  # inside the centre crop, off centre in both directions
     image[mark_y - 2 : mark_y + 3, mark_x - 2 : mark_x + 3] = 255
-    crop = data.eval_transform(img_size)(Image.fromarray(image))[0].numpy().astype(float)
+    crop = presets.eval_transform(img_size)(Image.fromarray(image))[0].numpy().astype(float)
     cy, cx = np.unravel_index(crop.argmax(), crop.shape)
     cam = np.zeros((img_size, img_size))
     cam[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = 1

@@ -19,11 +19,12 @@ from test_report_cam import Page, assert_self_contained, embedded_pngs
 
 import predict
 import qq
-from ucgrade import data, engine, files, splits
+from ucgrade import data, engine, files, presets, splits
 from ucgrade import train as training
 from ucgrade.cli import run_cli
 from ucgrade.device import Runtime
 from ucgrade.files import read_csv
+from ucgrade.groups import read_groups
 from ucgrade.model import build_model
 from ucgrade.train import make_loaders
 
@@ -291,7 +292,7 @@ def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(
     graded_data, tmp_path, capsys, val_split, note
 ):
     image_set, _ = data.scan_folder(graded_data)
-    groups = data.read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
+    groups = read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
     args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", str(val_split)])
     [(train, val)] = splits.new_split(args, image_set, groups)
     n_splits = {0.2: 5, 0.3: 3, 0.6: 2}[val_split]
@@ -316,7 +317,7 @@ def test_groups_file_with_windows_paths_works_and_unknown_rows_are_named(graded_
     posix = write_groups(graded_data, tmp_path / "patients.csv")
     windows = tmp_path / "patients_windows.csv"
     windows.write_text(posix.read_text().replace("/", "\\") + "mild\\ghost.jpg,p1\nnormal/notes.txt,p2\n")
-    assert data.read_groups(windows, image_set) == data.read_groups(posix, image_set)
+    assert read_groups(windows, image_set) == read_groups(posix, image_set)
     out = capsys.readouterr().out
     assert (
         f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left "
@@ -509,7 +510,7 @@ def test_cross_validation_report_embeds_everything(cv_run):
 def imbalanced(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("imbalanced"), {"mild": 24, "moderate": 8, "severe": 4})
     image_set, _ = data.scan_folder(root)
-    data.read_images(image_set, data.resize_size_for(64), keep=True)
+    data.read_images(image_set, presets.resize_size_for(64), keep=True)
     return root, image_set
 
 
@@ -517,7 +518,7 @@ def drawn_labels(image_set, balance, epochs=40):
     args = qq.get_args_parser().parse_args(
         ["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0"]
     )
-    train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
+    train_idx, val_idx = splits.split_holdout(image_set.labels, 0.2, seed=0)
     model = torch.nn.Module()  # make_loaders only needs a model for --freeze-backbone
     generator = torch.Generator().manual_seed(0)
     split = splits.Split(train_idx, val_idx, run_dir=None)
@@ -559,7 +560,7 @@ def built_for(image_set, balance):
     args = qq.get_args_parser().parse_args(
         ["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0", "--arch", "resnet18"]
     )
-    train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
+    train_idx, val_idx = splits.split_holdout(image_set.labels, 0.2, seed=0)
     model = build_model(3, None, "resnet18")
     generator = torch.Generator().manual_seed(0)
     built = training.prepare(args, image_set, splits.Split(train_idx, val_idx, run_dir=None), model,

@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .cli import RunInterrupted, UserError
-from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
+from .data import load_image
 from .device import autocast, make_grad_scaler, synchronize
+from .presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalize
 
 
 def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):

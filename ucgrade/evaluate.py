@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import data, engine, evidence, files, metrics, ood, report
+from . import data, engine, evidence, files, metrics, ood, presets, report
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
 from .distributed import barrier, shard
@@ -34,14 +34,14 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report."""
     barrier(runtime)  # process 0 has written best.pt
     model.load_state_dict(load_checkpoint(split.run_dir / "best.pt")["model"])
-    resize = data.resize_size_for(args.img_size)
-    val_share = data.ImageDataset(image_set, shard(split.val, runtime), data.val_transform(args.img_size), resize)
+    resize = presets.resize_size_for(args.img_size)
+    val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
     val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
     val_loss, _, probs, targets = engine.evaluate(model, val_loader, runtime, desc="best model")
     if not runtime.is_main:  # the files and the timing are made once
         return Evaluation(None, probs, targets, split.val)
     finishing(runtime, len(split.val), args.cam_examples)
-    val_set = data.ImageDataset(image_set, split.val, data.val_transform(args.img_size), resize)
+    val_set = data.ImageDataset(image_set, split.val, presets.val_transform(args.img_size), resize)
     result = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
     crops = (val_set[i][0] for i in range(len(val_set)))
     failed = []

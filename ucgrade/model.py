@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import files
 from .cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, UserError
-from .data import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 
 CHECKPOINT_FORMAT = "ucgrade-checkpoint"
 CONNECT_TIMEOUT_S = 10.0

@@ -20,8 +20,8 @@ from torch import nn
 
 from . import files, onnx_grade
 from .cli import UserError
-from .data import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_size_for
 from .images import UnreadableImage, load_image, preprocess
+from .presets import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_size_for
 
 OPSET = 17
 # fp32 ONNX Runtime against fp32 torch: the same arithmetic in another order (the export folds batch
@@ -118,7 +118,7 @@ class GradingGraph(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images):
-        x = (images.float() / 255 - self.mean) / self.std  # the arithmetic of data.normalize, in its order
+        x = (images.float() / 255 - self.mean) / self.std  # the arithmetic of presets.normalize, in its order
         return torch.softmax(self.model(x), dim=1)
 
 

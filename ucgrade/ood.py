@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from . import data
+from . import data, presets
 from .device import autocast
 from .engine import to_input
 from .model import backbone, load_checkpoint, save_checkpoint, unwrap
@@ -37,7 +37,7 @@ class OodScorer:
     threshold: float
     device: torch.device
     precision: str = "fp32"
-    norm: tuple = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    norm: tuple = (presets.IMAGENET_MEAN, presets.IMAGENET_STD)
 
     @torch.inference_mode()
     def scores(self, batch):
@@ -94,7 +94,7 @@ def calibrated_threshold(val_scores, flag_rate=FLAG_RATE):
 def split_features(features, image_set, indices, img_size, batch_size, runtime):
     """Pooled backbone features (N x D numpy) of the images at indices, centre-cropped as in validation.
     Only this process's loop: it runs on the main process alone, after the others are done."""
-    dataset = data.ImageDataset(image_set, indices, data.val_transform(img_size), data.resize_size_for(img_size))
+    dataset = data.ImageDataset(image_set, indices, presets.val_transform(img_size), presets.resize_size_for(img_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     out = []
     for images, _ in loader:
@@ -125,7 +125,7 @@ def scorer(model, checkpoint, device, precision="fp32"):
     stats = checkpoint.get("ood")
     if not stats:
         return None
-    norm = (tuple(checkpoint.get("mean", data.IMAGENET_MEAN)), tuple(checkpoint.get("std", data.IMAGENET_STD)))
+    norm = (tuple(checkpoint.get("mean", presets.IMAGENET_MEAN)), tuple(checkpoint.get("std", presets.IMAGENET_STD)))
     return OodScorer(
         backbone(unwrap(model)).eval(),
         stats["mean"].double().numpy(),

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from . import files, stats  # noqa: E402
-from .cli import UserError, run_cli  # noqa: E402
+from .cli import UserError, disk_full, run_cli  # noqa: E402
 from .metrics import LABELS, REMISSION_SCALARS, SCALARS, fmt, timing_note  # noqa: E402
 
 HISTORY_FIELDS = [
@@ -356,7 +356,8 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     class_names: the grades, to show the part of their names that differs (default: the names in rows); images:
     what they are, for the heading (validation images, test images).
     """
-    from .data import UnreadableImage, eval_transform, load_image
+    from .data import UnreadableImage, load_image
+    from .presets import eval_transform
 
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))
     wrong = wrong[:max_images]
@@ -428,7 +429,7 @@ def attempt(failed, part, function, *args, **kwargs):
     except (UserError, KeyboardInterrupt, MemoryError):
         raise
     except OSError as error:
-        if files.is_disk_full(error):
+        if disk_full(error):
             raise
         reason = f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else "")
     except Exception as error:  # an optional part must not lose a finished training, whatever went wrong

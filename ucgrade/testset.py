@@ -300,7 +300,8 @@ def scalars(result):
 
 def read_test_groups(path, test_set):
     """One group (patient) per test image, from a path,group CSV with paths relative to TEST_DIR."""
-    from .data import ImageSet, read_groups
+    from .data import ImageSet
+    from .groups import read_groups
 
     return read_groups(path, ImageSet(test_set.root, test_set.class_names, test_set.paths, test_set.labels))
 
