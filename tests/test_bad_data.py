@@ -20,7 +20,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import data, engine, files
+from ucgrade import data, files, images
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
 
@@ -290,7 +290,7 @@ def test_exif_orientation_is_applied_in_training_and_prediction_alike(tmp_path):
     cached = data.read_resized(path, data.resize_size_for(64))  # training and validation start from this
     assert cached.shape[1] > cached.shape[2]  # portrait
     assert cached[0, :10].float().mean() > 180 and cached[2, -10:].float().mean() > 180  # red top, blue bottom
-    predicted = engine.load_for_prediction(path, 64)[0]  # what predict.py feeds the model
+    predicted = torch.from_numpy(images.preprocess(data.load_image(path), 64, data.resize_size_for(64)))  # predict.py's
     assert torch.equal(data.val_transform(64)(cached), predicted)
 
 
