@@ -12,9 +12,8 @@ import torch
 
 import qq
 from ucgrade.demo import make_image
-from ucgrade.device import choose_device, choose_precision
-from ucgrade.engine import predict_image
-from ucgrade.model import load_checkpoint, model_from_checkpoint
+from ucgrade.images import load_image
+from ucgrade.torch_grader import torch_grader
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast, on a device chosen explicitly (a GPU would change precisions and timings): ResNet18 at
@@ -55,17 +54,18 @@ def copy_run(run_dir, destination, **copytree_args):
 
 
 def grade_with_library(images, weights, threads=None):
-    """{str(path): (grade, probabilities)} from ucgrade.engine.predict_image, with the checkpoint on the CPU in the
-    precision predict.py chooses there. threads: those of a predict.py to compare with, if not this process's
+    """{str(path): (grade, probabilities)} from the torch grader, one image at a time, with the checkpoint on the CPU
+    in the precision predict.py chooses there. threads: those of a predict.py to compare with, if not this process's
     (the order of a sum's terms moves the probabilities by about 1e-7)."""
-    checkpoint = load_checkpoint(weights)
-    model = model_from_checkpoint(checkpoint).eval()
-    device = choose_device("cpu")
-    precision = choose_precision(device, "auto")
+    grader = torch_grader(weights, "cpu", "auto")
     own = torch.get_num_threads()
     torch.set_num_threads(threads or own)
     try:
-        return {str(path): predict_image(path, model, checkpoint, device, precision) for path in images}
+        graded = {}
+        for path in images:
+            probs = grader.grade([load_image(path)]).probs[0]
+            graded[str(path)] = (grader.class_names[int(probs.argmax())], dict(zip(grader.class_names, probs.tolist())))
+        return graded
     finally:
         torch.set_num_threads(own)
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 import predict
 import qq
-from ucgrade import data, engine, files, presets
+from ucgrade import data, files, images, presets
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
 
@@ -290,8 +290,8 @@ def test_exif_orientation_is_applied_in_training_and_prediction_alike(tmp_path):
     cached = data.read_resized(path, presets.resize_size_for(64))  # training and validation start from this
     assert cached.shape[1] > cached.shape[2]  # portrait
     assert cached[0, :10].float().mean() > 180 and cached[2, -10:].float().mean() > 180  # red top, blue bottom
-    predicted = engine.load_for_prediction(path, 64)[0]  # what predict.py feeds the model
-    assert torch.equal(presets.val_transform(64)(cached), predicted)
+    predicted = torch.from_numpy(images.preprocess(data.load_image(path), 64, presets.resize_size_for(64)))
+    assert torch.equal(presets.val_transform(64)(cached), predicted)  # what predict.py feeds the model
 
 
 def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):

@@ -11,9 +11,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, train
+from conftest import FAST, copy_run, make_folder, run_script, train, user_lines
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
+from test_export import NOT_INSTALLED
 from test_grouped_splits import assert_split_csv
 
 import export
@@ -21,6 +22,8 @@ import predict
 from ucgrade import files, ood, stats
 from ucgrade.cli import UserError, run_cli
 from ucgrade.demo import make_image
+from ucgrade.grader import load_grader
+from ucgrade.images import load_image
 from ucgrade.model import load_checkpoint
 
 NAMES = ["mild", "moderate", "severe"]
@@ -242,8 +245,13 @@ def test_a_test_set_is_scored_with_an_onnx_model(run, test_dir, capsys):
     out_dir = sorted(run_dir.glob("test*"), key=lambda p: p.stat().st_mtime)[-1]
     result = json.loads((out_dir / "metrics.json").read_text())
     assert result["weights"][0].endswith("model.onnx") and "accuracy" in result["intervals"]
-    assert "out_of_distribution" not in result  # the check needs the .pt, and says so
-    assert "needs the .pt" in err
+    # the .onnx carries the check for images unlike the training images, and flags what the .pt flags
+    code, _, err = grade([test_dir, "--evaluate", "--weights", run_dir / "best.pt", "--precision", "fp32"], capsys)
+    assert code == 0, err
+    newest = sorted(run_dir.glob("test*"), key=lambda p: p.stat().st_mtime)[-1]
+    by_pt = json.loads((newest / "metrics.json").read_text())
+    assert result["out_of_distribution"] == by_pt["out_of_distribution"]
+    assert result["out_of_distribution"]["images"] == result["num_images"] == 13
 
 
 # ----------------------------------------------------------------------------- unlike the training images
@@ -299,12 +307,54 @@ def test_images_unlike_the_training_images_are_flagged(run, tmp_path, capsys):
     assert "not like" not in lines[1] or graded[str(held_out / "h0.jpg")]["out_of_distribution"]
 
 
+def test_one_grader_grades_and_flags_alike_from_the_pt_and_the_onnx(run, tmp_path, capsys):
+    """The .onnx carries the out-of-distribution check: fp32 ONNX Runtime gives the .pt's probabilities (within
+    1e-4) and flags, from one forward pass each; a batch grades as one picture at a time; and the int8 model
+    flags a screenshot on an install without torch."""
+    run_dir, _ = run
+    exported = tmp_path / "exported"
+    copy_run(run_dir, exported)
+    assert run_cli(export.main, export.get_args_parser().parse_args([str(exported), "--int8"])) == 0
+    capsys.readouterr()
+    pictures = [load_image(p) for p in sorted(other_kinds_of_images(tmp_path / "odd").iterdir())]
+    rng = np.random.default_rng(7)
+    pictures += [make_image(NAMES[k % 3], rng, 72) for k in range(9)]
+    pt = load_grader(exported / "best.pt", "cpu", "fp32")
+    onnx = load_grader(exported / "model.onnx")
+    assert onnx.class_names == pt.class_names and onnx.ood_threshold == pytest.approx(pt.ood_threshold, rel=1e-6)
+    by_pt, by_onnx = pt.grade(pictures), onnx.grade(pictures)
+    assert np.abs(by_pt.probs - by_onnx.probs).max() < 1e-4
+    assert np.allclose(by_pt.ood_scores, by_onnx.ood_scores, rtol=1e-4)
+    assert (pt.flagged(by_pt.ood_scores) == onnx.flagged(by_onnx.ood_scores)).all()
+    assert pt.flagged(by_pt.ood_scores)[:11].sum() >= 6  # the plots and the text pages at least
+    one_by_one = [pt.grade([picture]) for picture in pictures]
+    assert np.allclose(np.concatenate([g.probs for g in one_by_one]), by_pt.probs, atol=1e-6)
+    assert np.allclose(np.concatenate([g.ood_scores for g in one_by_one]), by_pt.ood_scores, rtol=1e-5)
+    assert np.array_equal(pt.grade([np.asarray(p) for p in pictures[:3]]).probs, pt.grade(pictures[:3]).probs)
+
+    blocker = tmp_path / "blocker" / "sitecustomize.py"
+    blocker.parent.mkdir()
+    blocker.write_text(f"import sys\nfor name in {NOT_INSTALLED!r}:\n    sys.modules[name] = None\n")
+    screenshots = [tmp_path / "odd" / "plot0.png", tmp_path / "odd" / "text0.png"]
+    result = run_script(
+        "predict.py", *screenshots, "--weights", exported / "model.int8.onnx", env={"PYTHONPATH": str(blocker.parent)}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = user_lines(result.stdout)
+    assert len(lines) == 2 and all("[not like the training images: grade not reliable]" in line for line in lines)
+
+
 def test_the_threshold_flags_about_one_percent_of_images_like_the_validation_ones():
     rng = np.random.default_rng(0)
     train_features = rng.gamma(2.0, 1.0, size=(300, 16))  # non-negative and skewed, as pooled activations are
     stats_, val_scores = ood.fit(train_features, rng.gamma(2.0, 1.0, size=(200, 16)))
-    fresh = ood.mahalanobis(rng.gamma(2.0, 1.0, size=(20000, 16)), stats_["mean"].numpy(), stats_["precision"].numpy())
+    head = ood.OodHead(stats_)  # the grader's arithmetic
+
+    def distances(features):
+        return head(torch.as_tensor(features, dtype=torch.float32)).numpy()
+
+    fresh = distances(rng.gamma(2.0, 1.0, size=(20000, 16)))
     assert 0.003 < (fresh > stats_["threshold"]).mean() < 0.03
     assert all(torch.is_tensor(stats_[key]) for key in ("mean", "precision")) and isinstance(stats_["threshold"], float)
-    far = ood.mahalanobis(np.full((1, 16), 20.0), stats_["mean"].numpy(), stats_["precision"].numpy())
+    far = distances(np.full((1, 16), 20.0))
     assert far[0] > stats_["threshold"]

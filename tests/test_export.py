@@ -91,10 +91,10 @@ def test_export_writes_checked_models_that_describe_themselves(run, exported):
     assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
 
     # any batch size: the same probabilities for three crops at once as one by one
-    model = onnx_grade.load_onnx_model(run / "model.onnx")
+    model = onnx_grade.onnx_grader(run / "model.onnx")
     crops = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
-    batch = onnx_grade.probabilities(model, crops)
-    single = np.concatenate([onnx_grade.probabilities(model, crops[i : i + 1]) for i in range(3)])
+    batch = model.forward(crops).probs
+    single = np.concatenate([model.forward(crops[i : i + 1]).probs for i in range(3)])
     assert batch.shape == (3, 3) and np.allclose(batch.sum(1), 1, atol=1e-5) and np.allclose(batch, single, atol=1e-6)
 
 
@@ -121,7 +121,7 @@ def test_pt_onnx_and_int8_grade_the_same_images_alike(run, exported, small_data)
     recorded = json.loads((run / "export.json").read_text())["int8"]["against_fp32"]
     assert same == recorded["top1_same"] and len(images) == recorded["images"]
     for p in int8["predictions"]:
-        assert set(p) == {"path", "grade", "probability", "probabilities"}
+        assert set(p) == {"path", "grade", "probability", "probabilities", "out_of_distribution", "ood_score"}
         assert max(abs(q - fp32_of[p["path"]]["probabilities"][g]) for g, q in p["probabilities"].items()) < 0.1
 
 
@@ -232,15 +232,18 @@ def test_every_precision_the_scripts_offer_is_one_the_device_code_handles():
 
 
 def test_the_exported_graph_normalises_like_training(run):
-    """GradingGraph's arithmetic is presets.normalize's: the same probabilities from the same uint8 crops."""
+    """GradingModel's arithmetic is presets.normalize's: the same probabilities from the same uint8 crops."""
     from ucgrade.model import load_checkpoint, model_from_checkpoint
+    from ucgrade.presets import normalize
+    from ucgrade.torch_grader import GradingModel
 
     checkpoint = load_checkpoint(run / "best.pt")
     model = model_from_checkpoint(checkpoint).eval()
     crops = np.random.default_rng(1).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
     with torch.inference_mode():
-        graph = onnx_export.GradingGraph(model)(torch.from_numpy(crops)).numpy()
-    assert np.allclose(graph, onnx_export.torch_probabilities(model, checkpoint, crops), atol=1e-6)
+        graph, _ = GradingModel(model, checkpoint)(torch.from_numpy(crops))
+        by_hand = torch.softmax(model(normalize(torch.from_numpy(crops), checkpoint["mean"], checkpoint["std"])), 1)
+    assert np.allclose(graph.numpy(), by_hand.numpy(), atol=1e-6)
 
 
 def test_shipped_requirements_name_the_grading_packages():

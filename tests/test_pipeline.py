@@ -23,9 +23,10 @@ import qq
 from ucgrade import data, engine, files, presets, splits
 from ucgrade.cam import cam_overlay
 from ucgrade.cli import run_cli
-from ucgrade.engine import predict_image
 from ucgrade.files import read_csv
+from ucgrade.images import load_image
 from ucgrade.model import load_checkpoint, model_from_checkpoint
+from ucgrade.torch_grader import torch_grader
 
 
 def timed_as(times):
@@ -136,15 +137,11 @@ def test_checkpoints_describe_themselves(trained_run):
 
 def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data):
     """The saved best.pt, run again over the validation images, gives the metrics.json accuracy."""
-    checkpoint = load_checkpoint(trained_run / "best.pt")
-    model = model_from_checkpoint(checkpoint)
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    device = torch.device("cpu")
-    precision = metrics["precision"]
+    grader = torch_grader(trained_run / "best.pt", "cpu", metrics["precision"])
     rows = [r for r in read_csv(trained_run / "split.csv") if r["subset"] == "val"]
-    correct = sum(
-        predict_image(small_data / r["path"], model, checkpoint, device, precision)[0] == r["class"] for r in rows
-    )
+    probs = grader.grade([load_image(small_data / r["path"]) for r in rows]).probs
+    correct = sum(grader.class_names[int(p.argmax())] == r["class"] for p, r in zip(probs, rows))
     assert correct / len(rows) == pytest.approx(metrics["accuracy"])
 
 
@@ -271,9 +268,10 @@ def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data)
     Run as in a user's shell, where stdout to a pipe is block-buffered (no PYTHONUNBUFFERED); one line per image,
     and --json, side by side."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    inputs = [small_data] * 20  # 600 images: batches grade fast, and the readers must go while work is left
     processes = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt", *output],
+            [sys.executable, str(ROOT / "predict.py"), *inputs, "--weights", trained_run / "best.pt", *output],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -281,10 +279,11 @@ def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data)
         )
         for name, output in (("lines", ["--device", "cpu"]), ("json", ["--device", "cpu", "--json"]))
     }
+    processes["json"].stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
     # one line per image: read the first, as head -1 does, and stop while the next is graded
     assert processes["lines"].stdout.readline().startswith(str(small_data).encode())
     for name, process in processes.items():
-        process.stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
+        process.stdout.close()
         code = process.wait(timeout=300)
         stderr = process.stderr.read().decode()
         assert code == 141 and "Traceback" not in stderr and "Error" not in stderr, (name, stderr)

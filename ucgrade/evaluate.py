@@ -37,7 +37,7 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     resize = presets.resize_size_for(args.img_size)
     val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
     val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
-    val_loss, _, probs, targets = engine.evaluate(model, val_loader, runtime, desc="best model")
+    val_loss, _, probs, targets, features = engine.evaluate(model, val_loader, runtime, "best model", features=True)
     if not runtime.is_main:  # the files and the timing are made once
         return Evaluation(None, probs, targets, split.val)
     finishing(runtime, len(split.val), args.cam_examples)
@@ -61,7 +61,7 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     }
     evaluation = Evaluation(result, probs, targets, split.val, failed)
     add_evidence(args, evaluation, split.groups, split.run_dir)
-    result["out_of_distribution"] = ood.calibrate(model, image_set, split, args, runtime)  # written into best.pt
+    result["out_of_distribution"] = ood.calibrate(model, image_set, split, args, runtime, features)  # into best.pt
     write_outputs(args, image_set, split, evaluation, history)
     cams = report.attempt(
         failed, "Grad-CAM", write_cams, model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples
