@@ -82,13 +82,9 @@ class Result(NamedTuple):
     out: str
     err: str
 
-    @property
-    def out_lines(self):
-        return user_lines(self.out)
-
-    @property
-    def err_lines(self):
-        return user_lines(self.err)
+    def lines(self):
+        """(exit code, stdout lines, stderr lines) as a terminal shows them (see user_lines)."""
+        return self.code, user_lines(self.out), user_lines(self.err)
 
 
 def cli(script, *argv):
