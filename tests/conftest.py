@@ -1,16 +1,21 @@
-"""Shared test data: generated ImageFolders, a small trained run, and the CLI in a subprocess."""
+"""Shared test data: generated ImageFolders, a small trained run, and the CLI in this process or a subprocess."""
 
+import contextlib
+import importlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-import qq
+from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
 from ucgrade.images import load_image
 from ucgrade.torch_grader import torch_grader
@@ -70,9 +75,51 @@ def grade_with_library(images, weights, threads=None):
         torch.set_num_threads(own)
 
 
+class Result(NamedTuple):
+    """What a command printed and how it ended: the exit code, the whole stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    def lines(self):
+        """(exit code, stdout lines, stderr lines) as a terminal shows them (see user_lines)."""
+        return self.code, user_lines(self.out), user_lines(self.err)
+
+
+def cli(script, *argv):
+    """`python SCRIPT ARGV...` in this process: qq.py, predict.py, export.py, or a module run with -m (ucgrade.report).
+
+    As the command line runs it: argparse reads the arguments (a mistake exits 2 with its line), and main runs
+    through cli.run_cli, so a UserError is one line on stderr and exit code 2. What it prints is captured and then
+    passed on to this process's streams, so that pytest shows it beside a failing test. In this process, unlike
+    run_script, a test can monkeypatch the code, and torch is imported only once.
+    """
+    argv = [str(arg) for arg in argv]
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err = io.StringIO(), io.StringIO()
+    # sys.argv as the shell sets it: argparse names the script in its messages after sys.argv[0]
+    try:
+        with (
+            mock.patch.object(sys, "argv", [script, *argv]),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            if hasattr(module, "get_args_parser"):
+                code = run_cli(module.main, module.get_args_parser().parse_args(argv))
+            else:  # python -m ucgrade.report: its main takes the arguments as they are
+                code = run_cli(module.main, argv)
+    except SystemExit as stop:  # argparse: --help, or a mistake on the command line
+        code = stop.code
+    finally:  # also when an unexpected exception goes on to fail the test
+        print(out.getvalue(), end="")
+        print(err.getvalue(), end="", file=sys.stderr)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
 def train(argv):
-    """Run qq.main in this process; returns the exit code."""
-    return qq.main(qq.get_args_parser().parse_args([str(a) for a in argv]))
+    """qq.py with these arguments, in this process; returns the exit code."""
+    return cli("qq.py", *argv).code
 
 
 def run_script(script, *args, cwd=ROOT, env=None, timeout=600):

@@ -1,8 +1,6 @@
 """The whole pipeline: qq.py trains and writes every output, predict.py grades images (issue 2)."""
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -15,14 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, grade_with_library, make_folder, run_script, run_scripts, train
+from conftest import FAST, ROOT, cli, grade_with_library, make_folder, run_script, run_scripts
 from PIL import Image
 
-import predict
 import qq
 from ucgrade import data, engine, files, presets, splits
 from ucgrade.cam import cam_overlay
-from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 from ucgrade.images import load_image
 from ucgrade.model import load_checkpoint, model_from_checkpoint
@@ -60,11 +56,10 @@ def runs(small_data, module_tmp):
     printed = {}
 
     def run(name, argv, times):
-        stdout = io.StringIO()
-        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        with pytest.MonkeyPatch.context() as patch:
             patch.setattr(engine, "time_each", timed_as(times))
-            assert train(["--data", small_data, "--out", out, *FAST, *argv]) == 0
-        printed[name] = stdout.getvalue()
+            code, printed[name], err = cli("qq.py", "--data", small_data, "--out", out, *FAST, *argv)
+        assert code == 0, err
 
     run("train", ["--epochs", "1", "--seed", "5", "--cam-examples", "20", "--precision", "fp32"], SPREAD)
     first = {name: (out / "train" / name).read_bytes() for name in ("best.pt", "history.csv")}
@@ -289,13 +284,6 @@ def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data)
         assert code == 141 and "Traceback" not in stderr and "Error" not in stderr, (name, stderr)
 
 
-def predict_in_process(capsys, *argv):
-    """(exit code, stdout, stderr) of predict.py's main, called as the command line would."""
-    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def told_apart(first, second):
     """Whether two lists of {grade: probability} differ somewhere by more than 0.1%, down to the smallest
     probabilities (a model sure of its grade gives the others 1e-30, which an absolute tolerance would miss)."""
@@ -303,7 +291,7 @@ def told_apart(first, second):
     return any(a != pytest.approx(b, rel=1e-3, abs=1e-30) for a, b in pairs)
 
 
-def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
+def test_predict_uses_the_newest_of_several_runs(runs, small_data):
     images = [small_data / grade / f"{grade}_000.jpg" for grade in ("mild", "moderate", "severe")]
     now = time.time()
     by_run = {}
@@ -311,7 +299,7 @@ def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
         for age, name in enumerate(n for n in ("train", "train2", "train3") if n != newest):
             os.utime(runs.out / name / "best.pt", (now - 100 * (age + 1), now - 100 * (age + 1)))
         os.utime(runs.out / newest / "best.pt", (now, now))
-        code, out, err = predict_in_process(capsys, *images, "--out", runs.out, "--device", "cpu", "--json")
+        code, out, err = cli("predict.py", *images, "--out", runs.out, "--device", "cpu", "--json")
         assert code == 0, err
         weights = runs.out / newest / "best.pt"
         metrics = json.loads((runs.out / newest / "metrics.json").read_text())
@@ -330,11 +318,9 @@ def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
     assert told_apart(by_run["train"], by_run["train2"])  # the checks above tell the two models apart
 
 
-def test_predict_takes_last_pt(trained_run, small_data, capsys):
+def test_predict_takes_last_pt(trained_run, small_data):
     images = sorted((small_data / "mild").iterdir())[:3]
-    code, out, err = predict_in_process(
-        capsys, *images, "--weights", trained_run / "last.pt", "--device", "cpu", "--json"
-    )
+    code, out, err = cli("predict.py", *images, "--weights", trained_run / "last.pt", "--device", "cpu", "--json")
     assert code == 0, err
     output = json.loads(out)
     assert output["weights"] == str(trained_run / "last.pt") and output["errors"] == []
@@ -346,7 +332,7 @@ def test_predict_takes_last_pt(trained_run, small_data, capsys):
         assert prediction["probabilities"] == pytest.approx(probabilities, rel=1e-5, abs=1e-30)
 
 
-def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, tmp_path, capsys):
+def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, tmp_path):
     """a/scan.jpg and b/scan.jpg get an overlay each, of their own image, and a second call overwrites neither."""
     images = [tmp_path / "a" / "scan.jpg", tmp_path / "b" / "scan.jpg"]
     for image, (source, size) in zip(images, ((small_data / "mild" / "mild_001.jpg", (90, 70)),
@@ -359,9 +345,7 @@ def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, t
     model = model_from_checkpoint(checkpoint).eval()
     written = []
     for call in range(2):
-        code, out, err = predict_in_process(
-            capsys, *images, "--weights", weights, "--cam", cam_dir, "--json", "--device", "cpu"
-        )
+        code, out, err = cli("predict.py", *images, "--weights", weights, "--cam", cam_dir, "--json", "--device", "cpu")
         assert code == 0, err
         predictions = json.loads(out)["predictions"]
         expected = [cam_dir / f"scan_cam{k if k > 1 else ''}.png" for k in (2 * call + 1, 2 * call + 2)]
