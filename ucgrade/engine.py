@@ -4,6 +4,7 @@ import itertools
 import math
 import statistics
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -144,7 +145,11 @@ def evaluate(model, data_loader, runtime, desc="val", features=False):
     bar = tqdm(data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main)
     for images, targets in bar:
         _check_stop(runtime)
-        with autocast(runtime.device, runtime.precision), head_inputs(model) as head_read:
+        # the head's input is collected only when asked for: a frozen backbone's loop evaluates the head alone
+        with (
+            autocast(runtime.device, runtime.precision),
+            head_inputs(model) if features else nullcontext() as head_read,
+        ):
             logits = model(to_input(images, runtime.device))
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
