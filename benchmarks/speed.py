@@ -60,12 +60,13 @@ from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from ucgrade import data, engine, files, onnx_export, onnx_grade, presets, train  # noqa: E402
+import grading  # noqa: E402
+
+from ucgrade import data, engine, onnx_export, presets, train  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
     Runtime,
-    autocast,
     choose_device,
     choose_precision,
     cpu_has_fast_bf16,
@@ -128,6 +129,13 @@ def get_args_parser():
         help="training steps timed alone, after one warm-up step (default: 12; 4 with --quick)",
     )
     add("--infer-batch", type=int, default=32, help="batch size of the inference throughput (default: %(default)s)")
+    add(
+        "--folder-images",
+        type=int,
+        default=None,
+        help="images of the folder that predict.py grades as a whole process; 0 skips it (default: 1000; 100 with "
+        "--quick)",
+    )
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, one per core)")
     add(
@@ -457,91 +465,6 @@ def time_project_inference(model, class_names, img_size, val_set, device, precis
     return timing | {"checkpoint_save_s": save_s, "checkpoint_mb": path.stat().st_size / 2**20}
 
 
-def inference_runners(model, checkpoint, precision, onnx_models):
-    """{name: run(crop)} for a uint8 (3, S, S) crop to a predicted grade: torch eager on the CPU in fp32 and in
-    precision (as predict.py runs a .pt), and ONNX Runtime with each model (as predict.py runs an .onnx)."""
-    cpu = torch.device("cpu")
-    mean, std = checkpoint.get("mean", presets.IMAGENET_MEAN), checkpoint.get("std", presets.IMAGENET_STD)
-
-    def torch_runner(torch_precision):
-        @torch.inference_mode()
-        def run(crop):
-            with autocast(cpu, torch_precision):
-                return int(model(presets.normalize(torch.from_numpy(crop)[None], mean, std)).argmax(1))
-
-        return run
-
-    def onnx_runner(onnx_model):
-        return lambda crop: int(onnx_grade.probabilities(onnx_model, crop[None]).argmax(1)[0])
-
-    runners = {"torch eager fp32": torch_runner("fp32")}
-    if precision != "fp32":
-        runners[f"torch eager {precision}"] = torch_runner(precision)
-    return runners | {f"ONNX Runtime {name}": onnx_runner(m) for name, m in onnx_models.items()}
-
-
-def time_inference_side_by_side(checkpoint_path, crops, labels, calibration_crops, threads, rounds):
-    """Batch-1 inference on the CPU, on the same crops, in interleaved rounds (a machine that gets busy slows every
-    candidate alike): torch eager fp32, torch in the precision auto chooses here, ONNX Runtime fp32 and int8.
-
-    The ONNX models are made by export.py's code (onnx_export) from the checkpoint predict.py would load; int8 is
-    calibrated on calibration_crops (training images). Each timing is one image from a uint8 crop to its grade.
-    """
-    cpu = torch.device("cpu")
-    precision = choose_precision(cpu, "auto")
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path).eval()
-    metadata = onnx_export.metadata_for(checkpoint, files.sha256_of(checkpoint_path), "fp32")
-    start = time.perf_counter()
-    fp32_bytes = onnx_export.export_onnx(model, checkpoint, metadata)
-    export_s = time.perf_counter() - start
-    int8_bytes = onnx_export.quantize_int8(fp32_bytes, calibration_crops, metadata | {"precision": "int8"})
-    quantise_s = time.perf_counter() - start - export_s
-    onnx_models = {
-        name: onnx_grade.describe(name, onnx_grade.make_session(model_bytes, threads))
-        for name, model_bytes in (("fp32", fp32_bytes), ("int8", int8_bytes))
-    }
-    runners = inference_runners(model, checkpoint, precision, onnx_models)
-    inputs = [np.ascontiguousarray(crop) for crop in crops]
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            times[name] += engine.time_each(run, inputs)
-    timings = {
-        name: {
-            "batch1_median_ms": statistics.median(t),
-            "batch1_mean_ms": statistics.fmean(t),
-            "batch1_p95_ms": float(np.percentile(t, 95)),
-        }
-        for name, t in times.items()
-    }
-
-    stacked = np.stack(inputs)
-    torch_probs = onnx_export.torch_probabilities(model, checkpoint, stacked)
-    fp32_probs, int8_probs = (onnx_export.onnx_probabilities(onnx_models[n], stacked) for n in ("fp32", "int8"))
-    paths = [str(i) for i in range(len(inputs))]  # the crops have no files here
-    return {
-        "device": "cpu",
-        "threads": threads,
-        "images": len(inputs),
-        "rounds": rounds,
-        "precision_auto": precision,
-        "timings": timings,
-        "onnx_export_s": export_s,
-        "int8_quantisation_s": quantise_s,
-        "calibration_images": len(calibration_crops),
-        "onnx_mb": len(fp32_bytes) / 2**20,
-        "int8_mb": len(int8_bytes) / 2**20,
-        "onnx_fp32_vs_torch_fp32": onnx_export.agreement(torch_probs, fp32_probs, paths),
-        "onnx_int8_vs_onnx_fp32": onnx_export.agreement(fp32_probs, int8_probs, paths),
-        "accuracy": {
-            "torch_fp32": float((torch_probs.argmax(1) == labels).mean()),
-            "onnx_fp32": float((fp32_probs.argmax(1) == labels).mean()),
-            "onnx_int8": float((int8_probs.argmax(1) == labels).mean()),
-        },
-    }
-
-
 # ----------------------------------------------------------------------------- the baseline: the tutorial's loop
 
 
@@ -664,6 +587,21 @@ def time_tutorial_inference(model, crops, device, warmup=5, max_images=50):
 # ----------------------------------------------------------------------------- the run
 
 
+def time_folders(args, data_dir, folder, checkpoint_path, int8_path, side):
+    """predict.py on a folder of --folder-images images, with the int8 .onnx and with the .pt, each against its own
+    batch-1 time (the side-by-side timings)."""
+    if not args.folder_images:
+        return {}
+    print(f"predict.py on a folder of {args.folder_images} images, int8 .onnx and .pt ...", flush=True)
+    images = grading.folder_of_images(data_dir, Path(folder) / "folder", args.folder_images)
+    timings, threads = side["timings"], side["threads"]
+    pt_timing = timings[f"torch eager {side['precision_auto']}"]["batch1_median_ms"]
+    return {
+        "int8 .onnx": grading.time_folder(int8_path, images, timings["ONNX Runtime int8"]["batch1_median_ms"], threads),
+        "best.pt": grading.time_folder(checkpoint_path, images, pt_timing, threads),
+    }
+
+
 def run_benchmark(args, data_dir, device, precision):
     results = {}
     steps = args.steps or (4 if args.quick else 12)  # timed training steps, after one warm-up step
@@ -732,20 +670,19 @@ def run_benchmark(args, data_dir, device, precision):
         flush=True,
     )
     calibration_items = onnx_export.calibration_sample([(image_set.paths[i], image_set.labels[i]) for i in train])
-    resize_size = presets.resize_size_for(args.img_size)
     with Part(device) as part, tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "best.pt"
         config = {"class_names": image_set.class_names, "img_size": args.img_size}
         save_checkpoint(path, make_checkpoint(parts["model"], config, 1, {}))
-        calibration, _ = onnx_export.read_crops(calibration_items, args.img_size, resize_size)
-        side_by_side = time_inference_side_by_side(
-            path,
-            [crop.numpy() for crop in crops[:50]],
-            np.asarray(image_set.labels)[val][:50],
-            calibration.crops,
-            torch.get_num_threads(),
-            rounds,
+        calibration, _ = onnx_export.read_crops(
+            calibration_items, args.img_size, presets.resize_size_for(args.img_size)
         )
+        onnx_paths, export_times = grading.export_models(path, calibration.crops, folder)
+        threads = torch.get_num_threads()
+        val_crops, val_labels = [crop.numpy() for crop in crops[:50]], np.asarray(image_set.labels)[val][:50]
+        side_by_side = grading.side_by_side(path, onnx_paths, val_crops, val_labels, threads, rounds)
+        side_by_side |= export_times | {"calibration_images": len(calibration.crops)}
+        side_by_side["folders"] = time_folders(args, data_dir, folder, path, onnx_paths["int8"], side_by_side)
     results["inference"]["side_by_side"] = side_by_side | {"part": part.numbers}
     del parts
 
@@ -817,6 +754,11 @@ def run_benchmark(args, data_dir, device, precision):
     with Part(device) as part:
         baseline_inference = time_tutorial_inference(model, crops, device)
     results["inference"]["baseline"] = baseline_inference | {"part": part.numbers}
+
+    print("a one-epoch qq.py run as a whole process: the time after its epoch ...", flush=True)
+    with Part(device) as part, tempfile.TemporaryDirectory() as folder:
+        after = grading.time_after_training(data_dir, args.img_size, device, folder, torch.get_num_threads())
+    results["after_training"] = after | {"part": part.numbers}
 
     project, baseline, inference = results["project"], results["baseline"], results["inference"]
     results["speedup"] = {
@@ -916,7 +858,8 @@ def print_table(results, setup):
         f"inference throughput: project at batch {infer['throughput_batch_size']}: "
         f"{infer['throughput_images_per_s']:.1f} img/s"
     )
-    print_side_by_side(results["inference"]["side_by_side"])
+    grading.print_side_by_side(results["inference"]["side_by_side"])
+    grading.print_after_training(results["after_training"])
     print(
         f"accuracy after {accuracy['epochs']} epoch(s) on the same {accuracy['val_images']} validation images: "
         f"{accuracy['precision']} {accuracy['val_acc']:.3f} (val loss {accuracy['val_loss']:.4f}), "
@@ -938,37 +881,11 @@ def print_table(results, setup):
     print(f"other processes used {percent(setup['others_cpu_share'])} of the CPUs during the benchmark")
 
 
-def print_side_by_side(side):
-    """Batch-1 inference of the four ways to grade on a CPU, measured side by side."""
-    reference = side["timings"]["torch eager fp32"]["batch1_median_ms"]
-    print(
-        f"\nbatch-1 inference on the CPU, side by side ({side['images']} validation images x {side['rounds']} "
-        f"round(s), {side['threads']} threads; from a uint8 crop to its grade)"
-    )
-    print(f"{'':<26}{'median ms':>10}{'mean ms':>9}{'p95 ms':>8}{'speed-up':>10}")
-    for name, t in side["timings"].items():
-        auto = " (auto)" if name == f"torch eager {side['precision_auto']}" else ""
-        print(
-            f"{name + auto:<26}{t['batch1_median_ms']:>10.1f}{t['batch1_mean_ms']:>9.1f}{t['batch1_p95_ms']:>8.1f}"
-            f"{reference / t['batch1_median_ms']:>9.2f}x"
-        )
-    fp32, int8, accuracy = side["onnx_fp32_vs_torch_fp32"], side["onnx_int8_vs_onnx_fp32"], side["accuracy"]
-    print(
-        f"top-1 agreement: ONNX Runtime fp32 with torch fp32 {fp32['top1_agreement']:.1%} (largest probability "
-        f"difference {fp32['max_probability_difference']:.2g}), int8 with fp32 {int8['top1_agreement']:.1%}; "
-        f"accuracy torch fp32 {accuracy['torch_fp32']:.3f}, ONNX fp32 {accuracy['onnx_fp32']:.3f}, "
-        f"int8 {accuracy['onnx_int8']:.3f}"
-    )
-    print(
-        f"export {side['onnx_export_s']:.1f} s ({side['onnx_mb']:.0f} MB), int8 quantisation "
-        f"{side['int8_quantisation_s']:.1f} s "
-        f"({side['int8_mb']:.0f} MB, calibrated on {side['calibration_images']} training images)"
-    )
-
-
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.folder_images is None:
+        args.folder_images = 100 if args.quick else grading.FOLDER_IMAGES
     if args.quick:
         args.images = args.images or 96
         args.epochs = args.epochs or 2

@@ -33,6 +33,8 @@ TINY = [
     "4",
     "--threads",
     "1",
+    "--folder-images",
+    "24",
 ]
 
 
@@ -113,6 +115,15 @@ def test_quick_benchmark_writes_every_number(benchmarks):
     assert side["onnx_fp32_vs_torch_fp32"]["max_probability_difference"] <= 1e-3
     assert 0 <= side["onnx_int8_vs_onnx_fp32"]["top1_agreement"] <= 1 and side["calibration_images"] == data["train"]
     assert "batch-1 inference on the CPU, side by side" in result.stdout and "ONNX Runtime int8" in result.stdout
+    # issue 19: predict.py on a folder as a whole process, and the time after the last epoch of a qq.py run
+    assert set(side["folders"]) == {"int8 .onnx", "best.pt"}
+    for row in side["folders"].values():
+        assert row["images"] == row["graded"] == 24 and positive(row["wall_s"]) and positive(row["model_batch1_s"])
+        assert row["wall_over_model_batch1"] == pytest.approx(row["wall_s"] / row["model_batch1_s"])
+    assert result.stdout.count("predict.py on a folder of 24 images with") == 2
+    after = numbers["after_training"]
+    assert positive(after["epoch_s"]) and positive(after["after_training_s"]) and after["target"] == 0.25
+    assert "after the last epoch (evaluation, calibration, timing, plots, Grad-CAM, report)" in result.stdout
 
     accuracy = numbers["accuracy"]
     assert (
