@@ -429,7 +429,27 @@ def checkpoint_problems(checkpoint):
         problems.append("model must map layer names to tensors")
     elif "optimizer" in checkpoint and not problems:
         problems += optimizer_problems(checkpoint["optimizer"], checkpoint["arch"], checkpoint["num_classes"])
+    if checkpoint.get("ood") is not None and not problems:
+        problems += ood_problems(checkpoint["ood"], model.get(f"{ARCHITECTURES[checkpoint['arch']].head}.weight"))
     return problems
+
+
+def ood_problems(stats, head_weight):
+    """The out-of-distribution statistics of a best.pt (ood.fit) must be finite tensors that fit the features the
+    head reads, with a finite positive threshold: a NaN threshold would turn the check off without a word."""
+    if not isinstance(stats, dict):
+        return ["its ood block must map names to values"]
+    mean, precision, threshold = stats.get("mean"), stats.get("precision"), stats.get("threshold")
+    features = head_weight.shape[1] if torch.is_tensor(head_weight) and head_weight.dim() == 2 else None
+    if not torch.is_tensor(mean) or mean.dim() != 1 or (features is not None and len(mean) != features):
+        return [f"its ood mean must be a tensor of {features or 'the'} feature values"]
+    if not torch.is_tensor(precision) or tuple(precision.shape) != (len(mean), len(mean)):
+        return [f"its ood precision must be a {len(mean)} x {len(mean)} tensor"]
+    if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):
+        return ["its ood statistics hold values that are not numbers (NaN or infinite)"]
+    if not _numbers([threshold], 1) or threshold <= 0:
+        return [f"its ood threshold must be a positive number (it is {threshold!r})"]
+    return []
 
 
 def optimizer_problems(state, arch, num_classes):
