@@ -192,10 +192,11 @@ def main(args):
         raise UserError("--calibration-images must be at least 1.")
     checkpoint_path = find_checkpoint(args.run, args.fold)
     out, out_int8, out_json = output_paths(checkpoint_path, args.out, args.int8)
-    from ucgrade.metrics import fmt
-    from ucgrade.torch_grader import torch_grader  # first: torch is what a grading-only install lacks first
+    from ucgrade.torch_grader import torch_grader  # torch first: what a grading-only install lacks first
 
     reference = torch_grader(checkpoint_path, "cpu", "fp32")  # what the export must agree with
+    from ucgrade.metrics import fmt
+
     checkpoint = reference.extra["checkpoint"]
     sha256 = files.sha256_of(checkpoint_path)
     metadata = onnx_export.metadata_for(checkpoint, sha256, "fp32", checkpoint_file=checkpoint_path.name)

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
 from .distributed import processes_on_this_machine
@@ -42,6 +41,7 @@ from .images import (  # noqa: F401
 )
 from .metrics import check_remission_grade
 from .presets import resize_size_for
+from .progress import progress
 
 
 @dataclass
@@ -199,7 +199,7 @@ def read_images(image_set, resize_size, keep, stop=None):
     stop() is polled between images so that Ctrl-C stops a long scan promptly.
     """
     paths, labels, images, digests = [], [], [], []
-    for path, label in zip(tqdm(image_set.paths, desc="reading images", unit="img", leave=False), image_set.labels):
+    for path, label in zip(progress(image_set.paths, "reading images", "images"), image_set.labels):
         if stop is not None and stop():
             break
         try:

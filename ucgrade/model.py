@@ -19,11 +19,11 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
-from tqdm import tqdm
 
 from . import files
 from .cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, UserError
 from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .progress import progress
 
 CHECKPOINT_FORMAT = "ucgrade-checkpoint"
 CONNECT_TIMEOUT_S = 10.0
@@ -133,7 +133,7 @@ def _fetch(url, destination, timeout, answered, result):
             partial = destination.with_name(destination.name + ".partial")
             with (
                 open(partial, "wb") as f,
-                tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar,
+                progress(desc=f"downloading {destination.name}", unit="B", total=total or None) as bar,
             ):
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
