@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from ucgrade import files
 from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 
@@ -220,7 +221,7 @@ def run_summary(run_dir):
     """', validation accuracy 0.91 after 25 of 25 epochs' from a run's metrics.json, so that a throwaway run used
     by default is noticed; '' when the file says nothing."""
     try:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        metrics = files.read_json(Path(run_dir) / "metrics.json")
         accuracy, done, epochs = metrics.get("accuracy"), metrics.get("epochs_completed"), metrics.get("epochs")
     except (OSError, ValueError, AttributeError):
         return ""

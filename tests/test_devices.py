@@ -11,7 +11,7 @@ from conftest import FAST, make_folder, train, user_lines
 import predict
 from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
-from ucgrade.report import prob_column
+from ucgrade.records import prob_column
 
 
 @pytest.fixture(scope="module")
