@@ -203,14 +203,16 @@ def caveats(config, model, selection, remedy=""):
     return notes
 
 
-def failed_html(failed):
-    """The optional parts of a finished run that could not be made, (part, reason) each, for the summary card."""
+def failed_html(failed, trained=True):
+    """The optional parts of a finished evaluation that could not be made, (part, reason) each, for the summary
+    card; trained: after a training (not a test set graded later)."""
     if not failed:
         return ""
     items = "".join(f"<li>{html.escape(part)}: {html.escape(reason)}</li>" for part, reason in failed)
+    done = "Training finished and the" if trained else "The"
     return (
-        '<h3 class="warn">What failed</h3><p class="warn">Training finished and the metrics and predictions are '
-        f"complete, but these parts could not be made:</p><ul>{items}</ul>"
+        f'<h3 class="warn">What failed</h3><p class="warn">{done} metrics and predictions are complete, but these '
+        f"parts could not be made:</p><ul>{items}</ul>"
     )
 
 
@@ -435,7 +437,7 @@ def test_notes(page):
 
 
 def failed_lines(page):
-    return failed_html(page.failed)
+    return failed_html(page.failed, trained=page.config is not None)
 
 
 SUMMARY = [
