@@ -25,7 +25,9 @@ from pathlib import Path
 
 from ucgrade import files, onnx_export, onnx_grade
 from ucgrade.cli import ArgumentParser, UserError, main_entry
-from ucgrade.model import load_checkpoint, model_from_checkpoint
+from ucgrade.locate import models_in
+from ucgrade.metrics import fmt
+from ucgrade.torch_grader import torch_grader
 
 INT8_AGREEMENT_TARGET = 0.98  # issue 11: the int8 model agrees with fp32 on at least 98% of validation images
 
@@ -72,29 +74,11 @@ def get_args_parser():
 def find_checkpoint(run, fold):
     """The checkpoint to export: a .pt, a run folder's best.pt, or one fold's best.pt of a cross-validation run."""
     path = Path(run)
-    folds = sorted(path.glob("fold*/best.pt")) if path.is_dir() else []
     if not path.exists():
         raise UserError(f"'{path}' does not exist; give a run folder written by qq.py or its best.pt.")
-    if path.is_file():
-        if path.suffix == ".onnx":
-            raise UserError(f"'{path}' is an ONNX model already; give the run folder or the best.pt it came from.")
-        if fold is not None:
-            raise UserError(f"--fold chooses a fold of a cross-validation run folder, but '{path}' is a file.")
-        return path
-    if folds and not (path / "best.pt").is_file():
-        if fold is None:
-            raise UserError(
-                f"'{path}' is a cross-validation run with a model per fold; choose one with --fold K "
-                f"(1 to {len(folds)}), or give a fold's best.pt."
-            )
-        if not (path / f"fold{fold}" / "best.pt").is_file():
-            raise UserError(f"'{path}' has no fold {fold} with a best.pt; choose --fold 1 to {len(folds)}.")
-        return path / f"fold{fold}" / "best.pt"
-    if fold is not None:
-        raise UserError(f"--fold is for cross-validation runs, and '{path}' is not one; leave --fold out.")
-    if not (path / "best.pt").is_file():
-        raise UserError(f"'{path}' holds no best.pt; give a run folder written by qq.py, or a checkpoint file.")
-    return path / "best.pt"
+    if path.suffix == ".onnx":
+        raise UserError(f"'{path}' is an ONNX model already; give the run folder or the best.pt it came from.")
+    return models_in(path, "refuse" if fold is None else fold, flag=None)[0]
 
 
 def output_paths(checkpoint_path, out):
@@ -112,10 +96,6 @@ def percent(share):
     return f"{share:.1%}"
 
 
-def number(value):
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def read_validation_images(val_items, img_size, resize_size):
     val, unreadable = onnx_export.read_crops(val_items, img_size, resize_size)
     for path, reason in unreadable:
@@ -128,14 +108,15 @@ def read_validation_images(val_items, img_size, resize_size):
     return val
 
 
-def export_fp32(model, checkpoint, metadata, val, out):
-    """Export, grade the validation images with ONNX Runtime and torch, and write the model if they agree.
-    Returns (model bytes, ONNX probabilities, figures)."""
+def export_fp32(reference, metadata, val, out):
+    """Export, grade the validation images with ONNX Runtime and with the torch grader (reference, fp32 on the
+    CPU), and write the model if they agree. Returns (model bytes, ONNX Grades, figures)."""
     start = time.perf_counter()
-    model_bytes = onnx_export.export_onnx(model, checkpoint, metadata)
-    onnx_model = onnx_grade.describe(out, onnx_grade.make_session(model_bytes))
-    probs = onnx_export.onnx_probabilities(onnx_model, val.crops)
-    check = onnx_export.agreement(onnx_export.torch_probabilities(model, checkpoint, val.crops), probs, val.paths)
+    checkpoint = reference.extra["checkpoint"]
+    model_bytes = onnx_export.export_onnx(reference.extra["model"], checkpoint, metadata)
+    grades = onnx_grade.onnx_grader(out, session=onnx_grade.make_session(model_bytes)).grade_crops(val.crops)
+    check = onnx_export.agreement(reference.grade_crops(val.crops), grades, val.paths, reference.ood_threshold)
+    probs = grades.probs
     print(
         f"ONNX Runtime fp32 against torch fp32 on {check['images']} validation images: top-1 agreement "
         f"{percent(check['top1_agreement'])} ({check['top1_same']}/{check['images']}), largest probability "
@@ -158,10 +139,10 @@ def export_fp32(model, checkpoint, metadata, val, out):
     )
     figures = {"path": str(out), "mb": round(len(model_bytes) / 2**20, 1), "against_torch_fp32": check}
     figures |= {"tolerance": onnx_export.FP32_TOLERANCE}
-    return model_bytes, probs, figures | onnx_export.grade_metrics(val.labels, probs, checkpoint["class_names"])
+    return model_bytes, grades, figures | onnx_export.grade_metrics(val.labels, probs, checkpoint["class_names"])
 
 
-def export_int8(model_bytes, fp32_probs, metadata, train_items, val, out, limit, class_names):
+def export_int8(model_bytes, fp32, metadata, train_items, val, out, limit, class_names):
     """Quantise on up to limit training images, compare with fp32 on the validation images, and write it."""
     sample = onnx_export.calibration_sample(train_items, limit)
     calibration, unreadable = onnx_export.read_crops(sample, int(metadata["img_size"]), int(metadata["resize_size"]))
@@ -173,8 +154,10 @@ def export_int8(model_bytes, fp32_probs, metadata, train_items, val, out, limit,
     start = time.perf_counter()
     metadata = metadata | {"precision": "int8", "calibration_images": str(len(calibration.crops))}
     int8_bytes = onnx_export.quantize_int8(model_bytes, calibration.crops, metadata)
-    probs = onnx_export.onnx_probabilities(onnx_grade.describe(out, onnx_grade.make_session(int8_bytes)), val.crops)
-    check = onnx_export.agreement(fp32_probs, probs, val.paths)
+    int8 = onnx_grade.onnx_grader(out, session=onnx_grade.make_session(int8_bytes))
+    grades = int8.grade_crops(val.crops)
+    check = onnx_export.agreement(fp32, grades, val.paths, int8.ood_threshold)
+    probs = grades.probs
     files.write_bytes(out, int8_bytes)
     print(f"wrote {out} ({len(int8_bytes) / 2**20:.1f} MB) in {time.perf_counter() - start:.1f} s", flush=True)
     print(
@@ -205,8 +188,8 @@ def main(args):
         raise UserError("--calibration-images must be at least 1.")
     checkpoint_path = find_checkpoint(args.run, args.fold)
     out, out_int8, out_json = output_paths(checkpoint_path, args.out)
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path).eval()
+    reference = torch_grader(checkpoint_path, "cpu", "fp32")  # what the export must agree with
+    checkpoint = reference.extra["checkpoint"]
     sha256 = files.sha256_of(checkpoint_path)
     metadata = onnx_export.metadata_for(checkpoint, sha256, "fp32", checkpoint_file=checkpoint_path.name)
     class_names, img_size, resize_size = checkpoint["class_names"], checkpoint["img_size"], int(metadata["resize_size"])
@@ -218,7 +201,7 @@ def main(args):
     train_items, val_items = onnx_export.split_images(checkpoint_path, checkpoint, args.data)
     val = read_validation_images(val_items, img_size, resize_size)
 
-    model_bytes, fp32_probs, fp32 = export_fp32(model, checkpoint, metadata, val, out)
+    model_bytes, fp32_grades, fp32 = export_fp32(reference, metadata, val, out)
     record = {
         "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": sha256,
@@ -233,14 +216,14 @@ def main(args):
     }
     if args.int8:
         record["int8"] = export_int8(
-            model_bytes, fp32_probs, metadata, train_items, val, out_int8, args.calibration_images, class_names
+            model_bytes, fp32_grades, metadata, train_items, val, out_int8, args.calibration_images, class_names
         )
     models = [("fp32", fp32)] + ([("int8", record["int8"])] if args.int8 else [])
     print(
         f"validation ({len(val.crops)} images): accuracy "
-        + ", ".join(f"{name} {number(figures['accuracy'])}" for name, figures in models)
+        + ", ".join(f"{name} {fmt(figures['accuracy'])}" for name, figures in models)
         + "; QWK "
-        + ", ".join(f"{name} {number(figures['qwk'])}" for name, figures in models)
+        + ", ".join(f"{name} {fmt(figures['qwk'])}" for name, figures in models)
     )
     files.write_json(out_json, record)
     print(f"figures written to {out_json}")

@@ -27,12 +27,11 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade import files
 from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
+from ucgrade.files import check_folder_path
+from ucgrade.grader import BATCH_SIZE, OOD_WARNING, grade_files, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
-
-OOD_WARNING = "not like the training images: grade not reliable"  # ucgrade.ood.WARNING (torch-free here)
-
+from ucgrade.locate import find_models
 
 EXAMPLES = """examples:
   python predict.py image.jpg                         # best.pt of the newest run under outputs/
@@ -71,6 +70,13 @@ def get_args_parser():
         default="auto",
         choices=PRECISIONS,
         help="auto: bf16 where supported, as in training; an .onnx runs as exported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        metavar="N",
+        help="images graded in one forward pass; the next batch is decoded meanwhile (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     parser.add_argument(
@@ -130,31 +136,6 @@ def check_evaluate_args(args):
         raise UserError(f"--groups file '{args.groups}' does not exist; check the path.")
 
 
-def newest_checkpoint(out_dir):
-    """best.pt of the run under out_dir whose best model was written last."""
-    candidates = sorted(
-        [*Path(out_dir).glob("*/best.pt"), *Path(out_dir).glob("*/fold*/best.pt")], key=lambda p: p.stat().st_mtime
-    )
-    if not candidates and (Path(out_dir) / "best.pt").is_file():
-        raise UserError(
-            f"'{out_dir}' is a run folder itself (--out is the folder that holds the runs); pass --weights "
-            f"{Path(out_dir) / 'best.pt'}."
-        )
-    if not candidates:
-        raise UserError(
-            f"no trained model found under '{Path(out_dir).resolve()}/'; train one first with 'python qq.py' (from "
-            "the project folder), pass --out with the folder that holds the runs, or pass --weights path/to/best.pt."
-        )
-    newest = candidates[-1]
-    if newest.parent.parent != Path(out_dir):  # outputs/RUN/foldK/best.pt: a fold of a cross-validation run
-        run = newest.parent.parent
-        raise UserError(
-            f"the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one with "
-            f"--weights, for example --weights {run / 'fold1' / 'best.pt'}."
-        )
-    return newest
-
-
 def collect_images(inputs):
     """(image paths, errors): folders are searched for images; files need an image extension, as in training."""
     images, errors = [], []
@@ -197,167 +178,124 @@ def unique_path(folder, stem):
     return path
 
 
-def resolve_weights(args):
-    """The model file to grade with: --weights (a run folder stands for its best.pt), or the newest run's best.pt."""
-    weights = Path(args.weights) if args.weights else newest_checkpoint(args.out)
-    if weights.is_dir():  # a run folder: its best model
-        if not (weights / "best.pt").is_file():
-            fold = (
-                f" (a cross-validation run keeps one per fold, such as {weights / 'fold1' / 'best.pt'})"
-                if (weights / "fold1" / "best.pt").is_file()
-                else ""
-            )
-            raise UserError(
-                f"--weights '{weights}' is a folder without a best.pt; give a best.pt or last.pt written by "
-                f"qq.py{fold}."
-            )
-        weights = weights / "best.pt"
-    if not args.weights:
-        print(f"using {weights} (the newest run under {args.out}/{run_summary(weights.parent)})", file=sys.stderr)
-    return weights
-
-
-def run_summary(run_dir):
-    """', validation accuracy 0.91 after 25 of 25 epochs' from a run's metrics.json, so that a throwaway run used
-    by default is noticed; '' when the file says nothing."""
-    try:
-        metrics = files.read_json(Path(run_dir) / "metrics.json")
-        accuracy, done, epochs = metrics.get("accuracy"), metrics.get("epochs_completed"), metrics.get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return ""
-    parts = [f"validation accuracy {accuracy:.2f}" if isinstance(accuracy, (int, float)) else ""]
-    parts.append(f"after {done} of {epochs} epochs" if done is not None and epochs is not None else "")
-    status = metrics.get("status")
-    parts.append(f"({status})" if status and status != "finished" else "")
-    text = " ".join(part for part in parts if part)
-    return f", {text}" if text else ""
-
-
-def torch_grader(weights, args, cam_dir):
-    """(class names, grade(path), write_cam(path, grade, file) or None) of a .pt checkpoint, on --device."""
-    try:
-        from ucgrade.device import choose_device, choose_precision
-        from ucgrade.engine import load_for_prediction, predict_crop
-        from ucgrade.model import load_checkpoint, model_from_checkpoint
-    except ImportError as error:  # a grading-only install (requirements-predict.txt) has no torch
-        raise UserError(
-            f"grading with '{weights.name}' needs torch, and {error.name or 'a package'} is not installed here; "
-            "install requirements.txt, or grade with an .onnx that 'python export.py RUN_FOLDER' writes."
-        ) from None
-    from ucgrade.files import check_folder_path
-
-    device = choose_device(args.device)
-    precision = choose_precision(device, args.precision)
-    checkpoint = load_checkpoint(weights)
-    model = model_from_checkpoint(checkpoint, weights).to(device).eval()
-    class_names = checkpoint["class_names"]
-    if cam_dir is not None:
-        check_folder_path(cam_dir, "--cam")
-
-    from ucgrade import ood
-
-    scorer = ood.scorer(model, checkpoint, device, precision)
-
-    def grade(path):  # the image decoded once, for the grade and for its out-of-distribution score
-        image = load_for_prediction(path, checkpoint["img_size"], checkpoint.get("resize_size"))
-        grade, probabilities = predict_crop(image, model, checkpoint, device, precision)
-        if scorer is None:
-            return grade, probabilities, None
-        score = float(scorer.scores(image)[0])
-        return grade, probabilities, {"out_of_distribution": score > scorer.threshold, "ood_score": score}
-
-    def write_cam(path, grade, cam_path):
-        from ucgrade.cam import cam_overlay, save_png
-
-        # the preprocessing the model was trained with, as its checkpoint records it
-        overlay, _, _ = cam_overlay(model, path, checkpoint, target_class=class_names.index(grade))
-        save_png(overlay, cam_path)
-
-    return class_names, grade, write_cam if cam_dir is not None else None
-
-
-def onnx_grader(weights, args):
-    """(class names, grade(path), None) of an .onnx written by export.py, through ONNX Runtime on the CPU."""
-    if args.cam:
+def open_grader(weights, args):
+    """The Grader of the model file, after the checks of the flags that only a .pt can follow."""
+    onnx = weights.suffix.lower() == ".onnx"
+    if onnx and args.cam:
         raise UserError(
             f"--cam needs the .pt checkpoint, because Grad-CAM reads the model's gradients and '{weights.name}' keeps "
             "none; pass --weights with the best.pt it was exported from."
         )
-    if args.device not in ("auto", "cpu"):
+    if onnx and args.device not in ("auto", "cpu"):
         raise UserError(
             f"--device {args.device} is for a .pt checkpoint; an .onnx model runs on the CPU, so leave it out."
         )
-    from ucgrade.onnx_grade import load_onnx_model, predict_image
-
-    model = load_onnx_model(weights)
-    if args.precision not in ("auto", model.precision):
+    if args.cam:
+        check_folder_path(args.cam, "--cam")
+    grader = load_grader(weights, args.device, args.precision)
+    if onnx and args.precision not in ("auto", grader.precision):
         raise UserError(
             f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
-            f"exported in ({model.precision}), so leave --precision out."
+            f"exported in ({grader.precision}), so leave --precision out."
         )
-    print(
-        "note: the check for images unlike the training images needs the .pt the model was exported from; "
-        f"'{weights.name}' grades without it.",
-        file=sys.stderr,
-    )
-    return model.class_names, lambda path: (*predict_image(path, model), None), None
+    if not grader.has_ood:
+        how = "export it again from its best.pt" if onnx else "train it again with this version of qq.py"
+        print(
+            f"note: '{weights.name}' has no check for images unlike the training images ({how} to get one); "
+            "its grades are given without it.",
+            file=sys.stderr,
+        )
+    return grader
+
+
+def write_cam(grader, path, grade, cam_path):
+    """A Grad-CAM overlay of the grade on the image, by the model the torch grader holds."""
+    from ucgrade.cam import cam_overlay, save_png
+
+    model, checkpoint = grader.extra["model"], grader.extra["checkpoint"]
+    # the preprocessing the model was trained with, as its checkpoint records it
+    overlay, _, _ = cam_overlay(model, path, checkpoint, target_class=grader.class_names.index(grade))
+    save_png(overlay, cam_path)
+
+
+def image_results(grader, batch):
+    """(path, result dict or None, reason or None) of each file of a graded Batch, in the input order."""
+    grades = batch.grades[0]
+    flags = grader.flagged(grades.ood_scores)
+    unreadable, row = iter(batch.unreadable), dict(zip(batch.kept, range(len(batch.kept))))
+    for position, path in enumerate(batch.paths):
+        if position not in row:
+            yield path, None, next(unreadable)[1]
+            continue
+        j = row[position]
+        probabilities = dict(zip(grader.class_names, grades.probs[j].tolist()))
+        grade = grader.class_names[int(grades.probs[j].argmax())]
+        result = {"path": str(path), "grade": grade, "probability": probabilities[grade]}
+        result["probabilities"] = probabilities
+        if flags is not None:
+            result |= {"out_of_distribution": bool(flags[j]), "ood_score": float(grades.ood_scores[j])}
+        yield path, result, None
+
+
+def grade_images(grader, images, args, errors):
+    """Grade the image files in batches, print a line for each (unless --json) and return the results."""
+    cam_dir = Path(args.cam) if args.cam else None
+    if cam_dir is not None:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for batch in grade_files([grader], images, args.batch_size):
+        for path, result, reason in image_results(grader, batch):
+            if cam_dir is not None and result is not None:
+                result["cam"] = str(unique_path(cam_dir, path.stem))
+                try:
+                    write_cam(grader, path, result["grade"], result["cam"])
+                except UnreadableImage as error:
+                    result, reason = None, str(error)
+            if result is None:
+                errors.append((str(path), reason))
+                print(f"error: {path}: {reason}", file=sys.stderr)
+                continue
+            results.append(result)
+            if not args.json:
+                print(result_line(result), flush=True)
+    if cam_dir is not None:
+        print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
+    return results
+
+
+def result_line(result):
+    probabilities, grade = result["probabilities"], result["grade"]
+    others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
+    warning = f"  [{OOD_WARNING}]" if result.get("out_of_distribution") else ""
+    return f"{result['path']}: {grade} (p={probabilities[grade]:.2f}){warning}  {others}"
 
 
 def main(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
     check_evaluate_args(args)
     if args.evaluate:
         from ucgrade.testset import evaluate_test_set
 
         return evaluate_test_set(args, args.inputs[0])
-    weights = resolve_weights(args)
-    cam_dir = Path(args.cam) if args.cam else None
-    if weights.suffix.lower() == ".onnx":
-        class_names, grade_image, write_cam = onnx_grader(weights, args)
-    else:
-        class_names, grade_image, write_cam = torch_grader(weights, args, cam_dir)
-    if cam_dir is not None:
-        cam_dir.mkdir(parents=True, exist_ok=True)
-
+    weights = find_models(args.weights, args.out)[0]
+    grader = open_grader(weights, args)
     images, errors = collect_images(args.inputs)
     for name, reason in errors:
         print(f"error: {name}: {reason}", file=sys.stderr)
-    results = []
-    for path in images:
-        try:
-            grade, probabilities, unusual = grade_image(path)
-            result = {
-                "path": str(path),
-                "grade": grade,
-                "probability": probabilities[grade],
-                "probabilities": probabilities,
-            } | (unusual or {})
-            if write_cam is not None:
-                result["cam"] = str(unique_path(cam_dir, path.stem))
-                write_cam(path, grade, result["cam"])
-        except UnreadableImage as error:
-            errors.append((str(path), str(error)))
-            print(f"error: {path}: {error}", file=sys.stderr)
-            continue
-        results.append(result)
-        if not args.json:
-            others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
-            warning = f"  [{OOD_WARNING}]" if result.get("out_of_distribution") else ""
-            print(f"{path}: {grade} (p={probabilities[grade]:.2f}){warning}  {others}", flush=True)
-
+    results = grade_images(grader, images, args, errors)
     if args.json:
         print(
             json.dumps(
                 {
                     "weights": str(weights),
-                    "class_names": class_names,
+                    "class_names": grader.class_names,
                     "predictions": results,
                     "errors": [{"path": n, "error": r} for n, r in errors],
                 },
                 indent=2,
             )
         )
-    if cam_dir is not None:
-        print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
     if errors:
         print(
             f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.",

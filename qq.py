@@ -22,6 +22,8 @@ from pathlib import Path
 # Only what parsing needs: torch and the modules that use it load in main, so --help answers at once.
 from ucgrade import files
 from ucgrade.cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, PRECISIONS, ArgumentParser, UserError, main_entry
+from ucgrade.presets import DEFAULT_RECIPE, RECIPES
+from ucgrade.splits import VAL_SPLIT_DEFAULT
 
 EXAMPLES = """examples:
   python qq.py
@@ -36,24 +38,32 @@ def get_args_parser():
         epilog=EXAMPLES,
     )
     add = parser.add_argument
+    recipe = RECIPES[DEFAULT_RECIPE]
     add("--data", default="data", help="folder with one sub-folder of images per grade (default: %(default)s)")
     add("--out", default="outputs", help="folder that receives a new run folder (default: %(default)s)")
     add("--name", default=None, help="run folder name; a number is added if it exists (default: train, train2, ...)")
     add("--arch", default=DEFAULT_ARCH, choices=ARCHITECTURE_NAMES, help="the backbone (default: %(default)s)")
-    add("--epochs", type=int, default=25, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=int, default=16, help="images per training step (default: %(default)s)")
-    add("--lr", type=float, default=0.001, help="SGD learning rate (default: %(default)s)")
-    add("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    add("--epochs", type=int, default=recipe.epochs, help="training epochs (default: %(default)s)")
+    add("--batch-size", type=int, default=recipe.batch_size, help="images per training step (default: %(default)s)")
+    add("--lr", type=float, default=recipe.lr, help="SGD learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=recipe.momentum, help="SGD momentum (default: %(default)s)")
     add(
         "--step-size",
         type=int,
-        default=7,
-        help="StepLR: multiply the lr by --gamma every this many epochs (default: 7)",
+        default=recipe.step_size,
+        help="StepLR: multiply the lr by --gamma every this many epochs (default: %(default)s)",
     )
-    add("--gamma", type=float, default=0.1, help="StepLR decay factor (default: %(default)s)")
-    add("--val-split", type=float, default=0.2, help="fraction of each class held out for validation (default: 0.2)")
+    add("--gamma", type=float, default=recipe.gamma, help="StepLR decay factor (default: %(default)s)")
+    add(
+        "--val-split",
+        type=float,
+        default=VAL_SPLIT_DEFAULT,
+        help="fraction of each class held out for validation (default: %(default)s)",
+    )
     add("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation (default: 0)")
-    add("--img-size", type=int, default=224, help="input size in pixels, at least 64 (default: %(default)s)")
+    add(
+        "--img-size", type=int, default=recipe.img_size, help="input size in pixels, at least 64 (default: %(default)s)"
+    )
     add("--workers", type=int, default=-1, help="data loading processes; -1 suits them to the device (default: -1)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps; auto prefers a GPU (default: %(default)s)")
     add(
@@ -143,7 +153,7 @@ def get_args_parser():
 
 def check_args(args):
     """Reject impossible settings before any work starts."""
-    from ucgrade import data, distributed
+    from ucgrade import distributed, groups
 
     checks = [
         (args.epochs >= 1, f"--epochs must be at least 1 (got {args.epochs})"),
@@ -193,7 +203,7 @@ def check_args(args):
         if value and not Path(value).is_file():
             raise UserError(f"{flag} file '{value}' does not exist; check the path.")
     if args.groups and not args.resume:
-        data.read_group_file(args.groups)  # its format, before any image is read
+        groups.read_group_file(args.groups)  # its format, before any image is read
     if isinstance(args.class_order, str):
         args.class_order = [name.strip() for name in args.class_order.split(",") if name.strip()]
 

@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from speed import cpu_snapshot, others_cpu_share, project_args  # noqa: E402  (benchmarks/speed.py)
+from speed import RECIPE, cpu_snapshot, others_cpu_share, project_args  # noqa: E402  (benchmarks/speed.py)
 
-from ucgrade import data, engine  # noqa: E402
+from ucgrade import data, engine, presets  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
@@ -131,7 +131,7 @@ def trainer(device, precision, batch, channels_last=True, compiled=False, steps=
     """
     torch.manual_seed(seed)
     model = build_model(3).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum)
     criterion = torch.nn.CrossEntropyLoss()
     scaler = make_grad_scaler(device, precision)
     step_model = torch.compile(model) if compiled else model
@@ -246,7 +246,7 @@ def ask_child(args, device, precision):
 def ask_batch(args, device, precision):
     sizes = (16, 8, 32, 64)
     options = {
-        f"batch {b}" + ("*" if b == 16 else ""): trainer(
+        f"batch {b}" + ("*" if b == RECIPE.batch_size else ""): trainer(
             device, precision, uint8_batch(b, args.img_size, device), steps=max(1, 32 // b)
         )
         for b in sizes
@@ -317,11 +317,11 @@ def ask_workers(args, device, precision, folder):
     image_set = data.read_data(project_args(folder, args.img_size))
     indices = list(range(len(image_set.paths)))
     dataset = data.ImageDataset(
-        image_set, indices, data.train_transform(args.img_size), data.resize_size_for(args.img_size)
+        image_set, indices, presets.train_transform(args.img_size), presets.resize_size_for(args.img_size)
     )
     torch.manual_seed(0)
     model = build_model(3).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum)
     criterion, scaler = torch.nn.CrossEntropyLoss(), make_grad_scaler(device, precision)
 
     def epoch(workers):
@@ -419,7 +419,9 @@ def inference_loop(model, batch_size, images_per_call, img_size, device, precisi
 def ask_feature_batch(args, device, precision):
     model = build_model(3).to(device, memory_format=torch.channels_last).eval()
     options = {
-        f"batch {b}" + ("*" if b == 16 else ""): inference_loop(model, b, 64, args.img_size, device, precision)
+        f"batch {b}" + ("*" if b == RECIPE.batch_size else ""): inference_loop(
+            model, b, 64, args.img_size, device, precision
+        )
         for b in (16, 32, 64)
     }
     return compare(options, args.rounds, device)

@@ -38,6 +38,7 @@ and data loading count as overhead. The first epoch also pays for warm-up and is
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import itertools
 import json
@@ -59,8 +60,7 @@ from torchvision import datasets, transforms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-import qq  # noqa: E402
-from ucgrade import data, engine, files, onnx_export, onnx_grade, train  # noqa: E402
+from ucgrade import data, engine, files, onnx_export, onnx_grade, presets, train  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402
 from ucgrade.demo import make_dataset  # noqa: E402
 from ucgrade.device import (  # noqa: E402
@@ -80,10 +80,11 @@ from ucgrade.model import (  # noqa: E402
     model_from_checkpoint,
     save_checkpoint,
 )
-from ucgrade.splits import Split  # noqa: E402
+from ucgrade.splits import VAL_SPLIT_DEFAULT, Split, split_holdout  # noqa: E402
 
 FORWARD_GFLOP_224 = 8.2  # ResNet50 forward pass at 224 px: 4.1 G multiply-adds
 TRAIN_STEP_FACTOR = 3  # forward + backward (gradients of the activations and of the weights)
+RECIPE = presets.RECIPES[presets.DEFAULT_RECIPE]  # the recipe that qq.py trains with by default
 
 
 def get_args_parser():
@@ -99,8 +100,8 @@ def get_args_parser():
     )
     add("--images", type=int, default=None, help="images to generate without --data (default: 800; 96 with --quick)")
     add("--image-px", type=int, default=384, help="side of the generated images in pixels (default: %(default)s)")
-    add("--img-size", type=int, default=224, help="input size of the model (default: %(default)s)")
-    add("--batch-size", type=int, default=None, help="the project's training batch size (default: qq.py's default)")
+    add("--img-size", type=int, default=RECIPE.img_size, help="input size of the model (default: %(default)s)")
+    add("--batch-size", type=int, default=None, help="the project's training batch size (default: the recipe's)")
     add(
         "--workers",
         type=int,
@@ -114,7 +115,12 @@ def get_args_parser():
         help="whole epochs timed for each precision of the project's training (default: 3; 2 with --quick)",
     )
     add("--baseline-epochs", type=int, default=1, help="whole epochs of the tutorial baseline (default: %(default)s)")
-    add("--frozen-epochs", type=int, default=25, help="epochs of --freeze-backbone training (default: %(default)s)")
+    add(
+        "--frozen-epochs",
+        type=int,
+        default=RECIPE.epochs,
+        help="epochs of --freeze-backbone training (default: %(default)s)",
+    )
     add(
         "--steps",
         type=int,
@@ -381,14 +387,18 @@ def whole_epochs(epochs, n_train, n_images, img_size, ceiling):
 
 
 def project_args(data_dir, img_size, **overrides):
-    """The method's settings, qq.py's defaults, for the images in data_dir at img_size; overrides change them."""
-    settings = qq.get_args_parser().parse_args(["--data", str(data_dir), "--img-size", str(img_size)])
-    return argparse.Namespace(**vars(settings) | overrides)
+    """The method's settings, as qq.py trains by default (the recipe, and its other options off), for the images
+    in data_dir at img_size; overrides change them."""
+    settings = dataclasses.asdict(RECIPE) | {"data": str(data_dir), "img_size": img_size, "seed": 0, "workers": -1}
+    settings |= {"val_split": VAL_SPLIT_DEFAULT, "cache": "auto", "balance": "none", "resume": None}
+    settings |= dict.fromkeys(("class_order", "remission_upto", "groups"))
+    settings |= dict.fromkeys(("freeze_backbone", "sync_bn", "compile"), False)
+    return argparse.Namespace(**settings | overrides)
 
 
 def the_benchmarks(args):
     """The settings of the project's training that the benchmark's own flags set."""
-    return {"seed": args.seed, "workers": args.workers, "batch_size": args.batch_size or 16}
+    return {"seed": args.seed, "workers": args.workers, "batch_size": args.batch_size or RECIPE.batch_size}
 
 
 def train_project(run_args, image_set, split, device, precision, epochs):
@@ -412,8 +422,8 @@ def train_project(run_args, image_set, split, device, precision, epochs):
             f"val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}",
             flush=True,
         )
-    resize = data.resize_size_for(run_args.img_size)
-    val_set = data.ImageDataset(image_set, split.val, data.val_transform(run_args.img_size), resize)
+    resize = presets.resize_size_for(run_args.img_size)
+    val_set = data.ImageDataset(image_set, split.val, presets.val_transform(run_args.img_size), resize)
     parts = {"model": model, "training": training, "runtime": runtime, "val_set": val_set}
     return history, setup_s, parts
 
@@ -451,13 +461,13 @@ def inference_runners(model, checkpoint, precision, onnx_models):
     """{name: run(crop)} for a uint8 (3, S, S) crop to a predicted grade: torch eager on the CPU in fp32 and in
     precision (as predict.py runs a .pt), and ONNX Runtime with each model (as predict.py runs an .onnx)."""
     cpu = torch.device("cpu")
-    mean, std = checkpoint.get("mean", data.IMAGENET_MEAN), checkpoint.get("std", data.IMAGENET_STD)
+    mean, std = checkpoint.get("mean", presets.IMAGENET_MEAN), checkpoint.get("std", presets.IMAGENET_STD)
 
     def torch_runner(torch_precision):
         @torch.inference_mode()
         def run(crop):
             with autocast(cpu, torch_precision):
-                return int(model(data.normalize(torch.from_numpy(crop)[None], mean, std)).argmax(1))
+                return int(model(presets.normalize(torch.from_numpy(crop)[None], mean, std)).argmax(1))
 
         return run
 
@@ -539,13 +549,13 @@ def tutorial_loaders(root, paths, train, val, img_size, batch_size=4, workers=4)
     """The tutorial's ImageFolder datasets and loaders (decoding every JPEG every epoch), on the same split."""
     # 4 workers on a 2-core machine are part of what the baseline measures; torch's warning says so too
     warnings.filterwarnings("ignore", message="This DataLoader will create")
-    mean_std = transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    mean_std = transforms.Normalize(presets.IMAGENET_MEAN, presets.IMAGENET_STD)
     train_tf = transforms.Compose(
         [transforms.RandomResizedCrop(img_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), mean_std]
     )
     val_tf = transforms.Compose(
         [
-            transforms.Resize(data.resize_size_for(img_size)),
+            transforms.Resize(presets.resize_size_for(img_size)),
             transforms.CenterCrop(img_size),
             transforms.ToTensor(),
             mean_std,
@@ -581,6 +591,7 @@ def tutorial_step(model, criterion, optimizer, inputs, labels, device):
 def train_tutorial(model, train_loader, val_loader, device, epochs):
     """The tutorial's train_model loop: a train phase and a val phase per epoch."""
     criterion = torch.nn.CrossEntropyLoss()
+    # the tutorial's own values (the seed recipe took them): the baseline stays the tutorial if the recipe changes
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
     history = []
@@ -634,8 +645,8 @@ def time_tutorial_inference(model, crops, device, warmup=5, max_images=50):
     """fp32, eager, contiguous: batch 1 from a uint8 crop to a prediction, timed as
     engine.measure_inference_time does."""
     model.eval()
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(presets.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(presets.IMAGENET_STD).view(3, 1, 1)
 
     def run(crop):
         x = ((crop.float() / 255 - mean) / std).unsqueeze(0).to(device)
@@ -666,7 +677,7 @@ def run_benchmark(args, data_dir, device, precision):
     run_args = project_args(data_dir, args.img_size, **the_benchmarks(args))
     with Part(device) as part:
         image_set = data.read_data(run_args)
-    train, val = data.split_holdout(image_set.labels, run_args.val_split, run_args.seed)
+    train, val = split_holdout(image_set.labels, run_args.val_split, run_args.seed)
     split = Split(train, val, run_dir=None)
     n_images, cached = len(train) + len(val), image_set.images is not None
     results["data"] = {
@@ -721,7 +732,7 @@ def run_benchmark(args, data_dir, device, precision):
         flush=True,
     )
     calibration_items = onnx_export.calibration_sample([(image_set.paths[i], image_set.labels[i]) for i in train])
-    resize_size = data.resize_size_for(args.img_size)
+    resize_size = presets.resize_size_for(args.img_size)
     with Part(device) as part, tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "best.pt"
         config = {"class_names": image_set.class_names, "img_size": args.img_size}

@@ -1,20 +1,24 @@
-"""Shared test data: generated ImageFolders, a small trained run, and the CLI in a subprocess."""
+"""Shared test data: generated ImageFolders, a small trained run, and the CLI in this process or a subprocess."""
 
+import contextlib
+import importlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-import qq
+from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
-from ucgrade.device import choose_device, choose_precision
-from ucgrade.engine import predict_image
-from ucgrade.model import load_checkpoint, model_from_checkpoint
+from ucgrade.images import load_image
+from ucgrade.torch_grader import torch_grader
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast, on a device chosen explicitly (a GPU would change precisions and timings): ResNet18 at
@@ -55,24 +59,67 @@ def copy_run(run_dir, destination, **copytree_args):
 
 
 def grade_with_library(images, weights, threads=None):
-    """{str(path): (grade, probabilities)} from ucgrade.engine.predict_image, with the checkpoint on the CPU in the
-    precision predict.py chooses there. threads: those of a predict.py to compare with, if not this process's
+    """{str(path): (grade, probabilities)} from the torch grader, one image at a time, with the checkpoint on the CPU
+    in the precision predict.py chooses there. threads: those of a predict.py to compare with, if not this process's
     (the order of a sum's terms moves the probabilities by about 1e-7)."""
-    checkpoint = load_checkpoint(weights)
-    model = model_from_checkpoint(checkpoint).eval()
-    device = choose_device("cpu")
-    precision = choose_precision(device, "auto")
+    grader = torch_grader(weights, "cpu", "auto")
     own = torch.get_num_threads()
     torch.set_num_threads(threads or own)
     try:
-        return {str(path): predict_image(path, model, checkpoint, device, precision) for path in images}
+        graded = {}
+        for path in images:
+            probs = grader.grade([load_image(path)]).probs[0]
+            graded[str(path)] = (grader.class_names[int(probs.argmax())], dict(zip(grader.class_names, probs.tolist())))
+        return graded
     finally:
         torch.set_num_threads(own)
 
 
+class Result(NamedTuple):
+    """What a command printed and how it ended: the exit code, the whole stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    def lines(self):
+        """(exit code, stdout lines, stderr lines) as a terminal shows them (see user_lines)."""
+        return self.code, user_lines(self.out), user_lines(self.err)
+
+
+def cli(script, *argv):
+    """`python SCRIPT ARGV...` in this process: qq.py, predict.py, export.py, or a module run with -m (ucgrade.report).
+
+    As the command line runs it: argparse reads the arguments (a mistake exits 2 with its line), and main runs
+    through cli.run_cli, so a UserError is one line on stderr and exit code 2. What it prints is captured and then
+    passed on to this process's streams, so that pytest shows it beside a failing test. In this process, unlike
+    run_script, a test can monkeypatch the code, and torch is imported only once.
+    """
+    argv = [str(arg) for arg in argv]
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err = io.StringIO(), io.StringIO()
+    # sys.argv as the shell sets it: argparse names the script in its messages after sys.argv[0]
+    try:
+        with (
+            mock.patch.object(sys, "argv", [script, *argv]),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            if hasattr(module, "get_args_parser"):
+                code = run_cli(module.main, module.get_args_parser().parse_args(argv))
+            else:  # python -m ucgrade.report: its main takes the arguments as they are
+                code = run_cli(module.main, argv)
+    except SystemExit as stop:  # argparse: --help, or a mistake on the command line
+        code = stop.code
+    finally:  # also when an unexpected exception goes on to fail the test
+        print(out.getvalue(), end="")
+        print(err.getvalue(), end="", file=sys.stderr)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
 def train(argv):
-    """Run qq.main in this process; returns the exit code."""
-    return qq.main(qq.get_args_parser().parse_args([str(a) for a in argv]))
+    """qq.py with these arguments, in this process; returns the exit code."""
+    return cli("qq.py", *argv).code
 
 
 def run_script(script, *args, cwd=ROOT, env=None, timeout=600):

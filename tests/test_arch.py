@@ -5,13 +5,10 @@ import json
 import pytest
 import torch
 import torchvision
-from conftest import make_folder, train, user_lines
+from conftest import cli, make_folder, train
 
-import predict
-import qq
 from ucgrade import model as model_module
 from ucgrade.cam import grad_cam
-from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 from ucgrade.model import ARCHITECTURES, backbone, build_model, head, load_checkpoint, model_from_checkpoint
 
@@ -22,12 +19,6 @@ TINY = [*SMALL, "--pretrained", "no"]
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("data"), {"mild": 5, "moderate": 5, "severe": 5}, size=64)
-
-
-def run_in_process(module, argv, capsys):
-    code = run_cli(module.main, module.get_args_parser().parse_args([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    return code, captured.out, user_lines(captured.err)
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -53,19 +44,16 @@ def test_every_row_of_the_table_builds_a_model_with_its_head_backbone_and_cam_la
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
-def test_an_arch_trains_predicts_resumes_and_draws_grad_cam(arch, tiny_data, tmp_path, capsys):
+def test_an_arch_trains_predicts_resumes_and_draws_grad_cam(arch, tiny_data, tmp_path):
     assert train(["--data", tiny_data, "--out", tmp_path, "--arch", arch, *TINY]) == 0
     run = tmp_path / "train"
     checkpoint = load_checkpoint(run / "best.pt")
     assert checkpoint["arch"] == arch and json.loads((run / "config.json").read_text())["arch"] == arch
     assert (run / "cam" / read_csv(run / "cam" / "index.csv")[0]["file"]).stat().st_size > 1000  # the run's Grad-CAM
-    capsys.readouterr()
 
     # predict.py builds the model that the checkpoint's arch names, and draws its Grad-CAM
     image = tiny_data / "severe" / "severe_000.jpg"
-    code, out, err = run_in_process(
-        predict, [image, "--weights", run, "--device", "cpu", "--cam", tmp_path / "cams", "--json"], capsys
-    )
+    code, out, err = cli("predict.py", image, "--weights", run, "--device", "cpu", "--cam", tmp_path / "cams", "--json")
     assert code == 0, err
     graded = json.loads(out)["predictions"][0]
     assert graded["grade"] in ("mild", "moderate", "severe") and sum(graded["probabilities"].values()) == pytest.approx(
@@ -74,11 +62,11 @@ def test_an_arch_trains_predicts_resumes_and_draws_grad_cam(arch, tiny_data, tmp
     assert (tmp_path / "cams" / "severe_000_cam.png").stat().st_size > 1000
 
     # resume goes on with the same backbone, and another --arch is one sentence
-    code, _, err = run_in_process(qq, ["--resume", run, "--epochs", "2", "--device", "cpu"], capsys)
+    code, _, err = cli("qq.py", "--resume", run, "--epochs", "2", "--device", "cpu").lines()
     assert code == 0, err
     assert len(read_csv(run / "history.csv")) == 2 and load_checkpoint(run / "last.pt")["arch"] == arch
     other = "resnet34" if arch != "resnet34" else "resnet18"
-    code, _, err = run_in_process(qq, ["--resume", run, "--epochs", "3", "--arch", other, "--device", "cpu"], capsys)
+    code, _, err = cli("qq.py", "--resume", run, "--epochs", "3", "--arch", other, "--device", "cpu").lines()
     assert code == 2 and err == [
         "error: --arch cannot change when a run is resumed, because the run goes on with the settings in its "
         "config.json; leave them out, or start a new run with them."
@@ -103,11 +91,11 @@ def test_a_local_resnet18_file_in_the_hub_cache_is_used_offline(tiny_data, tmp_p
     assert kept and all(torch.equal(best[k], imagenet_like[k]) for k in kept)  # the frozen backbone is the file's
 
 
-def test_a_resnet50_file_given_for_resnet18_is_refused_in_one_sentence(tiny_data, tmp_path, capsys):
+def test_a_resnet50_file_given_for_resnet18_is_refused_in_one_sentence(tiny_data, tmp_path):
     weights = tmp_path / "resnet50-0676ba61.pth"
     torch.save(torchvision.models.resnet50().state_dict(), weights)
     argv = ["--data", tiny_data, "--out", tmp_path / "out", "--arch", "resnet18", "--weights", weights, *SMALL]
-    code, _, err = run_in_process(qq, argv, capsys)
+    code, _, err = cli("qq.py", *argv).lines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: --weights '{weights}' is not an ImageNet resnet18 state_dict (")
     assert err[0].endswith(

@@ -5,8 +5,6 @@ huge scans, non-ASCII names and sub-folders per patient. One training run over s
 checks what the user sees and what the run folder records.
 """
 
-import contextlib
-import io
 import json
 import os
 import struct
@@ -15,13 +13,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, grade_with_library, make_folder, run_scripts, user_lines
+from conftest import FAST, cli, grade_with_library, make_folder, run_scripts, user_lines
 from PIL import Image
 
-import predict
-import qq
-from ucgrade import data, engine, files
-from ucgrade.cli import run_cli
+from ucgrade import data, files, images, presets
 from ucgrade.demo import make_image
 
 EXTENSIONS = {  # every extension the README names, some in upper or mixed case as cameras and Windows write them
@@ -147,11 +142,8 @@ def messy_run(messy, module_tmp):
     user's terminal is the redirected output (a subprocess would only add seconds of torch import)."""
     root = messy[0]
     out = module_tmp / "out"
-    args = qq.get_args_parser().parse_args([str(a) for a in ["--data", root, "--out", out, "--epochs", "1", *FAST]])
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = run_cli(qq.main, args)
-    return code, stdout.getvalue(), stderr.getvalue(), out / "train"
+    code, stdout, stderr = cli("qq.py", "--data", root, "--out", out, "--epochs", "1", *FAST)
+    return code, stdout, stderr, out / "train"
 
 
 def test_bad_files_are_skipped_listed_and_recorded_before_training(messy, messy_run):
@@ -204,7 +196,7 @@ def assert_graded_as_the_library(predictions, expected):
         assert predicted["probability"] == predicted["probabilities"][grade]
 
 
-def test_predict_reads_the_same_unusual_images(messy, messy_run, capsys):
+def test_predict_reads_the_same_unusual_images(messy, messy_run):
     root = messy[0]
     run = messy_run[-1]
     images = [
@@ -214,14 +206,14 @@ def test_predict_reads_the_same_unusual_images(messy, messy_run, capsys):
         root / "moderate/cmyk.jpg",
         *(root / relative for relative in EXTENSIONS),
     ]
-    argv = [*map(str, images), "--weights", str(run / "best.pt"), "--json", "--device", "cpu"]
-    assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
-    output = json.loads(capsys.readouterr().out)
+    code, out, _ = cli("predict.py", *images, "--weights", run / "best.pt", "--json", "--device", "cpu")
+    assert code == 0
+    output = json.loads(out)
     assert output["errors"] == []
     assert_graded_as_the_library(output["predictions"], grade_with_library(images, run / "best.pt"))
 
 
-def test_predict_leaves_hidden_files_out_of_a_folder_without_a_word(messy, messy_run, tmp_path, capsys):
+def test_predict_leaves_hidden_files_out_of_a_folder_without_a_word(messy, messy_run, tmp_path):
     root = messy[0]
     run = messy_run[-1]
     folder = tmp_path / "visit"
@@ -232,11 +224,10 @@ def test_predict_leaves_hidden_files_out_of_a_folder_without_a_word(messy, messy
     (folder / "sub" / "B.JPG").write_bytes((root / "severe" / "CAMERA.JPG").read_bytes())
     for name in (".DS_Store", "._a.jpg", "sub/._B.JPG"):  # clutter that no decoder reads
         (folder / name).write_bytes(b"\x00\x05\x16\x07" + bytes(60))
-    argv = [str(folder), "--weights", str(run / "best.pt"), "--json", "--device", "cpu"]
-    assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
-    captured = capsys.readouterr()
-    output = json.loads(captured.out)
-    assert output["errors"] == [] and "error" not in captured.err and "._" not in captured.err
+    code, out, err = cli("predict.py", folder, "--weights", run / "best.pt", "--json", "--device", "cpu")
+    assert code == 0
+    output = json.loads(out)
+    assert output["errors"] == [] and "error" not in err and "._" not in err
     graded = [folder / "a.jpg", folder / "sub" / "B.JPG"]
     assert_graded_as_the_library(output["predictions"], grade_with_library(graded, run / "best.pt"))
 
@@ -287,14 +278,14 @@ def test_exif_orientation_is_applied_in_training_and_prediction_alike(tmp_path):
     assert upright.shape == (90, 60, 3)
     assert np.abs(upright[5:40].mean((0, 1)) - RED).max() < 10 and np.abs(upright[50:85].mean((0, 1)) - BLUE).max() < 10
 
-    cached = data.read_resized(path, data.resize_size_for(64))  # training and validation start from this
+    cached = data.read_resized(path, presets.resize_size_for(64))  # training and validation start from this
     assert cached.shape[1] > cached.shape[2]  # portrait
     assert cached[0, :10].float().mean() > 180 and cached[2, -10:].float().mean() > 180  # red top, blue bottom
-    predicted = engine.load_for_prediction(path, 64)[0]  # what predict.py feeds the model
-    assert torch.equal(data.val_transform(64)(cached), predicted)
+    predicted = torch.from_numpy(images.preprocess(data.load_image(path), 64, presets.resize_size_for(64)))
+    assert torch.equal(presets.val_transform(64)(cached), predicted)  # what predict.py feeds the model
 
 
-def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
+def test_unusable_data_folders_stop_with_one_clear_line(tmp_path):
     (tmp_path / "a_file.txt").write_text("not a folder")
     flat = make_folder(tmp_path / "flat", {"mild": 3})
     for image in list((flat / "mild").iterdir()):
@@ -325,11 +316,8 @@ def test_unusable_data_folders_stop_with_one_clear_line(tmp_path, capsys):
         ),
     ]
     for i, (folder, expected) in enumerate(cases):
-        args = qq.get_args_parser().parse_args(
-            [str(a) for a in ["--data", folder, "--out", tmp_path / f"out{i}", "--epochs", "1", *FAST]]
-        )
-        assert run_cli(qq.main, args) == 2, folder
-        lines = user_lines(capsys.readouterr().err)
+        code, _, lines = cli("qq.py", "--data", folder, "--out", tmp_path / f"out{i}", "--epochs", "1", *FAST).lines()
+        assert code == 2, folder
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         for fragment in expected:
             assert fragment.format(data=folder) in lines[0], (fragment, lines[0])

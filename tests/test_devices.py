@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, make_folder, train, user_lines
+from conftest import FAST, cli, make_folder
 
-import predict
-from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 from ucgrade.records import prob_column
 
@@ -20,13 +18,13 @@ def data12(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("data"), {"mild": 4, "moderate": 4, "severe": 4})
 
 
-def train_and_grade(data, out, device, precision, capsys, tolerance):
+def train_and_grade(data, out, device, precision, tolerance):
     """Train one epoch on device in precision, then grade the validation images with predict.py on the
     same device and precision: they get the probabilities the run's evaluation wrote. The precision used."""
-    assert (
-        train(["--data", data, "--out", out, *FAST, "--epochs", "1", "--device", device, "--precision", precision]) == 0
-    )
-    said = user_lines(capsys.readouterr().out)
+    code, said, err = cli(
+        "qq.py", "--data", data, "--out", out, *FAST, "--epochs", "1", "--device", device, "--precision", precision
+    ).lines()
+    assert code == 0, err
     run = out / "train"
     config = json.loads((run / "config.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
@@ -38,9 +36,11 @@ def train_and_grade(data, out, device, precision, capsys, tolerance):
 
     rows = read_csv(run / "predictions.csv")
     images = [data / row["path"] for row in rows]
-    args = [*map(str, images), "--weights", str(run / "best.pt"), "--device", device, "--precision", used, "--json"]
-    assert run_cli(predict.main, predict.get_args_parser().parse_args(args)) == 0
-    graded = json.loads(capsys.readouterr().out)
+    code, printed, err = cli(
+        "predict.py", *images, "--weights", run / "best.pt", "--device", device, "--precision", used, "--json"
+    )
+    assert code == 0, err
+    graded = json.loads(printed)
     assert [p["path"] for p in graded["predictions"]] == [str(path) for path in images]
     for row, prediction in zip(rows, graded["predictions"]):
         probabilities = prediction["probabilities"]
@@ -51,9 +51,9 @@ def train_and_grade(data, out, device, precision, capsys, tolerance):
 
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.03)], ids=["fp32", "bf16"])
-def test_a_forced_precision_is_used_said_and_recorded(precision, tolerance, data12, tmp_path, capsys):
+def test_a_forced_precision_is_used_said_and_recorded(precision, tolerance, data12, tmp_path):
     """Whatever the CPU would choose by itself (bf16 where it computes bf16 natively, else fp32)."""
-    assert train_and_grade(data12, tmp_path, "cpu", precision, capsys, tolerance) == precision
+    assert train_and_grade(data12, tmp_path, "cpu", precision, tolerance) == precision
 
 
 @pytest.mark.gpu
@@ -61,6 +61,6 @@ def test_a_forced_precision_is_used_said_and_recorded(precision, tolerance, data
     not torch.cuda.is_available(),
     reason="no CUDA GPU: the GPU path (mixed precision, pinned memory) is not run on this machine",
 )
-def test_the_gpu_path_trains_and_grades(data12, tmp_path, capsys):
-    used = train_and_grade(data12, tmp_path, "cuda", "auto", capsys, tolerance=0.03)
+def test_the_gpu_path_trains_and_grades(data12, tmp_path):
+    used = train_and_grade(data12, tmp_path, "cuda", "auto", tolerance=0.03)
     assert used == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16")

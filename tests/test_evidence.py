@@ -2,8 +2,6 @@
 patient-level section with --groups, `predict.py TEST_DIR --evaluate` with its rules, and the flag
 for images unlike the training images. Real runs, tiny: 64 px, random weights."""
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -11,35 +9,21 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, train
+from conftest import FAST, cli, copy_run, make_folder, run_script, user_lines
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
+from test_export import NOT_INSTALLED
 from test_grouped_splits import assert_split_csv
 
-import export
-import predict
 from ucgrade import files, ood, stats
-from ucgrade.cli import UserError, run_cli
 from ucgrade.demo import make_image
+from ucgrade.grader import load_grader
+from ucgrade.images import load_image
 from ucgrade.model import load_checkpoint
 
 NAMES = ["mild", "moderate", "severe"]
+CPU = ["--device", "cpu"]  # predict.py grades on the CPU: a GPU would change the precision
 CI = re.compile(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)")  # "0.81 (0.76-0.86)"
-
-
-def quiet_train(argv):
-    """train() with its terminal output returned."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert train(argv) == 0
-    return out.getvalue()
-
-
-def grade(argv, capsys):
-    """predict.py in this process, on the CPU: (exit code, stdout, stderr)."""
-    code = run_cli(predict.main, predict.get_args_parser().parse_args([*map(str, argv), "--device", "cpu"]))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write_groups(path, rows):
@@ -54,7 +38,8 @@ def run(module_tmp):
     data = make_folder(module_tmp / "data", {name: 20 for name in NAMES}, seed=3)
     torch.manual_seed(0)
     argv = ["--data", data, "--out", module_tmp / "out", "--epochs", "3", "--remission-upto", "mild"]
-    output = quiet_train([*argv, *FAST, "--precision", "fp32"])
+    code, output, err = cli("qq.py", *argv, *FAST, "--precision", "fp32")
+    assert code == 0, err
     return module_tmp / "out" / "train", output
 
 
@@ -68,7 +53,8 @@ def grouped_cv(module_tmp):
     )
     torch.manual_seed(0)
     argv = ["--data", data, "--out", module_tmp / "cv", "--groups", groups, "--folds", "3", "--epochs", "2"]
-    output = quiet_train([*argv, "--select", "last", "--remission-upto", "mild", *FAST])
+    code, output, err = cli("qq.py", *argv, "--select", "last", "--remission-upto", "mild", *FAST)
+    assert code == 0, err
     return module_tmp / "cv" / "train", output
 
 
@@ -146,8 +132,8 @@ def test_select_last_with_folds_keeps_each_folds_last_epoch(grouped_cv):
 
 
 def test_a_resumed_run_keeps_its_patient_grade_rule(grouped_cv):
-    with pytest.raises(UserError, match="--patient-grade cannot change"):
-        train(["--resume", grouped_cv[0], "--patient-grade", "mean-prob"])
+    code, _, err = cli("qq.py", "--resume", grouped_cv[0], "--patient-grade", "mean-prob")
+    assert code == 2 and "--patient-grade cannot change" in err
 
 
 # ----------------------------------------------------------------------------- a test set
@@ -163,12 +149,12 @@ def test_dir(run, module_tmp):
     return root
 
 
-def test_a_test_set_is_scored_like_validation_with_its_rules(run, test_dir, tmp_path, capsys):
+def test_a_test_set_is_scored_like_validation_with_its_rules(run, test_dir, tmp_path):
     run_dir, _ = run
     images = sorted(p.relative_to(test_dir).as_posix() for p in test_dir.rglob("*.jpg") if p.name != "broken.jpg")
     groups = write_groups(tmp_path / "test_patients.csv", [(p, f"t{k // 2}") for k, p in enumerate(images)])
     argv = [test_dir, "--evaluate", "--weights", run_dir, "--groups", groups, "--remission-upto", "mild"]
-    code, out, err = grade(argv, capsys)
+    code, out, err = cli("predict.py", *argv, *CPU)
     assert code == 0, err
     out_dir = run_dir / "test"
     assert f"test results in {out_dir}" in out and len(CI.findall(out)) >= 10
@@ -198,13 +184,15 @@ def test_a_test_set_is_scored_like_validation_with_its_rules(run, test_dir, tmp_
         assert text in page, text
     assert "<img" in page and 'src="data:image/png;base64,' in page and 'src="http' not in page  # self-contained
     # never overwritten: the next evaluation is test2; --eval-out goes where it is told
-    assert grade([test_dir, "--evaluate", "--weights", run_dir / "best.pt"], capsys)[0] == 0
+    assert cli("predict.py", test_dir, "--evaluate", "--weights", run_dir / "best.pt", *CPU).code == 0
     assert (run_dir / "test2" / "report.html").exists() and (run_dir / "test" / "patients.csv").exists()
-    assert grade([test_dir, "--evaluate", "--weights", run_dir, "--eval-out", tmp_path / "mine"], capsys)[0] == 0
+    assert (
+        cli("predict.py", test_dir, "--evaluate", "--weights", run_dir, "--eval-out", tmp_path / "mine", *CPU).code == 0
+    )
     assert (tmp_path / "mine" / "metrics.json").exists()
 
 
-def test_test_set_mistakes_are_one_sentence(run, test_dir, tmp_path, capsys):
+def test_test_set_mistakes_are_one_sentence(run, test_dir, tmp_path):
     run_dir, _ = run
     unknown = make_folder(tmp_path / "unknown", {"mild": 2, "mayo4": 2})
     cases = [
@@ -216,15 +204,15 @@ def test_test_set_mistakes_are_one_sentence(run, test_dir, tmp_path, capsys):
     ]
     before = sorted(run_dir.glob("test*"))
     for argv, expected in cases:
-        code, _, err = grade(argv, capsys)
+        code, _, err = cli("predict.py", *argv, *CPU)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert sorted(run_dir.glob("test*")) == before  # refused before any results folder is made
 
 
-def test_a_cross_validation_run_grades_with_each_fold_and_their_ensemble(grouped_cv, test_dir, capsys):
+def test_a_cross_validation_run_grades_with_each_fold_and_their_ensemble(grouped_cv, test_dir):
     run_dir, _ = grouped_cv
-    code, out, err = grade([test_dir, "--evaluate", "--weights", run_dir], capsys)
+    code, out, err = cli("predict.py", test_dir, "--evaluate", "--weights", run_dir, *CPU)
     assert code == 0, err
     result = json.loads((run_dir / "test" / "metrics.json").read_text())
     assert result["ensemble"] and len(result["per_model"]) == 3 and len(result["weights"]) == 3
@@ -234,16 +222,24 @@ def test_a_cross_validation_run_grades_with_each_fold_and_their_ensemble(grouped
     assert "ensemble (mean probabilities)" in page
 
 
-def test_a_test_set_is_scored_with_an_onnx_model(run, test_dir, capsys):
+def test_a_test_set_is_scored_with_an_onnx_model(run, test_dir):
     run_dir, _ = run
-    assert run_cli(export.main, export.get_args_parser().parse_args([str(run_dir)])) == 0, capsys.readouterr().err
-    code, out, err = grade([test_dir, "--evaluate", "--weights", run_dir / "model.onnx"], capsys)
+    code, _, err = cli("export.py", run_dir)
+    assert code == 0, err
+    code, out, err = cli("predict.py", test_dir, "--evaluate", "--weights", run_dir / "model.onnx", *CPU)
     assert code == 0, err
     out_dir = sorted(run_dir.glob("test*"), key=lambda p: p.stat().st_mtime)[-1]
     result = json.loads((out_dir / "metrics.json").read_text())
     assert result["weights"][0].endswith("model.onnx") and "accuracy" in result["intervals"]
-    assert "out_of_distribution" not in result  # the check needs the .pt, and says so
-    assert "needs the .pt" in err
+    # the .onnx carries the check for images unlike the training images, and flags what the .pt flags
+    code, _, err = cli(
+        "predict.py", test_dir, "--evaluate", "--weights", run_dir / "best.pt", *CPU, "--precision", "fp32"
+    )
+    assert code == 0, err
+    newest = sorted(run_dir.glob("test*"), key=lambda p: p.stat().st_mtime)[-1]
+    by_pt = json.loads((newest / "metrics.json").read_text())
+    assert result["out_of_distribution"] == by_pt["out_of_distribution"]
+    assert result["out_of_distribution"]["images"] == result["num_images"] == 13
 
 
 # ----------------------------------------------------------------------------- unlike the training images
@@ -268,7 +264,7 @@ def other_kinds_of_images(folder):
     return folder
 
 
-def test_images_unlike_the_training_images_are_flagged(run, tmp_path, capsys):
+def test_images_unlike_the_training_images_are_flagged(run, tmp_path):
     run_dir, _ = run
     checkpoint = load_checkpoint(run_dir / "best.pt")  # weights_only=True, with the calibration inside
     assert set(checkpoint["ood"]) >= {"mean", "precision", "threshold"}
@@ -279,7 +275,7 @@ def test_images_unlike_the_training_images_are_flagged(run, tmp_path, capsys):
     rng = np.random.default_rng(99)  # demo images the model has not seen
     for k in range(30):
         make_image(NAMES[k % 3], rng, 72).save(held_out / f"h{k}.jpg")
-    code, out, err = grade([odd, held_out, "--weights", run_dir / "best.pt", "--json"], capsys)
+    code, out, err = cli("predict.py", odd, held_out, "--weights", run_dir / "best.pt", "--json", *CPU)
     assert code == 0, err
     graded = {p["path"]: p for p in json.loads(out)["predictions"]}
     # Plots and text, which the README names, are flagged. Flat colours are graded but not asserted: a backbone
@@ -293,18 +289,59 @@ def test_images_unlike_the_training_images_are_flagged(run, tmp_path, capsys):
         (p["path"], p["ood_score"]) for p in unlike
     ]
     assert sum(p["out_of_distribution"] for p in alike) <= 3  # most are not flagged
-    code, out, _ = grade([odd / "plot0.png", held_out / "h0.jpg", "--weights", run_dir / "best.pt"], capsys)
+    code, out, _ = cli("predict.py", odd / "plot0.png", held_out / "h0.jpg", "--weights", run_dir / "best.pt", *CPU)
     lines = out.splitlines()
     assert "not like the training images: grade not reliable" in lines[0]
     assert "not like" not in lines[1] or graded[str(held_out / "h0.jpg")]["out_of_distribution"]
+
+
+def test_one_grader_grades_and_flags_alike_from_the_pt_and_the_onnx(run, tmp_path):
+    """The .onnx carries the out-of-distribution check: fp32 ONNX Runtime gives the .pt's probabilities (within
+    1e-4) and flags, from one forward pass each; a batch grades as one picture at a time; and the int8 model
+    flags a screenshot on an install without torch."""
+    run_dir, _ = run
+    exported = tmp_path / "exported"
+    copy_run(run_dir, exported)
+    assert cli("export.py", exported, "--int8").code == 0
+    pictures = [load_image(p) for p in sorted(other_kinds_of_images(tmp_path / "odd").iterdir())]
+    rng = np.random.default_rng(7)
+    pictures += [make_image(NAMES[k % 3], rng, 72) for k in range(9)]
+    pt = load_grader(exported / "best.pt", "cpu", "fp32")
+    onnx = load_grader(exported / "model.onnx")
+    assert onnx.class_names == pt.class_names and onnx.ood_threshold == pytest.approx(pt.ood_threshold, rel=1e-6)
+    by_pt, by_onnx = pt.grade(pictures), onnx.grade(pictures)
+    assert np.abs(by_pt.probs - by_onnx.probs).max() < 1e-4
+    assert np.allclose(by_pt.ood_scores, by_onnx.ood_scores, rtol=1e-4)
+    assert (pt.flagged(by_pt.ood_scores) == onnx.flagged(by_onnx.ood_scores)).all()
+    assert pt.flagged(by_pt.ood_scores)[:11].sum() >= 6  # the plots and the text pages at least
+    one_by_one = [pt.grade([picture]) for picture in pictures]
+    assert np.allclose(np.concatenate([g.probs for g in one_by_one]), by_pt.probs, atol=1e-6)
+    assert np.allclose(np.concatenate([g.ood_scores for g in one_by_one]), by_pt.ood_scores, rtol=1e-5)
+    assert np.array_equal(pt.grade([np.asarray(p) for p in pictures[:3]]).probs, pt.grade(pictures[:3]).probs)
+
+    blocker = tmp_path / "blocker" / "sitecustomize.py"
+    blocker.parent.mkdir()
+    blocker.write_text(f"import sys\nfor name in {NOT_INSTALLED!r}:\n    sys.modules[name] = None\n")
+    screenshots = [tmp_path / "odd" / "plot0.png", tmp_path / "odd" / "text0.png"]
+    result = run_script(
+        "predict.py", *screenshots, "--weights", exported / "model.int8.onnx", env={"PYTHONPATH": str(blocker.parent)}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = user_lines(result.stdout)
+    assert len(lines) == 2 and all("[not like the training images: grade not reliable]" in line for line in lines)
 
 
 def test_the_threshold_flags_about_one_percent_of_images_like_the_validation_ones():
     rng = np.random.default_rng(0)
     train_features = rng.gamma(2.0, 1.0, size=(300, 16))  # non-negative and skewed, as pooled activations are
     stats_, val_scores = ood.fit(train_features, rng.gamma(2.0, 1.0, size=(200, 16)))
-    fresh = ood.mahalanobis(rng.gamma(2.0, 1.0, size=(20000, 16)), stats_["mean"].numpy(), stats_["precision"].numpy())
+    head = ood.OodHead(stats_)  # the grader's arithmetic
+
+    def distances(features):
+        return head(torch.as_tensor(features, dtype=torch.float32)).numpy()
+
+    fresh = distances(rng.gamma(2.0, 1.0, size=(20000, 16)))
     assert 0.003 < (fresh > stats_["threshold"]).mean() < 0.03
     assert all(torch.is_tensor(stats_[key]) for key in ("mean", "precision")) and isinstance(stats_["threshold"], float)
-    far = ood.mahalanobis(np.full((1, 16), 20.0), stats_["mean"].numpy(), stats_["precision"].numpy())
+    far = distances(np.full((1, 16), 20.0))
     assert far[0] > stats_["threshold"]

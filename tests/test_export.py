@@ -11,11 +11,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FAST, ROOT, run_script, run_scripts, train, user_lines
+from conftest import FAST, ROOT, cli, run_script, run_scripts, train, user_lines
 
-import export
 from ucgrade import device, files, onnx_export, onnx_grade
-from ucgrade.cli import PRECISIONS, UserError, run_cli
+from ucgrade.cli import PRECISIONS, UserError
 
 # What a grading-only install (requirements-predict.txt) lacks: importing any of these fails.
 NOT_INSTALLED = ("torch", "torchvision", "matplotlib", "sklearn", "scipy", "tqdm", "onnx")
@@ -91,10 +90,10 @@ def test_export_writes_checked_models_that_describe_themselves(run, exported):
     assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops
 
     # any batch size: the same probabilities for three crops at once as one by one
-    model = onnx_grade.load_onnx_model(run / "model.onnx")
+    model = onnx_grade.onnx_grader(run / "model.onnx")
     crops = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
-    batch = onnx_grade.probabilities(model, crops)
-    single = np.concatenate([onnx_grade.probabilities(model, crops[i : i + 1]) for i in range(3)])
+    batch = model.forward(crops).probs
+    single = np.concatenate([model.forward(crops[i : i + 1]).probs for i in range(3)])
     assert batch.shape == (3, 3) and np.allclose(batch.sum(1), 1, atol=1e-5) and np.allclose(batch, single, atol=1e-6)
 
 
@@ -121,7 +120,7 @@ def test_pt_onnx_and_int8_grade_the_same_images_alike(run, exported, small_data)
     recorded = json.loads((run / "export.json").read_text())["int8"]["against_fp32"]
     assert same == recorded["top1_same"] and len(images) == recorded["images"]
     for p in int8["predictions"]:
-        assert set(p) == {"path", "grade", "probability", "probabilities"}
+        assert set(p) == {"path", "grade", "probability", "probabilities", "out_of_distribution", "ood_score"}
         assert max(abs(q - fp32_of[p["path"]]["probabilities"][g]) for g, q in p["probabilities"].items()) < 0.1
 
 
@@ -168,7 +167,7 @@ def test_predict_refuses_bad_onnx_files_in_one_sentence(run, exported, small_dat
     assert "runs on the CPU" in messages[3]
 
 
-def test_export_refuses_bad_input_in_one_sentence(run, tmp_path, capsys):
+def test_export_refuses_bad_input_in_one_sentence(run, tmp_path):
     """Each mistake is one sentence before any work (run in this process: a traceback would fail the test)."""
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -181,8 +180,8 @@ def test_export_refuses_bad_input_in_one_sentence(run, tmp_path, capsys):
         os.link(run / "best.pt", cv / f"fold{k}" / "best.pt")
     messages = []
     for argv in ([empty], [crafted], [cv], [run, "--fold", "2"], [run, "--out", tmp_path / "model.pt"]):
-        assert run_cli(export.main, export.get_args_parser().parse_args([str(a) for a in argv])) == 2
-        lines = user_lines(capsys.readouterr().err)
+        code, _, lines = cli("export.py", *argv).lines()
+        assert code == 2
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         messages.append(lines[0])
     assert "holds no best.pt" in messages[0]
@@ -193,7 +192,7 @@ def test_export_refuses_bad_input_in_one_sentence(run, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.onnx"))
 
 
-def test_one_fold_of_a_cross_validation_run_is_checked_on_its_own_fold(run, tmp_path, capsys):
+def test_one_fold_of_a_cross_validation_run_is_checked_on_its_own_fold(run, tmp_path):
     """A fold's checkpoint records its fold; its validation images are that fold's rows of the run's split.csv."""
     cv = tmp_path / "cv"
     (cv / "fold1").mkdir(parents=True)
@@ -205,18 +204,17 @@ def test_one_fold_of_a_cross_validation_run_is_checked_on_its_own_fold(run, tmp_
     folded = [{"path": r["path"], "class": r["class"], "fold": 1 if r["subset"] == "val" else 2} for r in rows]
     files.write_csv(cv / "split.csv", folded, ["path", "class", "fold"])
 
-    args = export.get_args_parser().parse_args([str(cv), "--fold", "1"])
-    assert run_cli(export.main, args) == 0, capsys.readouterr().err
+    code, _, err = cli("export.py", cv, "--fold", "1")
+    assert code == 0, err
     figures = json.loads((cv / "fold1" / "export.json").read_text())
     assert figures["validation_images"] == len(validation_images(run)) and (cv / "fold1" / "model.onnx").is_file()
 
 
-def test_export_refuses_a_model_that_disagrees_beyond_the_tolerance(run, tmp_path, capsys, monkeypatch):
+def test_export_refuses_a_model_that_disagrees_beyond_the_tolerance(run, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 0.0)  # any rounding difference now counts as disagreement
     out = tmp_path / "grader.onnx"
-    args = export.get_args_parser().parse_args([str(run), "--out", str(out)])
-    assert run_cli(export.main, args) == 2
-    error = user_lines(capsys.readouterr().err)
+    code, _, error = cli("export.py", run, "--out", out).lines()
+    assert code == 2
     assert len(error) == 1 and "more than the tolerance of 0" in error[0] and "was not written" in error[0]
     assert not out.exists()
 
@@ -232,15 +230,18 @@ def test_every_precision_the_scripts_offer_is_one_the_device_code_handles():
 
 
 def test_the_exported_graph_normalises_like_training(run):
-    """GradingGraph's arithmetic is data.normalize's: the same probabilities from the same uint8 crops."""
+    """GradingModel's arithmetic is presets.normalize's: the same probabilities from the same uint8 crops."""
     from ucgrade.model import load_checkpoint, model_from_checkpoint
+    from ucgrade.presets import normalize
+    from ucgrade.torch_grader import GradingModel
 
     checkpoint = load_checkpoint(run / "best.pt")
     model = model_from_checkpoint(checkpoint).eval()
     crops = np.random.default_rng(1).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
     with torch.inference_mode():
-        graph = onnx_export.GradingGraph(model)(torch.from_numpy(crops)).numpy()
-    assert np.allclose(graph, onnx_export.torch_probabilities(model, checkpoint, crops), atol=1e-6)
+        graph, _ = GradingModel(model, checkpoint)(torch.from_numpy(crops))
+        by_hand = torch.softmax(model(normalize(torch.from_numpy(crops), checkpoint["mean"], checkpoint["std"])), 1)
+    assert np.allclose(graph.numpy(), by_hand.numpy(), atol=1e-6)
 
 
 def test_shipped_requirements_name_the_grading_packages():

@@ -8,29 +8,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, make_folder, run_script, user_lines
+from conftest import FAST, cli, make_folder, run_script
 
-import predict
-import qq
 from ucgrade import figures
-from ucgrade.cli import run_cli
-from ucgrade.data import read_groups, scan_folder
+from ucgrade.data import scan_folder
 from ucgrade.files import read_csv
+from ucgrade.groups import read_groups
 
 
-def refused(argv, capsys, monkeypatch):
-    """(exit code, stdout lines, stderr lines) of qq.py, which must stop before reading any image."""
+@pytest.fixture
+def images_unread(monkeypatch):
+    """qq.py must stop before reading any image."""
     monkeypatch.setattr("ucgrade.data.read_data", lambda *args: pytest.fail("the images were read"))
-    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    return code, user_lines(captured.out), user_lines(captured.err)
 
 
-def test_the_project_folder_as_data_is_refused_with_the_folder_meant(tmp_path, capsys, monkeypatch):
+def test_the_project_folder_as_data_is_refused_with_the_folder_meant(tmp_path, images_unread):
     project = tmp_path / "project"
     make_folder(project / "data", {"mild": 2, "moderate": 2})
     (project / "docs").mkdir()
-    code, out, err = refused(["--data", project, "--out", project / "outputs", *FAST], capsys, monkeypatch)
+    code, out, err = cli("qq.py", "--data", project, "--out", project / "outputs", *FAST).lines()
     assert code == 2 and not out
     assert err == [
         f"error: --data '{project}' holds the --out folder '{project / 'outputs'}', so its 'grades' would include "
@@ -39,19 +35,19 @@ def test_the_project_folder_as_data_is_refused_with_the_folder_meant(tmp_path, c
     ]
 
 
-def test_a_data_folder_whose_grades_hold_run_folders_is_refused(tmp_path, capsys, monkeypatch):
+def test_a_data_folder_whose_grades_hold_run_folders_is_refused(tmp_path, images_unread):
     project = tmp_path / "project"
     make_folder(project / "data", {"mild": 2, "moderate": 2})
     (project / "old_outputs" / "train").mkdir(parents=True)
     (project / "old_outputs" / "train" / "config.json").write_text("{}")
-    code, out, err = refused(["--data", project, "--out", tmp_path / "out", *FAST], capsys, monkeypatch)
+    code, out, err = cli("qq.py", "--data", project, "--out", tmp_path / "out", *FAST).lines()
     assert code == 2 and not out
     assert err[0].startswith(f"error: --data '{project}' holds run folders (old_outputs/train), so its 'grades'")
     assert err[0].endswith(f"probably --data {project / 'data'}.")
 
 
-def test_a_missing_data_folder_is_named_before_the_settings(tmp_path, capsys, monkeypatch):
-    code, out, err = refused(["--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST], capsys, monkeypatch)
+def test_a_missing_data_folder_is_named_before_the_settings(tmp_path, images_unread):
+    code, out, err = cli("qq.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "out", *FAST).lines()
     assert code == 2 and not out  # not after 24 lines of settings
     assert err == [
         f"error: the data folder '{tmp_path / 'nowhere'}' does not exist; pass --data with a folder that has one "
@@ -59,11 +55,11 @@ def test_a_missing_data_folder_is_named_before_the_settings(tmp_path, capsys, mo
     ]
 
 
-def test_a_groups_file_with_a_problem_is_named_before_any_image_is_read(tmp_path, capsys, monkeypatch):
+def test_a_groups_file_with_a_problem_is_named_before_any_image_is_read(tmp_path, images_unread):
     data = make_folder(tmp_path / "data", {"mild": 2, "moderate": 2})
     groups = tmp_path / "groups.csv"
     groups.write_text("file,patient\nmild/mild_000.jpg,p1\n")
-    code, out, err = refused(["--data", data, "--out", tmp_path / "out", "--groups", groups], capsys, monkeypatch)
+    code, out, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", "--groups", groups).lines()
     assert code == 2 and not out
     assert err == [
         f"error: --groups file '{groups}' needs the header 'path,group', separated by commas, semicolons or tabs "
@@ -71,23 +67,23 @@ def test_a_groups_file_with_a_problem_is_named_before_any_image_is_read(tmp_path
     ]
 
 
-def test_an_image_without_a_group_is_named_before_any_image_is_decoded(tmp_path, capsys, monkeypatch):
+def test_an_image_without_a_group_is_named_before_any_image_is_decoded(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 3, "moderate": 3})
     groups = tmp_path / "groups.csv"
     rows = [f"{p.relative_to(data).as_posix()},patient {k}" for k, p in enumerate(sorted(data.rglob("*.jpg")))]
     groups.write_text("path,group\n" + "\n".join(rows[1:]) + "\n")  # mild/mild_000.jpg has no row
     monkeypatch.setattr("ucgrade.data.read_images", lambda *args, **kwargs: pytest.fail("the images were decoded"))
     argv = ["--data", data, "--out", tmp_path / "out", "--groups", groups, *FAST]
-    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
+    code, _, err = cli("qq.py", *argv).lines()
     assert code == 2
-    assert user_lines(capsys.readouterr().err) == [
+    assert err == [
         f"error: --groups file '{groups}' has no group for 1 image(s): mild/mild_000.jpg; add a row 'path,group' for "
         "each (paths relative to --data)."
     ]
     assert not (tmp_path / "out").exists()
 
 
-def test_a_file_that_will_not_decode_needs_no_group(tmp_path, capsys):
+def test_a_file_that_will_not_decode_needs_no_group(tmp_path):
     """A groups file made from a run's split.csv leaves out the files that run skipped: they are skipped again."""
     data = make_folder(tmp_path / "data", {"mild": 4, "moderate": 4})
     groups = tmp_path / "groups.csv"
@@ -95,9 +91,9 @@ def test_a_file_that_will_not_decode_needs_no_group(tmp_path, capsys):
     groups.write_text("path,group\n" + "\n".join(rows) + "\n")
     (data / "mild" / "broken.jpg").write_bytes(b"not a JPEG")  # no row in the groups file
     argv = ["--data", data, "--out", tmp_path / "out", "--groups", groups, *FAST, "--epochs", "1", "--val-split", "0.5"]
-    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
-    assert code == 0, capsys.readouterr().err
-    assert "has no group" not in capsys.readouterr().err
+    code, _, err = cli("qq.py", *argv)
+    assert code == 0, err
+    assert "has no group" not in err
     skipped = read_csv(tmp_path / "out" / "train" / "skipped.csv")
     assert [row["path"] for row in skipped] == [str(data / "mild" / "broken.jpg")]
 
@@ -115,15 +111,13 @@ def test_a_semicolon_or_tab_groups_file_as_european_excel_saves_it_is_read(tmp_p
     assert read_groups(groups, image_set) == [f"patient {k // 2}" for k in range(8)]
 
 
-def test_predict_names_the_absolute_folder_searched_and_the_default_runs_accuracy(trained_run, tmp_path, capsys):
+def test_predict_names_the_absolute_folder_searched_and_the_default_runs_accuracy(trained_run, tmp_path):
     image = trained_run / "curves.png"  # any image will do
-    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", "elsewhere"]))
-    err = user_lines(capsys.readouterr().err)
+    code, _, err = cli("predict.py", image, "--out", "elsewhere").lines()
     assert code == 2
     assert err[0].startswith(f"error: no trained model found under '{Path('elsewhere').resolve()}/'")
 
-    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(image), "--out", str(trained_run.parent)]))
-    err = user_lines(capsys.readouterr().err)
+    code, _, err = cli("predict.py", image, "--out", trained_run.parent).lines()
     accuracy = json.loads((trained_run / "metrics.json").read_text())["accuracy"]
     assert code == 0, err
     assert err[0] == (

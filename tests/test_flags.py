@@ -4,10 +4,8 @@ import errno
 
 import pytest
 import torch
-from conftest import FAST, ROOT, run_scripts, user_lines
+from conftest import FAST, ROOT, cli, run_scripts, user_lines
 
-import predict
-import qq
 from ucgrade.cli import run_cli
 from ucgrade.device import setup_backends
 
@@ -36,30 +34,26 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("flag, expected", INVALID, ids=[" ".join(flag) for flag, _ in INVALID])
-def test_invalid_flags_stop_before_any_work(flag, expected, small_data, tmp_path, capsys):
-    args = qq.get_args_parser().parse_args(
-        [str(a) for a in ["--data", small_data, "--out", tmp_path / "out", "--epochs", "1", *FAST, *flag]]
-    )
-    assert run_cli(qq.main, args) == 2
-    captured = capsys.readouterr()
-    lines = user_lines(captured.err)
+def test_invalid_flags_stop_before_any_work(flag, expected, small_data, tmp_path):
+    code, out, err = cli("qq.py", "--data", small_data, "--out", tmp_path / "out", "--epochs", "1", *FAST, *flag)
+    assert code == 2
+    lines = user_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
-    assert "reading" not in captured.out  # the data was not even scanned
+    assert "reading" not in out  # the data was not even scanned
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_predict_rejects_a_missing_device(trained_run, small_data, capsys):
-    args = predict.get_args_parser().parse_args(
-        [str(small_data / "mild" / "mild_000.jpg"), "--weights", str(trained_run / "best.pt"), "--device", "cuda"]
+def test_predict_rejects_a_missing_device(trained_run, small_data):
+    code, out, err = cli(
+        "predict.py", small_data / "mild" / "mild_000.jpg", "--weights", trained_run / "best.pt", "--device", "cuda"
     )
-    assert run_cli(predict.main, args) == 2
-    captured = capsys.readouterr()
+    assert code == 2
     assert (
-        captured.err == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; "
+        err == "error: --device cuda was asked for, but this machine has no CUDA GPU that PyTorch can use; "
         "use --device cpu or auto.\n"
     )
-    assert captured.out == ""
+    assert out == ""
 
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", False), ("bf16", True), ("fp16", True)])
@@ -82,18 +76,14 @@ def test_fp32_on_a_gpu_is_true_fp32(precision, tf32):
             setattr(module, name, value)
 
 
-def test_predict_cam_folder_under_a_file_is_one_sentence(trained_run, small_data, capsys):
+def test_predict_cam_folder_under_a_file_is_one_sentence(trained_run, small_data):
     image, notes = small_data / "mild" / "mild_000.jpg", small_data / "mild" / "mild_001.jpg"
-    args = predict.get_args_parser().parse_args(
-        [str(image), "--weights", str(trained_run / "best.pt"), "--cam", str(notes / "cams"), "--device", "cpu"]
+    code, out, err = cli(
+        "predict.py", image, "--weights", trained_run / "best.pt", "--cam", notes / "cams", "--device", "cpu"
     )
-    assert run_cli(predict.main, args) == 2
-    captured = capsys.readouterr()
-    assert (
-        captured.err
-        == f"error: --cam '{notes / 'cams'}' cannot be a folder, because '{notes}' is a file; give a folder.\n"
-    )
-    assert captured.out == ""
+    assert code == 2
+    assert err == f"error: --cam '{notes / 'cams'}' cannot be a folder, because '{notes}' is a file; give a folder.\n"
+    assert out == ""
 
 
 def test_a_failed_file_operation_is_one_sentence_and_a_closed_pipe_is_left_to_main_entry(capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import FAST, make_folder, train
 
-from ucgrade import data
+from ucgrade import splits
 from ucgrade.cli import UserError
 from ucgrade.files import read_csv
 
@@ -32,12 +32,12 @@ def assert_grouped_split(labels, groups, train, val):
     assert set(labels[train]) == set(labels[val]) == set(labels)
 
 
-def refusal(labels, groups, class_names, splits, remedy):
+def refusal(labels, groups, class_names, candidates, remedy):
     """The sentence check_split refuses the first bad split with, or None when all are good."""
     image_set = SimpleNamespace(labels=list(labels), class_names=class_names)
     try:
-        for train, val in splits:
-            data.check_split(image_set, train, val, groups, remedy=remedy)
+        for train, val in candidates:
+            splits.check_split(image_set, train, val, groups, remedy=remedy)
     except UserError as error:
         return str(error)
     return None
@@ -46,24 +46,24 @@ def refusal(labels, groups, class_names, splits, remedy):
 @pytest.mark.parametrize("seed", range(5))
 def test_the_small_study_of_the_issue_gets_a_hold_out_split(seed):
     labels, groups = small_study()
-    train, val = data.split_holdout(labels, 0.2, seed, groups)
+    train, val = splits.split_holdout(labels, 0.2, seed, groups)
     assert_grouped_split(labels, groups, train, val)
     # the best split with every grade on both sides: one patient of each grade (9 of 36 images, 25%);
     # two patients (17%) would be closer to 20% but leave a grade out of validation
     assert np.bincount(labels[val]).tolist() == [3, 3, 3]
-    assert [t.tolist() for t in data.split_holdout(labels, 0.2, seed, groups)] == [train.tolist(), val.tolist()]
+    assert [t.tolist() for t in splits.split_holdout(labels, 0.2, seed, groups)] == [train.tolist(), val.tolist()]
 
 
 def test_the_seed_chooses_among_equally_good_hold_out_splits():
     labels, groups = small_study()
-    patients = {tuple(sorted({groups[i] for i in data.split_holdout(labels, 0.2, s, groups)[1]})) for s in range(5)}
+    patients = {tuple(sorted({groups[i] for i in splits.split_holdout(labels, 0.2, s, groups)[1]})) for s in range(5)}
     assert len(patients) > 1
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_small_study_of_the_issue_gets_three_folds(seed):
     labels, groups = small_study()
-    folds = data.split_folds(labels, 3, seed, groups)
+    folds = splits.split_folds(labels, 3, seed, groups)
     assert len(folds) == 3
     for fold in folds:
         assert_grouped_split(labels, groups, *fold)
@@ -75,15 +75,15 @@ def test_a_patient_with_images_of_several_grades_stays_on_one_side():
     # the patient "both" has a mild and a severe image; the others one grade each
     labels = np.array([0, 2, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
     groups = ["both", "both", "m1", "m1", "m2", "m3", "o1", "o1", "o2", "o3", "s1", "s1", "s2", "s3"]
-    assert_grouped_split(labels, groups, *data.split_holdout(labels, 0.3, 0, groups))
-    for fold in data.split_folds(labels, 3, 0, groups):
+    assert_grouped_split(labels, groups, *splits.split_holdout(labels, 0.3, 0, groups))
+    for fold in splits.split_folds(labels, 3, 0, groups):
         assert_grouped_split(labels, groups, *fold)
 
 
 def test_a_grade_from_one_patient_is_refused_with_the_patients_per_grade():
     labels, groups = small_study()
     groups = [("severe-p0" if labels[i] == 2 else g) for i, g in enumerate(groups)]  # every severe image: one patient
-    split = data.split_holdout(labels, 0.2, 0, groups)
+    split = splits.split_holdout(labels, 0.2, 0, groups)
     assert refusal(labels, groups, NAMES, [split], "use a different --val-split") == (
         "class 'severe' has no validation images in this split (its images come from 1 group(s), and a group cannot "
         "be split; groups per class: mild 4, moderate 4, severe 1); add images of that class or use a different "
@@ -94,10 +94,10 @@ def test_a_grade_from_one_patient_is_refused_with_the_patients_per_grade():
 def test_three_folds_need_three_patients_of_every_grade():
     labels, groups = small_study()
     groups = [("mild-p0" if g == "mild-p1" else g) for g in groups]  # mild: 3 patients, 6 + 3 + 3 images
-    folds = data.split_folds(labels, 3, 0, groups)
+    folds = splits.split_folds(labels, 3, 0, groups)
     assert refusal(labels, groups, NAMES, folds, "use fewer --folds") is None
     groups = [("mild-p0" if g == "mild-p2" else g) for g in groups]  # mild: 2 patients, 9 + 3 images
-    message = refusal(labels, groups, NAMES, data.split_folds(labels, 3, 0, groups), "use fewer --folds")
+    message = refusal(labels, groups, NAMES, splits.split_folds(labels, 3, 0, groups), "use fewer --folds")
     assert message.startswith("class 'mild' has no validation images in this split (its images come from 2 group(s)")
     assert "groups per class: mild 2, moderate 4, severe 4" in message
 
@@ -108,7 +108,7 @@ def test_patients_that_tie_the_grades_together_can_leave_no_split():
     labels = np.array([0, 1, 1, 2, 0, 2])
     groups = ["p1", "p1", "p2", "p2", "p3", "p3"]
     message = refusal(
-        labels, groups, NAMES, [data.split_holdout(labels, 0.5, 0, groups)], "use a different --val-split"
+        labels, groups, NAMES, [splits.split_holdout(labels, 0.5, 0, groups)], "use a different --val-split"
     )
     assert message is not None and "groups per class: mild 2, moderate 2, severe 2" in message
 
@@ -145,9 +145,9 @@ def test_a_split_is_found_whenever_one_exists():
         labels, groups = random_study(rng, int(rng.integers(5, 9)))
         if len(set(labels)) < 3:
             continue
-        holdout = refusal(labels, groups, NAMES, [data.split_holdout(labels, 0.2, 0, groups)], "-") is None
+        holdout = refusal(labels, groups, NAMES, [splits.split_holdout(labels, 0.2, 0, groups)], "-") is None
         assert holdout == split_exists(labels, groups, 2)
-        folds = refusal(labels, groups, NAMES, data.split_folds(labels, 3, 0, groups), "-") is None
+        folds = refusal(labels, groups, NAMES, splits.split_folds(labels, 3, 0, groups), "-") is None
         assert folds == split_exists(labels, groups, 3)
         found["hold-out"] += holdout
         found["folds"] += folds
@@ -159,7 +159,7 @@ def test_grades_with_fewer_images_than_parts_still_split():
     # here before), the greedy search does not
     labels = np.repeat([0, 1, 2], 4)
     groups = [f"p{i // 2}" for i in range(12)]
-    train, val = data.split_holdout(labels, 0.2, 0, groups)
+    train, val = splits.split_holdout(labels, 0.2, 0, groups)
     assert_grouped_split(labels, groups, train, val)
     assert np.bincount(labels[val]).tolist() == [2, 2, 2]
 
@@ -167,20 +167,20 @@ def test_grades_with_fewer_images_than_parts_still_split():
 def test_too_few_patients_for_the_parts_is_still_an_error():
     labels, groups = small_study()
     with pytest.raises(UserError, match="a split into 13 parts needs at least 13 groups, but there are 12"):
-        data.split_folds(labels, 13, 0, groups)
+        splits.split_folds(labels, 13, 0, groups)
 
 
 def test_ungrouped_splits_are_those_of_earlier_versions():
     # the indices ucgrade drew before grouped splits were searched for (recorded with the previous commit)
     labels = [0] * 7 + [1] * 5 + [2] * 4
-    assert data.split_holdout(labels, 0.2, 0)[1].tolist() == [2, 11, 12]
-    assert data.split_holdout(labels, 0.3, 42)[1].tolist() == [2, 3, 9, 11, 14]
-    assert [val.tolist() for _, val in data.split_folds(labels, 3, 0)] == [
+    assert splits.split_holdout(labels, 0.2, 0)[1].tolist() == [2, 11, 12]
+    assert splits.split_holdout(labels, 0.3, 42)[1].tolist() == [2, 3, 9, 11, 14]
+    assert [val.tolist() for _, val in splits.split_folds(labels, 3, 0)] == [
         [1, 2, 4, 10, 12, 15],
         [3, 6, 7, 11, 13],
         [0, 5, 8, 9, 14],
     ]
-    assert [val.tolist() for _, val in data.split_folds(labels, 3, 5)] == [
+    assert [val.tolist() for _, val in splits.split_folds(labels, 3, 5)] == [
         [1, 3, 4, 10, 13, 14],
         [2, 6, 7, 9, 12],
         [0, 5, 8, 11, 15],

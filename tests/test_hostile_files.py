@@ -13,21 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, copy_run, make_folder, user_lines
+from conftest import FAST, cli, copy_run, make_folder
 from PIL import Image
 
-import export
-import predict
-import qq
-from ucgrade import files, report
-from ucgrade.cli import run_cli
-
-
-def run(module, argv, capsys):
-    """(exit code, stdout lines, stderr lines) of qq.py or predict.py through the CLI wrapper in this process."""
-    code = run_cli(module.main, module.get_args_parser().parse_args([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    return code, user_lines(captured.out), user_lines(captured.err)
+from ucgrade import files
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +28,7 @@ def hostile_run(module_tmp):
     server.bind(str(data / "mild" / "socket.png"))
     os.symlink("/dev/zero", data / "moderate" / "device.jpg")  # endless bytes if it were read
     Image.new("RGB", (3, 90), "red").save(data / "moderate" / "thin.png")
-    code = run_cli(qq.main, qq.get_args_parser().parse_args(
-        [str(a) for a in ["--data", data, "--out", module_tmp / "out", *FAST, "--epochs", "1", "--cam-examples", "0"]]
-    ))  # fmt: skip
+    code = cli("qq.py", "--data", data, "--out", module_tmp / "out", *FAST, "--epochs", "1", "--cam-examples", "0").code
     server.close()
     rows = files.read_csv(module_tmp / "out" / "train" / "skipped.csv")
     skipped = {Path(row["path"]).relative_to(data).as_posix(): row["reason"] for row in rows}
@@ -66,10 +53,10 @@ def test_a_very_thin_image_is_refused_with_the_rule(hostile_run):
     assert hostile_run[2]["moderate/thin.png"].startswith("3x90 px: the longer side is over 20 times the shorter")
 
 
-def test_predict_names_a_pipe_and_a_thin_image_and_grades_the_rest(hostile_run, trained_run, capsys):
+def test_predict_names_a_pipe_and_a_thin_image_and_grades_the_rest(hostile_run, trained_run):
     _, data, _ = hostile_run
     inputs = [data / "mild" / "pipe.jpg", data / "moderate" / "thin.png", data / "mild" / "mild_000.jpg"]
-    code, out, err = run(predict, ["--weights", trained_run / "best.pt", *inputs], capsys)
+    code, out, err = cli("predict.py", "--weights", trained_run / "best.pt", *inputs).lines()
     assert code == 1, err
     assert not any("Traceback" in line for line in err), err
     text = "\n".join(out + err)
@@ -99,12 +86,12 @@ def zip_bomb(path, gib=4):
     return path
 
 
-def test_a_zip_bomb_checkpoint_is_refused_from_its_directory(tmp_path, capsys):
+def test_a_zip_bomb_checkpoint_is_refused_from_its_directory(tmp_path):
     bomb = zip_bomb(tmp_path / "best.pt")
     assert bomb.stat().st_size < 5e6 and sum(i.file_size for i in zipfile.ZipFile(bomb).infolist()) == 4 << 30
     image = make_folder(tmp_path / "data", {"mild": 1}) / "mild" / "mild_000.jpg"
     start = time.perf_counter()
-    code, out, err = run(predict, ["--weights", bomb, image], capsys)
+    code, out, err = cli("predict.py", "--weights", bomb, image).lines()
     assert time.perf_counter() - start < 5  # nothing was inflated (it took 33 s and 5 GB)
     assert code == 2 and not out
     assert not any("Traceback" in line for line in err), err
@@ -115,43 +102,46 @@ def test_a_zip_bomb_checkpoint_is_refused_from_its_directory(tmp_path, capsys):
     ]
 
 
-def test_a_zip_bomb_is_refused_by_resume_and_by_export_too(trained_run, tmp_path, capsys):
+def test_a_zip_bomb_is_refused_by_resume_and_by_export_too(trained_run, tmp_path):
     """Every reader of a checkpoint goes through the same check: --resume reads last.pt, export.py best.pt."""
     run_dir = copy_run(trained_run, tmp_path / "train")
     for name in ("last.pt", "best.pt"):
         (run_dir / name).unlink()  # hard links to the shared run's: replaced, not written into
         zip_bomb(run_dir / name, gib=2)
     config = (run_dir / "config.json").read_bytes()
-    for module, argv, name in ((qq, ["--resume", run_dir, "--epochs", "4"], "last.pt"), (export, [run_dir], "best.pt")):
-        code, out, err = run(module, argv, capsys)
+    for script, argv, name in (
+        ("qq.py", ["--resume", run_dir, "--epochs", "4"], "last.pt"),
+        ("export.py", [run_dir], "best.pt"),
+    ):
+        code, out, err = cli(script, *argv).lines()
         assert code == 2 and not any("Traceback" in line for line in err), err
         assert err == [
             f"error: checkpoint '{run_dir / name}' would unpack to 2.1 GB, more than the 1.4 GB that a checkpoint of "
             "any architecture this tool knows can need, so it was not loaded (a zip bomb, or not a model of this "
             "tool); use a file written by this tool or by torch.save."
-        ], module.__name__
+        ], script
     assert (run_dir / "config.json").read_bytes() == config  # the refused resumption is not recorded
     assert sorted(p.name for p in run_dir.glob("*.onnx")) == []
 
 
-def test_imagenet_weights_that_unpack_beyond_their_architecture_are_refused(tmp_path, capsys, monkeypatch):
+def test_imagenet_weights_that_unpack_beyond_their_architecture_are_refused(tmp_path, monkeypatch):
     bomb = zip_bomb(tmp_path / "resnet18.pth", gib=1)
     monkeypatch.setattr("ucgrade.data.read_data", lambda *args: pytest.fail("the images were read"))
     data = make_folder(tmp_path / "data", {"mild": 1, "moderate": 1})
     argv = ["--data", data, "--out", tmp_path / "out", "--arch", "resnet18", "--weights", bomb, "--epochs", "1"]
-    code, _, err = run(qq, argv, capsys)
+    code, _, err = cli("qq.py", *argv).lines()
     assert code == 2
     assert err[-1].startswith(f"error: --weights file '{bomb}' would unpack to 1.1 GB, more than the 0.4 GB that a ")
     assert "checkpoint of resnet18 can need" in err[-1]
 
 
-def test_a_checkpoint_with_compressed_entries_is_refused(trained_run, tmp_path, capsys):
+def test_a_checkpoint_with_compressed_entries_is_refused(trained_run, tmp_path):
     repacked = tmp_path / "best.pt"
     with zipfile.ZipFile(trained_run / "best.pt") as source, zipfile.ZipFile(repacked, "w") as target:
         for entry in source.infolist():
             target.writestr(entry.filename, source.read(entry), compress_type=zipfile.ZIP_DEFLATED)
         target.writestr("best/extra.txt", "not written by torch.save")
-    code, _, err = run(predict, ["--weights", repacked, trained_run / "report.html"], capsys)
+    code, _, err = cli("predict.py", "--weights", repacked, trained_run / "report.html").lines()
     assert code == 2
     assert err[-1].startswith(f"error: checkpoint '{repacked}' holds entries that torch.save does not write (")
     assert "compressed, or unexpected names), so it was not loaded" in err[-1]
@@ -166,26 +156,24 @@ def test_a_checkpoint_with_compressed_entries_is_refused(trained_run, tmp_path, 
         ("img_size", "64", "img_size must be a whole number from 64 to 4096 pixels (it is '64')"),
     ],
 )
-def test_an_edited_checkpoint_field_is_one_sentence(trained_run, tmp_path, capsys, field, value, problem):
+def test_an_edited_checkpoint_field_is_one_sentence(trained_run, tmp_path, field, value, problem):
     checkpoint = torch.load(trained_run / "best.pt", weights_only=True)
     checkpoint[field] = value
     edited = tmp_path / "best.pt"
     torch.save(checkpoint, edited)
-    code, out, err = run(predict, ["--weights", edited, trained_run.parent / "x.jpg"], capsys)
+    code, out, err = cli("predict.py", "--weights", edited, trained_run.parent / "x.jpg").lines()
     assert code == 2 and not out
     assert err == [f"error: checkpoint '{edited}' was damaged or edited: {problem}. Use another best.pt or last.pt."]
 
 
-def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_config_json_changes(
-    trained_run, tmp_path, capsys
-):
+def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_config_json_changes(trained_run, tmp_path):
     run_dir = copy_run(trained_run, tmp_path / "train")
     last = torch.load(run_dir / "last.pt", weights_only=True)
     last["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(5, 5)
     (run_dir / "last.pt").unlink()  # a hard link to the shared run's: replaced, not written into
     torch.save(last, run_dir / "last.pt")
     config = (run_dir / "config.json").read_bytes()
-    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4"], capsys)
+    code, out, err = cli("qq.py", "--resume", run_dir, "--epochs", "4").lines()
     assert code == 2 and not out
     assert err == [
         f"error: checkpoint '{run_dir / 'last.pt'}' was damaged or edited: its optimizer state does not fit the "
@@ -194,11 +182,11 @@ def test_a_resume_from_optimizer_state_of_the_wrong_shape_is_refused_before_conf
     assert (run_dir / "config.json").read_bytes() == config  # a refused resumption is not recorded
 
 
-def test_a_second_resume_of_a_run_in_progress_is_refused(trained_run, tmp_path, capsys):
+def test_a_second_resume_of_a_run_in_progress_is_refused(trained_run, tmp_path):
     run_dir = copy_run(trained_run, tmp_path / "train")
     (run_dir / "run.lock").write_text(f"{os.getppid()}\n{socket.gethostname()}\n")  # a live process holds it
     config = (run_dir / "config.json").read_bytes()
-    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4"], capsys)
+    code, out, err = cli("qq.py", "--resume", run_dir, "--epochs", "4").lines()
     assert code == 2
     assert err == [
         f"error: '{run_dir}' is already being resumed by process {os.getppid()} on {socket.gethostname()}; wait for "
@@ -207,12 +195,14 @@ def test_a_second_resume_of_a_run_in_progress_is_refused(trained_run, tmp_path, 
     assert (run_dir / "config.json").read_bytes() == config
 
 
-def test_a_stale_lock_is_taken_over_and_released(trained_run, tmp_path, capsys):
+def test_a_stale_lock_is_taken_over_and_released(trained_run, tmp_path):
     run_dir = copy_run(trained_run, tmp_path / "train")
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run_dir / "run.lock").write_text(f"{gone.pid}\n{socket.gethostname()}\n")
-    code, out, err = run(qq, ["--resume", run_dir, "--epochs", "4", "--cam-examples", "0", "--device", "cpu"], capsys)
+    code, out, err = cli(
+        "qq.py", "--resume", run_dir, "--epochs", "4", "--cam-examples", "0", "--device", "cpu"
+    ).lines()
     assert code == 0, err
     assert f"note: removed a stale {run_dir / 'run.lock'} (its process {gone.pid} is gone)." in out
     assert not (run_dir / "run.lock").exists()
@@ -235,7 +225,7 @@ def formula_run(module_tmp):
         for k, path in enumerate(sorted(data.rglob("*.jpg"))):
             writer.writerow([path.relative_to(data).as_posix(), f"{starts[k % 5]}{k}"])
     argv = ["--data", data, "--out", module_tmp / "formula_out", "--groups", groups, *FAST, "--epochs", "1"]
-    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--cam-examples", "0"]]))
+    code = cli("qq.py", *argv, "--cam-examples", "0").code
     return code, module_tmp / "formula_out" / "train", names
 
 
@@ -248,7 +238,7 @@ def test_a_grade_named_as_a_fixed_column_keeps_its_own_probability_column(formul
     for row in rows:  # the fixed columns hold what they say, whatever the grades are called
         assert row["true"] in names and row["predicted"] in names and row["correct"] in ("0", "1")
         assert float(row["p_predicted"]) == max(float(row[f"prob:{name}"]) for name in names)
-    assert report.main([str(run_dir)]) is None  # python -m ucgrade.report reads them back
+    assert cli("ucgrade.report", run_dir).code == 0  # python -m ucgrade.report reads them back
 
 
 def test_cells_that_a_spreadsheet_would_run_are_written_as_text_and_read_back_unchanged(formula_run):
@@ -270,11 +260,10 @@ def test_cells_that_a_spreadsheet_would_run_are_written_as_text_and_read_back_un
         ("predictions.csv", lambda text: text.replace("prob:", "p_")),  # the columns of another version
     ],
 )
-def test_redrawing_from_a_damaged_file_names_it(trained_run, tmp_path, capsys, name, damage):
+def test_redrawing_from_a_damaged_file_names_it(trained_run, tmp_path, name, damage):
     run_dir = copy_run(trained_run, tmp_path / "train")
     (run_dir / name).write_text(damage((run_dir / name).read_text()))
-    code = run_cli(report.main, [str(run_dir)])
-    err = user_lines(capsys.readouterr().err)
+    code, _, err = cli("ucgrade.report", run_dir).lines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith(f"error: '{run_dir / name}' is damaged ("), err
     assert err[0].endswith(
@@ -282,16 +271,12 @@ def test_redrawing_from_a_damaged_file_names_it(trained_run, tmp_path, capsys, n
     )
 
 
-def test_an_image_name_that_starts_with_a_dash_gets_a_hint_about_double_dash(capsys):
-    parser = predict.get_args_parser()
-    parser.prog = "predict.py"  # as run from a shell; under pytest it is the runner's name
-    with pytest.raises(SystemExit) as stopped:
-        parser.parse_args(["-dash.jpg"])
-    assert stopped.value.code == 2
-    assert user_lines(capsys.readouterr().err) == [
+def test_an_image_name_that_starts_with_a_dash_gets_a_hint_about_double_dash():
+    code, _, err = cli("predict.py", "-dash.jpg").lines()
+    assert code == 2
+    assert err == [
         "error: the following arguments are required: IMAGE; see python predict.py --help. If '-dash.jpg' is a file "
         "name, put -- before the file names that start with '-': python predict.py -- -dash.jpg"
     ]
-    with pytest.raises(SystemExit):
-        predict.get_args_parser().parse_args(["--wieghts", "x", "a.jpg"])  # a mistyped flag gets no such hint
-    assert "put --" not in capsys.readouterr().err
+    code, _, err = cli("predict.py", "--wieghts", "x", "a.jpg")  # a mistyped flag gets no such hint
+    assert code == 2 and "put --" not in err

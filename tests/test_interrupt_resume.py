@@ -2,8 +2,6 @@
 files, a diverging loss and running out of memory.
 """
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -16,12 +14,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, make_folder, train, user_lines
+from conftest import FAST, ROOT, cli, make_folder, user_lines
 from PIL import Image
 
-import qq
 from ucgrade import data, engine, files
-from ucgrade.cli import run_cli
 from ucgrade.interrupt import GracefulStop
 from ucgrade.model import load_checkpoint
 
@@ -40,11 +36,11 @@ def data24(tmp_path_factory):
 def reference(data24, module_tmp):
     """The run of RUN never interrupted, on a machine whose free memory cannot hold the decoded images:
     --cache auto streams them from disk, read in this process (--workers 0). (run folder, what it printed)"""
-    said = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(said):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, "available_memory_bytes", lambda: 100_000)  # 24 images decoded need ~0.4 MB
-        assert train(["--data", data24, "--out", module_tmp, "--name", "full", *RUN, "--workers", "0"]) == 0
-    return module_tmp / "full", said.getvalue()
+        code, said, err = cli("qq.py", "--data", data24, "--out", module_tmp, "--name", "full", *RUN, "--workers", "0")
+    assert code == 0, err
+    return module_tmp / "full", said
 
 
 def history_of(run_dir):
@@ -127,7 +123,7 @@ def test_cache_auto_streams_the_images_when_they_do_not_fit(reference):
     ids=["cached", "streamed-by-a-worker-then-resumed-without"],
 )
 def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(
-    data24, reference, tmp_path, capsys, loading, resume_flags
+    data24, reference, tmp_path, loading, resume_flags
 ):
     run = tmp_path / "out" / "cut"
     code, seconds, stderr = interrupt_after_first_epoch(
@@ -137,8 +133,8 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(
     finished = check_interrupted_run(run, code, seconds, stderr)
     before = history_of(run)
 
-    assert train(["--resume", run, *resume_flags, "--device", "cpu"]) == 0
-    said = capsys.readouterr().out
+    code, said, err = cli("qq.py", "--resume", run, *resume_flags, "--device", "cpu")
+    assert code == 0, err
     assert f"resuming {run} after epoch {finished} of {EPOCHS}" in said
     assert ("decoded images cached in memory" in said) is (not loading)  # the run's --cache, auto or off
     assert os.listdir(tmp_path / "out") == ["cut"]  # the same folder, no new one
@@ -161,7 +157,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_matches_an_uninterrupted_run(
     assert all(torch.allclose(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-6) for k in want)
 
 
-def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_path, monkeypatch):
     real = engine.train_one_epoch
 
     def press_ctrl_c_as_the_first_epoch_starts(*args, **kwargs):
@@ -170,11 +166,9 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_p
 
     monkeypatch.setattr(engine, "train_one_epoch", press_ctrl_c_as_the_first_epoch_starts)
     run = tmp_path / "out" / "early"
-    args = qq.get_args_parser().parse_args(
-        [str(a) for a in ["--data", data24, "--out", tmp_path / "out", "--name", "early", *RUN]]
-    )
-    assert run_cli(qq.main, args) == 130
-    assert user_lines(capsys.readouterr().err)[-1] == (
+    code, _, err = cli("qq.py", "--data", data24, "--out", tmp_path / "out", "--name", "early", *RUN).lines()
+    assert code == 130
+    assert err[-1] == (
         f"interrupted: training stopped before the first of {EPOCHS} epochs finished, so {run} has no checkpoint "
         "yet and resuming "
         f"starts the training from the beginning. Resume with: python qq.py --resume {run}"
@@ -183,7 +177,7 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint_yet(data24, tmp_p
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
-def test_a_second_ctrl_c_stops_at_once_and_the_run_is_still_marked_interrupted(data24, tmp_path, capsys, monkeypatch):
+def test_a_second_ctrl_c_stops_at_once_and_the_run_is_still_marked_interrupted(data24, tmp_path, monkeypatch):
     """Ctrl-C twice, in training and then in the report after the last epoch: the first asks to stop after
     the batch, or to finish the report; the second stops at once. Each time the run says it was interrupted
     and resumes; the last resume only evaluates."""
@@ -207,8 +201,8 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_is_still_marked_interrupted(d
     real_epoch = engine.train_one_epoch
     monkeypatch.setattr(engine, "train_one_epoch", epoch_two_pressed)
     argv = ["--data", data24, "--out", tmp_path / "out", "--name", "twice", *RUN, "--epochs", "2"]
-    assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv])) == 130
-    lines = user_lines(capsys.readouterr().err)
+    code, _, lines = cli("qq.py", *argv).lines()
+    assert code == 130
     assert "SIGINT received: stopping after the current batch (Ctrl-C again stops at once)." in lines, lines
     assert lines[-1] == (
         f"interrupted: training stopped after epoch 1 of 2; {run} keeps best.pt, last.pt, history.csv and curves.png "
@@ -220,8 +214,8 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_is_still_marked_interrupted(d
 
     monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     monkeypatch.setattr(engine, "measure_inference_time", ctrl_c_twice(engine.measure_inference_time))
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(["--resume", str(run), "--device", "cpu"])) == 130
-    lines = user_lines(capsys.readouterr().err)
+    code, _, lines = cli("qq.py", "--resume", run, "--device", "cpu").lines()
+    assert code == 130
     assert any(line.startswith("SIGINT received: finishing the metrics and the report first, about ") for line in lines)
     assert lines[-1] == (
         f"interrupted: training stopped after epoch 2 of 2; {run} keeps best.pt, last.pt, history.csv and curves.png "
@@ -236,8 +230,9 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_is_still_marked_interrupted(d
     )
 
     monkeypatch.undo()
-    assert train(["--resume", run, "--device", "cpu"]) == 0
-    assert f"resuming {run} after epoch 2 of 2" in capsys.readouterr().out
+    code, out, err = cli("qq.py", "--resume", run, "--device", "cpu")
+    assert code == 0, err
+    assert f"resuming {run} after epoch 2 of 2" in out
     assert len(history_of(run)) == 2 and (run / "report.html").is_file()
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
@@ -262,13 +257,13 @@ def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp
     check_interrupted_run(run, code, seconds, stderr)
 
 
-def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path, capsys):
+def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path):
     # 1e30: the training loss is nan at the second step. 50: the weights blow up so that the
     # validation loss is nan while the training loss still looks finite.
     for lr in ("1e30", "50"):
         argv = ["--data", small_data, "--out", tmp_path / f"lr{lr}", *FAST, "--epochs", "3", "--precision", "fp32"]
-        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--lr", lr]])) == 2
-        lines = user_lines(capsys.readouterr().err)
+        code, _, lines = cli("qq.py", *argv, "--lr", lr).lines()
+        assert code == 2
         assert len(lines) == 1 and "lower the learning rate (for example --lr" in lines[0], lines
         assert (
             "the training loss became nan in epoch 1, batch 2"
@@ -383,7 +378,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_whole_file(tmp_path):
     assert checkpoint["weights"].shape == (4_000_000,) and (checkpoint["weights"] == checkpoint["version"]).all()
 
 
-def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, capsys):
+def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path):
     """Ctrl-C in fold 2 of 2: the message names the whole run, which resumes with the folds of its
     split.csv, keeps the finished fold as it is and continues fold 2 from its last.pt. A fold folder
     alone is refused, because resuming it would nest a new cross-validation."""
@@ -399,12 +394,8 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
 
     presser = threading.Thread(target=press_ctrl_c_after_an_epoch)
     presser.start()
-    args = qq.get_args_parser().parse_args(
-        [str(a) for a in ["--data", data24, "--out", out, "--name", "cv", "--folds", "2", *RUN]]
-    )
-    code = run_cli(qq.main, args)
+    code, _, lines = cli("qq.py", "--data", data24, "--out", out, "--name", "cv", "--folds", "2", *RUN).lines()
     presser.join()
-    lines = user_lines(capsys.readouterr().err)
     assert code == 130, lines
     assert lines[-1].startswith("interrupted: training stopped after epoch ") and lines[-1].endswith(
         f"Resume with: python qq.py --resume {run}"
@@ -429,12 +420,12 @@ def test_an_interrupted_cross_validation_resumes_as_a_whole(data24, tmp_path, ca
         ),
         (["--resume", run, "--epochs", "4"], "--epochs cannot change when a cross-validation run is resumed"),
     ]:
-        assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*argv, "--device", "cpu"]])) == 2
-        lines = user_lines(capsys.readouterr().err)
+        code, _, lines = cli("qq.py", *argv, "--device", "cpu").lines()
+        assert code == 2
         assert len(lines) == 1 and message in lines[0], lines
 
-    assert train(["--resume", run, "--device", "cpu"]) == 0
-    said = capsys.readouterr().out
+    code, said, err = cli("qq.py", "--resume", run, "--device", "cpu")
+    assert code == 0, err
     assert (
         "fold 1/2 already finished" in said
         and f"resuming {run / 'fold2'} after epoch {interrupted_after} of {EPOCHS}" in said

@@ -9,20 +9,11 @@ import resource
 import shutil
 import signal
 
-from conftest import FAST, make_folder, user_lines
+from conftest import FAST, cli, make_folder
 
-import qq
 from ucgrade import engine, evaluate, figures
-from ucgrade.cli import run_cli
 
 ONE_EPOCH = [*FAST, "--epochs", "1", "--cache", "ram"]
-
-
-def run(argv, capsys):
-    """(exit code, stdout lines, stderr lines) of qq.py through the CLI wrapper in this process."""
-    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    return code, user_lines(captured.out), user_lines(captured.err)
 
 
 def assert_results_written(run_dir):
@@ -30,10 +21,10 @@ def assert_results_written(run_dir):
         assert (run_dir / name).is_file(), name
 
 
-def test_grade_names_with_mathtext_characters_are_drawn_as_plain_text(tmp_path, capsys):
+def test_grade_names_with_mathtext_characters_are_drawn_as_plain_text(tmp_path):
     names = ["sev_$1_$2", "a^{b}\\c%d"]
     data = make_folder(tmp_path / "data", {name: 6 for name in names})
-    code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0"], capsys)
+    code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0").lines()
     assert code == 0, err
     assert not any("Traceback" in line or "warning" in line for line in err), err
     run_dir = tmp_path / "out" / "train"
@@ -43,7 +34,7 @@ def test_grade_names_with_mathtext_characters_are_drawn_as_plain_text(tmp_path, 
     assert json.loads((run_dir / "metrics.json").read_text())["class_names"] == sorted(names)
 
 
-def test_data_folder_deleted_after_the_scan_keeps_the_finished_training(tmp_path, capsys, monkeypatch):
+def test_data_folder_deleted_after_the_scan_keeps_the_finished_training(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 6, "moderate": 6})
     original = evaluate.evaluate_split
 
@@ -52,7 +43,7 @@ def test_data_folder_deleted_after_the_scan_keeps_the_finished_training(tmp_path
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "evaluate_split", delete_then_evaluate)
-    code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "2"], capsys)
+    code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "2").lines()
     assert code == 3, err
     assert not any("Traceback" in line for line in err), err
     assert any(line.startswith("warning: Grad-CAM could not be made") and "not found" in line for line in err), err
@@ -66,7 +57,7 @@ def test_data_folder_deleted_after_the_scan_keeps_the_finished_training(tmp_path
     assert "What failed" in page and "Grad-CAM: " in page
 
 
-def test_a_failing_timing_and_plot_are_named_and_the_rest_is_written(tmp_path, capsys, monkeypatch):
+def test_a_failing_timing_and_plot_are_named_and_the_rest_is_written(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 6, "moderate": 6})
 
     def broken(*args, **kwargs):
@@ -74,7 +65,7 @@ def test_a_failing_timing_and_plot_are_named_and_the_rest_is_written(tmp_path, c
 
     monkeypatch.setattr(engine, "measure_inference_time", broken)
     monkeypatch.setattr(figures, "plot_confusions", broken)
-    code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0"], capsys)
+    code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0").lines()
     assert code == 3, err
     assert not any("Traceback" in line for line in err), err
     assert "the inference time, the confusion matrices could not be made" in err[-1], err
@@ -86,7 +77,7 @@ def test_a_failing_timing_and_plot_are_named_and_the_rest_is_written(tmp_path, c
     assert "confusion_matrix.png could not be drawn" in page and "Inference time" in page
 
 
-def test_a_cross_validation_report_names_what_failed_in_the_folds_and_the_pooled_part(tmp_path, capsys, monkeypatch):
+def test_a_cross_validation_report_names_what_failed_in_the_folds_and_the_pooled_part(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 4, "moderate": 4})
 
     def broken(*args, **kwargs):
@@ -94,7 +85,7 @@ def test_a_cross_validation_report_names_what_failed_in_the_folds_and_the_pooled
 
     monkeypatch.setattr(engine, "measure_inference_time", broken)  # in every fold
     monkeypatch.setattr(figures, "plot_roc", broken)  # in every fold and in the pooled part
-    code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--folds", "2"], capsys)
+    code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--folds", "2").lines()
     assert code == 3, err
     assert not any("Traceback" in line for line in err), err
     assert err[-1] == (
@@ -114,12 +105,14 @@ def test_a_cross_validation_report_names_what_failed_in_the_folds_and_the_pooled
     assert page.index(items[0]) < page.index(items[1]) < page.index(items[3])  # the pooled part, then the folds
 
 
-def test_a_full_disk_is_one_sentence_with_the_space_a_run_needs(tmp_path, capsys):
+def test_a_full_disk_is_one_sentence_with_the_space_a_run_needs(tmp_path):
     data = make_folder(tmp_path / "data", {"mild": 6, "moderate": 6})
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000_000, hard))  # ulimit -f: a stand-in for a full disk
     try:
-        code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0"], capsys)
+        code, _, err = cli(
+            "qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0"
+        ).lines()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert code == 1, err
@@ -129,7 +122,7 @@ def test_a_full_disk_is_one_sentence_with_the_space_a_run_needs(tmp_path, capsys
     assert not list((tmp_path / "out" / "train").glob(".*.tmp"))  # no half-written checkpoint is left
 
 
-def test_ctrl_c_in_the_report_phase_says_the_report_is_being_finished(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_the_report_phase_says_the_report_is_being_finished(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 6, "moderate": 6})
     original = engine.measure_inference_time
 
@@ -138,19 +131,19 @@ def test_ctrl_c_in_the_report_phase_says_the_report_is_being_finished(tmp_path, 
         return original(*args, **kwargs)
 
     monkeypatch.setattr(engine, "measure_inference_time", interrupted_timing)
-    code, _, err = run(["--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0"], capsys)
+    code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0").lines()
     assert code == 0, err
     assert any("SIGINT received: finishing the metrics and the report first, about" in line for line in err), err
     assert not any("stopping after the current batch" in line for line in err), err
     assert_results_written(tmp_path / "out" / "train")
 
 
-def test_an_output_folder_that_cannot_be_written_is_refused_before_the_images_are_read(tmp_path, capsys, monkeypatch):
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_images_are_read(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"mild": 3, "moderate": 3})
     read = []
     monkeypatch.setattr("ucgrade.data.read_data", lambda *args: read.append(args))
     out = "/proc/ucgrade-out"  # read-only even for root, where a chmod'ed folder is not
-    code, out_lines, err = run(["--data", data, "--out", out, *ONE_EPOCH], capsys)
+    code, out_lines, err = cli("qq.py", "--data", data, "--out", out, *ONE_EPOCH).lines()
     assert code == 2 and not read
     assert not any("Traceback" in line for line in err), err
     assert len(err) == 1 and err[0].startswith(f"error: --out '{out}' cannot be written ('/proc': "), err

@@ -1,8 +1,6 @@
 """The whole pipeline: qq.py trains and writes every output, predict.py grades images (issue 2)."""
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -15,17 +13,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, grade_with_library, make_folder, run_script, run_scripts, train
+from conftest import FAST, ROOT, cli, grade_with_library, make_folder, run_script, run_scripts
 from PIL import Image
 
-import predict
 import qq
-from ucgrade import data, engine, files
+from ucgrade import data, engine, files, presets, splits
 from ucgrade.cam import cam_overlay
-from ucgrade.cli import run_cli
-from ucgrade.engine import predict_image
 from ucgrade.files import read_csv
+from ucgrade.images import load_image
 from ucgrade.model import load_checkpoint, model_from_checkpoint
+from ucgrade.torch_grader import torch_grader
 
 
 def timed_as(times):
@@ -59,11 +56,10 @@ def runs(small_data, module_tmp):
     printed = {}
 
     def run(name, argv, times):
-        stdout = io.StringIO()
-        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        with pytest.MonkeyPatch.context() as patch:
             patch.setattr(engine, "time_each", timed_as(times))
-            assert train(["--data", small_data, "--out", out, *FAST, *argv]) == 0
-        printed[name] = stdout.getvalue()
+            code, printed[name], err = cli("qq.py", "--data", small_data, "--out", out, *FAST, *argv)
+        assert code == 0, err
 
     run("train", ["--epochs", "1", "--seed", "5", "--cam-examples", "20", "--precision", "fp32"], SPREAD)
     first = {name: (out / "train" / name).read_bytes() for name in ("best.pt", "history.csv")}
@@ -136,29 +132,25 @@ def test_checkpoints_describe_themselves(trained_run):
 
 def test_best_checkpoint_reproduces_the_reported_metrics(trained_run, small_data):
     """The saved best.pt, run again over the validation images, gives the metrics.json accuracy."""
-    checkpoint = load_checkpoint(trained_run / "best.pt")
-    model = model_from_checkpoint(checkpoint)
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    device = torch.device("cpu")
-    precision = metrics["precision"]
+    grader = torch_grader(trained_run / "best.pt", "cpu", metrics["precision"])
     rows = [r for r in read_csv(trained_run / "split.csv") if r["subset"] == "val"]
-    correct = sum(
-        predict_image(small_data / r["path"], model, checkpoint, device, precision)[0] == r["class"] for r in rows
-    )
+    probs = grader.grade([load_image(small_data / r["path"]) for r in rows]).probs
+    correct = sum(grader.class_names[int(p.argmax())] == r["class"] for p, r in zip(probs, rows))
     assert correct / len(rows) == pytest.approx(metrics["accuracy"])
 
 
 def test_split_is_stratified_disjoint_and_seeded():
     labels = [0] * 50 + [1] * 30 + [2] * 11
-    train, val = data.split_holdout(labels, 0.2, seed=3)
+    train, val = splits.split_holdout(labels, 0.2, seed=3)
     assert set(train).isdisjoint(val) and len(train) + len(val) == len(labels)
     counts = np.bincount(np.array(labels)[val])
     assert counts.tolist() == [10, 6, 2]  # round(0.2 * n) per class
-    again_train, again_val = data.split_holdout(labels, 0.2, seed=3)
+    again_train, again_val = splits.split_holdout(labels, 0.2, seed=3)
     assert again_val.tolist() == val.tolist() and again_train.tolist() == train.tolist()
-    assert data.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
+    assert splits.split_holdout(labels, 0.2, seed=4)[1].tolist() != val.tolist()
     # tiny classes still get one image on each side
-    train, val = data.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
+    train, val = splits.split_holdout([0, 0, 1, 1, 1], 0.2, seed=0)
     assert sorted(np.array([0, 0, 1, 1, 1])[val].tolist()) == [0, 1]
 
 
@@ -181,17 +173,17 @@ def test_split_csv_matches_seed(runs):
 def test_validation_transform_is_deterministic_and_matches_prediction(tmp_path):
     path = make_folder(tmp_path, {"mild": 1}, size=150) / "mild" / "mild_000.jpg"
     Image.open(path).resize((150, 110)).save(path)  # not square
-    cached = data.read_resized(path, data.resize_size_for(96))
-    crop = data.val_transform(96)
+    cached = data.read_resized(path, presets.resize_size_for(96))
+    crop = presets.val_transform(96)
     first, second = crop(cached), crop(cached)
     assert torch.equal(first, second) and first.shape == (3, 96, 96)
     # the cache path used in validation and the file path used by predict.py give the same pixels
-    assert torch.equal(first, data.eval_transform(96)(data.load_image(path)))
+    assert torch.equal(first, presets.eval_transform(96)(data.load_image(path)))
 
 
 def test_training_transform_is_random():
     image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
-    transform = data.train_transform(64)
+    transform = presets.train_transform(64)
     views = [transform(image) for _ in range(4)]
     assert all(v.shape == (3, 64, 64) for v in views)
     assert not all(torch.equal(views[0], v) for v in views[1:])
@@ -271,9 +263,10 @@ def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data)
     Run as in a user's shell, where stdout to a pipe is block-buffered (no PYTHONUNBUFFERED); one line per image,
     and --json, side by side."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    inputs = [small_data] * 20  # 600 images: batches grade fast, and the readers must go while work is left
     processes = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "predict.py"), small_data, "--weights", trained_run / "best.pt", *output],
+            [sys.executable, str(ROOT / "predict.py"), *inputs, "--weights", trained_run / "best.pt", *output],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -281,20 +274,14 @@ def test_predict_output_cut_short_by_a_pipe_is_no_error(trained_run, small_data)
         )
         for name, output in (("lines", ["--device", "cpu"]), ("json", ["--device", "cpu", "--json"]))
     }
+    processes["json"].stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
     # one line per image: read the first, as head -1 does, and stop while the next is graded
     assert processes["lines"].stdout.readline().startswith(str(small_data).encode())
     for name, process in processes.items():
-        process.stdout.close()  # the JSON is written at the end, so it meets a reader that has already gone
+        process.stdout.close()
         code = process.wait(timeout=300)
         stderr = process.stderr.read().decode()
         assert code == 141 and "Traceback" not in stderr and "Error" not in stderr, (name, stderr)
-
-
-def predict_in_process(capsys, *argv):
-    """(exit code, stdout, stderr) of predict.py's main, called as the command line would."""
-    code = run_cli(predict.main, predict.get_args_parser().parse_args([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def told_apart(first, second):
@@ -304,7 +291,7 @@ def told_apart(first, second):
     return any(a != pytest.approx(b, rel=1e-3, abs=1e-30) for a, b in pairs)
 
 
-def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
+def test_predict_uses_the_newest_of_several_runs(runs, small_data):
     images = [small_data / grade / f"{grade}_000.jpg" for grade in ("mild", "moderate", "severe")]
     now = time.time()
     by_run = {}
@@ -312,7 +299,7 @@ def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
         for age, name in enumerate(n for n in ("train", "train2", "train3") if n != newest):
             os.utime(runs.out / name / "best.pt", (now - 100 * (age + 1), now - 100 * (age + 1)))
         os.utime(runs.out / newest / "best.pt", (now, now))
-        code, out, err = predict_in_process(capsys, *images, "--out", runs.out, "--device", "cpu", "--json")
+        code, out, err = cli("predict.py", *images, "--out", runs.out, "--device", "cpu", "--json")
         assert code == 0, err
         weights = runs.out / newest / "best.pt"
         metrics = json.loads((runs.out / newest / "metrics.json").read_text())
@@ -331,11 +318,9 @@ def test_predict_uses_the_newest_of_several_runs(runs, small_data, capsys):
     assert told_apart(by_run["train"], by_run["train2"])  # the checks above tell the two models apart
 
 
-def test_predict_takes_last_pt(trained_run, small_data, capsys):
+def test_predict_takes_last_pt(trained_run, small_data):
     images = sorted((small_data / "mild").iterdir())[:3]
-    code, out, err = predict_in_process(
-        capsys, *images, "--weights", trained_run / "last.pt", "--device", "cpu", "--json"
-    )
+    code, out, err = cli("predict.py", *images, "--weights", trained_run / "last.pt", "--device", "cpu", "--json")
     assert code == 0, err
     output = json.loads(out)
     assert output["weights"] == str(trained_run / "last.pt") and output["errors"] == []
@@ -347,7 +332,7 @@ def test_predict_takes_last_pt(trained_run, small_data, capsys):
         assert prediction["probabilities"] == pytest.approx(probabilities, rel=1e-5, abs=1e-30)
 
 
-def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, tmp_path, capsys):
+def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, tmp_path):
     """a/scan.jpg and b/scan.jpg get an overlay each, of their own image, and a second call overwrites neither."""
     images = [tmp_path / "a" / "scan.jpg", tmp_path / "b" / "scan.jpg"]
     for image, (source, size) in zip(images, ((small_data / "mild" / "mild_001.jpg", (90, 70)),
@@ -360,9 +345,7 @@ def test_predict_cam_keeps_two_images_of_the_same_name_apart(runs, small_data, t
     model = model_from_checkpoint(checkpoint).eval()
     written = []
     for call in range(2):
-        code, out, err = predict_in_process(
-            capsys, *images, "--weights", weights, "--cam", cam_dir, "--json", "--device", "cpu"
-        )
+        code, out, err = cli("predict.py", *images, "--weights", weights, "--cam", cam_dir, "--json", "--device", "cpu")
         assert code == 0, err
         predictions = json.loads(out)["predictions"]
         expected = [cam_dir / f"scan_cam{k if k > 1 else ''}.png" for k in (2 * call + 1, 2 * call + 2)]

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import make_folder, run_script, train, user_lines
+from conftest import cli, make_folder, run_script, train, user_lines
 
 from ucgrade import model as model_module
 from ucgrade.cli import UserError
@@ -43,29 +43,15 @@ def backbone_matches(run_dir, state):
     return all(torch.equal(best[k], v) for k, v in state.items() if not k.startswith("fc.") and v.is_floating_point())
 
 
-def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like, capsys):
+def test_local_weights_file_is_loaded(tmp_path, tiny_data, imagenet_like):
     weights = tmp_path / "my_resnet50.pth"
     torch.save(imagenet_like, weights)
     # with a frozen backbone the trained model keeps the loaded weights exactly; Grad-CAM still
     # works on it, although no weight of the backbone needs a gradient
-    assert (
-        train(
-            [
-                "--data",
-                tiny_data,
-                "--out",
-                tmp_path / "out",
-                "--weights",
-                weights,
-                "--freeze-backbone",
-                *ARGS,
-                "--cam-examples",
-                "2",
-            ]
-        )
-        == 0
-    )
-    assert "--freeze-backbone without ImageNet weights" not in capsys.readouterr().out
+    argv = ["--data", tiny_data, "--out", tmp_path / "out", "--weights", weights, "--freeze-backbone", *ARGS]
+    code, out, err = cli("qq.py", *argv, "--cam-examples", "2")
+    assert code == 0, err
+    assert "--freeze-backbone without ImageNet weights" not in out
     run = tmp_path / "out" / "train"
     cams = read_csv(run / "cam" / "index.csv")
     assert len(cams) == 2 and all((run / "cam" / row["file"]).stat().st_size > 1000 for row in cams)
@@ -187,7 +173,7 @@ def test_download_into_the_hub_cache_checks_the_hash(
     assert not (isolated_torch_home / "hub" / "checkpoints" / "resnet50-00000000.pth").exists()
 
 
-def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(tmp_path, tiny_data, capsys):
+def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(tmp_path, tiny_data):
     """A fold that had not begun when a --weights run stopped starts from that file too, not from
     random weights; a fold that had begun continues from its own last.pt. (ResNet18: three times as fast.)"""
     torch.manual_seed(18)
@@ -227,9 +213,8 @@ def test_a_resumed_cross_validation_starts_its_next_fold_from_the_same_weights(t
     (run / "metrics.json").write_text(json.dumps({"status": "interrupted", "folds": 2, "folds_finished": 1}))
     history = (run / "fold2" / "history.csv").read_text()
     fold1 = {p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()}
-    capsys.readouterr()
-    assert train(["--resume", run, "--device", "cpu"]) == 0
-    said = capsys.readouterr().out
+    code, said, err = cli("qq.py", "--resume", run, "--device", "cpu")
+    assert code == 0, err
     assert "fold 1/2 already finished" in said and f"resuming {run / 'fold2'} after epoch 1 of 1" in said
     assert (run / "fold2" / "history.csv").read_text() == history  # its one epoch was done: evaluated, not retrained
     assert {p.name: p.read_bytes() for p in (run / "fold1").iterdir() if p.is_file()} == fold1

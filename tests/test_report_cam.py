@@ -11,13 +11,11 @@ from html.parser import HTMLParser
 
 import numpy as np
 import torch
-from conftest import ROOT, make_folder
+from conftest import ROOT, cli, make_folder
 from PIL import Image
 
-import predict
-from ucgrade import data, figures, report, sections
+from ucgrade import figures, presets, sections
 from ucgrade.cam import cam_on_original, cam_overlay, grad_cam
-from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
 from ucgrade.files import read_csv
 from ucgrade.model import build_model, load_checkpoint, model_from_checkpoint
@@ -173,7 +171,7 @@ def test_plots_stay_readable_with_ten_grades(tmp_path):
 # ----------------------------------------------------------------------------- Grad-CAM
 
 
-def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_path, capsys):
+def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_path):
     rng = np.random.default_rng(5)
     images = []
     for style, size in (("severe", (150, 110)), ("mild", (97, 131)), ("moderate", (120, 120))):
@@ -182,9 +180,8 @@ def test_predict_cam_writes_an_overlay_per_image_at_its_size(trained_run, tmp_pa
         images.append((path, size))
     cam_dir = tmp_path / "heatmaps"
     argv = [*[p for p, _ in images], "--weights", trained_run / "best.pt", "--cam", cam_dir, "--json"]
-    args = predict.get_args_parser().parse_args([str(a) for a in [*argv, "--precision", "fp32", "--device", "cpu"]])
-    assert run_cli(predict.main, args) == 0
-    result = capsys.readouterr()
+    result = cli("predict.py", *argv, "--precision", "fp32", "--device", "cpu")
+    assert result.code == 0
     assert f"Grad-CAM overlays of 3 image(s) written to {cam_dir}" in result.err
     predictions = json.loads(result.out)["predictions"]
     for (path, size), prediction in zip(images, predictions):
@@ -225,7 +222,7 @@ def test_heatmap_follows_a_salient_patch():
     for x, y in ((60, 30), (190, 150), (60, 150)):
         image = np.full((240, 300, 3), 120, dtype=np.uint8)
         image[y : y + 56, x : x + 56] = texture
-        crop = data.eval_transform(224)(Image.fromarray(image)).unsqueeze(0)
+        crop = presets.eval_transform(224)(Image.fromarray(image)).unsqueeze(0)
         cams, classes = grad_cam(model, crop)
         heatmap = cam_on_original(cams[0], (300, 240), 224)
         assert classes == [0] and heatmap.shape == (240, 300)
@@ -241,7 +238,7 @@ def test_heatmap_lands_where_the_crop_came_from():
     image = np.zeros((height, width, 3), dtype=np.uint8)
     mark_x, mark_y = 100, 30  # inside the centre crop, off centre in both directions
     image[mark_y - 2 : mark_y + 3, mark_x - 2 : mark_x + 3] = 255
-    crop = data.eval_transform(img_size)(Image.fromarray(image))[0].numpy().astype(float)
+    crop = presets.eval_transform(img_size)(Image.fromarray(image))[0].numpy().astype(float)
     cy, cx = np.unravel_index(crop.argmax(), crop.shape)
     cam = np.zeros((img_size, img_size))
     cam[max(cy - 1, 0) : cy + 2, max(cx - 1, 0) : cx + 2] = 1
@@ -253,7 +250,7 @@ def test_heatmap_lands_where_the_crop_came_from():
     assert heatmap[:, :28].max() == 0 and heatmap[:, 119:].max() == 0
 
 
-def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path, capsys):
+def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.pt"))  # the plots' files
     plots = ("curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png", "roc.png")
     for name in plots:
@@ -275,7 +272,7 @@ def test_plots_are_redrawn_from_a_run_folder(trained_run, tmp_path, capsys):
         (tmp_path / "started", "has no evaluated model yet"),
         (tmp_path / "stopped", "has no evaluated model yet"),
     ):
-        assert run_cli(report.main, [str(folder)]) == 2, folder
-        captured = capsys.readouterr()
+        captured = cli("ucgrade.report", folder)
+        assert captured.code == 2, folder
         assert captured.out == "" and captured.err.startswith(f"error: '{folder}' ") and message in captured.err
         assert len(captured.err.splitlines()) == 1

@@ -4,26 +4,23 @@ The runs are real: generated images, qq.py trained for one epoch, its files read
 values are recomputed here from predictions.csv and split.csv, not taken from the code under test.
 """
 
-import contextlib
 import csv
-import io
 import json
 import statistics
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, copy_run, make_folder, train
+from conftest import FAST, cli, copy_run, make_folder
 from test_metrics import kappa_by_definition, pairwise_auc, pairwise_auc_bounds
 from test_report_cam import Page, assert_self_contained, embedded_pngs
 
-import predict
 import qq
-from ucgrade import data, engine, files, splits
+from ucgrade import data, engine, files, presets, splits
 from ucgrade import train as training
-from ucgrade.cli import run_cli
 from ucgrade.device import Runtime
 from ucgrade.files import read_csv
+from ucgrade.groups import read_groups
 from ucgrade.model import build_model
 from ucgrade.train import make_loaders
 
@@ -41,14 +38,6 @@ def write_groups(root, csv_path, leave_out=()):
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([("path", "group"), *rows])
     return csv_path
-
-
-def cli_error(argv, capsys):
-    """What `python qq.py ARGV` does with a user mistake: (exit code, stderr lines)."""
-    code = run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in argv]))
-    # as a terminal shows it: a progress bar redrawn with carriage returns and cleared leaves nothing
-    lines = (line.rsplit("\r", 1)[-1].strip() for line in capsys.readouterr().err.split("\n"))
-    return code, [line for line in lines if line]
 
 
 def assert_no_group_split(rows):
@@ -87,12 +76,12 @@ def run_and_record(argv):
         )
         return built
 
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "prepare", recording_prepare)
         torch.manual_seed(0)
-        assert train(argv) == 0
-    return out.getvalue(), made
+        code, out, err = cli("qq.py", *argv)
+    assert code == 0, err
+    return out, made
 
 
 def training_counts(rows, class_names):
@@ -153,7 +142,7 @@ def test_the_learning_rate_follows_step_lr(holdout_run):
     assert [line.split("  lr ")[1].split()[0] for line in epoch_lines] == ["0.001", "0.001", "0.0005"]
 
 
-def test_a_resumed_split_with_a_patient_on_both_sides_is_flagged_in_the_report(holdout_run, tmp_path, capsys):
+def test_a_resumed_split_with_a_patient_on_both_sides_is_flagged_in_the_report(holdout_run, tmp_path):
     """The only way a patient gets onto both sides: a split.csv edited by hand, which --resume takes as it is.
     The resumed run also goes on with the learning-rate schedule where it stopped."""
     run, _, _, _ = holdout_run
@@ -169,8 +158,9 @@ def test_a_resumed_split_with_a_patient_on_both_sides_is_flagged_in_the_report(h
     moved = edited["group"]
     edited["subset"] = "train"
     files.write_csv(copy / "split.csv", rows, list(rows[0]))
-    assert train(["--resume", copy, "--epochs", "4", "--device", "cpu"]) == 0
-    assert "without --groups" not in capsys.readouterr().out  # the groups came with the split
+    code, out, err = cli("qq.py", "--resume", copy, "--epochs", "4", "--device", "cpu")
+    assert code == 0, err
+    assert "without --groups" not in out  # the groups came with the split
     assert read_csv(copy / "split.csv") == rows  # the run kept the split it was given
     text = " ".join(" ".join(Page((copy / "report.html").read_text()).text).split())
     assert f"1 group(s) appear in more than one subset: {moved}." in text
@@ -237,14 +227,16 @@ def test_remission_block_is_printed_stored_and_right(holdout_run):
     assert "lean optimistic" in report and "image by image" not in report  # split by patient
 
 
-def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path, capsys):
-    code, lines = cli_error(["--data", graded_data, "--out", tmp_path, "--remission-upto", "mayo1", *ONE_EPOCH], capsys)
+def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path):
+    code, _, lines = cli(
+        "qq.py", "--data", graded_data, "--out", tmp_path, "--remission-upto", "mayo1", *ONE_EPOCH
+    ).lines()
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: --remission-upto 'mayo1' is not one of the grades (mild, normal, severe)")
     assert not any(tmp_path.iterdir())  # nothing written
-    code, lines = cli_error(
-        ["--data", graded_data, "--out", tmp_path, "--remission-upto", "severe", *ONE_EPOCH], capsys
-    )
+    code, _, lines = cli(
+        "qq.py", "--data", graded_data, "--out", tmp_path, "--remission-upto", "severe", *ONE_EPOCH
+    ).lines()
     assert code == 2 and len(lines) == 1 and "most severe grade" in lines[0]
 
 
@@ -257,29 +249,33 @@ def test_bad_remission_class_is_one_clear_sentence(graded_data, tmp_path, capsys
         ("normal,mild,mild", "lists a class twice"),  # not "leaves out severe"
     ],
 )
-def test_class_order_is_validated(graded_data, tmp_path, capsys, order, message):
-    code, lines = cli_error(["--data", graded_data, "--out", tmp_path, "--class-order", order, *ONE_EPOCH], capsys)
+def test_class_order_is_validated(graded_data, tmp_path, order, message):
+    code, _, lines = cli("qq.py", "--data", graded_data, "--out", tmp_path, "--class-order", order, *ONE_EPOCH).lines()
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not any(tmp_path.iterdir())
 
 
-def test_groups_file_missing_images_is_an_error(graded_data, tmp_path, capsys):
+def test_groups_file_missing_images_is_an_error(graded_data, tmp_path):
     groups = write_groups(
         graded_data, tmp_path / "patients.csv", leave_out={"mild/mild_003.jpg", "severe/severe_005.jpg"}
     )
-    code, lines = cli_error(["--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)
+    code, _, lines = cli(
+        "qq.py", "--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH
+    ).lines()
     assert code == 2 and len(lines) == 1, lines
     assert "has no group for 2 image(s): mild/mild_003.jpg, severe/severe_005.jpg" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
-def test_groups_file_giving_an_image_two_patients_is_an_error(graded_data, tmp_path, capsys):
+def test_groups_file_giving_an_image_two_patients_is_an_error(graded_data, tmp_path):
     groups = write_groups(graded_data, tmp_path / "patients.csv")
     rows = groups.read_text().splitlines()
     groups.write_text(
         "\n".join([*rows, "mild/mild_001.jpg,mild-0", "mild/mild_002.jpg", "mild/mild_003.jpg,p99"]) + "\n"
     )
-    code, lines = cli_error(["--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys)
+    code, _, lines = cli(
+        "qq.py", "--data", graded_data, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH
+    ).lines()
     # a repeated row that agrees is fine, a row without a group adds nothing, and a second patient is refused
     assert code == 2 and len(lines) == 1, lines
     assert "gives 'mild/mild_003.jpg' two groups ('mild-1' and, in row 28, 'p99'); keep one row per image" in lines[0]
@@ -291,7 +287,7 @@ def test_a_grouped_validation_share_that_differs_from_val_split_is_pointed_out(
     graded_data, tmp_path, capsys, val_split, note
 ):
     image_set, _ = data.scan_folder(graded_data)
-    groups = data.read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
+    groups = read_groups(write_groups(graded_data, tmp_path / "patients.csv"), image_set)
     args = qq.get_args_parser().parse_args(["--data", str(graded_data), "--val-split", str(val_split)])
     [(train, val)] = splits.new_split(args, image_set, groups)
     n_splits = {0.2: 5, 0.3: 3, 0.6: 2}[val_split]
@@ -316,7 +312,7 @@ def test_groups_file_with_windows_paths_works_and_unknown_rows_are_named(graded_
     posix = write_groups(graded_data, tmp_path / "patients.csv")
     windows = tmp_path / "patients_windows.csv"
     windows.write_text(posix.read_text().replace("/", "\\") + "mild\\ghost.jpg,p1\nnormal/notes.txt,p2\n")
-    assert data.read_groups(windows, image_set) == data.read_groups(posix, image_set)
+    assert read_groups(windows, image_set) == read_groups(posix, image_set)
     out = capsys.readouterr().out
     assert (
         f"note: --groups file '{windows}' names 2 path(s) that are not usable images under --data, which are left "
@@ -324,25 +320,25 @@ def test_groups_file_with_windows_paths_works_and_unknown_rows_are_named(graded_
     )
 
 
-def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
+def test_too_few_patients_for_the_folds_is_an_error(tmp_path):
     root = make_folder(tmp_path / "data", {"mild": 4, "severe": 4})
     groups = tmp_path / "patients.csv"
     groups.write_text(
         "path,group\n" + "".join(f"{g}/{g}_{i:03d}.jpg,p{i % 2}\n" for g in ("mild", "severe") for i in range(4))
     )
-    code, lines = cli_error(
-        ["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "3", *ONE_EPOCH], capsys
-    )
+    code, _, lines = cli(
+        "qq.py", "--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "3", *ONE_EPOCH
+    ).lines()
     assert code == 2 and len(lines) == 1 and "needs at least 3 groups, but there are 2" in lines[0], lines
-    code, lines = cli_error(
-        ["--data", root, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH], capsys
-    )  # a hold-out split: 1 of 5
+    code, _, lines = cli(
+        "qq.py", "--data", root, "--out", tmp_path / "out", "--groups", groups, *ONE_EPOCH
+    ).lines()  # a hold-out split: 1 of 5
     assert code == 2 and lines == [
         "error: a split into 5 parts needs at least 5 groups, but there are 2; use a larger --val-split or add groups."
     ]
-    code, lines = cli_error(
-        ["--data", root, "--out", tmp_path / "out", "--folds", "6", *ONE_EPOCH], capsys
-    )  # without groups
+    code, _, lines = cli(
+        "qq.py", "--data", root, "--out", tmp_path / "out", "--folds", "6", *ONE_EPOCH
+    ).lines()  # without groups
     assert code == 2 and lines == [
         "error: a split into 6 parts needs a grade with at least 6 images, but the largest has 4; use at most "
         "--folds 4, or add images."
@@ -354,9 +350,9 @@ def test_too_few_patients_for_the_folds_is_an_error(tmp_path, capsys):
             f"{g}/{g}_{i:03d}.jpg,{'s' if g == 'severe' else f'p{i}'}\n" for g in ("mild", "severe") for i in range(4)
         )
     )
-    code, lines = cli_error(
-        ["--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "2", *ONE_EPOCH], capsys
-    )
+    code, _, lines = cli(
+        "qq.py", "--data", root, "--out", tmp_path / "out", "--groups", groups, "--folds", "2", *ONE_EPOCH
+    ).lines()
     assert code == 2 and len(lines) == 1 and "class 'severe' has no" in lines[0] and "fewer --folds" in lines[0], lines
     assert not (tmp_path / "out").exists()  # checked before a run folder is made or a fold trains
 
@@ -374,21 +370,18 @@ def cv_run(module_tmp):
     return tmp / "out" / "train", root, stdout, made
 
 
-def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run, capsys):
+def test_predict_asks_which_fold_of_a_newest_cross_validation_run(cv_run):
     run, root, _, _ = cv_run
     image = root / "mild" / "mild_000.jpg"
-    argv = [str(image), "--out", str(run.parent), "--device", "cpu"]
-    code = run_cli(predict.main, predict.get_args_parser().parse_args(argv))
-    captured = capsys.readouterr()
-    assert code == 2 and captured.out == ""
+    code, out, err = cli("predict.py", image, "--out", run.parent, "--device", "cpu")
+    assert code == 2 and out == ""
     assert (
-        captured.err
-        == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one "
+        err == f"error: the newest run '{run}' is a cross-validation run, whose folds each hold a model; choose one "
         f"with --weights, for example --weights {run / 'fold1' / 'best.pt'}.\n"
     )
-    argv = [str(image), "--weights", str(run / "fold1" / "best.pt"), "--device", "cpu"]
-    assert run_cli(predict.main, predict.get_args_parser().parse_args(argv)) == 0
-    assert "mild_000.jpg" in capsys.readouterr().out  # the fold's model grades it
+    code, out, _ = cli("predict.py", image, "--weights", run / "fold1" / "best.pt", "--device", "cpu")
+    assert code == 0
+    assert "mild_000.jpg" in out  # the fold's model grades it
 
 
 def test_cross_validation_validates_every_image_exactly_once(cv_run):
@@ -509,7 +502,7 @@ def test_cross_validation_report_embeds_everything(cv_run):
 def imbalanced(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("imbalanced"), {"mild": 24, "moderate": 8, "severe": 4})
     image_set, _ = data.scan_folder(root)
-    data.read_images(image_set, data.resize_size_for(64), keep=True)
+    data.read_images(image_set, presets.resize_size_for(64), keep=True)
     return root, image_set
 
 
@@ -517,7 +510,7 @@ def drawn_labels(image_set, balance, epochs=40):
     args = qq.get_args_parser().parse_args(
         ["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0"]
     )
-    train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
+    train_idx, val_idx = splits.split_holdout(image_set.labels, 0.2, seed=0)
     model = torch.nn.Module()  # make_loaders only needs a model for --freeze-backbone
     generator = torch.Generator().manual_seed(0)
     split = splits.Split(train_idx, val_idx, run_dir=None)
@@ -559,7 +552,7 @@ def built_for(image_set, balance):
     args = qq.get_args_parser().parse_args(
         ["--balance", balance, "--img-size", "64", "--batch-size", "8", "--workers", "0", "--arch", "resnet18"]
     )
-    train_idx, val_idx = data.split_holdout(image_set.labels, 0.2, seed=0)
+    train_idx, val_idx = splits.split_holdout(image_set.labels, 0.2, seed=0)
     model = build_model(3, None, "resnet18")
     generator = torch.Generator().manual_seed(0)
     built = training.prepare(args, image_set, splits.Split(train_idx, val_idx, run_dir=None), model,

@@ -9,11 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, copy_run, make_folder, train, user_lines
+from conftest import FAST, ROOT, cli, copy_run, make_folder, train
 
-import qq
 from ucgrade import data
-from ucgrade.cli import run_cli
 from ucgrade.files import read_csv
 
 # 30 images: 24 train (three global batches of 8, four images per process), 6 validation (3 per process).
@@ -117,7 +115,7 @@ def test_two_processes_with_sync_bn_train_as_one_process_with_the_same_global_ba
     assert [float(row["lr"]) for row in got] == pytest.approx([float(row["lr"]) for row in want], rel=1e-9)
 
 
-def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny, tmp_path, capsys):
+def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny, tmp_path):
     """--epochs 40: a ResNet18 epoch takes a fraction of a second, so the signal lands during training; the
     resumed run then trains one epoch more than the interrupted one had finished, and finishes."""
     out = tmp_path / "out"
@@ -152,9 +150,9 @@ def test_sigint_to_torchrun_stops_every_process_and_resume_finishes_the_run(tiny
     assert f"Resume with: python qq.py --resume {run}" in stderr
 
     # resumed by one process: the run goes on, and says that the images are dealt out differently
-    capsys.readouterr()
-    assert train(["--resume", run, "--epochs", finished + 1, "--device", "cpu"]) == 0, capsys.readouterr().err[-3000:]
-    assert "note: the run trained in 2 process(es) and goes on in 1" in capsys.readouterr().out
+    code, said, err = cli("qq.py", "--resume", run, "--epochs", finished + 1, "--device", "cpu")
+    assert code == 0, err[-3000:]
+    assert "note: the run trained in 2 process(es) and goes on in 1" in said
     assert len(read_csv(history)) == finished + 1
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
@@ -194,14 +192,14 @@ def test_a_process_that_fails_stops_the_others_with_one_clear_message(tiny, tmp_
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
-def test_a_batch_that_does_not_divide_among_the_processes_is_one_sentence(tiny, tmp_path, monkeypatch, capsys):
+def test_a_batch_that_does_not_divide_among_the_processes_is_one_sentence(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     argv = ["--data", tiny, "--out", tmp_path, "--batch-size", "10", "--device", "cpu"]
-    args = qq.get_args_parser().parse_args([str(a) for a in argv])
-    assert run_cli(qq.main, args) == 2
-    assert user_lines(capsys.readouterr().err) == [
+    code, _, err = cli("qq.py", *argv).lines()
+    assert code == 2
+    assert err == [
         "error: --batch-size 10 does not divide among the 4 processes that torchrun starts, and it is the global "
         "batch; give a multiple of 4, such as 8."
     ]

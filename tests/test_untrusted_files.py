@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import FAST, ROOT, copy_run, user_lines
+from conftest import FAST, ROOT, cli, copy_run, user_lines
 from PIL import Image
 
-import predict
-import qq
 from ucgrade import device as device_module
 from ucgrade import files
-from ucgrade.cli import run_cli
 from ucgrade.device import choose_precision
 from ucgrade.model import build_model
 from ucgrade.settings import precision_used
@@ -35,12 +32,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def run_in_process(module, argv, capsys):
-    """(exit code, stderr lines) of predict.py or qq.py run through the CLI wrapper in this process, on the CPU."""
-    code = run_cli(module.main, module.get_args_parser().parse_args([str(a) for a in [*argv, *CPU]]))
-    return code, user_lines(capsys.readouterr().err)
 
 
 def replace_file(path, content):
@@ -80,7 +71,7 @@ def test_the_payload_runs_when_loaded_without_weights_only(tmp_path):
     assert marker.exists()
 
 
-def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path, capsys):
+def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
     crafted = torch.load(trained_run / "last.pt", weights_only=True)  # a real checkpoint ...
     crafted["model"] = Payload(marker)  # ... with the payload where the weights belong
@@ -89,12 +80,12 @@ def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path, capsys):
     run = copy_run(trained_run, tmp_path / "runs" / "train")
     replace_file(run / "last.pt", crafted)
 
-    for module, argv, path in [
-        (predict, [small_data / "mild" / "mild_000.jpg", "--weights", evil], evil),
-        (qq, ["--data", small_data, "--out", tmp_path / "out", "--weights", evil, *WEIGHTS_RUN], evil),
-        (qq, ["--resume", run, "--epochs", "4"], run / "last.pt"),
+    for script, argv, path in [
+        ("predict.py", [small_data / "mild" / "mild_000.jpg", "--weights", evil], evil),
+        ("qq.py", ["--data", small_data, "--out", tmp_path / "out", "--weights", evil, *WEIGHTS_RUN], evil),
+        ("qq.py", ["--resume", run, "--epochs", "4"], run / "last.pt"),
     ]:
-        code, lines = run_in_process(module, argv, capsys)  # in this process: the payload would make the marker
+        code, _, lines = cli(script, *argv, *CPU).lines()  # in this process: the payload would make the marker
         assert code == 2, lines
         assert (
             len(lines) == 1
@@ -107,21 +98,21 @@ def test_a_pickle_payload_never_runs(trained_run, small_data, tmp_path, capsys):
     assert torch.load(trained_run / "last.pt", weights_only=True)["epoch"] == 3  # the shared run is untouched
 
 
-def test_payloads_in_other_shapes_never_run(tmp_path, capsys, small_data):
+def test_payloads_in_other_shapes_never_run(tmp_path, small_data):
     marker = tmp_path / "PAYLOAD_RAN"
     torch.save(Payload(marker), tmp_path / "bare.pt")  # the payload is the whole file
     torch.save(
         {"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False
     )  # torch's old format
     for name in ("bare.pt", "legacy.pt"):
-        code, lines = run_in_process(
-            predict, [small_data / "mild" / "mild_000.jpg", "--weights", tmp_path / name], capsys
-        )
+        code, _, lines = cli(
+            "predict.py", small_data / "mild" / "mild_000.jpg", "--weights", tmp_path / name, *CPU
+        ).lines()
         assert code == 2 and len(lines) == 1 and "it could run code" in lines[0], lines
     assert not marker.exists()
 
 
-def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small_data, tmp_path, capsys):
+def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small_data, tmp_path):
     good = torch.load(trained_run / "best.pt", weights_only=True)
     raw = (trained_run / "best.pt").read_bytes()
     cases = {
@@ -150,7 +141,7 @@ def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small
             path.write_bytes(content)
         else:
             torch.save(content, path)
-        code, lines = run_in_process(predict, [small_data / "mild" / "mild_000.jpg", "--weights", path], capsys)
+        code, _, lines = cli("predict.py", small_data / "mild" / "mild_000.jpg", "--weights", path, *CPU).lines()
         assert code == 2, name
         assert (
             len(lines) == 1 and lines[0].startswith("error: ") and f"'{path}'" in lines[0] and expected in lines[0]
@@ -158,7 +149,7 @@ def test_damaged_or_mismatched_checkpoints_get_one_clear_line(trained_run, small
         assert len(lines[0]) < 400, lines[0]  # one sentence, not a list of 200 missing keys
 
 
-def test_weights_must_be_an_imagenet_resnet50(trained_run, small_data, tmp_path, capsys):
+def test_weights_must_be_an_imagenet_resnet50(trained_run, small_data, tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     torch.save(build_model(3).state_dict(), tmp_path / "resnet50_3_classes.pth")
     raw = (trained_run / "best.pt").read_bytes()
@@ -172,24 +163,30 @@ def test_weights_must_be_an_imagenet_resnet50(trained_run, small_data, tmp_path,
     }
     for name, expected in cases.items():
         out = tmp_path / f"out_{name}"
-        code, lines = run_in_process(
-            qq, ["--data", small_data, "--out", out, "--weights", tmp_path / name, *WEIGHTS_RUN], capsys
-        )
+        code, _, lines = cli(
+            "qq.py", "--data", small_data, "--out", out, "--weights", tmp_path / name, *WEIGHTS_RUN, *CPU
+        ).lines()
         assert code == 2, name
         assert len(lines) == 1 and expected in lines[0] and str(tmp_path / name) in lines[0] and len(lines[0]) < 400, (
             name,
             lines,
         )
         assert not out.exists()
-    code, lines = run_in_process(
-        qq,
-        ["--data", small_data, "--out", tmp_path / "out", "--weights", trained_run / "best.pt", *WEIGHTS_RUN],
-        capsys,
-    )
+    code, _, lines = cli(
+        "qq.py",
+        "--data",
+        small_data,
+        "--out",
+        tmp_path / "out",
+        "--weights",
+        trained_run / "best.pt",
+        *WEIGHTS_RUN,
+        *CPU,
+    ).lines()
     assert code == 2 and "is a checkpoint of this tool, not ImageNet weights" in lines[0] and "--resume" in lines[0]
 
 
-def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_path, capsys, monkeypatch):
+def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_path, monkeypatch):
     last = torch.load(trained_run / "last.pt", weights_only=True)
     raw = (trained_run / "last.pt").read_bytes()
     cases = {
@@ -208,7 +205,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     for name, (content, expected) in cases.items():
         run = copy_run(trained_run, tmp_path / name)
         replace_file(run / "last.pt", content)
-        code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+        code, _, lines = cli("qq.py", "--resume", run, "--epochs", "4", *CPU).lines()
         assert code == 2 and len(lines) == 1 and expected in lines[0], (name, lines)
         assert (run / "history.csv").read_text() == history  # nothing was trained or appended
 
@@ -216,22 +213,22 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     run = copy_run(trained_run, tmp_path / "no_last")
     (run / "last.pt").unlink()
     best = (run / "best.pt").read_bytes()
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    code, _, lines = cli("qq.py", "--resume", run, "--epochs", "4", *CPU).lines()
     assert code == 2 and len(lines) == 1 and f"'{run}' has finished epochs but no last.pt" in lines[0], lines
     assert (run / "history.csv").read_text() == history and (run / "best.pt").read_bytes() == best
 
-    code, lines = run_in_process(qq, ["--resume", run / "best.pt"], capsys)
+    code, _, lines = cli("qq.py", "--resume", run / "best.pt", *CPU).lines()
     assert code == 2 and lines == [
         f"error: --resume '{run / 'best.pt'}' is a file; give its run folder, such as --resume {run}."
     ]
-    code, lines = run_in_process(
-        qq, ["--resume", run, "--epochs", "4", "--name", "again", "--out", tmp_path / "elsewhere"], capsys
-    )
+    code, _, lines = cli(
+        "qq.py", "--resume", run, "--epochs", "4", "--name", "again", "--out", tmp_path / "elsewhere", *CPU
+    ).lines()
     assert code == 2 and lines == [
         f"error: --name and --out do not apply to --resume, which goes on in the run's own folder '{run}'; leave "
         "them out."
     ]
-    code, lines = run_in_process(qq, ["--resume", tmp_path / "no_such_run"], capsys)
+    code, _, lines = cli("qq.py", "--resume", tmp_path / "no_such_run", *CPU).lines()
     assert code == 2 and lines == [
         f"error: --resume '{tmp_path / 'no_such_run'}' does not exist; give a run folder under outputs/ written by "
         "qq.py."
@@ -244,15 +241,16 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     started = json.loads((run / "config.json").read_text())
     older = {k: v for k, v in started.items() if k not in ("select", "arch")}
     (run / "config.json").write_text(json.dumps(older | {"precision_used": "fp16", "device": "cuda"}))
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
+    code, _, lines = cli("qq.py", "--resume", run, "--epochs", "2", *CPU).lines()
     assert code == 2 and lines == [
         "error: --epochs 2 is fewer than the 3 epochs the run has already trained; give --epochs 3 or more, or "
         "leave it out."
     ]
     resume = ["--resume", run, "--cam-examples", "0", *CPU]
     monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
-    assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*resume, "--epochs", "4"]])) == 0
-    assert "note: the run trained in fp16, which cpu does not run fast; it goes on in fp32." in capsys.readouterr().out
+    code, out, _ = cli("qq.py", *resume, "--epochs", "4")
+    assert code == 0
+    assert "note: the run trained in fp16, which cpu does not run fast; it goes on in fp32." in out
     assert len(files.read_csv(run / "history.csv")) == 4
     config = json.loads((run / "config.json").read_text())
     assert (
@@ -261,8 +259,9 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     assert [r["precision_used"] for r in config["resumed"]] == ["fp32"]
     # it goes on in the precision it last used, although the CPU's own choice would now be bf16
     monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: True)
-    assert run_cli(qq.main, qq.get_args_parser().parse_args([str(a) for a in [*resume, "--epochs", "5"]])) == 0
-    assert "note:" not in capsys.readouterr().out
+    code, out, _ = cli("qq.py", *resume, "--epochs", "5")
+    assert code == 0
+    assert "note:" not in out
     resumed = json.loads((run / "config.json").read_text())["resumed"]
     assert [r["precision_used"] for r in resumed] == ["fp32", "fp32"]
     monkeypatch.undo()
@@ -273,7 +272,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     run = copy_run(trained_run, tmp_path / "changed")
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(config | {"data": str(data)}))
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    code, _, lines = cli("qq.py", "--resume", run, "--epochs", "4", *CPU).lines()
     assert code == 2 and len(lines) == 1, lines
     assert (
         "changed since the run started (then: mild 10, moderate 10, severe 10; now: mild 11, moderate 10, severe 10)"
@@ -296,7 +295,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
             json.dumps(json.loads((run / "config.json").read_text()) | {"data": str(data)})
         )
         config = (run / "config.json").read_text()
-        code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+        code, _, lines = cli("qq.py", "--resume", run, "--epochs", "4", *CPU).lines()
         gone = next(row["path"] for row in files.read_csv(run / "split.csv") if not (data / row["path"]).is_file())
         assert gone in missing and code == 2, (change, lines)
         assert lines == [
@@ -310,7 +309,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     run = copy_run(trained_run, tmp_path / "edited_run")
     (run / "config.json").write_text(json.dumps(json.loads((run / "config.json").read_text()) | {"data": str(data)}))
     config = (run / "config.json").read_text()
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "4"], capsys)
+    code, _, lines = cli("qq.py", "--resume", run, "--epochs", "4", *CPU).lines()
     assert code == 2 and lines == [
         f"error: the usable images in '{data}' changed since the run started: the same files by name, but the "
         "content of some differs; resuming needs the same data, so start a new run instead."
@@ -319,33 +318,31 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
 
     # a finished run has nothing to resume unless --epochs extends it
     run = copy_run(trained_run, tmp_path / "finished")
-    code, lines = run_in_process(qq, ["--resume", run], capsys)
+    code, _, lines = cli("qq.py", "--resume", run, *CPU).lines()
     assert code == 2 and lines == [
         f"error: '{run}' has already finished its 3 epochs; to train it longer, pass --epochs with more than 3."
     ]
     # flags that would change the run are refused, not silently ignored: also --img-size 224, the default,
     # against the run's 64;
     # --batch-size 8 and --seed 0 are what the run has, and --cache may change
-    code, lines = run_in_process(
-        qq,
-        [
-            "--resume",
-            run,
-            "--epochs",
-            "4",
-            "--lr",
-            "0.1",
-            "--img-size",
-            "224",
-            "--batch-size",
-            "8",
-            "--seed",
-            "0",
-            "--cache",
-            "off",
-        ],
-        capsys,
-    )
+    code, _, lines = cli(
+        "qq.py",
+        "--resume",
+        run,
+        "--epochs",
+        "4",
+        "--lr",
+        "0.1",
+        "--img-size",
+        "224",
+        "--batch-size",
+        "8",
+        "--seed",
+        "0",
+        "--cache",
+        "off",
+        *CPU,
+    ).lines()
     assert code == 2 and lines == [
         "error: --lr, --img-size cannot change when a run is resumed, because the run goes on with the settings in its "
         "config.json; leave them out, or start a new run with them."
@@ -353,7 +350,7 @@ def test_resume_refuses_what_it_cannot_continue(trained_run, small_data, tmp_pat
     assert files.read_csv(trained_run / "history.csv") == files.read_csv(run / "history.csv")  # untouched
 
 
-def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_path, capsys, monkeypatch):
+def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_path, monkeypatch):
     moved = shutil.copytree(small_data, tmp_path / "data")
     # the patients CSV lives in the data folder and moves with it
     images = sorted(p.relative_to(moved).as_posix() for p in moved.rglob("*.jpg"))
@@ -372,19 +369,19 @@ def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_pa
         "--cam-examples",
         "0",
     ]
-    assert run_cli(qq.main, qq.get_args_parser().parse_args(args)) == 0
+    assert cli("qq.py", *args).code == 0
     run = tmp_path / "runs" / "train"
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == str(moved) and config["groups"] == str(moved / "patients.csv")  # absolute paths
     split = files.read_csv(run / "split.csv")
     monkeypatch.chdir(ROOT)  # resumed from another folder
     moved = moved.rename(tmp_path / "moved")
-    code, lines = run_in_process(qq, ["--resume", run, "--epochs", "2"], capsys)
+    code, _, lines = cli("qq.py", "--resume", run, "--epochs", "2", *CPU).lines()
     assert code == 2 and "does not exist" in lines[0] and "--data" in lines[0], lines
     # the images moved, the groups CSV with them: --data is enough, and later resumes find the new place
-    assert run_in_process(qq, ["--resume", run, "--epochs", "2", "--data", moved], capsys)[0] == 0
+    assert cli("qq.py", "--resume", run, "--epochs", "2", "--data", moved, *CPU).code == 0
     assert json.loads((run / "config.json").read_text())["data"] == str(moved)
-    assert run_in_process(qq, ["--resume", run, "--epochs", "3", "--cache", "off"], capsys)[0] == 0
+    assert cli("qq.py", "--resume", run, "--epochs", "3", "--cache", "off", *CPU).code == 0
     assert len(files.read_csv(run / "history.csv")) == 3
     assert files.read_csv(run / "split.csv") == split
     assert [r["group"] for r in files.read_csv(run / "predictions.csv")] == [
@@ -392,7 +389,7 @@ def test_resume_finds_the_data_from_anywhere_and_after_a_move(small_data, tmp_pa
     ]
 
 
-def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, small_data, tmp_path, capsys):
+def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, small_data, tmp_path):
     good = [small_data / "mild" / "mild_000.jpg", tmp_path / "Aufnahme ü 2.jpg"]
     shutil.copy(small_data / "severe" / "severe_000.jpg", good[1])
     jpeg = good[0].read_bytes()
@@ -409,9 +406,7 @@ def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, smal
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("no pictures here")
     inputs = [good[0], *list(bad)[:3], good[1], *list(bad)[3:]]
-    args = predict.get_args_parser().parse_args([str(a) for a in [*inputs, "--weights", trained_run / "best.pt", *CPU]])
-    code = run_cli(predict.main, args)
-    out, err = capsys.readouterr()
+    code, out, err = cli("predict.py", *inputs, "--weights", trained_run / "best.pt", *CPU)
 
     assert code == 1, err
     graded = out.strip().split("\n")
@@ -423,9 +418,9 @@ def test_predict_grades_the_good_images_and_names_each_bad_one(trained_run, smal
     assert len(errors) == 6, errors  # one line for each bad input, then the count
 
 
-def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys, monkeypatch):
+def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, monkeypatch):
     (tmp_path / "no_images").mkdir()
-    code, lines = run_in_process(predict, [tmp_path / "no_images", "--weights", trained_run / "best.pt"], capsys)
+    code, _, lines = cli("predict.py", tmp_path / "no_images", "--weights", trained_run / "best.pt", *CPU).lines()
     assert (
         code == 1
         and lines[0]
@@ -433,7 +428,7 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     )
 
     monkeypatch.chdir(tmp_path)  # no outputs/ here, and no --weights
-    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg"], capsys)
+    code, _, lines = cli("predict.py", trained_run.parent.parent / "image.jpg", *CPU).lines()
     assert code == 2
     assert lines == [
         f"error: no trained model found under '{tmp_path.resolve() / 'outputs'}/'; train one first with 'python qq.py' "
@@ -441,26 +436,28 @@ def test_predict_with_nothing_to_grade_or_no_model(trained_run, tmp_path, capsys
     ]
 
     # a run folder given where a file or the folder of runs is meant
-    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--out", trained_run], capsys)
+    code, _, lines = cli("predict.py", trained_run.parent.parent / "image.jpg", "--out", trained_run, *CPU).lines()
     assert code == 2
     assert lines == [
         f"error: '{trained_run}' is a run folder itself (--out is the folder that holds the runs); pass --weights "
         f"{trained_run / 'best.pt'}."
     ]
-    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", tmp_path], capsys)
+    code, _, lines = cli("predict.py", trained_run.parent.parent / "image.jpg", "--weights", tmp_path, *CPU).lines()
     assert code == 2 and lines[0].startswith(
         f"error: --weights '{tmp_path}' is a folder without a best.pt; give a best.pt or last.pt"
     ), lines
-    code, lines = run_in_process(predict, [trained_run.parent.parent / "image.jpg", "--weights", "/dev/null"], capsys)
+    code, _, lines = cli("predict.py", trained_run.parent.parent / "image.jpg", "--weights", "/dev/null", *CPU).lines()
     assert code == 2 and lines == [
         "error: checkpoint '/dev/null' is not a file; pass --weights with a best.pt from a run folder under outputs/."
     ]
 
 
-def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_run, small_data, tmp_path, capsys):
+def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_run, small_data, tmp_path):
     image, animation = small_data / "severe" / "severe_000.jpg", tmp_path / "loop.gif"
     Image.open(image).save(animation)  # Pillow reads it, but training would skip it by its extension
-    code, lines = run_in_process(predict, [trained_run, animation, image, "--weights", trained_run / "best.pt"], capsys)
+    code, _, lines = cli(
+        "predict.py", trained_run, animation, image, "--weights", trained_run / "best.pt", *CPU
+    ).lines()
     assert code == 1
     assert lines[:2] == [
         f"error: {trained_run}: a run folder written by qq.py, not a folder of images; to grade with its model, "
@@ -471,32 +468,20 @@ def test_predict_names_a_run_folder_or_a_non_image_file_given_as_input(trained_r
     assert lines[-1] == "2 input(s) failed and 1 image(s) were graded; see the errors above."
 
 
-def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained_run, small_data, tmp_path, capsys):
+def test_predict_takes_a_run_folder_for_weights_and_skips_hidden_folders(trained_run, small_data, tmp_path):
     folder = tmp_path / "visit"
     shutil.copytree(small_data / "severe", folder)
     shutil.copytree(small_data / "mild", folder / ".ipynb_checkpoints")  # a notebook's copies: not the user's images
     elsewhere = shutil.copytree(small_data / "moderate", tmp_path / "elsewhere")
     (folder / "moderate").symlink_to(elsewhere, target_is_directory=True)  # a linked folder is followed ...
     (folder / "moderate" / "again").symlink_to(folder, target_is_directory=True)  # ... once, even when it links back
-    assert (
-        run_cli(
-            predict.main,
-            predict.get_args_parser().parse_args([str(folder), "--weights", str(trained_run), "--json", *CPU]),
-        )
-        == 0
-    )
-    from_folder = json.loads(capsys.readouterr().out)
+    code, out, _ = cli("predict.py", folder, "--weights", trained_run, "--json", *CPU)
+    assert code == 0
+    from_folder = json.loads(out)
     assert [Path(p["path"]).parent for p in from_folder["predictions"]] == [folder] * 10 + [folder / "moderate"] * 10
-    assert (
-        run_cli(
-            predict.main,
-            predict.get_args_parser().parse_args(
-                [str(folder), "--weights", str(trained_run / "best.pt"), "--json", *CPU]
-            ),
-        )
-        == 0
-    )
-    assert json.loads(capsys.readouterr().out) == from_folder  # the run folder means its best.pt
+    code, out, _ = cli("predict.py", folder, "--weights", trained_run / "best.pt", "--json", *CPU)
+    assert code == 0
+    assert json.loads(out) == from_folder  # the run folder means its best.pt
 
 
 def test_resume_on_a_cpu_without_fast_bf16_goes_on_in_fp32(monkeypatch, capsys):

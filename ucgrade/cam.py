@@ -14,9 +14,10 @@ from matplotlib import colormaps
 from PIL import Image
 
 from . import files
-from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, resize_size_for
+from .data import load_image
 from .engine import to_input
 from .model import cam_layer, unwrap
+from .presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_size_for
 
 
 def grad_cam(model, images, target_class=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):

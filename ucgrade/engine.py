@@ -4,6 +4,7 @@ import itertools
 import math
 import statistics
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -12,8 +13,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .cli import RunInterrupted, UserError
-from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, normalize
 from .device import autocast, make_grad_scaler, synchronize
+from .model import head_inputs
+from .presets import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -129,8 +131,9 @@ def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, 
 
 
 @torch.inference_mode()
-def evaluate(model, data_loader, runtime, desc="val"):
-    """Run the model over data_loader; return (loss, accuracy, probabilities N x C, targets N).
+def evaluate(model, data_loader, runtime, desc="val", features=False):
+    """Run the model over data_loader; return (loss, accuracy, probabilities N x C, targets N), and with
+    features=True also the features its head read in the same pass (N x D), for the out-of-distribution check.
 
     The loss is the plain (unweighted) cross-entropy, whatever loss training used.
 
@@ -138,15 +141,20 @@ def evaluate(model, data_loader, runtime, desc="val"):
     With several processes, each runs over its share of the set, and the shares are gathered in order.
     """
     model.eval()
-    all_logits, all_targets = [], []
-    for images, targets in tqdm(
-        data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main
-    ):
+    all_logits, all_targets, all_features = [], [], []
+    bar = tqdm(data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main)
+    for images, targets in bar:
         _check_stop(runtime)
-        with autocast(runtime.device, runtime.precision):
+        # the head's input is collected only when asked for: a frozen backbone's loop evaluates the head alone
+        with (
+            autocast(runtime.device, runtime.precision),
+            head_inputs(model) if features else nullcontext() as head_read,
+        ):
             logits = model(to_input(images, runtime.device))
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
+        if features:
+            all_features.append(head_read[0].float().cpu())
     logits = distributed.gather(torch.cat(all_logits) if all_logits else torch.empty(0), runtime)
     targets = distributed.gather(torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long), runtime)
     _check_stop(runtime, collective=True)
@@ -154,7 +162,10 @@ def evaluate(model, data_loader, runtime, desc="val"):
     probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
     targets = targets.numpy()
     accuracy = float((probs.argmax(1) == targets).mean())
-    return loss, accuracy, probs, targets
+    if not features:
+        return loss, accuracy, probs, targets
+    features = distributed.gather(torch.cat(all_features) if all_features else torch.empty(0), runtime)
+    return loss, accuracy, probs, targets, features.numpy()
 
 
 @torch.inference_mode()
@@ -178,39 +189,6 @@ def extract_features(backbone, data_loader, runtime, flip=False):
     targets = distributed.gather(torch.cat(targets) if targets else torch.empty(0, dtype=torch.long), runtime)
     _check_stop(runtime, collective=True)
     return features, targets
-
-
-# ----------------------------------------------------------------------------- prediction
-
-
-def load_for_prediction(image_path, img_size, resize_size=None):
-    """The validation preprocessing of one image file: a uint8 (1, 3, img_size, img_size) tensor."""
-    return eval_transform(img_size, resize_size)(load_image(image_path)).unsqueeze(0)
-
-
-@torch.inference_mode()
-def predict_image(image_path, model, checkpoint, device=torch.device("cpu"), precision="fp32"):
-    """(grade, {grade: probability}) of one image file: the one function that grades an image.
-
-    The image is preprocessed as the checkpoint records (EXIF orientation, RGB, resize, centre crop,
-    normalisation), exactly as the run's validation did.
-    """
-    image = load_for_prediction(image_path, checkpoint["img_size"], checkpoint.get("resize_size"))
-    return predict_crop(image, model, checkpoint, device, precision)
-
-
-@torch.inference_mode()
-def predict_crop(image, model, checkpoint, device=torch.device("cpu"), precision="fp32"):
-    """predict_image of an image already preprocessed by load_for_prediction (a uint8 1 x 3 x S x S tensor)."""
-    model.eval()
-    with autocast(device, precision):
-        logits = model(
-            to_input(image, device, checkpoint.get("mean", IMAGENET_MEAN), checkpoint.get("std", IMAGENET_STD))
-        )
-    probs = torch.softmax(logits.float(), dim=1)[0].cpu().tolist()
-    class_names = checkpoint["class_names"]
-    grade = class_names[max(range(len(probs)), key=probs.__getitem__)]
-    return grade, dict(zip(class_names, probs))
 
 
 # ----------------------------------------------------------------------------- timing

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import data, engine, evidence, figures, files, metrics, ood, records, scoring
+from . import data, engine, evidence, figures, files, metrics, ood, presets, records, scoring
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
 from .distributed import barrier, shard
@@ -33,14 +33,14 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report."""
     barrier(runtime)  # process 0 has written best.pt
     model.load_state_dict(load_checkpoint(split.run_dir / "best.pt")["model"])
-    resize = data.resize_size_for(args.img_size)
-    val_share = data.ImageDataset(image_set, shard(split.val, runtime), data.val_transform(args.img_size), resize)
+    resize = presets.resize_size_for(args.img_size)
+    val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
     val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
-    val_loss, _, probs, targets = engine.evaluate(model, val_loader, runtime, desc="best model")
+    val_loss, _, probs, targets, features = engine.evaluate(model, val_loader, runtime, "best model", features=True)
     if not runtime.is_main:  # the files and the timing are made once
         return Evaluation(None, probs, targets, split.val)
     finishing(runtime, len(split.val), args.cam_examples)
-    val_set = data.ImageDataset(image_set, split.val, data.val_transform(args.img_size), resize)
+    val_set = data.ImageDataset(image_set, split.val, presets.val_transform(args.img_size), resize)
     crops = (val_set[i][0] for i in range(len(val_set)))
     failed = []
     timing = scoring.attempt(
@@ -57,7 +57,7 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         "precision": runtime.precision,
         "inference_time": timing,
     }
-    out_of_distribution = ood.calibrate(model, image_set, split, args, runtime)  # written into best.pt
+    out_of_distribution = ood.calibrate(model, image_set, split, args, runtime, features)  # into best.pt
     scoring.attempt(failed, "curves.png", figures.plot_curves, history, split.run_dir / "curves.png")
     evaluation = Evaluation(None, probs, targets, split.val, failed)
     notes = [timing_line(timing)] if timing else []

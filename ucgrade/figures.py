@@ -285,7 +285,8 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     class_names: the grades, to show the part of their names that differs (default: the names in rows); images:
     what they are, for the heading (validation images, test images).
     """
-    from .data import UnreadableImage, eval_transform, load_image
+    from .data import UnreadableImage, load_image
+    from .presets import eval_transform
 
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))
     wrong = wrong[:max_images]

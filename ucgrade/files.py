@@ -2,7 +2,6 @@
 
 import contextlib
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -11,7 +10,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, disk_full
 
 
 def _current_umask():
@@ -36,7 +35,7 @@ def _atomic_write(path, write):
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(error) and not error.filename:  # a write() names no file; the message should
+        if disk_full(error) and not error.filename:  # a write() names no file; the message should
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
 
@@ -109,21 +108,13 @@ def read_status(run_dir):
         return None
 
 
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-def is_disk_full(error):
-    """True for an OSError that says the disk, the quota or the file-size limit is full."""
-    return isinstance(error, OSError) and error.errno in DISK_FULL
-
-
 def save_torch(path, obj):
     import torch  # here, not at the top: the torch-free grader (predict.py with an .onnx) uses this module
 
     try:
         _atomic_write(path, lambda f: torch.save(obj, f))
     except RuntimeError as error:  # torch's zip writer wraps the OSError of a full disk in a RuntimeError
-        if is_disk_full(error.__context__):
+        if disk_full(error.__context__):
             raise OSError(error.__context__.errno, error.__context__.strerror, str(path)) from None
         raise
 

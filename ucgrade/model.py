@@ -1,5 +1,6 @@
 """Model: the table of backbones, building one, its ImageNet weights, and self-describing checkpoints."""
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from . import files
 from .cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, UserError
-from .data import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 
 CHECKPOINT_FORMAT = "ucgrade-checkpoint"
 CONNECT_TIMEOUT_S = 10.0
@@ -85,6 +86,19 @@ def backbone(model):
     features = copy.deepcopy(model)
     _set_submodule(features, ARCHITECTURES[model.arch].head, nn.Identity())
     return features
+
+
+@contextlib.contextmanager
+def head_inputs(model):
+    """Collect, in a list, what the head reads (the pooled backbone features) in the forward passes inside the
+    block: the features of the grading pass itself, so that the out-of-distribution check needs no second pass."""
+    captured = []
+    module = head(unwrap(getattr(model, "module", model)))  # a DistributedDataParallel's or a compiled model's
+    handle = module.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def cam_layer(model):

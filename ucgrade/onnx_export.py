@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import files, onnx_grade
+from . import files, grader, onnx_grade
 from .cli import UserError
-from .data import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_size_for
-from .images import UnreadableImage, load_image, preprocess
+from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .torch_grader import GradingModel
 
 OPSET = 17
 # fp32 ONNX Runtime against fp32 torch: the same arithmetic in another order (the export folds batch
@@ -86,17 +85,9 @@ class Crops:
 
 def read_crops(items, img_size, resize_size):
     """(Crops of the readable images among (path, grade index) items, [(path, reason) of the unreadable ones])."""
-    crops, labels, paths, unreadable = [], [], [], []
-    for path, label in items:
-        try:
-            crops.append(preprocess(load_image(path), img_size, resize_size))
-        except UnreadableImage as error:
-            unreadable.append((path, str(error)))
-            continue
-        labels.append(label)
-        paths.append(path)
-    crops = np.stack(crops) if crops else np.zeros((0, 3, img_size, img_size), np.uint8)
-    return Crops(crops, np.array(labels, int), paths), unreadable
+    crops, kept, unreadable = grader.read_crops([path for path, _ in items], img_size, resize_size)
+    labels = np.array([items[i][1] for i in kept], int)
+    return Crops(crops, labels, [items[i][0] for i in kept]), unreadable
 
 
 def calibration_sample(items, limit=CALIBRATION_IMAGES, seed=0):
@@ -106,20 +97,6 @@ def calibration_sample(items, limit=CALIBRATION_IMAGES, seed=0):
 
 
 # ----------------------------------------------------------------------------- the graph
-
-
-class GradingGraph(nn.Module):
-    """What the ONNX file computes: uint8 RGB crops -> normalised as in training -> the model -> softmax."""
-
-    def __init__(self, model, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images):
-        x = (images.float() / 255 - self.mean) / self.std  # the arithmetic of data.normalize, in its order
-        return torch.softmax(self.model(x), dim=1)
 
 
 def metadata_for(checkpoint, checkpoint_sha256, precision, **extra):
@@ -139,6 +116,12 @@ def metadata_for(checkpoint, checkpoint_sha256, precision, **extra):
         "input": f"{onnx_grade.INPUT_NAME}: uint8 RGB (batch, 3, {img_size}, {img_size}), resized and centre-cropped",
         "output": f"{onnx_grade.OUTPUT_NAME}: float32 (batch, grades), softmax, in the order of class_names",
     }
+    if checkpoint.get("ood"):  # the graph's second output, and the distance above which an image is flagged
+        metadata["ood_threshold"] = repr(float(checkpoint["ood"]["threshold"]))
+        metadata["output"] += (
+            f"; {onnx_grade.OOD_OUTPUT_NAME}: float32 (batch,), the distance to the training images' features "
+            "(above ood_threshold: not like the training images)"
+        )
     return metadata | {key: str(value) for key, value in extra.items()}
 
 
@@ -154,8 +137,10 @@ def with_metadata(model_bytes, metadata):
 
 
 def export_onnx(model, checkpoint, metadata):
-    """The bytes of an fp32 ONNX model of GradingGraph(model), with a dynamic batch axis, checked by onnx.checker."""
-    graph = GradingGraph(model, checkpoint.get("mean", IMAGENET_MEAN), checkpoint.get("std", IMAGENET_STD)).eval()
+    """The bytes of an fp32 ONNX model of GradingModel(model), the torch grader's computation, with a dynamic batch
+    axis, checked by onnx.checker."""
+    graph = GradingModel(model, checkpoint).eval()
+    outputs = output_names(checkpoint)
     img_size = int(checkpoint["img_size"])
     example = torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)
     buffer = io.BytesIO()
@@ -169,11 +154,16 @@ def export_onnx(model, checkpoint, metadata):
             buffer,
             dynamo=False,
             input_names=[onnx_grade.INPUT_NAME],
-            output_names=[onnx_grade.OUTPUT_NAME],
-            dynamic_axes={onnx_grade.INPUT_NAME: {0: "batch"}, onnx_grade.OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [onnx_grade.INPUT_NAME, *outputs]},
             opset_version=OPSET,
         )
     return with_metadata(buffer.getvalue(), metadata)
+
+
+def output_names(checkpoint):
+    """The graph's outputs: the probabilities, and the out-of-distribution score of a calibrated checkpoint."""
+    return [onnx_grade.OUTPUT_NAME] + ([onnx_grade.OOD_OUTPUT_NAME] if checkpoint.get("ood") else [])
 
 
 # ----------------------------------------------------------------------------- int8
@@ -187,7 +177,8 @@ def quantize_int8(model_bytes, calibration_crops, metadata):
     VNNI, where 8-bit weights can saturate the int16 sums of the int8 kernels (ONNX Runtime's advice
     for such CPUs); per-channel weights win back most of the lost precision. The last layer (Gemm, a
     thousandth of the work) and the softmax stay fp32, so that the logits and the probabilities are not
-    rounded to 256 steps.
+    rounded to 256 steps; so does the out-of-distribution head (GradingModel.ood), whose distances are
+    compared with a threshold calibrated in fp32.
     """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -205,7 +196,11 @@ def quantize_int8(model_bytes, calibration_crops, metadata):
         fp32, prepared, int8 = (Path(folder) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         fp32.write_bytes(model_bytes)
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation (batch norm folded)
-        fp32_nodes = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type in ("Gemm", "Softmax")]
+        fp32_nodes = [
+            node.name
+            for node in onnx.load(str(prepared)).graph.node
+            if node.op_type in ("Gemm", "Softmax") or node.name.startswith("/ood/")
+        ]
         quantize_static(
             str(prepared),
             str(int8),
@@ -228,31 +223,24 @@ def batches(crops, batch_size=BATCH_SIZE):
     return iter([crops[i : i + batch_size] for i in range(0, len(crops), batch_size)])
 
 
-@torch.inference_mode()
-def torch_probabilities(model, checkpoint, crops):
-    """fp32 probabilities of the torch model on the CPU, on the same crops, normalised as the checkpoint records."""
-    mean, std = checkpoint.get("mean", IMAGENET_MEAN), checkpoint.get("std", IMAGENET_STD)
-    model = model.cpu().eval()
-    return np.concatenate(
-        [torch.softmax(model(normalize(torch.from_numpy(b), mean, std)), dim=1).numpy() for b in batches(crops)]
-    )
-
-
-def onnx_probabilities(onnx_model, crops):
-    return np.concatenate([onnx_grade.probabilities(onnx_model, b) for b in batches(crops)])
-
-
-def agreement(reference, other, paths):
-    """Top-1 agreement and the largest probability difference of two (N x C) probability arrays of paths."""
-    same = int((reference.argmax(1) == other.argmax(1)).sum())
-    differences = np.abs(reference - other).max(1)
-    return {
-        "images": int(len(reference)),
+def agreement(reference, other, paths, threshold=None):
+    """How far two Grades of the same images (paths) agree: top-1, the largest probability difference and, where
+    both have out-of-distribution scores, how many images both flag alike (at threshold) and the largest relative
+    difference of the scores."""
+    same = int((reference.probs.argmax(1) == other.probs.argmax(1)).sum())
+    differences = np.abs(reference.probs - other.probs).max(1)
+    figures = {
+        "images": int(len(reference.probs)),
         "top1_same": same,
-        "top1_agreement": same / len(reference),
+        "top1_agreement": same / len(reference.probs),
         "max_probability_difference": float(differences.max()),
         "largest_difference_image": str(paths[int(differences.argmax())]),
     }
+    if threshold is None or reference.ood_scores is None or other.ood_scores is None:
+        return figures
+    relative = np.abs(reference.ood_scores - other.ood_scores) / np.maximum(np.abs(reference.ood_scores), 1e-12)
+    flags_same = int(((reference.ood_scores > threshold) == (other.ood_scores > threshold)).sum())
+    return figures | {"ood_flags_same": flags_same, "max_ood_score_relative_difference": float(relative.max())}
 
 
 def grade_metrics(labels, probs, class_names):

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from .cli import UserError
-from .images import load_image, preprocess
+from .grader import Grader, Grades
 
 ONNX_FORMAT = "ucgrade-onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
+OOD_OUTPUT_NAME = "ood_score"  # the out-of-distribution score, in a model exported from a calibrated best.pt
 # what export.py writes into the ONNX metadata, all as strings (lists as JSON); onnx_export.metadata_for adds
 # mean, std and a description of the input and the output
 METADATA_KEYS = ("format", "version", "arch", "class_names", "img_size", "resize_size", "checkpoint_sha256")
@@ -90,8 +91,12 @@ def describe(path, session):
             raise ValueError(f"img_size {img_size} and resize_size {resize_size} do not fit a centre crop")
         if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)":
             raise ValueError(f"the graph's input is not one uint8 tensor named '{INPUT_NAME}'")
-        if [o.name for o in outputs] != [OUTPUT_NAME] or outputs[0].shape[-1] != len(class_names):
+        names = [o.name for o in outputs]
+        if names not in ([OUTPUT_NAME], [OUTPUT_NAME, OOD_OUTPUT_NAME]) or outputs[0].shape[-1] != len(class_names):
             raise ValueError(f"the graph's output is not '{OUTPUT_NAME}' with one column per grade")
+        if (OOD_OUTPUT_NAME in names) != ("ood_threshold" in metadata):
+            raise ValueError(f"the graph's '{OOD_OUTPUT_NAME}' output and its threshold do not come together")
+        float(metadata.get("ood_threshold", 0))
     except (KeyError, ValueError, TypeError) as error:
         problem = f"no {error}" if isinstance(error, KeyError) else str(error)
         raise UserError(
@@ -101,18 +106,23 @@ def describe(path, session):
     return OnnxModel(Path(path), session, class_names, img_size, resize_size, metadata)
 
 
-def probabilities(model, images):
-    """The grade probabilities (N x C float32) of a uint8 batch (N, 3, img_size, img_size)."""
-    return model.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+def onnx_grader(path, threads=None, session=None):
+    """The Grader of an .onnx written by export.py (or of a session of its bytes), run by ONNX Runtime on the CPU."""
+    model = describe(path, session) if session is not None else load_onnx_model(path, threads)
+    outputs = [o.name for o in model.session.get_outputs()]
 
+    def forward(crops):
+        results = model.session.run(outputs, {INPUT_NAME: np.ascontiguousarray(crops, dtype=np.uint8)})
+        return Grades(results[0], results[1].astype(np.float64) if len(results) > 1 else None)
 
-def predict_image(image_path, model):
-    """(grade, {grade: probability}) of one image file: the ONNX twin of engine.predict_image.
-
-    The image is read and cropped by the code that validation and the .pt path use (EXIF
-    orientation, RGB, resize, centre crop); the graph normalises it.
-    """
-    image = preprocess(load_image(image_path), model.img_size, model.resize_size)
-    probs = probabilities(model, image[np.newaxis])[0].tolist()
-    grade = model.class_names[max(range(len(probs)), key=probs.__getitem__)]
-    return grade, dict(zip(model.class_names, probs))
+    threshold = model.metadata.get("ood_threshold")
+    return Grader(
+        Path(path),
+        model.class_names,
+        model.img_size,
+        model.resize_size,
+        model.precision,
+        forward,
+        ood_threshold=None if threshold is None else float(threshold),
+        runtime="ONNX Runtime on the CPU",
+    )

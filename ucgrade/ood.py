@@ -10,47 +10,37 @@ colour lands far outside the training features; the grade of such an image is no
 whatever its probability says.
 """
 
-from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
+from torch import nn
 
-from . import data
+from . import data, presets
 from .device import autocast
 from .engine import to_input
 from .model import backbone, load_checkpoint, save_checkpoint, unwrap
 
 FLAG_RATE = 0.01  # of the validation images
 MAX_TRAIN_IMAGES = 2000  # the features of a seeded sample of this many training images are enough for a covariance
-WARNING = "not like the training images: grade not reliable"
 
 
-@dataclass
-class OodScorer:
-    """The backbone and the training statistics of one checkpoint: scores(uint8 N x 3 x S x S) -> N distances."""
+class OodHead(nn.Module):
+    """The distance of pooled features (N x D, straight from the backbone) to the training features, as a module:
+    the torch grader runs it on the features of its grading pass, and export.py puts it into the ONNX graph,
+    so that the two compute one score. Always in fp32, whatever the autocast around it."""
 
-    features: torch.nn.Module
-    mean: np.ndarray
-    precision_matrix: np.ndarray
-    threshold: float
-    device: torch.device
-    precision: str = "fp32"
-    norm: tuple = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    def __init__(self, stats):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(stats["mean"], dtype=torch.float32))
+        self.register_buffer("precision", torch.as_tensor(stats["precision"], dtype=torch.float32))
 
-    @torch.inference_mode()
-    def scores(self, batch):
-        batch = torch.as_tensor(batch)
-        with autocast(self.device, self.precision):
-            features = self.features(to_input(batch, self.device, *self.norm)).float().cpu().numpy()
-        return mahalanobis(features, self.mean, self.precision_matrix)
-
-
-def mahalanobis(features, mean, precision_matrix):
-    """The distance of each row of features (straight from the backbone) to the training features."""
-    centred = root(features) - mean
-    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, precision_matrix, centred), 0))
+    def forward(self, features):
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            centred = torch.sign(features) * torch.sqrt(torch.abs(features)) - self.mean  # see root()
+            return torch.sqrt(torch.clamp(((centred @ self.precision) * centred).sum(1), min=0))
 
 
 def root(features):
@@ -65,11 +55,14 @@ def fit(train_features, val_features, flag_rate=FLAG_RATE):
     """The statistics stored in a checkpoint: the training features' mean and shrunk precision matrix, and the
     distance above which flag_rate of the validation images lie."""
     estimate = LedoitWolf().fit(root(train_features))
-    val_scores = mahalanobis(val_features, estimate.location_, estimate.precision_)
-    threshold = calibrated_threshold(val_scores, flag_rate)
     stats = {
         "mean": torch.from_numpy(estimate.location_.astype(np.float32)),
         "precision": torch.from_numpy(estimate.precision_.astype(np.float32)),
+    }
+    with torch.inference_mode():  # the scores of the grader's own arithmetic, from the stored fp32 statistics
+        val_scores = OodHead(stats)(torch.as_tensor(np.asarray(val_features), dtype=torch.float32)).double().numpy()
+    threshold = calibrated_threshold(val_scores, flag_rate)
+    stats |= {
         "threshold": threshold,
         "flag_rate": flag_rate,
         "train_images": len(train_features),
@@ -94,7 +87,7 @@ def calibrated_threshold(val_scores, flag_rate=FLAG_RATE):
 def split_features(features, image_set, indices, img_size, batch_size, runtime):
     """Pooled backbone features (N x D numpy) of the images at indices, centre-cropped as in validation.
     Only this process's loop: it runs on the main process alone, after the others are done."""
-    dataset = data.ImageDataset(image_set, indices, data.val_transform(img_size), data.resize_size_for(img_size))
+    dataset = data.ImageDataset(image_set, indices, presets.val_transform(img_size), presets.resize_size_for(img_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     out = []
     for images, _ in loader:
@@ -103,35 +96,24 @@ def split_features(features, image_set, indices, img_size, batch_size, runtime):
     return np.concatenate(out)
 
 
-def calibrate(model, image_set, split, args, runtime):
-    """Fit the statistics on the split's training images, set the threshold on its validation images, and write
-    them into best.pt (model holds its weights). Returns the flagged rate of the validation images."""
+def training_sample(train, seed, limit=MAX_TRAIN_IMAGES):
+    """A seeded sample of at most limit training images (their indices, in order): enough for the covariance."""
+    train = np.asarray(train)
+    if len(train) <= limit:
+        return train
+    return np.sort(np.random.default_rng(seed).choice(train, limit, replace=False))
+
+
+def calibrate(model, image_set, split, args, runtime, val_features):
+    """Fit the statistics on a sample of the split's training images, set the threshold on its validation images'
+    features (val_features: those of the evaluation's own forward pass), and write them into best.pt (model
+    holds its weights). Returns the flagged rate of the validation images."""
     features = backbone(unwrap(getattr(model, "module", model))).eval()  # not a DistributedDataParallel
-    train = np.asarray(split.train)
-    if len(train) > MAX_TRAIN_IMAGES:
-        train = np.sort(np.random.default_rng(args.seed).choice(train, MAX_TRAIN_IMAGES, replace=False))
+    train = training_sample(split.train, args.seed)
     train_features = split_features(features, image_set, train, args.img_size, args.batch_size, runtime)
-    val_features = split_features(features, image_set, split.val, args.img_size, args.batch_size, runtime)
-    stats, val_scores = fit(train_features, val_features)
+    stats, val_scores = fit(train_features, np.asarray(val_features))
     checkpoint = load_checkpoint(split.run_dir / "best.pt")
     checkpoint["ood"] = stats
     save_checkpoint(split.run_dir / "best.pt", checkpoint)
     flagged = val_scores > stats["threshold"]
     return {"flagged": int(flagged.sum()), "images": len(flagged), "rate": float(flagged.mean())}
-
-
-def scorer(model, checkpoint, device, precision="fp32"):
-    """The OodScorer of a loaded checkpoint, or None for a checkpoint written before the calibration existed."""
-    stats = checkpoint.get("ood")
-    if not stats:
-        return None
-    norm = (tuple(checkpoint.get("mean", data.IMAGENET_MEAN)), tuple(checkpoint.get("std", data.IMAGENET_STD)))
-    return OodScorer(
-        backbone(unwrap(model)).eval(),
-        stats["mean"].double().numpy(),
-        stats["precision"].double().numpy(),
-        float(stats["threshold"]),
-        device,
-        precision,
-        norm,
-    )

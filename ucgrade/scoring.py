@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evidence, figures, files, metrics, pages, records
-from .cli import UserError
+from .cli import UserError, disk_full
 
 
 @dataclass
@@ -104,7 +104,7 @@ def attempt(failed, part, function, *args, **kwargs):
     except (UserError, KeyboardInterrupt, MemoryError):
         raise
     except OSError as error:
-        if files.is_disk_full(error):
+        if disk_full(error):
             raise
         reason = f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else "")
     except Exception as error:  # an optional part must not lose a finished training, whatever went wrong

@@ -18,22 +18,9 @@ import numpy as np
 
 from . import files, metrics, scoring
 from .cli import UserError
-from .images import UnreadableImage, files_under, is_image_file, load_image, preprocess
-
-BATCH = 16
-
-
-@dataclass
-class Grader:
-    """One model file: its grades, its input size, and probs(uint8 batch N x 3 x S x S) -> N x C."""
-
-    path: Path
-    class_names: list
-    img_size: int
-    resize_size: int
-    probs: object
-    ood: object = None  # ood.OodScorer of a .pt calibrated at training, else None
-    run_dir: Path = None
+from .grader import grade_files, load_grader
+from .images import files_under, is_image_file
+from .locate import find_models
 
 
 @dataclass
@@ -47,75 +34,6 @@ class TestSet:
 
     def relpath(self, i):
         return self.paths[i].relative_to(self.root).as_posix()
-
-
-# ----------------------------------------------------------------------------- which models
-
-
-def model_files(args):
-    """The model files to grade with: --weights (a file, a run folder, or a cross-validation run folder,
-    whose folds' best.pt are all used), or the newest run under --out."""
-    if args.weights:
-        weights = Path(args.weights)
-        if not weights.exists():
-            raise UserError(f"--weights '{weights}' does not exist; give a best.pt, an .onnx or a run folder.")
-    else:
-        weights = newest_run(args.out)
-        print(f"using {weights} (the newest run under {args.out}/)", file=sys.stderr)
-    if weights.is_file():
-        return [weights]
-    if (weights / "best.pt").is_file():
-        return [weights / "best.pt"]
-    folds = sorted(weights.glob("fold*/best.pt"), key=lambda p: int(p.parent.name.removeprefix("fold") or 0))
-    if folds:
-        return folds
-    raise UserError(
-        f"--weights '{weights}' is a folder without a best.pt (or fold folders with one); give a run folder written "
-        "by qq.py, its best.pt, or an .onnx written by export.py."
-    )
-
-
-def newest_run(out_dir):
-    candidates = sorted(
-        [*Path(out_dir).glob("*/best.pt"), *Path(out_dir).glob("*/fold*/best.pt")], key=lambda p: p.stat().st_mtime
-    )
-    if not candidates:
-        raise UserError(
-            f"no trained model found under '{out_dir}/'; train one first with 'python qq.py', or pass --weights "
-            "with a run folder."
-        )
-    newest = candidates[-1]
-    return newest.parent if newest.parent.parent == Path(out_dir) else newest.parent.parent
-
-
-def load_grader(path, args):
-    """The Grader of a .pt (on --device) or of an .onnx (ONNX Runtime on the CPU)."""
-    if path.suffix.lower() == ".onnx":
-        from .onnx_grade import load_onnx_model, probabilities
-
-        model = load_onnx_model(path)
-        return Grader(path, model.class_names, model.img_size, model.resize_size, lambda b: probabilities(model, b))
-    import torch
-
-    from . import ood
-    from .device import autocast, choose_device, choose_precision
-    from .engine import to_input
-    from .model import load_checkpoint, model_from_checkpoint
-
-    device = choose_device(args.device)
-    precision = choose_precision(device, args.precision)
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint, path).to(device).eval()
-    mean, std = checkpoint["mean"], checkpoint["std"]
-
-    @torch.inference_mode()
-    def probs(batch):
-        with autocast(device, precision):
-            logits = model(to_input(torch.from_numpy(batch), device, mean, std))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-    scorer = ood.scorer(model, checkpoint, device, precision)
-    return Grader(path, checkpoint["class_names"], checkpoint["img_size"], checkpoint["resize_size"], probs, scorer)
 
 
 # ----------------------------------------------------------------------------- the test images
@@ -155,23 +73,27 @@ def scan_test_folder(root, class_names):
     return test_set
 
 
-def decode(test_set, img_size, resize_size):
-    """The preprocessed uint8 crops (N x 3 x S x S) of the readable images; unreadable ones move to skipped."""
-    crops, paths, labels = [], [], []
-    for path, label in zip(test_set.paths, test_set.labels):
-        try:
-            crops.append(preprocess(load_image(path), img_size, resize_size))
-        except UnreadableImage as error:
-            test_set.skipped.append((path, str(error)))
-            continue
-        paths.append(path)
-        labels.append(label)
+def grade_test_set(graders, test_set):
+    """Each model's probabilities (one N x C array per grader) of the readable images, and the (scores, flagged)
+    of the first model with an out-of-distribution check (or None); unreadable images move to skipped. The
+    images are decoded once, in batches, for every model."""
+    each, scores, paths, labels, offset = [[] for _ in graders], [], [], [], 0
+    scorer = next((g for g in graders if g.has_ood), None)
+    for batch in grade_files(graders, test_set.paths):
+        test_set.skipped += batch.unreadable
+        for probs, grades in zip(each, batch.grades):
+            probs.append(grades.probs)
+        if scorer is not None:
+            scores.append(batch.grades[graders.index(scorer)].ood_scores)
+        paths += [batch.paths[i] for i in batch.kept]
+        labels += [test_set.labels[offset + i] for i in batch.kept]
+        offset += len(batch.paths)
     test_set.paths, test_set.labels = paths, labels
-    return np.stack(crops) if crops else np.zeros((0, 3, img_size, img_size), np.uint8)
-
-
-def in_batches(function, crops):
-    return np.concatenate([function(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)])
+    each = [np.concatenate(probs) for probs in each]
+    if scorer is None:
+        return each, None
+    scores = np.concatenate(scores)
+    return each, (scores, scorer.flagged(scores))
 
 
 # ----------------------------------------------------------------------------- leakage
@@ -181,7 +103,7 @@ def training_files(graders):
     """(paths of the images the models trained on, or None when the run's split.csv or data are not at hand)."""
     paths = set()
     for grader in graders:
-        run_dir = grader.run_dir
+        run_dir = grader.path.parent
         split_csv, config_json = run_dir / "split.csv", run_dir / "config.json"
         if not split_csv.is_file() or not config_json.is_file():
             return None
@@ -208,15 +130,13 @@ def results_folder(args, graders):
     if args.eval_out:
         files.check_folder_path(args.eval_out, "--eval-out")
         return files.new_run_dir(Path(args.eval_out).parent, Path(args.eval_out).name)
-    run_dir = graders[0].run_dir.parent if len(graders) > 1 else graders[0].run_dir
+    run_dir = graders[0].path.parent.parent if len(graders) > 1 else graders[0].path.parent
     return files.new_run_dir(run_dir, "test")
 
 
 def evaluate_test_set(args, test_dir):
     """Grade TEST_DIR with the model(s), write the results folder and print where it is; the exit code."""
-    graders = [load_grader(path, args) for path in model_files(args)]
-    for grader in graders:
-        grader.run_dir = grader.path.parent
+    graders = [load_grader(path, args.device, args.precision) for path in find_models(args.weights, args.out, "all")]
     first = graders[0]
     if any(g.class_names != first.class_names or g.img_size != first.img_size for g in graders):
         raise UserError("the fold models of this run differ in their grades or input size; evaluate one at a time.")
@@ -225,10 +145,10 @@ def evaluate_test_set(args, test_dir):
 
     check_remission_grade(args.remission_upto, class_names)
     test_set = scan_test_folder(test_dir, class_names)
-    crops = decode(test_set, first.img_size, first.resize_size)
+    each, scores = grade_test_set(graders, test_set)
     for path, reason in test_set.skipped:
         print(f"warning: skipped {path}: {reason}", file=sys.stderr)
-    if not len(crops):
+    if not test_set.paths:
         raise UserError(f"no image in the test folder '{test_dir}' could be read; see the warnings above.")
     groups = read_test_groups(args.groups, test_set) if args.groups else None
     if test_set.missing:
@@ -243,8 +163,6 @@ def evaluate_test_set(args, test_dir):
             f"such as {leaked[0]}; remove them for an honest estimate.",
             file=sys.stderr,
         )
-    each = [in_batches(g.probs, crops) for g in graders]
-    scores = ood_scores(graders, crops)
     return score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None)
 
 
@@ -265,7 +183,7 @@ def score_test_set(args, test_set, graders, each, scores, groups, leaked):
     }
     if scores is None:
         reason = (
-            "needs the .pt the model was exported from"
+            "needs an .onnx exported by a newer export.py"
             if graders[0].path.suffix.lower() == ".onnx"
             else "needs a best.pt written by a newer qq.py"
         )
@@ -300,18 +218,10 @@ def scalars(result):
 
 def read_test_groups(path, test_set):
     """One group (patient) per test image, from a path,group CSV with paths relative to TEST_DIR."""
-    from .data import ImageSet, read_groups
+    from .data import ImageSet
+    from .groups import read_groups
 
     return read_groups(path, ImageSet(test_set.root, test_set.class_names, test_set.paths, test_set.labels))
-
-
-def ood_scores(graders, crops):
-    """(scores, flagged) of the first model that has an out-of-distribution calibration, or None."""
-    scorer = next((g.ood for g in graders if g.ood is not None), None)
-    if scorer is None:
-        return None
-    scores = in_batches(scorer.scores, crops)
-    return scores, scores > scorer.threshold
 
 
 def flagged_summary(scores):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, distributed, engine, files
+from . import data, distributed, engine, files, presets
 from .cli import UserError
 from .device import make_grad_scaler
 from .distributed import shard
@@ -80,9 +80,9 @@ def make_loaders(args, image_set, split, model, runtime, generator):
         val_set = torch.utils.data.TensorDataset(shard(val_features, runtime), shard(val_labels, runtime))
         workers, model = 0, head(model)
     else:
-        resize = data.resize_size_for(args.img_size)
-        train_set = data.ImageDataset(image_set, split.train, data.train_transform(args.img_size), resize)
-        val_set = data.ImageDataset(image_set, shard(split.val, runtime), data.val_transform(args.img_size), resize)
+        resize = presets.resize_size_for(args.img_size)
+        train_set = data.ImageDataset(image_set, split.train, presets.train_transform(args.img_size), resize)
+        val_set = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
         workers = loader_workers(args, image_set, runtime.device)
     batch_size = args.batch_size // runtime.world_size
     train_loader = data.make_loader(
@@ -110,10 +110,10 @@ def frozen_features(args, image_set, split, model, runtime):
         p.requires_grad_(False)
     head(model).requires_grad_(True)
     features = backbone(model)
-    resize, workers = data.resize_size_for(args.img_size), loader_workers(args, image_set, runtime.device)
+    resize, workers = presets.resize_size_for(args.img_size), loader_workers(args, image_set, runtime.device)
 
     def loader(indices):  # this process's share: extract_features gathers the features of all
-        dataset = data.ImageDataset(image_set, shard(indices, runtime), data.val_transform(args.img_size), resize)
+        dataset = data.ImageDataset(image_set, shard(indices, runtime), presets.val_transform(args.img_size), resize)
         return data.make_loader(dataset, args.batch_size, workers, runtime)
 
     start = time.perf_counter()
