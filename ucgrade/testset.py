@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evidence, files, interrupt, metrics, report
+from . import files, interrupt, metrics, scoring
 from .cli import UserError
 from .grader import grade_files, load_grader
 from .images import _is_utf8, files_under, is_image_file
@@ -194,70 +194,64 @@ def evaluate_test_set(args, test_dir):
     print(f"results folder: {out_dir} (filled once the test set is graded and scored)", flush=True)
     # written into a hidden folder and moved into place at the end: Ctrl-C, SIGTERM or a full disk leave nothing
     with interrupt.stop_at_once(), files.written_whole(out_dir) as partial:
-        result = score_test_set(args, graders, test_set, partial)
-    print(metrics.format_metrics(result))
-    print(evidence.format_evidence(result))
+        each, scores = grade_test_set(graders, test_set)
+        for path, reason in test_set.skipped:
+            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+        if not test_set.paths:
+            raise UserError(f"no image in the test folder '{test_dir}' could be read; see the warnings above.")
+        groups = read_test_groups(args.groups, test_set) if args.groups else None
+        if test_set.missing:
+            print(
+                f"note: the test set has no images of {', '.join(test_set.missing)}; those grades are scored as "
+                "absent.",
+                file=sys.stderr,
+            )
+        leaked, checked = leaked_images(test_set, graders)
+        score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None, partial)
     print(f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)")
     return 0
 
 
-def score_test_set(args, graders, test_set, out_dir):
-    """Grade the test set, score it and write every file of the results into out_dir; the metrics."""
-    first, class_names, test_dir = graders[0], graders[0].class_names, test_set.root
-    each, scores = grade_test_set(graders, test_set)
-    for path, reason in test_set.skipped:
-        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
-    if not test_set.paths:
-        raise UserError(f"no image in the test folder '{test_dir}' could be read; see the warnings above.")
-    groups = read_test_groups(args.groups, test_set) if args.groups else None
-    if test_set.missing:
-        print(
-            f"note: the test set has no images of {', '.join(test_set.missing)}; those grades are scored as absent.",
-            file=sys.stderr,
-        )
-    leaked, checked = leaked_images(test_set, graders)
-    targets = np.asarray(test_set.labels)
-    probs = np.mean(each, axis=0)
-    result = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
-    evidence.add_evidence(result, targets, probs, out_dir, groups, args.patient_grade, args.remission_upto)
-    result |= {
+def score_test_set(args, test_set, graders, each, scores, groups, leaked, out_dir):
+    """Score the mean of the models' probabilities (each: one N x C per model) and the out-of-distribution scores
+    (None without the check), write the results into out_dir and print their summary."""
+    class_names, targets, probs = test_set.class_names, np.asarray(test_set.labels), np.mean(each, axis=0)
+    fields = {
         "status": "finished",
         "evaluated": "test set",
-        "test_dir": str(Path(test_dir).resolve()),
+        "test_dir": str(test_set.root.resolve()),
         "weights": [str(g.path.resolve()) for g in graders],
         "ensemble": len(graders) > 1,
         "missing_grades": test_set.missing,
         "skipped_files": len(test_set.skipped),
-        "images_in_training": len(leaked) if checked else None,
+        "images_in_training": None if leaked is None else len(leaked),
     }
-    if scores is not None:
-        result["out_of_distribution"] = flagged_summary(scores)
-    else:
+    if scores is None:
         reason = (
             "needs an .onnx exported by a newer export.py"
-            if first.path.suffix.lower() == ".onnx"
+            if graders[0].path.suffix.lower() == ".onnx"
             else "needs a best.pt written by a newer qq.py"
         )
         print(f"note: the check for images unlike the training images {reason}; it was left out.", file=sys.stderr)
     if len(graders) > 1:
-        result["per_model"] = [
+        fields["per_model"] = [
             {"weights": str(g.path.resolve())}
             | scalars(metrics.compute_metrics(targets, p, class_names, args.remission_upto))
             for g, p in zip(graders, each)
         ]
-    extra = {"group": groups}
+    columns = {"group": groups}
     if scores is not None:
-        extra |= {"ood_score": [f"{s:.3f}" for s in scores[0]], "out_of_distribution": [int(f) for f in scores[1]]}
-    rows = report.prediction_rows([test_set.relpath(i) for i in range(len(targets))], targets, probs, class_names,
-                                  {k: v for k, v in extra.items() if v is not None})  # fmt: skip
-    report.write_evaluation(
-        out_dir, result, rows, targets, probs, test_set.root, first.img_size, args.remission_upto, images="test images"
-    )
-    files.write_csv(out_dir / "skipped.csv", [{"path": str(p), "reason": r} for p, r in test_set.skipped],
-                    ["path", "reason"])  # fmt: skip
-    files.write_json(out_dir / "metrics.json", result)
-    report.test_report(out_dir)
-    return result
+        columns |= {"ood_score": [f"{s:.3f}" for s in scores[0]], "out_of_distribution": [int(f) for f in scores[1]]}
+    skipped = [{"path": str(p), "reason": r} for p, r in test_set.skipped]
+    scoring.score(
+        scoring.Scoring(
+            out_dir=out_dir, class_names=class_names, relpaths=[test_set.relpath(i) for i in range(len(targets))],
+            targets=targets, probs=probs, data_root=test_set.root, img_size=graders[0].img_size, page="test",
+            remission_upto=args.remission_upto, patient_grade=args.patient_grade, groups=groups,
+            ood=None if scores is None else flagged_summary(scores), columns=columns, fields=fields,
+            write_more=lambda result: files.write_csv(out_dir / "skipped.csv", skipped, ["path", "reason"]),
+        )
+    )  # fmt: skip
 
 
 def scalars(result):
