@@ -148,12 +148,12 @@ def test_a_full_disk_or_a_stop_while_evaluating_leaves_no_results_folder(run, te
     assert "--resume" not in message and "ResNet50" not in message
     assert results_folders(run) == []
 
-    from ucgrade import report
+    from ucgrade import pages
 
-    def stopped(out_dir):
+    def stopped(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "test_report", stopped)  # Ctrl-C at the last file
+    monkeypatch.setattr(pages, "write_report", stopped)  # Ctrl-C at the last file, report.html
     assert cli("predict.py", test_dir, "--evaluate", "--weights", run / "model.onnx").code == 130
     assert results_folders(run) == []
 
