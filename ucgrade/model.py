@@ -430,19 +430,20 @@ def checkpoint_problems(checkpoint):
     elif "optimizer" in checkpoint and not problems:
         problems += optimizer_problems(checkpoint["optimizer"], checkpoint["arch"], checkpoint["num_classes"])
     if checkpoint.get("ood") is not None and not problems:
-        problems += ood_problems(checkpoint["ood"], model.get(f"{ARCHITECTURES[checkpoint['arch']].head}.weight"))
+        problems += ood_problems(checkpoint["ood"], checkpoint["arch"])
     return problems
 
 
-def ood_problems(stats, head_weight):
+def ood_problems(stats, arch):
     """The out-of-distribution statistics of a best.pt (ood.fit) must be finite tensors that fit the features the
-    head reads, with a finite positive threshold: a NaN threshold would turn the check off without a word."""
+    arch's head reads, with a finite positive threshold: a NaN threshold would turn the check off without a word."""
     if not isinstance(stats, dict):
         return ["its ood block must map names to values"]
     mean, precision, threshold = stats.get("mean"), stats.get("precision"), stats.get("threshold")
-    features = head_weight.shape[1] if torch.is_tensor(head_weight) and head_weight.dim() == 2 else None
-    if not torch.is_tensor(mean) or mean.dim() != 1 or (features is not None and len(mean) != features):
-        return [f"its ood mean must be a tensor of {features or 'the'} feature values"]
+    with torch.device("meta"):
+        features = head(build_model(2, arch=arch)).in_features
+    if not torch.is_tensor(mean) or mean.dim() != 1 or len(mean) != features:
+        return [f"its ood mean must be a tensor of {features} feature values"]
     if not torch.is_tensor(precision) or tuple(precision.shape) != (len(mean), len(mean)):
         return [f"its ood precision must be a {len(mean)} x {len(mean)} tensor"]
     if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):

@@ -1,15 +1,17 @@
-"""Progress of the long loops: a bar on a terminal, one plain line per phase in a log, nothing when asked.
+"""Progress of the long loops: a bar on a terminal, one plain line per long phase in a log, nothing when asked.
 
 Redirected to a file (nohup, a cluster job, CI), every redraw of a bar would be a carriage-return frame:
 thousands of them in a long run. So a bar is drawn only when stderr is a terminal; otherwise a phase
-(reading the images, the backbone's features, a download) ends with one line that says how long it
-took, and a training epoch says nothing here (qq.py prints its line). TQDM_DISABLE=1, or qq.py --quiet,
-turns both off. tqdm is imported only for a terminal.
+(reading the images, the backbone's features, a download) that took LONG_PHASE_S or more ends with one
+line that says how long it took, and a training epoch says nothing here (qq.py prints its line).
+TQDM_DISABLE=1, or qq.py --quiet, turns both off. tqdm is imported only for a terminal.
 """
 
 import os
 import sys
 import time
+
+LONG_PHASE_S = 5  # a phase that ends sooner needs no line in a log: the next line comes at once anyway
 
 
 def quiet():
@@ -30,7 +32,8 @@ def progress(iterable=None, desc="", unit="it", total=None, log=True, disable=Fa
 
 
 class Progress:
-    """The plain stand-in for a bar: counts, and prints 'desc: N unit in S s' once at the end when log is True."""
+    """The plain stand-in for a bar: counts, and prints 'desc: N unit in S s' once at the end when log is True and
+    the phase was long."""
 
     def __init__(self, iterable, desc, unit, total, log):
         self.iterable, self.desc, self.unit, self.total, self.log = iterable, desc, unit, total, log
@@ -59,6 +62,7 @@ class Progress:
         if self.closed:
             return
         self.closed = True
-        if self.log:
+        seconds = time.perf_counter() - self.start
+        if self.log and seconds >= LONG_PHASE_S:
             amount = f"{self.n / 2**20:.1f} MB" if self.unit == "B" else f"{self.n} {self.unit}"
-            print(f"{self.desc}: {amount} in {time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {amount} in {seconds:.1f} s", file=sys.stderr, flush=True)
