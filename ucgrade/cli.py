@@ -9,7 +9,11 @@ import sys
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts: a mistake on the command line is one line, without the usage block,
-    and args.argv keeps the command line, so that --resume can parse it again over a run's settings."""
+    and args.argv keeps the command line, so that --resume can parse it again over a run's settings.
+    No abbreviations: a run is a record, and --epoch 3 silently meaning --epochs 3 is a surprise in it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False} | kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message}; see python {self.prog} --help.{self.dash_hint()}\n")
