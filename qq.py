@@ -215,13 +215,14 @@ def main(args):
 
     args, resumed = settings.resolve(args, get_args_parser())
     check_args(args)
+    scanned = data.scan_data(args)  # the layout and the grade names: before the banner and any download
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))
     settings.print_settings(args, runtime)
 
     with GracefulStop() as stop, files.run_lock(args.resume if runtime.is_main else None):
         runtime.stop = stop
         imagenet_state, source = train.initial_weights(args, resumed)  # a bad --weights file before the images
-        image_set = data.read_data(args, stop)
+        image_set = data.read_data(args, stop, scanned)
         if resumed:
             settings.check_same_data(resumed, image_set)
         plan = splits.plan(args, image_set, resumed)  # before check_same_files, so that a missing image is named
