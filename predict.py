@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.files import check_folder_path
-from ucgrade.grader import BATCH_SIZE, OOD_WARNING, grade_files, load_grader
+from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.locate import find_models
 
@@ -67,9 +67,11 @@ def get_args_parser():
     )
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=None,
         choices=PRECISIONS,
-        help="auto: bf16 where supported, as in training; an .onnx runs as exported (default: %(default)s)",
+        help="a .pt grades in fp32, as its .onnx does, on any CPU; bf16 is faster where the CPU supports it but can "
+        "change a grade near a tie; auto: bf16 where supported, as in training; an .onnx runs as exported "
+        f"(default: {GRADING_PRECISION})",
     )
     parser.add_argument(
         "--batch-size",
@@ -193,7 +195,7 @@ def open_grader(weights, args):
     if args.cam:
         check_folder_path(args.cam, "--cam")
     grader = load_grader(weights, args.device, args.precision)
-    if onnx and args.precision not in ("auto", grader.precision):
+    if onnx and args.precision not in (None, "auto", grader.precision):
         raise UserError(
             f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
             f"exported in ({grader.precision}), so leave --precision out."
@@ -289,6 +291,7 @@ def main(args):
             json.dumps(
                 {
                     "weights": str(weights),
+                    "precision": grader.precision,
                     "class_names": grader.class_names,
                     "predictions": results,
                     "errors": [{"path": n, "error": r} for n, r in errors],

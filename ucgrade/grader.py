@@ -20,6 +20,9 @@ from .cli import UserError
 from .images import UnreadableImage, load_image, preprocess
 
 BATCH_SIZE = 16
+# A grade must match the .onnx and be the same on any CPU: bf16 (where the CPU runs it natively) is faster but
+# changed 2 of 127 test grades of a real run, so it is a choice (--precision bf16), never a default.
+GRADING_PRECISION = "fp32"
 OOD_WARNING = "not like the training images: grade not reliable"
 
 
@@ -74,8 +77,9 @@ class Grader:
         return self.ood_threshold is not None
 
 
-def load_grader(path, device="auto", precision="auto", threads=None):
-    """The Grader of a .pt (torch, on device in precision) or an .onnx (ONNX Runtime on the CPU, no torch)."""
+def load_grader(path, device="auto", precision=None, threads=None):
+    """The Grader of a .pt (torch, on device in precision, GRADING_PRECISION when None) or an .onnx (ONNX Runtime
+    on the CPU in the precision it was exported in, no torch)."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         from .onnx_grade import onnx_grader
@@ -88,7 +92,7 @@ def load_grader(path, device="auto", precision="auto", threads=None):
             f"grading with '{path.name}' needs torch, and {error.name or 'a package'} is not installed here; "
             "install requirements.txt, or grade with an .onnx that 'python export.py RUN_FOLDER' writes."
         ) from None
-    return torch_grader(path, device, precision)
+    return torch_grader(path, device, precision or GRADING_PRECISION)
 
 
 # ----------------------------------------------------------------------------- files in batches

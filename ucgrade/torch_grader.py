@@ -39,7 +39,7 @@ class GradingModel(nn.Module):
         return probs, self.ood(features[0])
 
 
-def torch_grader(path, device="auto", precision="auto"):
+def torch_grader(path, device="auto", precision="fp32"):
     """The Grader of a checkpoint written by qq.py, on device in precision (auto: as training chooses)."""
     device = choose_device(device)
     precision = choose_precision(device, precision)
