@@ -209,7 +209,7 @@ def check_args(args):
 
 
 def main(args):
-    from ucgrade import data, evaluate, settings, splits, train
+    from ucgrade import data, evaluate, metrics, settings, splits, train
     from ucgrade.device import explain_out_of_memory, make_runtime
     from ucgrade.interrupt import GracefulStop
 
@@ -231,6 +231,8 @@ def main(args):
         run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
+        if not config["pretrained_used"]:
+            print(f"warning: {metrics.RANDOM_WEIGHTS}.")
 
         evaluations = []
         with explain_out_of_memory(args.batch_size):
