@@ -103,7 +103,8 @@ def get_args_parser():
         "--remission-upto",
         default=None,
         metavar="CLASS",
-        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: off)",
+        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: as the run "
+        "was trained, from its config.json; else off)",
     )
     parser.add_argument(
         "--groups",
@@ -114,10 +115,10 @@ def get_args_parser():
     )
     parser.add_argument(
         "--patient-grade",
-        default="max",
+        default=None,
         choices=("max", "mean-prob"),
         help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
-        "images' mean probabilities (default: %(default)s)",
+        "images' mean probabilities (default: as the run was trained, from its config.json; else max)",
     )
     return parser
 

@@ -10,7 +10,7 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import FAST, ROOT, cli, make_folder
+from conftest import FAST, ROOT, cli, copy_run, make_folder
 from test_report_cam import Page
 from test_report_layout import section
 
@@ -186,3 +186,46 @@ def test_the_two_confusion_matrices_of_six_grades_stand_side_by_side_at_1280_px(
     wide = re.search(r"@media screen and \(min-width:(\d+)px\)\{\.pair\{flex-wrap:nowrap\}", css)
     assert wide and int(wide.group(1)) <= 1280  # side by side there, shrunk to fit if they must
     assert (content - 16) / sum(widths) >= 0.9  # by at most 10%: 10-point labels still read at 9 points or more
+
+
+# ----------------------------------------------------------------------------- a test set, as the run was analysed
+
+
+@pytest.fixture
+def remission_run(trained_run, tmp_path):
+    """The shared run as if trained with --remission-upto mild --patient-grade mean-prob: settings that change only
+    its analysis, which its config.json records (the training itself is the same)."""
+    run = copy_run(trained_run, tmp_path / "run")
+    config = files.read_json(run / "config.json")
+    files.write_json(run / "config.json", config | {"remission_upto": "mild", "patient_grade": "mean-prob"})
+    return run
+
+
+def test_evaluate_takes_the_runs_analysis_settings_and_grades_in_fp32(remission_run, tmp_path, bf16_cpu):
+    test_dir = make_folder(tmp_path / "test", {"mild": 2, "moderate": 2, "severe": 2}, seed=9)
+    groups = tmp_path / "groups.csv"
+    rows = [
+        {"path": f"{g}/{g}_{i:03d}.jpg", "group": f"{g}{i}"} for g in ("mild", "moderate", "severe") for i in (0, 1)
+    ]
+    files.write_csv(groups, rows, ["path", "group"])
+    argv = [test_dir, "--evaluate", "--weights", remission_run, "--device", "cpu", "--groups", groups]
+    code, out, err = cli("predict.py", *argv)
+    assert code == 0, err
+    assert (
+        "analysis settings: --remission-upto mild (from the run's config.json); --patient-grade mean-prob (from the "
+        "run's config.json); grade order mild, moderate, severe (from the model)" in out
+    )
+    result = files.read_json(remission_run / "test" / "metrics.json")
+    assert result["remission"]["remission_classes"] == ["mild"] and result["patient_level"]["rule"] == "mean-prob"
+    assert result["analysis_settings"]["remission_upto"] == {"value": "mild", "from": "the run's config.json"}
+    assert result["precision"] == "fp32" and result["runtime"] == "torch on cpu"  # not bf16, though auto would be
+    assert result["pretrained_used"] is False and any("random weights" in w for w in result["warnings"])
+    page = (remission_run / "test" / "report.html").read_text()
+    assert "Remission (mild) vs active disease" in page
+    assert "Graded in fp32 (torch on cpu). Settings: --remission-upto mild from the run's config.json" in card(page)
+    # the command line still decides
+    code, out, err = cli("predict.py", *argv, "--remission-upto", "moderate", "--patient-grade", "max")
+    assert code == 0, err
+    assert "--remission-upto moderate (from the command line); --patient-grade max (from the command line)" in out
+    result = files.read_json(remission_run / "test2" / "metrics.json")
+    assert result["remission"]["remission_classes"] == ["mild", "moderate"] and result["patient_level"]["rule"] == "max"
