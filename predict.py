@@ -9,7 +9,8 @@
     python predict.py test_images/ --evaluate           # score a labelled test set: outputs/train/test/report.html
     python predict.py test_images/ --evaluate --weights outputs/train3 --groups test_patients.csv
 
-Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
+Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`, the grades named without
+the start their names share (said once, on stderr). Images that
 cannot be read are reported and skipped; the exit code is 1 if any failed. With a .pt, an image unlike
 the training images gets "not like the training images: grade not reliable" beside its grade.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.files import check_folder_path
-from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, load_grader
+from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, grade_labels, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.locate import find_models
 
@@ -246,6 +247,11 @@ def grade_images(grader, images, args, errors):
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    prefix, labels = grade_labels(grader.class_names)
+    short = dict(zip(grader.class_names, labels))
+    if prefix and not args.json:
+        print(f"note: grades are named without their shared start '{prefix}' (--json gives the whole names)",
+              file=sys.stderr)  # fmt: skip
     for batch in grade_files([grader], images, args.batch_size):
         for path, result, reason in image_results(grader, batch):
             if cam_dir is not None and result is not None:
@@ -260,17 +266,19 @@ def grade_images(grader, images, args, errors):
                 continue
             results.append(result)
             if not args.json:
-                print(result_line(result), flush=True)
+                print(result_line(result, short), flush=True)
     if cam_dir is not None:
         print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
     return results
 
 
-def result_line(result):
+def result_line(result, short):
+    """path: grade (p=0.87)  grade_a=0.050  grade_b=0.870 ..., with the grades named by short (name -> the part that
+    differs), so that six long names still fit a line."""
     probabilities, grade = result["probabilities"], result["grade"]
-    others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
+    others = "  ".join(f"{short[name]}={p:.3f}" for name, p in probabilities.items())
     warning = f"  [{OOD_WARNING}]" if result.get("out_of_distribution") else ""
-    return f"{result['path']}: {grade} (p={probabilities[grade]:.2f}){warning}  {others}"
+    return f"{result['path']}: {short[grade]} (p={probabilities[grade]:.2f}){warning}  {others}"
 
 
 def main(args):

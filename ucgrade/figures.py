@@ -6,7 +6,6 @@ labels fit whatever the grades are called.
 """
 
 import itertools
-import os
 import re
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
+from .grader import SEPARATORS, grade_labels  # noqa: E402
 
 # ----------------------------------------------------------------------------- grade names on plots
 
 LABEL_POINTS = 10  # tick labels
-SEPARATORS = "-_ ./"
 _TEXT_PATHS = TextToPath()
 
 
@@ -42,20 +41,6 @@ def text_width(text, points=LABEL_POINTS):
 def text_height(text, points=LABEL_POINTS):
     """Inches that text of one or more lines takes (matplotlib spaces lines by 1.2 font sizes)."""
     return (text.count("\n") + 1) * 1.2 * points / 72
-
-
-def grade_labels(class_names):
-    """(prefix, labels): the start that all grade names share, up to a separator, and the rest of each name.
-
-    ['ulcerative-colitis-grade-0-1', 'ulcerative-colitis-grade-1'] gives ('ulcerative-colitis-grade-', ['0-1', '1']);
-    names with no such start in common come back whole, with the prefix ''.
-    """
-    names = [str(name) for name in class_names]
-    prefix = os.path.commonprefix(names)
-    prefix = prefix[: max(prefix.rfind(s) for s in SEPARATORS) + 1]
-    if len(names) < 2 or prefix in names:
-        return "", names
-    return prefix, [name[len(prefix) :] for name in names]
 
 
 def prefix_note(prefix):

@@ -9,6 +9,7 @@ Grader.forward: torch for a .pt (ucgrade.torch_grader, on --device in --precisio
 for an .onnx (ucgrade.onnx_grade, no torch). This module itself needs only NumPy and Pillow.
 """
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from .cli import UserError
 from .images import UnreadableImage, load_image, preprocess
 
 BATCH_SIZE = 16
+SEPARATORS = "-_ ./"  # where a grade name may be cut into its shared start and the rest
 # A grade must match the .onnx and be the same on any CPU: bf16 (where the CPU runs it natively) is faster but
 # changed 2 of 127 test grades of a real run, so it is a choice (--precision bf16), never a default.
 GRADING_PRECISION = "fp32"
@@ -93,6 +95,21 @@ def load_grader(path, device="auto", precision=None, threads=None):
             "install requirements.txt, or grade with an .onnx that 'python export.py RUN_FOLDER' writes."
         ) from None
     return torch_grader(path, device, precision or GRADING_PRECISION)
+
+
+# Here, without matplotlib, because predict.py's lines name grades as the plots do.
+def grade_labels(class_names):
+    """(prefix, labels): the start that all grade names share, up to a separator, and the rest of each name.
+
+    ['ulcerative-colitis-grade-0-1', 'ulcerative-colitis-grade-1'] gives ('ulcerative-colitis-grade-', ['0-1', '1']);
+    names with no such start in common come back whole, with the prefix ''.
+    """
+    names = [str(name) for name in class_names]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: max(prefix.rfind(s) for s in SEPARATORS) + 1]
+    if len(names) < 2 or prefix in names:
+        return "", names
+    return prefix, [name[len(prefix) :] for name in names]
 
 
 # ----------------------------------------------------------------------------- files in batches
