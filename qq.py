@@ -241,8 +241,9 @@ def main(args):
                     evaluations.append(evaluate.read_finished(split, image_set, args.folds))
                     continue
                 with evaluate.keep_when_interrupted(args, split, runtime):
-                    history, model = train.train(args, image_set, split, runtime, imagenet_state, config)
-                    evaluations.append(evaluate.evaluate_split(args, image_set, split, model, history, runtime))
+                    history, model, validation = train.train(args, image_set, split, runtime, imagenet_state, config)
+                    evaluation = evaluate.evaluate_split(args, image_set, split, model, history, runtime, validation)
+                    evaluations.append(evaluation)
             if args.folds and runtime.is_main:
                 evaluations.append(evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations))
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")

@@ -44,6 +44,11 @@ class Training:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # every random draw of the loaders: shuffling and the augmentation seeds
+    # the last epoch's validation pass (loss, probabilities, targets, features), and that of the kept model's
+    # epoch, which evaluate_split then need not run again; None with a frozen backbone, whose validation runs
+    # the head alone on features computed before
+    validation: tuple = None
+    kept_validation: tuple = None
 
 
 def initial_weights(args, resumed=None):
@@ -149,7 +154,9 @@ def run_epoch(training, epoch, runtime):
     stats = engine.train_one_epoch(
         training.step_model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler
     )
-    val_loss, val_acc, _, _ = engine.evaluate(training.trainable, training.val_loader, runtime)
+    whole = training.trainable is training.model
+    val_loss, val_acc, *validation = engine.evaluate(training.trainable, training.val_loader, runtime, features=whole)
+    training.validation = (val_loss, *validation) if whole else None
     if not math.isfinite(val_loss):
         lower = optimizer.param_groups[0]["initial_lr"] / 10
         raise UserError(
@@ -171,7 +178,8 @@ def run_epoch(training, epoch, runtime):
 
 
 def train(args, image_set, split, runtime, imagenet_state, config):
-    """Train one model on split.train, validating on split.val after every epoch: (history, model).
+    """Train one model on split.train, validating on split.val after every epoch: (history, model, the kept
+    model's validation pass or None when it was not run here: a frozen backbone, or an epoch before a resume).
 
     A model whose folder holds a last.pt goes on from it, with every random state restored.
     """
@@ -204,7 +212,7 @@ def train(args, image_set, split, runtime, imagenet_state, config):
             + (("  best" if args.select == "best" else "  saved") if kept else ""),
             flush=True,
         )
-    return history, model
+    return history, model, training.kept_validation
 
 
 def save(training, history, run_dir, config, runtime):
@@ -213,10 +221,12 @@ def save(training, history, run_dir, config, runtime):
     row = history[-1]
     val_metrics = {"val_acc": row["val_acc"], "val_loss": row["val_loss"]}
     kept = engine.best_epoch(history, config["select"])["epoch"] == row["epoch"]
+    if kept:
+        training.kept_validation = training.validation
+    if kept and runtime.is_main:
+        save_checkpoint(run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics))
     if not runtime.is_main:
         return kept
-    if kept:
-        save_checkpoint(run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics))
     state = {
         "history": history,
         "rng": engine.rng_state(training.generator, runtime.device),
