@@ -110,7 +110,7 @@ def disk_full(error):
 def disk_full_message(error):
     where = f" while writing '{error.filename}'" if error.filename else ""
     return (
-        f"no space left{where} ({error.strerror or error}): a run of ResNet50 needs about 300 MB free (best.pt 94 MB, "
+        f"no space left{where} ({error.strerror or error}): a run of ResNet50 needs about 300 MB free (best.pt 111 MB, "
         "last.pt 188 MB, the plots and the report; K times that with --folds K; less for smaller --arch); free disk "
         "space or raise the quota, then continue the run with python qq.py --resume RUN_DIR, which keeps its last "
         "finished epoch."
