@@ -56,24 +56,13 @@ def headline(metrics, spread=None):
 
 def interval_text(metrics, name):
     """'95% CI 0.76-0.86' for a key of stats.INTERVAL_METRICS, or '' when metrics has no interval for it."""
-    interval = (metrics.get("intervals") or {}).get(name)
-    if interval and interval.get("degenerate"):
-        return "95% CI: none, " + stats.DEGENERATE.removeprefix("no interval: ")
-    if not interval or interval["low"] is None:
-        return ""
-    return "95% CI " + stats.format_ci(0.0, interval).split("(", 1)[1].rstrip(")")
-
-
-def ci_of(value, interval):
-    """A table's 95% CI cell of a value: '0.76-0.86', 'none' for a bootstrap that did not vary, or 'n/a'."""
-    text = stats.format_ci(value, interval)
-    return text.split("(", 1)[1].rstrip(")").replace(stats.DEGENERATE, "none") if "(" in text else "n/a"
+    text = ci_text(metrics, name)
+    return {"n/a": "", "none": "95% CI: none, the resamples did not vary"}.get(text, "95% CI " + text)
 
 
 def ci_text(metrics, name):
-    """The 95% interval of a metric as a table shows it: '0.76-0.86', 'none' (a bootstrap that did not vary), or
-    'n/a'."""
-    return ci_of(0.0, (metrics.get("intervals") or {}).get(name))
+    """The 95% interval of a metric as a table shows it (stats.interval_text): '0.76-0.86', 'none' or 'n/a'."""
+    return stats.interval_text((metrics.get("intervals") or {}).get(name))
 
 
 def method_note(metrics, clustered=None):
@@ -118,7 +107,7 @@ def metrics_html(metrics):
     recall_ci = metrics.get("recall_intervals") or {}
     per_class = [
         [name, fmt(r["precision"]), fmt(r["recall"])]
-        + ([ci_of(r["recall"], recall_ci.get(name))] if recall_ci else [])
+        + ([stats.interval_text(recall_ci.get(name))] if recall_ci else [])
         + [fmt(r["f1"]), r["support"]]
         for name, r in metrics["per_class"].items()
     ]

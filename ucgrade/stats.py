@@ -261,6 +261,16 @@ def format_ci(value, interval, digits=2):
     return f"{value:.{digits}f} ({low:.{digits}f}{separator}{high:.{digits}f})"
 
 
+def interval_text(interval):
+    """An interval alone, as a table cell shows it: '0.76-0.86' ('-0.32 to 0.14'), 'none' for a bootstrap whose
+    resamples did not vary, 'n/a' without an interval."""
+    if interval and interval.get("degenerate"):
+        return "none"
+    if not interval or interval["low"] is None:
+        return "n/a"
+    return format_ci(0.0, interval).split("(", 1)[1].rstrip(")")
+
+
 def metric_value(result, name):
     """The value of an INTERVAL_METRICS key in a compute_metrics result (remission_x: its remission block's x)."""
     if name.startswith("remission_"):
