@@ -16,6 +16,7 @@ from test_report_layout import section
 
 from ucgrade import device, files, scoring
 from ucgrade.images import load_image
+from ucgrade.metrics import RANDOM_WEIGHTS
 from ucgrade.torch_grader import torch_grader
 
 SCRIPTS = {  # every parser of the project, by the module that builds it
@@ -229,3 +230,15 @@ def test_evaluate_takes_the_runs_analysis_settings_and_grades_in_fp32(remission_
     assert "--remission-upto moderate (from the command line); --patient-grade max (from the command line)" in out
     result = files.read_json(remission_run / "test2" / "metrics.json")
     assert result["remission"]["remission_classes"] == ["mild", "moderate"] and result["patient_level"]["rule"] == "max"
+
+
+def test_a_run_from_random_weights_says_so_first_and_names_its_precision_and_cam_files(trained_run):
+    result = files.read_json(trained_run / "metrics.json")
+    assert result["pretrained_used"] is False and RANDOM_WEIGHTS in result["warnings"]
+    page = (trained_run / "report.html").read_text()
+    summary = card(page)
+    assert f"Warning: {RANDOM_WEIGHTS}." in summary
+    assert f"Graded in {result['precision']}." in summary
+    assert f"always {result['baseline']['grade']}: {result['baseline']['accuracy']:.3f}" in summary
+    captions = [row["caption"] for row in files.read_csv(trained_run / "cam" / "index.csv")]
+    assert captions and all(re.match(r"[^/\\]+\.jpg: true ", caption) for caption in captions), captions
