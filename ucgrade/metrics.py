@@ -194,7 +194,9 @@ def format_metrics(metrics):
     can flatter."""
     baseline = metrics.get("baseline") or {}
     lines = [f"{'metric':<20}{'value':>8}{'baseline':>10}" + (f"  (always {baseline['grade']})" if baseline else "")]
-    lines += [f"{name:<20}{fmt(metrics[name]):>8}{fmt(baseline.get(name), missing=''):>10}" for name in SCALARS]
+    lines += [
+        f"{name:<20}{fmt(metrics[name]):>8}{fmt(baseline.get(name), missing=''):>10}".rstrip() for name in SCALARS
+    ]
     lines.append("")
     lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():

@@ -71,7 +71,7 @@ def method_note(metrics, clustered=None):
     return (
         f'<p class="note">{html.escape(stats.method_note(unit, clustered))} The bootstrap is seeded'
         f"{', whole patients at a time' if unit == 'patient' else ''}; n/a where a metric is undefined on too many "
-        "resamples, none where every resample gave the same value.</p>"
+        "resamples, none where the resamples did not vary.</p>"
     )
 
 
