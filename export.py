@@ -187,6 +187,28 @@ def export_int8(model_bytes, fp32, metadata, train_items, val, out, limit, class
     return figures | onnx_export.grade_metrics(val.labels, probs, class_names)
 
 
+def earlier_int8(out, out_int8, out_json, sha256):
+    """Without --int8, an int8 model already beside the new one: {"int8": its figures} when export.json says it came
+    from this same checkpoint, so that export.json describes every model in the folder; otherwise it would not match
+    the new fp32 model, so it is removed, and said."""
+    if not out_int8.exists():
+        return {}
+    try:
+        earlier = files.read_json(out_json) if out_json.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    if earlier.get("checkpoint_sha256") == sha256 and "int8" in earlier:
+        print(f"kept {out_int8} and its figures: it was exported from this same checkpoint", flush=True)
+        return {"int8": earlier["int8"]}
+    out_int8.unlink()
+    print(
+        f"note: removed {out_int8}, which was not exported from this checkpoint, so it would not match the new "
+        f"{out.name}; pass --int8 for an int8 model of this one.",
+        file=sys.stderr,
+    )
+    return {}
+
+
 def main(args):
     if args.calibration_images < 1:
         raise UserError("--calibration-images must be at least 1.")
@@ -226,7 +248,9 @@ def main(args):
         record["int8"] = export_int8(
             model_bytes, fp32_grades, metadata, train_items, val, out_int8, args.calibration_images, class_names
         )
-    models = [("fp32", fp32)] + ([("int8", record["int8"])] if args.int8 else [])
+    else:
+        record |= earlier_int8(out, out_int8, out_json, sha256)
+    models = [("fp32", fp32)] + ([("int8", record["int8"])] if "int8" in record else [])
     print(
         f"validation ({len(val.crops)} images): accuracy "
         + ", ".join(f"{name} {fmt(figures['accuracy'])}" for name, figures in models)

@@ -9,7 +9,8 @@
     python predict.py test_images/ --evaluate           # score a labelled test set: outputs/train/test/report.html
     python predict.py test_images/ --evaluate --weights outputs/train3 --groups test_patients.csv
 
-Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
+Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`, the grades named without
+the start their names share (said once, on stderr). Images that
 cannot be read are reported and skipped; the exit code is 1 if any failed. With a .pt, an image unlike
 the training images gets "not like the training images: grade not reliable" beside its grade.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from ucgrade.cli import FULL_INSTALL, PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.files import check_folder_path
-from ucgrade.grader import BATCH_SIZE, OOD_WARNING, grade_files, load_grader
+from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, grade_labels, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.locate import find_models
 
@@ -67,9 +68,11 @@ def get_args_parser():
     )
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=None,
         choices=PRECISIONS,
-        help="auto: bf16 where supported, as in training; an .onnx runs as exported (default: %(default)s)",
+        help="a .pt grades in fp32, as its .onnx does, on any CPU; bf16 is faster where the CPU supports it but can "
+        "change a grade near a tie; auto: bf16 where supported, as in training; an .onnx runs as exported "
+        f"(default: {GRADING_PRECISION})",
     )
     parser.add_argument(
         "--batch-size",
@@ -109,7 +112,8 @@ def get_args_parser():
         "--remission-upto",
         default=None,
         metavar="CLASS",
-        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: off)",
+        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: as the run "
+        "was trained, from its config.json; else off)",
     )
     parser.add_argument(
         "--groups",
@@ -120,10 +124,10 @@ def get_args_parser():
     )
     parser.add_argument(
         "--patient-grade",
-        default="max",
+        default=None,
         choices=("max", "mean-prob"),
         help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
-        "images' mean probabilities (default: %(default)s)",
+        "images' mean probabilities (default: as the run was trained, from its config.json; else max)",
     )
     return parser
 
@@ -201,7 +205,7 @@ def open_grader(weights, args):
     if args.cam:
         check_folder_path(args.cam, "--cam")
     grader = load_grader(weights, args.device, args.precision, args.threads)
-    if onnx and args.precision not in ("auto", grader.precision):
+    if onnx and args.precision not in (None, "auto", grader.precision):
         raise UserError(
             f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
             f"exported in ({grader.precision}), so leave --precision out."
@@ -251,6 +255,11 @@ def grade_images(grader, images, args, errors):
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    prefix, labels = grade_labels(grader.class_names)
+    short = dict(zip(grader.class_names, labels))
+    if prefix and not args.json:
+        print(f"note: grades are named without their shared start '{prefix}' (--json gives the whole names)",
+              file=sys.stderr)  # fmt: skip
     for batch in grade_files([grader], images, args.batch_size):
         for path, result, reason in image_results(grader, batch):
             if cam_dir is not None and result is not None:
@@ -265,17 +274,19 @@ def grade_images(grader, images, args, errors):
                 continue
             results.append(result)
             if not args.json:
-                print(result_line(result), flush=True)
+                print(result_line(result, short), flush=True)
     if cam_dir is not None:
         print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
     return results
 
 
-def result_line(result):
+def result_line(result, short):
+    """path: grade (p=0.87)  grade_a=0.050  grade_b=0.870 ..., with the grades named by short (name -> the part that
+    differs), so that six long names still fit a line."""
     probabilities, grade = result["probabilities"], result["grade"]
-    others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
+    others = "  ".join(f"{short[name]}={p:.3f}" for name, p in probabilities.items())
     warning = f"  [{OOD_WARNING}]" if result.get("out_of_distribution") else ""
-    return f"{result['path']}: {grade} (p={probabilities[grade]:.2f}){warning}  {others}"
+    return f"{result['path']}: {short[grade]} (p={probabilities[grade]:.2f}){warning}  {others}"
 
 
 def main(args):
@@ -307,6 +318,7 @@ def main(args):
             json.dumps(
                 {
                     "weights": str(weights),
+                    "precision": grader.precision,
                     "class_names": grader.class_names,
                     "predictions": results,
                     "errors": [{"path": n, "error": r} for n, r in errors],

@@ -216,7 +216,7 @@ def check_args(args):
 
 
 def main(args):
-    from ucgrade import data, evaluate, settings, splits, train
+    from ucgrade import data, evaluate, metrics, settings, splits, train
     from ucgrade.device import explain_out_of_memory, make_runtime
     from ucgrade.interrupt import GracefulStop
 
@@ -224,13 +224,14 @@ def main(args):
     check_args(args)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # progress.quiet() reads it, in every loop of the run
+    scanned = data.scan_data(args)  # the layout and the grade names: before the banner and any download
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))
     settings.print_settings(args, runtime)
 
     with GracefulStop() as stop, files.run_lock(args.resume if runtime.is_main else None):
         runtime.stop = stop
         imagenet_state, source = train.initial_weights(args, resumed)  # a bad --weights file before the images
-        image_set = data.read_data(args, stop)
+        image_set = data.read_data(args, stop, scanned)
         if resumed:
             settings.check_same_data(resumed, image_set)
         plan = splits.plan(args, image_set, resumed)  # before check_same_files, so that a missing image is named
@@ -239,6 +240,8 @@ def main(args):
         run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
+        if not config["pretrained_used"]:
+            print(f"warning: {metrics.RANDOM_WEIGHTS}.")
 
         evaluations = []
         with explain_out_of_memory(args.batch_size):

@@ -9,7 +9,11 @@ import sys
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts: a mistake on the command line is one line, without the usage block,
-    and args.argv keeps the command line, so that --resume can parse it again over a run's settings."""
+    and args.argv keeps the command line, so that --resume can parse it again over a run's settings.
+    No abbreviations: a run is a record, and --epoch 3 silently meaning --epochs 3 is a surprise in it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False} | kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message}; see python {self.prog} --help.{self.dash_hint()}\n")
@@ -126,7 +130,7 @@ def disk_full_message(error):
             "while quantising (TMPDIR); free disk space, then run export.py again."
         )
     return (
-        f"no space left{where} ({error.strerror or error}): a run of ResNet50 needs about 300 MB free (best.pt 94 MB, "
+        f"no space left{where} ({error.strerror or error}): a run of ResNet50 needs about 300 MB free (best.pt 111 MB, "
         "last.pt 188 MB, the plots and the report; K times that with --folds K; less for smaller --arch); free disk "
         "space or raise the quota, then continue the run with python qq.py --resume RUN_DIR, which keeps its last "
         "finished epoch."

@@ -331,12 +331,20 @@ def _leave_signals_to_the_main_process(worker_id):
 # ----------------------------------------------------------------------------- a run's images
 
 
-def read_data(args, stop=None):
-    """Scan the data folder, decode every image once (into memory when it fits), and report what was skipped."""
+def scan_data(args):
+    """The run's images by grade, with the grade names checked (--class-order, --remission-upto): quick, so qq.py
+    refuses a wrong layout before its settings banner and any download."""
     image_set, empty = scan_folder(args.data, args.class_order)
     for name in empty:
         print(f"warning: class folder '{name}' holds no images and is ignored.")
-    check_remission_grade(args.remission_upto, image_set.class_names)  # before the slow decode
+    check_remission_grade(args.remission_upto, image_set.class_names)
+    return image_set
+
+
+def read_data(args, stop=None, image_set=None):
+    """Decode every image of the data folder (image_set: as scan_data found it) once, into memory when it fits,
+    and report what was skipped."""
+    image_set = image_set or scan_data(args)
     if args.groups and not args.resume:  # a resumed run takes its groups from its split.csv
         read_groups(args.groups, image_set, before_decoding=True)
     resize = resize_size_for(args.img_size)

@@ -101,7 +101,9 @@ def make_dataset(out, per_class=40, size=256, seed=0):
 
 
 def get_args_parser():  # used by tools/make_demo_data.py
-    parser = argparse.ArgumentParser(description="Generate synthetic endoscopy-like demo images in three grades.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Generate synthetic endoscopy-like demo images in three grades."
+    )
     parser.add_argument("--out", default="data", help="output folder (default: %(default)s)")
     parser.add_argument("--per-class", type=int, default=40, help="images per grade (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")

@@ -56,6 +56,7 @@ def evaluate_split(args, image_set, split, model, history, runtime, validation=N
         "val_loss": val_loss,
         "device": str(runtime.device),
         "precision": runtime.precision,
+        "pretrained_used": pretrained_used(split.run_dir),
         "inference_time": timing,
     }
     out_of_distribution = ood.calibrate(model, image_set, split, args, runtime, features)  # into best.pt
@@ -74,6 +75,11 @@ def evaluate_split(args, image_set, split, model, history, runtime, validation=N
     )  # fmt: skip
     finishing(runtime, None)
     return evaluation
+
+
+def pretrained_used(run_dir):
+    """Whether the run's models started from ImageNet weights, as its config.json records."""
+    return files.read_json(run_dir / "config.json").get("pretrained_used")
 
 
 def validation_pass(args, image_set, split, model, runtime):
@@ -184,7 +190,8 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
 
     pooled.result, pooled.failed = scoring.score(
         scoring_of(args, image_set, run_dir, pooled, {"fold": fold_column.tolist(), "group": groups}, page="cv",
-                   ood=evidence.pooled_flagged(fold_results), fields={"status": "finished", "folds": args.folds},
+                   ood=evidence.pooled_flagged(fold_results), fields={"status": "finished", "folds": args.folds,
+                   "precision": fold_results[0].get("precision"), "pretrained_used": pretrained_used(run_dir)},
                    write_more=write_summary, terminal=terminal)
     )  # fmt: skip
     return pooled

@@ -21,6 +21,10 @@ from .cli import UserError
 from .images import UnreadableImage, load_image, preprocess
 
 BATCH_SIZE = 16
+SEPARATORS = "-_ ./"  # where a grade name may be cut into its shared start and the rest
+# A grade must match the .onnx and be the same on any CPU: bf16 (where the CPU runs it natively) is faster but
+# changed 2 of 127 test grades of a real run, so it is a choice (--precision bf16), never a default.
+GRADING_PRECISION = "fp32"
 OOD_WARNING = "not like the training images: grade not reliable"
 
 
@@ -90,8 +94,9 @@ def available_cores():
         return os.cpu_count() or 1
 
 
-def load_grader(path, device="auto", precision="auto", threads=None):
-    """The Grader of a .pt (torch, on device in precision) or an .onnx (ONNX Runtime on the CPU, no torch).
+def load_grader(path, device="auto", precision=None, threads=None):
+    """The Grader of a .pt (torch, on device in precision, GRADING_PRECISION when None) or an .onnx (ONNX Runtime
+    on the CPU in the precision it was exported in, no torch).
 
     threads: the CPU threads of one forward pass (None: one per available core). A runtime that starts one thread
     per core of the machine, on a CPU another job keeps busy, waits for the slowest of them at every layer."""
@@ -108,7 +113,22 @@ def load_grader(path, device="auto", precision="auto", threads=None):
             f"grading with '{path.name}' needs torch, and {error.name or 'a package'} is not installed here; "
             "install requirements.txt, or grade with an .onnx that 'python export.py RUN_FOLDER' writes."
         ) from None
-    return torch_grader(path, device, precision, threads)
+    return torch_grader(path, device, precision or GRADING_PRECISION, threads)
+
+
+# Here, without matplotlib, because predict.py's lines name grades as the plots do.
+def grade_labels(class_names):
+    """(prefix, labels): the start that all grade names share, up to a separator, and the rest of each name.
+
+    ['ulcerative-colitis-grade-0-1', 'ulcerative-colitis-grade-1'] gives ('ulcerative-colitis-grade-', ['0-1', '1']);
+    names with no such start in common come back whole, with the prefix ''.
+    """
+    names = [str(name) for name in class_names]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: max(prefix.rfind(s) for s in SEPARATORS) + 1]
+    if len(names) < 2 or prefix in names:
+        return "", names
+    return prefix, [name[len(prefix) :] for name in names]
 
 
 # ----------------------------------------------------------------------------- files in batches

@@ -50,6 +50,7 @@ def score(scoring):
     if s.write_more:
         s.write_more(result)
     result |= s.fields
+    result["warnings"] = metrics.warnings(result)
     failed = s.failed
     failed += write_evaluation(s, result)
     write_metrics(s.out_dir, result, failed)
@@ -62,6 +63,8 @@ def score(scoring):
     pages.write_report(s.out_dir, s.page, cams)
     print(s.terminal(result))
     print(evidence.format_evidence(result))
+    for warning in result["warnings"]:
+        print(f"warning: {warning}.")
     for line in s.notes:
         print(line)
     return result, failed

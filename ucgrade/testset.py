@@ -188,6 +188,9 @@ def evaluate_test_set(args, test_dir):
     first = graders[0]
     if any(g.class_names != first.class_names or g.img_size != first.img_size for g in graders):
         raise UserError("the fold models of this run differ in their grades or input size; evaluate one at a time.")
+    config = run_config(first)
+    from_run = {"analysis_settings": inherit_analysis_settings(args, first, config)}
+    from_run["pretrained_used"] = config.get("pretrained_used")  # a model from random weights is warned of
     metrics.check_remission_grade(args.remission_upto, first.class_names)
     test_set = scan_test_folder(test_dir, first.class_names)
     out_dir = results_folder(args, graders, test_set.root)
@@ -207,12 +210,46 @@ def evaluate_test_set(args, test_dir):
                 file=sys.stderr,
             )
         leaked, checked = leaked_images(test_set, graders)
-        score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None, partial)
+        score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None, partial, from_run)
     print(f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)")
     return 0
 
 
-def score_test_set(args, test_set, graders, each, scores, groups, leaked, out_dir):
+ANALYSIS_DEFAULTS = {"remission_upto": None, "patient_grade": "max"}
+
+
+def run_config(grader):
+    """The config.json of the run beside the model file, or {} where there is none (a model copied elsewhere)."""
+    path = grader.path.parent / "config.json"
+    try:
+        return files.read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def inherit_analysis_settings(args, grader, config):
+    """--remission-upto and --patient-grade from the command line, else as the model's run was trained with (its
+    config), else the defaults; the grade order is always the model's. Sets them on args, prints where each came
+    from and returns {setting: {"value", "from"}}."""
+    where = {}
+    for key, default in ANALYSIS_DEFAULTS.items():
+        if getattr(args, key) is not None:
+            where[key] = "the command line"
+        elif config.get(key) is not None:
+            setattr(args, key, config[key])
+            where[key] = "the run's config.json"
+        else:
+            setattr(args, key, default)
+            where[key] = "the default"
+    order = "the run's --class-order" if config.get("class_order") else "the model"
+    settings = {key: {"value": getattr(args, key), "from": source} for key, source in where.items()}
+    settings["class_order"] = {"value": grader.class_names, "from": order}
+    flags = [f"--{key.replace('_', '-')} {getattr(args, key) or 'none'} (from {where[key]})" for key in where]
+    print(f"analysis settings: {'; '.join(flags)}; grade order {', '.join(grader.class_names)} (from {order})")
+    return settings
+
+
+def score_test_set(args, test_set, graders, each, scores, groups, leaked, out_dir, from_run=None):
     """Score the mean of the models' probabilities (each: one N x C per model) and the out-of-distribution scores
     (None without the check), write the results into out_dir and print their summary."""
     class_names, targets, probs = test_set.class_names, np.asarray(test_set.labels), np.mean(each, axis=0)
@@ -225,6 +262,9 @@ def score_test_set(args, test_set, graders, each, scores, groups, leaked, out_di
         "missing_grades": test_set.missing,
         "skipped_files": len(test_set.skipped),
         "images_in_training": None if leaked is None else len(leaked),
+        "precision": graders[0].precision,
+        "runtime": graders[0].runtime,
+        **(from_run or {}),
     }
     if scores is None:
         reason = (

@@ -39,7 +39,7 @@ class GradingModel(nn.Module):
         return probs, self.ood(features[0])
 
 
-def torch_grader(path, device="auto", precision="auto", threads=None):
+def torch_grader(path, device="auto", precision="fp32", threads=None):
     """The Grader of a checkpoint written by qq.py, on device in precision (auto: as training chooses); threads:
     torch's CPU threads, at most (None: as they are)."""
     if threads:
