@@ -72,8 +72,8 @@ def run_cli(main, args):
     except RunInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted: stopped by Ctrl-C.", file=sys.stderr)
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM where interrupt.stop_at_once says why
+        print(f"interrupted: {error or 'stopped by Ctrl-C.'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         raise  # main_entry ends quietly

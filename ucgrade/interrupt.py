@@ -6,8 +6,6 @@ import signal
 import sys
 import threading
 
-from .cli import RunInterrupted
-
 
 class GracefulStop:
     """A context manager and a callable: stop() is True once SIGINT or SIGTERM has arrived.
@@ -56,7 +54,9 @@ def stop_at_once():
         return
 
     def stop(signum, frame):
-        raise RunInterrupted(f"stopped by {signal.Signals(signum).name}; nothing half-written was kept.")
+        # a KeyboardInterrupt, as Ctrl-C's: a library's `except Exception` (ONNX Runtime's quantisation has some)
+        # cannot swallow it, as it could a RunInterrupted
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}; nothing half-written was kept.")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
