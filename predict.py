@@ -32,6 +32,8 @@ from ucgrade.files import check_folder_path
 from ucgrade.grader import BATCH_SIZE, OOD_WARNING, grade_files, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.locate import find_models
+from ucgrade.video import is_video_file
+from ucgrade.videograde import add_video_arguments, grade_videos
 
 EXAMPLES = """examples:
   python predict.py image.jpg                         # best.pt of the newest run under outputs/
@@ -48,7 +50,7 @@ def get_args_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, videos and/or folders of them")
     parser.add_argument(
         "--weights",
         default=None,
@@ -125,6 +127,7 @@ def get_args_parser():
         help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
         "images' mean probabilities (default: %(default)s)",
     )
+    add_video_arguments(parser)
     return parser
 
 
@@ -145,8 +148,9 @@ def check_evaluate_args(args):
 
 
 def collect_images(inputs):
-    """(image paths, errors): folders are searched for images; files need an image extension, as in training."""
-    images, errors = [], []
+    """(image paths, video paths, errors): folders are searched for images and videos; files need an image or a
+    video extension (images as in training)."""
+    images, videos, errors = [], [], []
     for name in inputs:
         path = Path(name)
         if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.json").is_file():
@@ -158,10 +162,13 @@ def collect_images(inputs):
                 )
             )
         elif path.is_dir():
-            found = [p for p in files_under(path) if is_image_file(p)]  # hidden folders skipped, as in training
-            if not found:
+            found = files_under(path)  # hidden folders skipped, as in training
+            images.extend(p for p in found if is_image_file(p))
+            videos.extend(p for p in found if is_video_file(p))
+            if not any(is_image_file(p) or is_video_file(p) for p in found):
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
-            images.extend(found)
+        elif path.exists() and is_video_file(path):
+            videos.append(path)
         elif path.exists() and not is_image_file(path):
             errors.append(
                 (
@@ -174,7 +181,7 @@ def collect_images(inputs):
             images.append(path)
         else:
             errors.append((name, "no such file or folder"))
-    return images, errors
+    return images, videos, errors
 
 
 def unique_path(folder, stem):
@@ -298,26 +305,21 @@ def main(args):
         return evaluate_test_set(args, args.inputs[0])
     weights = find_models(args.weights, args.out)[0]
     grader = open_grader(weights, args)
-    images, errors = collect_images(args.inputs)
+    images, videos, errors = collect_images(args.inputs)
     for name, reason in errors:
         print(f"error: {name}: {reason}", file=sys.stderr)
     results = grade_images(grader, images, args, errors)
+    summaries = grade_videos(grader, videos, args, weights, errors) if videos else None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "weights": str(weights),
-                    "class_names": grader.class_names,
-                    "predictions": results,
-                    "errors": [{"path": n, "error": r} for n, r in errors],
-                },
-                indent=2,
-                allow_nan=False,  # strict JSON: the grader refuses a model whose outputs are not numbers
-            )
-        )
+        graded = {"weights": str(weights), "class_names": grader.class_names, "predictions": results}
+        graded |= {} if summaries is None else {"videos": summaries}
+        graded |= {"errors": [{"path": n, "error": r} for n, r in errors]}
+        # strict JSON: the grader refuses a model whose outputs are not numbers
+        print(json.dumps(graded, indent=2, allow_nan=False))
     if errors:
+        also = "" if summaries is None else f" and {len(summaries)} video(s)"
         print(
-            f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.",
+            f"{len(errors)} input(s) failed and {len(results)} image(s){also} were graded; see the errors above.",
             file=sys.stderr,
         )
         return 1
