@@ -1,0 +1,275 @@
+"""Whole videos (issue 20): generated videos with a known grade sequence, graded by a small model trained on the
+demo data, through the .pt and through an int8 .onnx with torch blocked; frames that cannot be graded, bad
+videos, Ctrl-C, rotation, interlacing and a variable frame rate.
+
+The videos are written with PyAV from the training images (4 s mild, 3 s severe, 2 s black at 25 frames/s),
+so that what is tested is the video pipeline, not how a 24-image model generalises."""
+
+import json
+import os
+import signal
+import struct
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, cli, make_folder, run_script, train, user_lines
+from PIL import Image
+from test_export import NOT_INSTALLED
+
+from ucgrade import files, videograde
+from ucgrade.demo import write_video
+from ucgrade.video import Sampler, open_video, sample_frames
+
+SIDE = 144  # px of the generated videos: the decoder scales them down to the model's 73 px
+CLIP = [("mild", 4), ("severe", 3), ("black", 2)]
+SEVERE = (4.0, 7.0)  # s
+TOLERANCE = 0.5  # s, on the severe segment's start and end
+SHORT = ["--min-gradable", "5"]  # the clip has 7 s of gradable footage, under the default 10 s
+
+
+@pytest.fixture(scope="module")
+def data(module_tmp):
+    return make_folder(module_tmp / "data", {"mild": 12, "severe": 12})
+
+
+@pytest.fixture(scope="module")
+def run(data, module_tmp):
+    """Two grades, ten epochs of 24 images from random weights: enough to tell the demo's mild from severe."""
+    torch.manual_seed(0)
+    assert train(["--data", data, "--out", module_tmp / "out", *FAST, "--epochs", "10", "--lr", "0.01"]) == 0
+    return module_tmp / "out" / "train"
+
+
+def pictures(data, grade):
+    if grade == "black":
+        return [np.zeros((8, 8, 3), np.uint8)]
+    return [Image.open(path) for path in sorted((data / grade).glob("*.jpg"))]
+
+
+def make_video(path, data, plan, **kwargs):
+    return write_video(path, [(pictures(data, grade), seconds) for grade, seconds in plan], SIDE, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def clip(data, module_tmp):
+    (module_tmp / "videos").mkdir()
+    return make_video(module_tmp / "videos" / "clip.mp4", data, CLIP)
+
+
+def frames_of(out_dir):
+    return files.read_csv(Path(out_dir) / "frames.csv")
+
+
+def check_clip(summary):
+    """What the clip must give: severe, from its severe segment, with the black stretch ungradable."""
+    worst = summary["worst_segment"]
+    assert summary["grade"] == "severe" and summary["gradable"] and worst["grade"] == "severe", summary
+    assert abs(worst["start"] - SEVERE[0]) <= TOLERANCE and abs(worst["end"] - SEVERE[1]) <= TOLERANCE, worst
+    assert summary["seconds"] == pytest.approx(9.0) and summary["gradable_share"] == pytest.approx(7 / 9, abs=0.03)
+    rows = frames_of(summary["out"])
+    assert len(rows) == 45 and summary["frames_graded"] == 45  # 9 s at the default 5 frames/s
+    black = [r for r in rows if float(r["time"]) >= SEVERE[1]]
+    assert black and all(r["gradable"] == "0" and r["reason"] == "too dark" for r in black)
+    assert all(r["gradable"] == "1" for r in rows if float(r["time"]) < SEVERE[1])
+    segments = files.read_csv(Path(summary["out"]) / "segments.csv")
+    assert segments[-1]["grade"] == "ungradable" and float(segments[-1]["start"]) == pytest.approx(7.0, abs=0.25)
+    assert [s["worst"] for s in segments].count("1") == 1
+
+
+def test_a_video_is_graded_by_its_worst_segment(run, clip, tmp_path):
+    code, out, err = cli("predict.py", clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT,
+                         "--video-out", tmp_path / "v", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["predictions"] == [] and result["errors"] == []
+    (summary,) = result["videos"]
+    check_clip(summary)
+    folder = Path(summary["out"])
+    assert folder == tmp_path / "v" / "clip"
+    assert {p.name for p in folder.iterdir()} >= {
+        "frames.csv",
+        "segments.csv",
+        "video.json",
+        "timeline.png",
+        "strip.png",
+    }
+    assert json.loads((folder / "video.json").read_text())["grade"] == "severe"
+    assert summary["complete"] and summary["mean_probability_grade"] in ("mild", "severe")
+    assert summary["frames_per_second"] > 0 and summary["runtime"] == "torch on cpu"
+    assert Image.open(folder / "strip.png").size[1] > 200  # the worst segment's frames, with Grad-CAM (a .pt)
+
+    # the plain output is one line per video, and a second run never overwrites the first
+    code, out, err = cli("predict.py", clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT,
+                         "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 0, err
+    (line,) = user_lines(out)
+    assert line.startswith(f"{clip}: severe (worst segment ") and line.endswith(f"-> {tmp_path / 'v' / 'clip2'}/")
+    assert "mean-probability grade" in line and "78% of 9.0 s gradable" in line
+
+
+def test_the_same_through_an_int8_onnx_with_torch_blocked(run, clip, tmp_path):
+    exported = run_script("export.py", run, "--int8")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(f"import sys\nfor name in {NOT_INSTALLED!r}:\n    sys.modules[name] = None\n")
+    result = run_script("predict.py", clip, "--weights", run / "model.int8.onnx", *SHORT,
+                        "--video-out", tmp_path / "v", "--json", env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (summary,) = json.loads(result.stdout)["videos"]
+    check_clip(summary)
+    assert summary["precision"] == "int8" and summary["runtime"] == "ONNX Runtime on the CPU"
+    assert "timeline.png was not drawn, because matplotlib is not installed" in result.stderr
+    assert (Path(summary["out"]) / "strip.png").is_file() and not (Path(summary["out"]) / "timeline.png").exists()
+
+
+def test_a_black_video_is_not_gradable(run, data, tmp_path):
+    black = make_video(tmp_path / "black.mkv", data, [("black", 12)])
+    code, out, err = cli("predict.py", black, "--weights", run / "best.pt", "--device", "cpu",
+                         "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 0, err
+    (line,) = user_lines(out)
+    assert line.startswith(
+        f"{black}: not gradable (only 0.0 s of 12.0 s (0%) could be graded (excluded: too dark 100%)"
+    )
+    summary = json.loads((tmp_path / "v" / "black" / "video.json").read_text())
+    assert summary["grade"] is None and not summary["gradable"] and "too dark" in summary["reason"]
+    assert summary["worst_segment"] is None and summary["excluded_seconds"] == {"too dark": 12.0}
+
+
+def damaged_copies(folder, good):
+    """Bad videos beside good ones, each with the start of the sentence it must get."""
+    (folder / "text.mp4").write_text("not a video\n")
+    data = good.read_bytes()
+    (folder / "header.mp4").write_bytes(data[:8] + bytes(200) + data[208:])
+    (folder / "cut.mp4").write_bytes(data[: len(data) // 2])
+    container = av.open(str(folder / "zero.avi"), "w")
+    stream = container.add_stream("mjpeg", rate=25)
+    stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuvj420p"
+    container.start_encoding()
+    container.close()
+    container = av.open(str(folder / "audio.mp4"), "w")
+    stream = container.add_stream("aac", rate=44100)
+    for k in range(10):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 44100, k * 1024
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+    container.close()
+    mjpeg = (folder / "codec.avi").read_bytes()  # its codec's FourCC renamed to one that no decoder knows
+    (folder / "unknown.avi").write_bytes(mjpeg.replace(b"MJPG", b"ZZZZ").replace(b"mjpg", b"zzzz"))
+    return {
+        "text.mp4": "not a video FFmpeg can read",
+        "header.mp4": "the video's header is corrupt",
+        "cut.mp4": "the video has no index (its 'moov' box), which an mp4 or mov recording keeps at its end",
+        "zero.avi": "has no frames that can be decoded",
+        "audio.mp4": "has sound but no video stream",
+        "unknown.avi": "its video codec is unknown to FFmpeg",
+        "tiny.mp4": "its 16x16 px frames are too small to grade",
+    }
+
+
+def test_bad_videos_get_one_sentence_each_and_the_others_are_graded(run, data, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    good = make_video(folder / "good.mp4", data, [("severe", 3)])
+    make_video(folder / "codec.avi", data, [("mild", 1)], codec="mjpeg")
+    make_video(folder / "hevc.mov", data, [("severe", 2.5)], codec="libx265", options={"x265-params": "log-level=none"})
+    whole = make_video(tmp_path / "whole.mkv", data, [("mild", 3), ("severe", 3)]).read_bytes()
+    (folder / "cut.mkv").write_bytes(whole[: len(whole) * 6 // 10])
+    write_video(folder / "tiny.mp4", [(pictures(data, "mild"), 1)], 16)
+    write_video(folder / "large.mkv", [(pictures(data, "black"), 0.04)], (7680, 4320), codec="mjpeg")
+    expected = damaged_copies(folder, good)
+
+    code, out, err = cli("predict.py", folder, "--weights", run / "best.pt", "--device", "cpu", "--min-gradable", "1",
+                         "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 1
+    errors = [line for line in user_lines(err) if line.startswith("error: ")]
+    for name, sentence in expected.items():
+        assert [line for line in errors if line.startswith(f"error: {folder / name}: {sentence}")], (name, errors)
+    assert len(errors) == len(expected)
+    assert "Traceback" not in err
+    graded = {Path(line.split(": ")[0]).name: line for line in user_lines(out)}
+    assert set(graded) == {"good.mp4", "codec.avi", "hevc.mov", "cut.mkv", "large.mkv"}
+    assert graded["good.mp4"].startswith(f"{good}: severe") and graded["hevc.mov"].split(": ")[1].startswith("severe")
+    assert (
+        "[incomplete: the video ends at " in graded["cut.mkv"] and "of the 6.0 s its header gives" in graded["cut.mkv"]
+    )
+    cut = json.loads((tmp_path / "v" / "cut" / "video.json").read_text())
+    assert not cut["complete"] and 2.5 <= cut["seconds"] <= 4.5 and len(frames_of(cut["out"])) >= 12
+    assert f"note: {folder / 'large.mkv'}: its 7680x4320 px frames are larger than any endoscope's" in err
+    assert (
+        user_lines(err)[-1]
+        == f"{len(expected)} input(s) failed and 0 image(s) and 5 video(s) were graded; see the errors above."
+    )
+
+
+def test_ctrl_c_mid_video_keeps_the_frames_so_far(run, clip, tmp_path, monkeypatch):
+    grade_batch = videograde.grade_batch
+
+    def interrupted_once_graded(*args):
+        graded = grade_batch(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # handled by predict.py's GracefulStop: the video stops after this batch
+        return graded
+
+    monkeypatch.setattr(videograde, "grade_batch", interrupted_once_graded)
+    code, out, err = cli("predict.py", clip, "--weights", run / "best.pt", "--device", "cpu", "--fps", "all",
+                         "--batch-size", "8", "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 130
+    assert "SIGINT received: writing the results of the video so far" in err
+    assert user_lines(err)[-1].startswith(f"interrupted: {clip} was graded up to 0.3 s; its results are in ")
+    summary = json.loads((tmp_path / "v" / "clip" / "video.json").read_text())
+    assert not summary["complete"] and summary["stopped"] == "stopped by SIGINT at 0.3 s"
+    assert len(frames_of(tmp_path / "v" / "clip")) == 8 and "[incomplete: stopped by SIGINT at 0.3 s]" in out
+
+
+def rotate_mp4(path, out):
+    """A copy of an mp4 whose track header says: show it turned 90 degrees clockwise (a phone held upright)."""
+    data = bytearray(Path(path).read_bytes())
+    matrix = data.find(b"tkhd") + 4 + 40  # version 0: the matrix follows 40 bytes of times, ids and volume
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    Path(out).write_bytes(bytes(data))
+    return Path(out)
+
+
+def test_rotation_interlacing_and_a_variable_frame_rate(tmp_path):
+    band = np.zeros((96, 160, 3), np.uint8)
+    band[:, :40] = 255  # white on the left as stored: on top once turned clockwise
+    turned = rotate_mp4(write_video(tmp_path / "wide.mp4", [([band], 1)], (160, 96)), tmp_path / "turned.mp4")
+    video = open_video(turned)
+    first = next(sample_frames(video, 5, 64))
+    video.close()
+    assert first.picture.shape == (106, 64, 3)  # upright: portrait, the shorter side at 64
+    assert first.picture[0].mean() > 200 and first.picture[-1].mean() < 50
+
+    interlaced = write_video(tmp_path / "interlaced.mkv", [([band], 1)], (160, 96),
+                             options={"x264-params": "interlaced=1:tff=1"})  # fmt: skip
+    video = open_video(interlaced)
+    times = [frame.time for frame in sample_frames(video, 5, 64)]
+    video.close()
+    assert times == pytest.approx([0, 0.2, 0.4, 0.6, 0.8]) and "deinterlaced (yadif)" in video.notes[0]
+
+    # a variable frame rate: frames 10 to 100 ms apart; a sample is the first frame of each 1/5 s of the clock
+    container = av.open(str(tmp_path / "vfr.mkv"), "w")
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+    stream.codec_context.time_base = Fraction(1, 1000)
+    pts, rng = 0, np.random.default_rng(0)
+    for _ in range(60):
+        frame = av.VideoFrame.from_ndarray(band, format="rgb24")
+        frame.pts, frame.time_base = pts, Fraction(1, 1000)
+        container.mux(stream.encode(frame))
+        pts += int(rng.integers(10, 100))
+    container.mux(stream.encode())
+    container.close()
+    video = open_video(tmp_path / "vfr.mkv")
+    times = [frame.time for frame in sample_frames(video, 5, 64)]
+    video.close()
+    steps = [int(t * 5 + 1e-6) for t in times]
+    assert steps == list(range(len(times))) and len(times) == pytest.approx(pts / 200, abs=1), times
+    assert all(t - step / 5 < 0.1 for t, step in zip(times, steps)), times
+    sampler = Sampler(5)
+    assert [sampler.take(t) for t in (0.0, 0.19, 0.21, 0.39, 0.41, 1.0, 1.05)] == [1, 0, 1, 0, 1, 1, 0]
