@@ -13,6 +13,7 @@ import numpy as np
 
 from . import files, timeline
 from .timeline import UNGRADABLE, Timeline
+from .videoreport import write_video_report
 
 
 class VideoRun:
@@ -61,6 +62,7 @@ class VideoRun:
 
         summary["notes"] += draw_outputs(self, video, summary)
         files.write_json(self.out_dir / "video.json", summary)
+        write_video_report(self.out_dir)
         return summary
 
     def summarize(self, video):

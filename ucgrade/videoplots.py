@@ -73,7 +73,7 @@ def draw_timeline(out_dir):
     fig = Figure(figsize=(10, 3.6))
     top, band = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [5, 1], "hspace": 0.08})
     for c, name in enumerate(names):
-        top.plot(times, probs[:, c], ".", color=colours[c], alpha=0.25, markersize=2)
+        top.plot(times[gradable], probs[gradable, c], ".", color=colours[c], alpha=0.5, markersize=3)
         top.plot(times, smoothed[:, c], "-", color=colours[c], linewidth=1.6, label=name)
     for row in segments:
         start, end = float(row["start"]), float(row["end"])
