@@ -134,7 +134,7 @@ def get_args_parser():
 def check_evaluate_args(args):
     """The --evaluate flags go together: one test folder, and the options that only it reads."""
     if not args.evaluate:
-        used = [flag for flag in ("eval_out", "remission_upto", "groups") if getattr(args, flag)]
+        used = [flag for flag in ("eval_out", "remission_upto", "groups", "labels") if getattr(args, flag)]
         if used:
             flags = ", ".join("--" + flag.replace("_", "-") for flag in used)
             raise UserError(f"{flags} only apply to --evaluate; add --evaluate with a labelled test folder.")
@@ -143,6 +143,10 @@ def check_evaluate_args(args):
         raise UserError("--evaluate takes one test folder (with one sub-folder per grade), not several inputs.")
     if args.json or args.cam:
         raise UserError("--evaluate writes its own results folder; leave out --json and --cam.")
+    if args.groups and args.labels:
+        raise UserError(
+            "--groups is for a test folder of images; with --labels, give the patients in its column patient."
+        )
     if args.groups and not Path(args.groups).is_file():
         raise UserError(f"--groups file '{args.groups}' does not exist; check the path.")
 
@@ -291,6 +295,10 @@ def main(args):
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, not {args.threads}.")
     check_evaluate_args(args)
+    if args.evaluate and args.labels:
+        from ucgrade.videoeval import evaluate_videos
+
+        return evaluate_videos(args, args.inputs[0])
     if args.evaluate:
         try:
             from ucgrade.testset import evaluate_test_set

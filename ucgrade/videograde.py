@@ -107,6 +107,13 @@ def add_video_arguments(parser):
         "(default: videos under --out)",
     )
     group.add_argument(
+        "--labels",
+        default=None,
+        metavar="CSV",
+        help="with --evaluate, the input is a folder of videos and CSV (path,grade[,patient]) labels them: a "
+        "video-level evaluation (default: none)",
+    )
+    group.add_argument(
         "--live",
         default=None,
         metavar="SOURCE",
