@@ -311,8 +311,14 @@ def main(args):
                 "here; install them with pip install scikit-learn matplotlib (an .onnx still needs no torch)."
             ) from None
         return evaluate_test_set(args, args.inputs[0])
+    if args.live and (len(args.inputs) != 1 or args.evaluate):
+        raise UserError("--live grades one source (a capture device, a stream URL or a file); give only that one.")
     weights = find_models(args.weights, args.out)[0]
     grader = open_grader(weights, args)
+    if args.live:
+        from ucgrade.live import grade_live
+
+        return grade_live(grader, args.inputs[0], args, weights)
     images, videos, errors = collect_images(args.inputs)
     for name, reason in errors:
         print(f"error: {name}: {reason}", file=sys.stderr)

@@ -273,3 +273,61 @@ def test_rotation_interlacing_and_a_variable_frame_rate(tmp_path):
     assert all(t - step / 5 < 0.1 for t, step in zip(times, steps)), times
     sampler = Sampler(5)
     assert [sampler.take(t) for t in (0.0, 0.19, 0.21, 0.39, 0.41, 1.0, 1.05)] == [1, 0, 1, 0, 1, 1, 0]
+
+
+OUTPUTS = {"frames.csv", "segments.csv", "video.json", "timeline.png", "strip.png", "report.html"}
+
+
+def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mode(run, clip, tmp_path):
+    code, out, err = cli("predict.py", "--live", clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT,
+                         "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 0, err
+    folder = tmp_path / "v" / "clip"
+    assert {p.name for p in folder.iterdir()} == OUTPUTS
+    summary = json.loads((folder / "video.json").read_text())
+    assert summary["grade"] == "severe" and summary["complete"] and summary["seconds"] == pytest.approx(9.0, abs=0.3)
+    worst = summary["worst_segment"]  # frames dropped on a busy machine move its ends by a frame or two
+    assert min(worst["end"], SEVERE[1]) - max(worst["start"], SEVERE[0]) >= 2.0, worst
+    live = summary["live"]
+    assert live["frames_received"] == 45 and live["frames_dropped"] == 45 - summary["frames_graded"]
+    assert live["latency_ms"]["median"] > 0 and summary["wall_seconds"] >= 8.5  # read at its own rate: 9 s
+    rows = frames_of(folder)
+    assert all(r["reason"] == "too dark" for r in rows if float(r["time"]) >= SEVERE[1] + 0.1)
+    (line,) = user_lines(out)
+    assert line.startswith(f"{clip}: severe (worst segment ") and line.endswith(f"-> {folder}/")
+    assert user_lines(err)[0] == f"grading {clip} live; Ctrl-C stops and writes the results"
+
+
+def test_video_level_evaluation_scores_the_videos_grades_with_intervals(run, data, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    make_video(folder / "a.mp4", data, [("severe", 3)])
+    make_video(folder / "b.mkv", data, [("mild", 3)])
+    make_video(folder / "c.mp4", data, [("mild", 2), ("severe", 2.5)])
+    labels = tmp_path / "videos.csv"
+    labels.write_text("path,grade,patient\na.mp4,severe,p1\nb.mkv,mild,p2\nc.mp4,severe,p2\n")
+    code, out, err = cli("predict.py", folder, "--evaluate", "--labels", labels, "--weights", run / "best.pt",
+                         "--device", "cpu", "--min-gradable", "1", "--remission-upto", "mild",
+                         "--eval-out", tmp_path / "eval")  # fmt: skip
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["num_images"] == 3 and result["evaluated"] == "videos"
+    assert result["accuracy"] == 1.0 and result["qwk"] == 1.0 and result["confusion_matrix"] == [[1, 0], [0, 2]]
+    assert result["bootstrap"]["unit"] == "patient" and set(result["intervals"]) >= {"accuracy", "qwk"}
+    assert result["remission"]["sensitivity"] == result["remission"]["specificity"] == 1.0 and "patient_level" in result
+    assert result["mean_probability_rule"]["accuracy"] in (2 / 3, 1.0)
+    predictions = files.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert [(r["path"], r["true"], r["predicted"]) for r in predictions] == [
+        ("a.mp4", "severe", "severe"), ("b.mkv", "mild", "mild"), ("c.mp4", "severe", "severe"),
+    ]  # fmt: skip
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Each video" in page and 'href="videos/c/report.html"' in page and "Most confidently wrong" not in page
+    assert (tmp_path / "eval" / "videos" / "c" / "report.html").is_file()
+    assert "test results in" not in out and f"video results in {tmp_path / 'eval'}" in out
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,grade\na.mp4,grade9\n")
+    code, _, lines = cli("predict.py", folder, "--evaluate", "--labels", bad, "--weights", run / "best.pt").lines()
+    assert code == 2 and lines == [
+        f"error: --labels file '{bad}', row 2: 'grade9' is not a grade of the model (mild, severe)."
+    ]

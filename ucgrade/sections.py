@@ -371,7 +371,8 @@ def test_intro(page):
         else html.escape(weights[0])
     )
     return (
-        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} images graded by {models}.</p>"
+        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} "
+        f"{'images' if page.kind.pictures else 'videos'} graded by {models}.</p>"
     )
 
 

@@ -45,6 +45,7 @@ class Timeline:
     times: list = field(default_factory=list)
     parts: list = field(default_factory=list)  # (probs, ood scores or None, brightness, clipped, sharpness)
     reasons: list = field(default_factory=list)  # '' for a gradable frame
+    max_gap: float = None  # s a frame may stand for at most (None: up to the next frame, as live footage is seen)
 
     def add(self, frames, grades, measures, reasons):
         self.indices += [frame.index for frame in frames]
@@ -68,23 +69,23 @@ class Timeline:
 
     def finish(self, window, min_segment, end=None):
         """Smooth, label and cut the timeline into segments; end: the video's duration, when known."""
-        self.spans = durations(self.times, self.interval, end)
+        self.spans = durations(self.times, self.interval, end, self.max_gap)
         self.smoothed = smooth(self.times, self.probs, self.gradable, window)
         self.labels = labels_of(self.smoothed)
         self.segments = segments(self.times, self.spans, self.labels, self.gradable, min_segment)
         return self
 
 
-def durations(times, interval, end=None):
-    """How long each sampled frame stands for: until the next one, at most two nominal intervals (a gap is
-    footage that was not seen, not a long frame), and one interval for the last, up to the video's end if known."""
+def durations(times, interval, end=None, max_gap=None):
+    """How long each sampled frame stands for: until the next one, but at most max_gap (a gap in a file is
+    footage that was not decoded, not a long frame), and one interval for the last, up to the video's end."""
     times = np.asarray(times, dtype=np.float64)
     if len(times) == 0:
         return np.zeros(0)
     gaps = np.diff(times, append=times[-1] + interval)
     if end is not None and end > times[-1]:
         gaps[-1] = min(interval, end - times[-1])
-    return np.clip(gaps, 0, 2 * interval)
+    return np.clip(gaps, 0, np.inf if max_gap is None else max_gap)
 
 
 def smooth(times, probs, gradable, window):

@@ -115,9 +115,9 @@ def add_video_arguments(parser):
     )
     group.add_argument(
         "--live",
-        default=None,
-        metavar="SOURCE",
-        help="grade a capture device (/dev/video0) or a stream URL as it plays, until it ends or Ctrl-C (default: off)",
+        action="store_true",
+        help="the one input is a capture device (/dev/video0) or a stream URL, graded as it plays until it ends or "
+        "Ctrl-C; a file is read at its frame rate (default: off)",
     )
 
 

@@ -35,8 +35,10 @@ class VideoRun:
         measures = ["brightness", "clipped", "sharpness", "ood_score"]
         return ["frame", "time", *probabilities, "grade", "smoothed_grade", "gradable", "reason", *measures]
 
-    def start(self, interval):
-        self.timeline = Timeline(self.class_names, interval)
+    def start(self, interval, live=False):
+        """Begin the timeline; a file's frames stand for two intervals at most (a gap is footage not decoded), a
+        live source's until the next graded frame (the frames dropped in between were seen, not graded)."""
+        self.timeline = Timeline(self.class_names, interval, max_gap=None if live else 2 * interval)
 
     def add(self, frames, grades, measures, reasons):
         """Keep a graded batch: its rows in the timeline and in frames.csv, flushed, so Ctrl-C loses nothing."""
