@@ -8,6 +8,9 @@
     python predict.py image.jpg --weights outputs/train/model.int8.onnx  # int8, faster on a CPU
     python predict.py test_images/ --evaluate           # score a labelled test set: outputs/train/test/report.html
     python predict.py test_images/ --evaluate --weights outputs/train3 --groups test_patients.csv
+    python predict.py colonoscopy.mp4                   # a whole video: outputs/videos/colonoscopy/report.html
+    python predict.py videos/ --evaluate --labels videos.csv    # video-level QWK, accuracy, 95% intervals
+    python predict.py --live /dev/video0                # a capture device, graded as it plays
 
 Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
 cannot be read are reported and skipped; the exit code is 1 if any failed. With a .pt, an image unlike
@@ -41,6 +44,7 @@ EXAMPLES = """examples:
   python predict.py folder/ --json > grades.json
   python predict.py image.jpg --cam heatmaps/         # also a Grad-CAM overlay per image
   python predict.py image.jpg --weights outputs/train/model.onnx   # ONNX Runtime, no torch
+  python predict.py video.mp4 --fps all --min-segment 3            # every frame of a video
   python predict.py -- -scan.jpg                      # a file name that starts with '-'"""
 
 

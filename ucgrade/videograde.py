@@ -75,7 +75,7 @@ def add_video_arguments(parser):
         default=timeline.MIN_GRADABLE,
         metavar="S",
         help="seconds of gradable footage below which a video is not gradable (also below "
-        f"{timeline.MIN_GRADABLE_SHARE:.0%} of it) (default: %(default)s)",
+        f"{timeline.MIN_GRADABLE_SHARE:.0%}% of it) (default: %(default)s)",
     )
     group.add_argument(
         "--dark",
