@@ -21,7 +21,7 @@ from PIL import Image
 from test_export import NOT_INSTALLED
 
 from ucgrade import files, videograde
-from ucgrade.demo import write_video
+from ucgrade.demo import make_image, write_video
 from ucgrade.video import Sampler, open_video, sample_frames
 
 SIDE = 144  # px of the generated videos: the decoder scales them down to the model's 73 px
@@ -331,3 +331,21 @@ def test_video_level_evaluation_scores_the_videos_grades_with_intervals(run, dat
     assert code == 2 and lines == [
         f"error: --labels file '{bad}', row 2: 'grade9' is not a grade of the model (mild, severe)."
     ]
+
+
+def test_a_frame_scaled_in_the_decoder_gives_the_crop_of_a_full_size_picture(tmp_path):
+    """The decoder's scaling stands in for images.resize_shorter_side: the same crop within a few grey levels."""
+    from ucgrade.images import center_crop, preprocess
+
+    picture = make_image("severe", np.random.default_rng(0), 1080)
+    video = open_video(write_video(tmp_path / "hd.mp4", [([picture], 0.08)], (1920, 1080)))
+    frame = next(iter(video.container.decode(video.stream)))
+    full = Image.fromarray(frame.to_ndarray(format="rgb24"))  # the same decoded pixels, at full size
+    video.close()
+    video = open_video(tmp_path / "hd.mp4")
+    scaled = next(sample_frames(video, 5, 256)).picture
+    video.close()
+    assert scaled.shape == (256, 455, 3)  # as resize_shorter_side: 256 x int(256 * 1920 / 1080)
+    ours = center_crop(scaled, 224).transpose(2, 0, 1).astype(int)
+    difference = np.abs(ours - preprocess(full, 224, 256).astype(int))
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 4, (difference.mean(), difference.max())
