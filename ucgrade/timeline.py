@@ -127,19 +127,25 @@ def runs_of(labels):
 
 
 def segments(times, spans, labels, gradable, min_segment):
-    """The runs of one smoothed grade (or of ungradable frames) that last at least min_segment seconds. A shorter
-    run joins its longer neighbour, shortest first, so that segments tile the video."""
+    """The runs of one smoothed grade that last at least min_segment seconds, and the ungradable stretches. A
+    shorter graded run joins its longer neighbour, shortest first; a short ungradable stretch between two runs of
+    one grade (a blurred moment) joins them, and any other stays a segment of its own, so that the grade of a
+    stretch never spreads over footage that could not be graded. The segments tile the video."""
     times, spans = np.asarray(times, np.float64), np.asarray(spans, np.float64)
     ends = times + spans
 
     def length(run):
         return ends[run[1]] - times[run[0]]
 
+    def mergeable(k):
+        if length(runs[k]) >= min_segment - EPSILON:
+            return False
+        if runs[k][2] != UNGRADABLE:
+            return True
+        return 0 < k < len(runs) - 1 and runs[k - 1][2] == runs[k + 1][2]  # a gap inside one grade's stretch
+
     runs = runs_of(labels)
-    while len(runs) > 1:
-        short = [k for k, run in enumerate(runs) if length(run) < min_segment - EPSILON]
-        if not short:
-            break
+    while len(runs) > 1 and (short := [k for k in range(len(runs)) if mergeable(k)]):
         k = min(short, key=lambda j: (length(runs[j]), j))
         neighbours = [j for j in (k - 1, k + 1) if 0 <= j < len(runs)]
         into = max(neighbours, key=lambda j: (length(runs[j]), -j))
