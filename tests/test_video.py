@@ -282,17 +282,24 @@ OUTPUTS = {"frames.csv", "segments.csv", "video.json", "timeline.png", "strip.pn
 
 
 def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mode(run, clip, tmp_path):
-    code, out, err = cli("predict.py", "--live", clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT,
-                         "--video-out", tmp_path / "v")  # fmt: skip
+    """Two frames a second and one torch thread, so that a machine busy with other tests still grades most of
+    them in time (a live grader drops the frames it cannot keep up with)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, out, err = cli("predict.py", "--live", clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT,
+                             "--fps", "2", "--video-out", tmp_path / "v")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, err
     folder = tmp_path / "v" / "clip"
     assert {p.name for p in folder.iterdir()} == OUTPUTS
     summary = json.loads((folder / "video.json").read_text())
-    assert summary["grade"] == "severe" and summary["complete"] and summary["seconds"] == pytest.approx(9.0, abs=0.3)
+    assert summary["grade"] == "severe" and summary["complete"] and summary["seconds"] == pytest.approx(9.0, abs=0.6)
     worst = summary["worst_segment"]  # frames dropped on a busy machine move its ends by a frame or two
     assert min(worst["end"], SEVERE[1]) - max(worst["start"], SEVERE[0]) >= 2.0, worst
     live = summary["live"]
-    assert live["frames_received"] == 45 and live["frames_dropped"] == 45 - summary["frames_graded"]
+    assert live["frames_received"] == 18 and live["frames_dropped"] == 18 - summary["frames_graded"]
     assert live["latency_ms"]["median"] > 0 and summary["wall_seconds"] >= 8.5  # read at its own rate: 9 s
     rows = frames_of(folder)
     assert all(r["reason"] == "too dark" for r in rows if float(r["time"]) >= SEVERE[1] + 0.1)

@@ -310,12 +310,14 @@ def sample_frames(video, fps, shorter):
     When at most every other frame is sampled, the decoder skips the frames that no other frame refers to (the
     non-reference B-frames of H.264 and HEVC): they are decoded for nothing, and a sample then falls on the
     next reference frame, a frame or two (40-80 ms at 25 frames/s) after its step."""
-    if fps is not None and 2 * fps <= video.rate:
+    skipping = fps is not None and 2 * fps <= video.rate
+    if skipping:
         video.stream.codec_context.skip_frame = "NONREF"
     sampler = Sampler(fps)
     for index, time, frame in timed_frames(video):
         if sampler.take(time):
-            yield Frame(index, round(time, 6), to_picture(frame, video.stream, shorter))
+            number = round(time * video.rate) if skipping else index  # the skipped frames are not counted
+            yield Frame(number, round(time, 6), to_picture(frame, video.stream, shorter))
 
 
 def pictures_at(path, times, shorter):
