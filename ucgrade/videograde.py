@@ -18,6 +18,7 @@ from pathlib import Path
 from . import files, quality, timeline, videoout
 from .cli import RunInterrupted, UserError
 from .interrupt import GracefulStop
+from .progress import progress
 from .video import VideoError, frame_batches, open_video, sample_frames
 
 FPS = 5.0  # frames/s graded: consecutive frames at 25 frames/s are nearly the same picture (the scope moves
@@ -168,16 +169,14 @@ def grade_batch(grader, frames, thresholds):
 
 
 def progress_bar(video, settings):
-    """A tqdm bar of the sampled frames (frames/s and the time left), on a terminal only; None without tqdm."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the grading-only install has no tqdm
-        return None
+    """A bar of the sampled frames (frames/s and the time left) on a terminal, as ucgrade.progress draws them;
+    nothing in a log, where the video's own line says how fast it went."""
     rate = video.rate if settings.fps is None else min(settings.fps, video.rate)
     total = round(video.duration * rate) if video.duration else None
-    return tqdm(total=total, unit="frame", desc=Path(video.name).name, leave=False, dynamic_ncols=True)
+    try:
+        return progress(desc=Path(video.name).name, unit="frame", total=total, log=False)
+    except ImportError:  # a terminal on the grading-only install, which has no tqdm
+        return progress(desc=Path(video.name).name, unit="frame", total=total, log=False, disable=True)
 
 
 def first_batch(video, settings, shorter):
@@ -199,16 +198,14 @@ def grade_stream(grader, video, batches, run, stop):
         for batch in batches:
             grades, measures, reasons = grade_batch(grader, batch, run.settings.thresholds)
             run.add(batch, grades, measures, reasons)
-            if bar is not None:
-                bar.update(len(batch))
+            bar.update(len(batch))
             if stop():
                 run.complete = False
                 run.stopped = f"stopped by {stop.signal_name} at {batch[-1].time:.1f} s"
                 return
         video.check_end()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def grade_video(grader, path, settings, stop, weights):
