@@ -173,8 +173,8 @@ def main(args):
         print(f"{weights.name:16} --fps {fps:4}  {rows[-1]['real_time_x']:6.2f}x real time  "
               f"({result['wall_s']:.1f} s, {result['summary']['frames_graded']} frames graded, "
               f"peak {result['peak_rss_mb']:.0f} MB)", flush=True)  # fmt: skip
-    memory = time_predict(short, int8, str(FPS).removesuffix(".0"), work)
-    print(f"peak memory, int8 at the default --fps: {memory['peak_rss_mb']:.0f} MB for {SHORT_SECONDS} s, "
+    memory, short_s = time_predict(short, int8, str(FPS).removesuffix(".0"), work), min(SHORT_SECONDS, args.seconds)
+    print(f"peak memory, int8 at the default --fps: {memory['peak_rss_mb']:.0f} MB for {short_s:g} s, "
           f"{rows[0]['peak_rss_mb']:.0f} MB for {args.seconds:g} s")  # fmt: skip
     parts = {fps: time_parts(video, int8, None if fps == "all" else FPS) for fps in ("default", "all")}
     print(f"alone: decoding {parts['all']['decode_fps']:.0f} frames/s; decoding and scaling every frame "
