@@ -8,6 +8,9 @@
     python predict.py image.jpg --weights outputs/train/model.int8.onnx  # int8, faster on a CPU
     python predict.py test_images/ --evaluate           # score a labelled test set: outputs/train/test/report.html
     python predict.py test_images/ --evaluate --weights outputs/train3 --groups test_patients.csv
+    python predict.py colonoscopy.mp4                   # a whole video: outputs/videos/colonoscopy/report.html
+    python predict.py videos/ --evaluate --labels videos.csv    # video-level QWK, accuracy, 95% intervals
+    python predict.py --live /dev/video0                # a capture device, graded as it plays
 
 Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`, the grades named without
 the start their names share (said once, on stderr). Images that
@@ -33,6 +36,8 @@ from ucgrade.files import check_folder_path
 from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, grade_labels, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.locate import find_models
+from ucgrade.video import is_video_file
+from ucgrade.videograde import add_video_arguments, grade_videos
 
 EXAMPLES = """examples:
   python predict.py image.jpg                         # best.pt of the newest run under outputs/
@@ -40,6 +45,7 @@ EXAMPLES = """examples:
   python predict.py folder/ --json > grades.json
   python predict.py image.jpg --cam heatmaps/         # also a Grad-CAM overlay per image
   python predict.py image.jpg --weights outputs/train/model.onnx   # ONNX Runtime, no torch
+  python predict.py video.mp4 --fps all --min-segment 3            # every frame of a video
   python predict.py -- -scan.jpg                      # a file name that starts with '-'"""
 
 
@@ -49,7 +55,7 @@ def get_args_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, videos and/or folders of them")
     parser.add_argument(
         "--weights",
         default=None,
@@ -129,13 +135,14 @@ def get_args_parser():
         help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
         "images' mean probabilities (default: as the run was trained, from its config.json; else max)",
     )
+    add_video_arguments(parser)
     return parser
 
 
 def check_evaluate_args(args):
     """The --evaluate flags go together: one test folder, and the options that only it reads."""
     if not args.evaluate:
-        used = [flag for flag in ("eval_out", "remission_upto", "groups") if getattr(args, flag)]
+        used = [flag for flag in ("eval_out", "remission_upto", "groups", "labels") if getattr(args, flag)]
         if used:
             flags = ", ".join("--" + flag.replace("_", "-") for flag in used)
             raise UserError(f"{flags} only apply to --evaluate; add --evaluate with a labelled test folder.")
@@ -144,13 +151,18 @@ def check_evaluate_args(args):
         raise UserError("--evaluate takes one test folder (with one sub-folder per grade), not several inputs.")
     if args.json or args.cam:
         raise UserError("--evaluate writes its own results folder; leave out --json and --cam.")
+    if args.groups and args.labels:
+        raise UserError(
+            "--groups is for a test folder of images; with --labels, give the patients in its column patient."
+        )
     if args.groups and not Path(args.groups).is_file():
         raise UserError(f"--groups file '{args.groups}' does not exist; check the path.")
 
 
 def collect_images(inputs):
-    """(image paths, errors): folders are searched for images; files need an image extension, as in training."""
-    images, errors = [], []
+    """(image paths, video paths, errors): folders are searched for images and videos; files need an image or a
+    video extension (images as in training)."""
+    images, videos, errors = [], [], []
     for name in inputs:
         path = Path(name)
         if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.json").is_file():
@@ -162,10 +174,13 @@ def collect_images(inputs):
                 )
             )
         elif path.is_dir():
-            found = [p for p in files_under(path) if is_image_file(p)]  # hidden folders skipped, as in training
-            if not found:
+            found = files_under(path)  # hidden folders skipped, as in training
+            images.extend(p for p in found if is_image_file(p))
+            videos.extend(p for p in found if is_video_file(p))
+            if not any(is_image_file(p) or is_video_file(p) for p in found):
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
-            images.extend(found)
+        elif path.exists() and is_video_file(path):
+            videos.append(path)
         elif path.exists() and not is_image_file(path):
             errors.append(
                 (
@@ -178,7 +193,7 @@ def collect_images(inputs):
             images.append(path)
         else:
             errors.append((name, "no such file or folder"))
-    return images, errors
+    return images, videos, errors
 
 
 def unique_path(folder, stem):
@@ -295,6 +310,10 @@ def main(args):
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, not {args.threads}.")
     check_evaluate_args(args)
+    if args.evaluate and args.labels:
+        from ucgrade.videoeval import evaluate_videos
+
+        return evaluate_videos(args, args.inputs[0])
     if args.evaluate:
         try:
             from ucgrade.testset import evaluate_test_set
@@ -307,29 +326,30 @@ def main(args):
                 "here; install them with pip install scikit-learn matplotlib (an .onnx still needs no torch)."
             ) from None
         return evaluate_test_set(args, args.inputs[0])
+    if args.live and (len(args.inputs) != 1 or args.evaluate):
+        raise UserError("--live grades one source (a capture device, a stream URL or a file); give only that one.")
     weights = find_models(args.weights, args.out)[0]
     grader = open_grader(weights, args)
-    images, errors = collect_images(args.inputs)
+    if args.live:
+        from ucgrade.live import grade_live
+
+        return grade_live(grader, args.inputs[0], args, weights)
+    images, videos, errors = collect_images(args.inputs)
     for name, reason in errors:
         print(f"error: {name}: {reason}", file=sys.stderr)
     results = grade_images(grader, images, args, errors)
+    summaries = grade_videos(grader, videos, args, weights, errors) if videos else None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "weights": str(weights),
-                    "precision": grader.precision,
-                    "class_names": grader.class_names,
-                    "predictions": results,
-                    "errors": [{"path": n, "error": r} for n, r in errors],
-                },
-                indent=2,
-                allow_nan=False,  # strict JSON: the grader refuses a model whose outputs are not numbers
-            )
-        )
+        graded = {"weights": str(weights), "precision": grader.precision, "class_names": grader.class_names}
+        graded |= {"predictions": results}
+        graded |= {} if summaries is None else {"videos": summaries}
+        graded |= {"errors": [{"path": n, "error": r} for n, r in errors]}
+        # strict JSON: the grader refuses a model whose outputs are not numbers
+        print(json.dumps(graded, indent=2, allow_nan=False))
     if errors:
+        also = "" if summaries is None else f" and {len(summaries)} video(s)"
         print(
-            f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.",
+            f"{len(errors)} input(s) failed and {len(results)} image(s){also} were graded; see the errors above.",
             file=sys.stderr,
         )
         return 1

@@ -247,7 +247,7 @@ def test_the_exported_graph_normalises_like_training(run):
 def test_shipped_requirements_name_the_grading_packages():
     lines = (ROOT / "requirements-predict.txt").read_text().splitlines()
     names = {line.split(">=")[0].strip().lower() for line in lines if line.strip() and not line.startswith("#")}
-    assert names == {"onnxruntime", "numpy", "pillow"}
+    assert names == {"onnxruntime", "numpy", "pillow", "av"}
 
 
 def test_a_second_export_without_int8_never_leaves_a_mismatched_pair(run, exported, tmp_path):

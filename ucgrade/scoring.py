@@ -92,9 +92,10 @@ def write_evaluation(scoring, result):
     attempt(failed, "the confusion matrices", figures.plot_confusions, result["confusion_matrix"], names, out_dir,
             s.page == "cv")  # fmt: skip
     attempt(failed, "roc.png", figures.plot_roc, s.targets, s.probs, names, out_dir / "roc.png", s.remission_upto)
-    images = pages.KINDS[s.page].images
-    attempt(failed, "errors.png", figures.plot_errors, rows, s.data_root, s.img_size, out_dir / "errors.png",
-            class_names=names, images=images)  # fmt: skip
+    kind = pages.KINDS[s.page]
+    if kind.pictures:
+        attempt(failed, "errors.png", figures.plot_errors, rows, s.data_root, s.img_size, out_dir / "errors.png",
+                class_names=names, images=kind.images)  # fmt: skip
     return failed
 
 

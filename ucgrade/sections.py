@@ -385,7 +385,8 @@ def test_intro(page):
         else html.escape(weights[0])
     )
     return (
-        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} images graded by {models}.</p>"
+        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} "
+        f"{'images' if page.kind.pictures else 'videos'} graded by {models}.</p>"
     )
 
 
@@ -456,6 +457,8 @@ def test_notes(page):
             "those grades are absent from the figures.</p>"
         )
     leaked = metrics.get("images_in_training")
+    if not page.kind.pictures:  # videos: no check of their bytes against the training images
+        return "".join(notes)
     if leaked:
         notes.append(
             f'<p class="warn">{leaked} test image(s) have the same bytes as images the model trained on: that is '
@@ -538,6 +541,8 @@ def roc_section(page):
 
 
 def errors_section(page):
+    if not page.kind.pictures:
+        return None
     png = page.folder / "errors.png"
     if png.exists():
         return embed_png(png, "errors")
@@ -558,6 +563,22 @@ def timing_section(page):
     if "inference_time" not in page.metrics:
         return None
     return inference_html(page.metrics["inference_time"])
+
+
+def videos_section(page):
+    """Each video of a video-level evaluation: its grade, its worst segment, and a link to its own report."""
+    path = page.folder / "videos.csv"
+    if not path.exists():
+        return None
+    rows = files.read_csv(path)
+    body = [
+        [r["path"], r["true"], r["grade"], f"{float(r['worst_start']):.1f}-{float(r['worst_end']):.1f} s",
+         r["mean_probability_grade"], f"{float(r['gradable_share']):.0%}"]
+        for r in rows
+    ]  # fmt: skip
+    header = ["video", "true", "grade", "worst segment", "mean-probability grade", "gradable"]
+    links = ", ".join(f'<a href="{html.escape(r["report"])}">{html.escape(r["path"])}</a>' for r in rows)
+    return table(header, body) + f"<p>Each video's own report (timeline, worst segment): {links}.</p>"
 
 
 def dataset_section(page):
@@ -588,6 +609,7 @@ SECTIONS = [
     ("curves", "Training curves", curves_section),
     ("roc", "ROC curves", roc_section),
     ("errors", "Most confidently wrong images", errors_section),
+    ("videos", "Each video", videos_section),
     ("cams", "Grad-CAM: where the model looked", cams_section),
     ("timing", "Inference time", timing_section),
     ("dataset", "Dataset and split", dataset_section),
