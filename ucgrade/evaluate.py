@@ -37,7 +37,9 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     resize = presets.resize_size_for(args.img_size)
     val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
     val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
-    val_loss, _, probs, targets, features = engine.evaluate(model, val_loader, runtime, "best model", features=True)
+    val_loss, _, probs, targets, features = engine.evaluate(
+        model, val_loader, runtime, "best model", features=True, tta=args.tta
+    )
     if not runtime.is_main:  # the files and the timing are made once
         return Evaluation(None, probs, targets, split.val)
     finishing(runtime, len(split.val), args.cam_examples)
