@@ -14,7 +14,7 @@ from .device import autocast, choose_device, choose_precision
 from .grader import Grader, Grades
 from .model import head_inputs, load_checkpoint, model_from_checkpoint
 from .ood import OodHead
-from .presets import IMAGENET_MEAN, IMAGENET_STD, flip_views, mean_of_views, resize_size_for
+from .presets import IMAGENET_MEAN, IMAGENET_STD, TTA_FLIPS, flip_views, mean_of_views, resize_size_for
 
 
 class GradingModel(nn.Module):
@@ -38,12 +38,12 @@ class GradingModel(nn.Module):
         x = (images.float() / 255 - self.mean) / self.std  # the arithmetic of presets.normalize, in its order
         with head_inputs(self.model) as features:
             logits = self.model(flip_views(x) if self.tta else x)
-        probs = torch.softmax(logits.float(), dim=1)
-        if self.tta:
-            probs = mean_of_views(probs)
+        probs, features = torch.softmax(logits.float(), dim=1), features[0]
+        if self.tta:  # views first, by reshaping: a slice by len(images) would be a constant in the ONNX graph
+            probs, features = mean_of_views(probs), features.unflatten(0, (len(TTA_FLIPS), -1))[0]
         if self.ood is None:
             return probs
-        return probs, self.ood(features[0][: len(images)])
+        return probs, self.ood(features)
 
 
 def torch_grader(path, device="auto", precision="auto"):
