@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import FAST, cli, make_folder
 
 from ucgrade import engine, files, presets
+from ucgrade.cli import run_cli
 from ucgrade.model import build_model, load_checkpoint
 from ucgrade.torch_grader import GradingModel, torch_grader
 
@@ -204,3 +206,31 @@ def test_frozen_backbone_with_every_option_goes_on_exactly_with_resume(data18, t
     full, cut = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
     assert full["ema_updates"] == cut["ema_updates"] > 0
+
+
+def test_recipes_benchmark_writes_paired_differences_whose_intervals_hold_the_hand_computed_one(data18, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import recipes
+
+    argv = [data18, "--folds", "2", "--out", tmp_path, "--resamples", "400", "--candidates", "seed", "seed --ema 0.5"]
+    argv += [*FAST, "--epochs", "1"]
+    assert run_cli(recipes.main, recipes.get_args_parser().parse_args([str(a) for a in argv])) == 0
+    out = tmp_path / "recipes"
+    rows = files.read_csv(out / "recipes.csv")
+    assert [(r["candidate"], r["metric"]) for r in rows] == [
+        (c, m) for c in ("seed", "seed --ema 0.5") for m in ("accuracy", "qwk", "macro_f1", "mae_grades")
+    ]
+    assert "data:image/png;base64," in (out / "recipes.html").read_text()
+    # by hand, from the two runs' out-of-fold predictions of the same images
+    seed, ema = (files.read_csv(out / name / "predictions.csv") for name in ("candidate1", "candidate2"))
+    right = {name: {r["path"]: r["true"] == r["predicted"] for r in rows_} for name, rows_ in (("s", seed), ("e", ema))}
+    assert right["s"].keys() == right["e"].keys() and len(right["s"]) == 18
+    by_hand = (sum(right["e"].values()) - sum(right["s"].values())) / 18
+    accuracy = next(r for r in rows if r["candidate"] == "seed --ema 0.5" and r["metric"] == "accuracy")
+    assert float(accuracy["difference_to_seed"]) == pytest.approx(by_hand)
+    assert float(accuracy["difference_low"]) <= by_hand <= float(accuracy["difference_high"])
+    assert accuracy["excludes_0"] == str(
+        float(accuracy["difference_low"]) > 0 or float(accuracy["difference_high"]) < 0
+    )
