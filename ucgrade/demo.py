@@ -137,7 +137,8 @@ def make_mayo_dataset(out, images=400, size=256, seed=0, overlap=0.45):
     """Mayo 0-3 in the shares of MAYO_SHARES, 2 to 6 pictures per patient with the patient's colour cast, each
     drawn at a severity of its grade plus normal noise of sd overlap; writes out/patients.csv for --groups."""
     out, rng = Path(out), np.random.default_rng(seed)
-    counts = np.round(np.asarray(MAYO_SHARES) * images).astype(int)
+    counts = np.floor(np.asarray(MAYO_SHARES) * images).astype(int)
+    counts[0] += images - counts.sum()  # exactly images in all
     rows, patient = [], 0
     for grade, (name, count) in enumerate(zip(MAYO, counts)):
         (out / name).mkdir(parents=True, exist_ok=True)
