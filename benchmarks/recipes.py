@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np  # noqa: E402
 
 import qq  # noqa: E402
-from ucgrade import files, metrics, report, stats  # noqa: E402
+from ucgrade import files, metrics, records, stats  # noqa: E402
 from ucgrade.cli import UserError, main_entry, run_cli  # noqa: E402
 from ucgrade.presets import RECIPES  # noqa: E402
 
@@ -97,7 +97,7 @@ def run_candidates(args, shared, out):
 def out_of_fold(run_dir, class_names=None):
     """(paths, folds, targets, probs, groups or None, class names) of a run's pooled predictions, sorted by path."""
     class_names = class_names or json.loads((run_dir / "config.json").read_text())["class_names"]
-    rows, targets, probs = report.read_predictions(run_dir / "predictions.csv", class_names)
+    rows, targets, probs = records.read_predictions(run_dir / "predictions.csv", class_names)
     order = np.argsort([row["path"] for row in rows], kind="stable")
     rows = [rows[i] for i in order]
     groups = [row["group"] for row in rows] if rows and "group" in rows[0] else None

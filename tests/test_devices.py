@@ -9,7 +9,7 @@ import torch
 from conftest import FAST, cli, make_folder
 
 from ucgrade.files import read_csv
-from ucgrade.report import prob_column
+from ucgrade.records import prob_column
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, cli, make_folder, run_script
 
-from ucgrade import report
+from ucgrade import figures
 from ucgrade.data import scan_folder
 from ucgrade.files import read_csv
 from ucgrade.groups import read_groups
@@ -151,7 +151,7 @@ def test_errors_png_names_each_image_by_its_path_under_the_data_folder(tmp_path,
         {"path": "severe/IMG_0007.jpg", "true": "severe", "predicted": "mild", "p_predicted": "0.8"},
     ]
     drawn = []
-    monkeypatch.setattr(report.files, "save_figure", lambda path, fig: drawn.append(fig))
-    assert report.plot_errors(rows, data, 64, tmp_path / "errors.png", class_names=["mild", "severe"]) == 2
+    monkeypatch.setattr(figures.files, "save_figure", lambda path, fig: drawn.append(fig))
+    assert figures.plot_errors(rows, data, 64, tmp_path / "errors.png", class_names=["mild", "severe"]) == 2
     titles = [ax.get_title() for ax in drawn[0].axes]
     assert [title.split("\n")[0] for title in titles] == ["mild/IMG_0007.jpg", "severe/IMG_0007.jpg"]

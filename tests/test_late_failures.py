@@ -11,7 +11,7 @@ import signal
 
 from conftest import FAST, cli, make_folder
 
-from ucgrade import engine, evaluate
+from ucgrade import engine, evaluate, figures
 
 ONE_EPOCH = [*FAST, "--epochs", "1", "--cache", "ram"]
 
@@ -64,7 +64,7 @@ def test_a_failing_timing_and_plot_are_named_and_the_rest_is_written(tmp_path, m
         raise ValueError("the clock went backwards")
 
     monkeypatch.setattr(engine, "measure_inference_time", broken)
-    monkeypatch.setattr(evaluate.report, "plot_confusions", broken)
+    monkeypatch.setattr(figures, "plot_confusions", broken)
     code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--cam-examples", "0").lines()
     assert code == 3, err
     assert not any("Traceback" in line for line in err), err
@@ -84,7 +84,7 @@ def test_a_cross_validation_report_names_what_failed_in_the_folds_and_the_pooled
         raise ValueError("the clock went backwards")
 
     monkeypatch.setattr(engine, "measure_inference_time", broken)  # in every fold
-    monkeypatch.setattr(evaluate.report, "plot_roc", broken)  # in every fold and in the pooled part
+    monkeypatch.setattr(figures, "plot_roc", broken)  # in every fold and in the pooled part
     code, _, err = cli("qq.py", "--data", data, "--out", tmp_path / "out", *ONE_EPOCH, "--folds", "2").lines()
     assert code == 3, err
     assert not any("Traceback" in line for line in err), err

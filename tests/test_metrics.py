@@ -13,7 +13,7 @@ import pytest
 
 from ucgrade import metrics
 from ucgrade.files import read_csv
-from ucgrade.report import inference_html
+from ucgrade.sections import inference_html
 
 # rows: true grade, columns: predicted grade
 KNOWN = [[6, 2, 0], [1, 3, 1], [2, 0, 1]]

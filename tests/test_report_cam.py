@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, cli, make_folder
 from PIL import Image
 
-from ucgrade import presets, report
+from ucgrade import figures, presets, sections
 from ucgrade.cam import cam_on_original, cam_overlay, grad_cam
 from ucgrade.demo import make_image
 from ucgrade.files import read_csv
@@ -100,7 +100,7 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
     assert "No files were skipped." in text
     metrics = json.loads((run / "metrics.json").read_text())
     # the metrics table: name, value, its 95% CI, one line for clinicians
-    ci = report.ci_text
+    ci = sections.ci_text
     assert f"QWK {metrics['qwk']:.3f} {ci(metrics, 'qwk')} quadratic weighted kappa" in text
     assert (
         f"macro F1 {metrics['macro_f1']:.3f} {ci(metrics, 'macro_f1')} F1 (the balance of precision and recall)" in text
@@ -142,10 +142,10 @@ def test_error_grid_shows_only_wrong_images(tmp_path):
         {"path": "mild/mild_001.jpg", "true": "mild", "predicted": "mild", "p_predicted": "0.99"},
         {"path": "severe/severe_000.jpg", "true": "severe", "predicted": "mild", "p_predicted": "0.55"},
     ]
-    assert report.plot_errors(rows, root, 64, tmp_path / "errors.png") == 2
+    assert figures.plot_errors(rows, root, 64, tmp_path / "errors.png") == 2
     with Image.open(tmp_path / "errors.png") as image:
         assert image.size[0] > 300 and image.size[1] > 200
-    assert report.plot_errors([rows[1]], root, 64, tmp_path / "none.png") == 0
+    assert figures.plot_errors([rows[1]], root, 64, tmp_path / "none.png") == 0
     assert not (tmp_path / "none.png").exists()
 
 
@@ -156,10 +156,10 @@ def test_plots_stay_readable_with_ten_grades(tmp_path):
     preds = np.clip(targets + rng.integers(-1, 2, len(targets)), 0, 9)
     matrix = [[int(np.sum((targets == i) & (preds == j))) for j in range(10)] for i in range(10)]
     probs = rng.dirichlet(np.ones(10), len(targets))
-    report.plot_confusion(matrix, names, tmp_path / "cm10.png")
-    report.plot_confusion(matrix, names, tmp_path / "cm10n.png", normalize=True)
-    report.plot_confusion([row[:3] for row in matrix[:3]], names[:3], tmp_path / "cm3.png")
-    report.plot_roc(targets, probs, names, tmp_path / "roc10.png", remission=names[1])
+    figures.plot_confusion(matrix, names, tmp_path / "cm10.png")
+    figures.plot_confusion(matrix, names, tmp_path / "cm10n.png", normalize=True)
+    figures.plot_confusion([row[:3] for row in matrix[:3]], names[:3], tmp_path / "cm3.png")
+    figures.plot_roc(targets, probs, names, tmp_path / "roc10.png", remission=names[1])
     sizes = {}
     for name in ("cm10", "cm10n", "cm3", "roc10"):
         with Image.open(tmp_path / f"{name}.png") as image:

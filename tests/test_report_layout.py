@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from test_report_cam import Page
 
-from ucgrade import files, report
+from ucgrade import figures, files, pages, records, sections
 
 HYPERKVASIR = [  # as the public dataset names its folders: a shared prefix, the grade at the end
     "ulcerative-colitis-grade-0-1",
@@ -70,21 +70,21 @@ def confusion_case(n, kind):
 
 
 def test_shared_prefix_is_named_once_and_the_distinct_part_shown():
-    prefix, labels = report.grade_labels(HYPERKVASIR)
+    prefix, labels = figures.grade_labels(HYPERKVASIR)
     assert prefix == "ulcerative-colitis-grade-"
     assert labels == ["0-1", "1", "1-2", "2", "2-3", "3"]
     # a shared start is cut only after a separator, and never leaves a name empty
-    assert report.grade_labels(["mild", "moderate", "severe"]) == ("", ["mild", "moderate", "severe"])
-    assert report.grade_labels(SHORT[:4]) == ("", SHORT[:4])
-    assert report.grade_labels(["mayo_0", "mayo_1"]) == ("mayo_", ["0", "1"])
-    assert report.grade_labels(["uc", "uc-severe"]) == ("", ["uc", "uc-severe"])
-    assert report.grade_labels(["grade 1", "grade 2", "grade 3"]) == ("grade ", ["1", "2", "3"])
+    assert figures.grade_labels(["mild", "moderate", "severe"]) == ("", ["mild", "moderate", "severe"])
+    assert figures.grade_labels(SHORT[:4]) == ("", SHORT[:4])
+    assert figures.grade_labels(["mayo_0", "mayo_1"]) == ("mayo_", ["0", "1"])
+    assert figures.grade_labels(["uc", "uc-severe"]) == ("", ["uc", "uc-severe"])
+    assert figures.grade_labels(["grade 1", "grade 2", "grade 3"]) == ("grade ", ["1", "2", "3"])
 
 
 @pytest.mark.parametrize("width", [0.3, 0.7, 1.2, 3.0])
 def test_long_names_are_wrapped_never_cut(width):
     for name in LONG + HYPERKVASIR + ["a", "grade 1 (mild)"]:
-        lines = report.wrap(name, width).split("\n")
+        lines = figures.wrap(name, width).split("\n")
         assert "".join(lines) == name  # every character kept, in order
         assert all(lines)
         if width >= 1.2 and "-" in name:
@@ -99,7 +99,7 @@ def test_long_names_are_wrapped_never_cut(width):
 @pytest.mark.parametrize("n", [2, 4, 6])
 def test_confusion_matrix_labels_fit(n, kind, normalize):
     names, matrix = confusion_case(n, kind)
-    fig = report.confusion_figure(matrix, names, normalize, "Confusion matrix\n(counts)")
+    fig = figures.confusion_figure(matrix, names, normalize, "Confusion matrix\n(counts)")
     renderer = drawn(fig)
     ax, colorbar_ax = fig.axes
     figure_box = fig.bbox
@@ -120,7 +120,7 @@ def test_confusion_matrix_labels_fit(n, kind, normalize):
     assert not any(box.overlaps(extent(ax.xaxis.label, renderer)) for box in x_boxes)
     assert not any(box.overlaps(extent(ax.yaxis.label, renderer)) for box in y_boxes)
     # every label is its whole distinct part, wrapped but never cut; a shared prefix is named once, in the title
-    prefix, distinct = report.grade_labels(names)
+    prefix, distinct = figures.grade_labels(names)
     assert [t.get_text().replace("\n", "") for t in xlabels] == distinct
     counted = [re.sub(r"\s*\(n=\d+\)$", "", t.get_text().replace("\n", "")) for t in ylabels]
     assert counted == distinct
@@ -142,13 +142,13 @@ def test_confusion_matrix_sizes_itself_to_its_grades():
     sizes = {}
     for n in (2, 4, 6):
         names, matrix = confusion_case(n, "short")
-        sizes[n] = report.confusion_figure(matrix, names).get_size_inches()
+        sizes[n] = figures.confusion_figure(matrix, names).get_size_inches()
     assert sizes[2][0] < sizes[4][0] < sizes[6][0] and sizes[2][1] < sizes[4][1] < sizes[6][1]
     # longer names take more room beside the matrix, not from its cells
     names, matrix = confusion_case(6, "30 characters")
-    long_fig = report.confusion_figure(matrix, names)
+    long_fig = figures.confusion_figure(matrix, names)
     names, matrix = confusion_case(6, "short")
-    short_ax = report.confusion_figure(matrix, names).axes[0]
+    short_ax = figures.confusion_figure(matrix, names).axes[0]
     assert long_fig.get_size_inches()[0] > sizes[6][0]
     assert long_fig.axes[0].get_position().width * long_fig.get_size_inches()[0] >= (
         short_ax.get_position().width * sizes[6][0] - 1e-6
@@ -164,7 +164,7 @@ def test_epoch_ticks_are_whole_numbers(epochs):
         {"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_acc": 0.5, "val_acc": 0.6}
         for e in range(1, epochs + 1)
     ]
-    fig = report.curves_figure(history)
+    fig = figures.curves_figure(history)
     drawn(fig)
     for ax in fig.axes:
         low, high = ax.get_xlim()
@@ -175,8 +175,8 @@ def test_epoch_ticks_are_whole_numbers(epochs):
 
 def test_validation_above_training_is_noticed():
     above = [{"train_acc": 0.6, "val_acc": 0.7}, {"train_acc": 0.8, "val_acc": 0.9}, {"train_acc": 0.9, "val_acc": 0.9}]
-    assert report.validation_above_training(above)
-    assert not report.validation_above_training([{"train_acc": 0.9, "val_acc": 0.7}, above[0]])
+    assert sections.validation_above_training(above)
+    assert not sections.validation_above_training([{"train_acc": 0.9, "val_acc": 0.7}, above[0]])
 
 
 # ----------------------------------------------------------------------------- ROC curves
@@ -189,7 +189,7 @@ def test_roc_curves_of_a_perfect_model_all_stay_visible(n):
     targets = np.repeat(np.arange(n), 5)
     probs = np.full((len(targets), n), 0.1 / n)
     probs[np.arange(len(targets)), targets] += 0.9
-    fig = report.roc_figure(targets, probs, names, remission=names[0])
+    fig = figures.roc_figure(targets, probs, names, remission=names[0])
     renderer = drawn(fig)
     ax = fig.axes[0]
     curves = [line for line in ax.get_lines() if line.get_label() != "chance"]
@@ -214,7 +214,7 @@ def test_roc_curves_of_a_perfect_model_all_stay_visible(n):
     # the AUC of every grade in the legend, which stays inside the figure and clear of the axis texts
     legend = ax.get_legend()
     entries = [t.get_text() for t in legend.get_texts()]
-    _, distinct = report.grade_labels(names)
+    _, distinct = figures.grade_labels(names)
     for label in distinct:
         assert f"{label} (AUC 1.00)" in entries
     assert "active vs remission (AUC 1.00)" in entries
@@ -231,10 +231,10 @@ def test_roc_legend_holds_long_names_whole(kind):
     rng = np.random.default_rng(1)
     targets = np.repeat(np.arange(6), 6)
     probs = rng.dirichlet(np.ones(6), len(targets))
-    fig = report.roc_figure(targets, probs, names)
+    fig = figures.roc_figure(targets, probs, names)
     renderer = drawn(fig)
     legend = fig.axes[0].get_legend()
-    _, distinct = report.grade_labels(names)
+    _, distinct = figures.grade_labels(names)
     texts = [t.get_text().replace("\n", "") for t in legend.get_texts()]
     assert [text.rsplit(" (AUC", 1)[0] for text in texts[:-1]] == distinct and texts[-1] == "chance"
     box = extent(legend, renderer)
@@ -258,7 +258,7 @@ def test_error_captions_show_the_distinct_part_and_stay_apart(tmp_path, monkeypa
     ]
     saved, save_figure = [], files.save_figure
     monkeypatch.setattr(files, "save_figure", lambda path, fig: saved.append(fig) or save_figure(path, fig))
-    assert report.plot_errors(rows, root, 64, tmp_path / "errors.png", class_names=names) == 8
+    assert figures.plot_errors(rows, root, 64, tmp_path / "errors.png", class_names=names) == 8
     Image.open(tmp_path / "errors.png").verify()
     fig = saved[0]
     renderer = drawn(fig)
@@ -292,11 +292,11 @@ def section(html_text, heading):
 
 def test_single_run_report_reads_in_the_order_a_clinician_needs(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.pt"))
-    history = report.read_history(run / "history.csv")
+    history = records.read_history(run / "history.csv")
     for above in (True, False):  # the sentence under the curves follows the history
         rows = [row | {"val_acc": row["train_acc"] + (0.1 if above else -0.1)} for row in history]
-        report.write_history(run / "history.csv", rows)
-        report.run_report(run, report.read_cams(run))
+        records.write_history(run / "history.csv", rows)
+        pages.write_report(run, "run", records.read_cams(run))
         text = (run / "report.html").read_text()
         sentence = "training images are augmented and validation images are not"
         assert (sentence in section(text, "Training curves")) == above
@@ -395,7 +395,7 @@ def test_cross_validation_report_with_six_long_grade_names(hyperkvasir_cv_run):
     assert f"sensitivity {sensitivity:.3f} active: above ulcerative-colitis-grade-1 folds:" in card_text
     assert "lean optimistic" in card_text
     # the run's own confusion matrix, drawn again from its files, has labels that fit
-    fig = report.confusion_figure(pooled["confusion_matrix"], pooled["class_names"], normalize=True)
+    fig = figures.confusion_figure(pooled["confusion_matrix"], pooled["class_names"], normalize=True)
     renderer = drawn(fig)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0-1", "1", "1-2", "2", "2-3", "3"]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from ucgrade import report  # noqa: E402
+from ucgrade import figures, files, pages, records, report  # noqa: E402
 from ucgrade.cli import UserError, run_cli  # noqa: E402
 
 WIDTH = 1280  # CSS pixels: a laptop's browser window
@@ -97,12 +97,13 @@ def demo_run(epochs, folder):
 
 def redraw_report(run):
     """Draw the run's plots and report.html again from its files, with the report code as it is now."""
-    config = json.loads((run / "config.json").read_text())
-    metrics = json.loads((run / "metrics.json").read_text())
+    config = files.read_json(run / "config.json")
+    metrics = files.read_json(run / "metrics.json")
     report.redraw(run)
-    rows = report.read_predictions(run / "predictions.csv", metrics["class_names"])[0]
-    report.plot_errors(rows, config["data"], config["img_size"], run / "errors.png", class_names=metrics["class_names"])
-    report.run_report(run, report.read_cams(run))
+    rows = records.read_predictions(run / "predictions.csv", metrics["class_names"])[0]
+    names = metrics["class_names"]
+    figures.plot_errors(rows, config["data"], config["img_size"], run / "errors.png", class_names=names)
+    pages.write_report(run, "run")
 
 
 def render(run, out, program, whole_page):

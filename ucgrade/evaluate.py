@@ -6,12 +6,11 @@ evaluation keeps what it has, with "status": "interrupted" and how to resume.
 """
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import data, engine, evidence, files, metrics, ood, presets, report
+from . import data, engine, evidence, figures, files, metrics, ood, presets, records, scoring
 from .cam import write_cams
 from .cli import RunInterrupted, UserError
 from .distributed import barrier, shard
@@ -44,14 +43,13 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         return Evaluation(None, probs, targets, split.val)
     finishing(runtime, len(split.val), args.cam_examples)
     val_set = data.ImageDataset(image_set, split.val, presets.val_transform(args.img_size), resize)
-    result = metrics.compute_metrics(targets, probs, image_set.class_names, args.remission_upto)
     crops = (val_set[i][0] for i in range(len(val_set)))
     failed = []
-    timing = report.attempt(
+    timing = scoring.attempt(
         failed, "the inference time", engine.measure_inference_time, model, crops, runtime.device,
         runtime.precision, args.batch_size,
     )  # fmt: skip
-    result |= {
+    fields = {
         "status": "finished",
         "epochs_completed": len(history),
         "epochs": args.epochs,
@@ -61,25 +59,44 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         "precision": runtime.precision,
         "inference_time": timing,
     }
-    evaluation = Evaluation(result, probs, targets, split.val, failed)
-    add_evidence(args, evaluation, split.groups, split.run_dir)
-    result["out_of_distribution"] = ood.calibrate(model, image_set, split, args, runtime, features)  # into best.pt
-    write_outputs(args, image_set, split, evaluation, history)
-    cams = report.attempt(
-        failed, "Grad-CAM", write_cams, model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples
-    )
-    if failed:  # metrics.json, written before the optional parts, names what is missing
-        result["failed"] = [{"part": part, "reason": reason} for part, reason in failed]
-        files.write_json(split.run_dir / "metrics.json", result)
-    report.run_report(split.run_dir, cams or [], failed)
-    print(metrics.format_metrics(result))
-    print(evidence.format_evidence(result))
-    if timing:
-        print(timing_line(timing))
+    out_of_distribution = ood.calibrate(model, image_set, split, args, runtime, features)  # into best.pt
+    scoring.attempt(failed, "curves.png", figures.plot_curves, history, split.run_dir / "curves.png")
+    evaluation = Evaluation(None, probs, targets, split.val, failed)
+    notes = [timing_line(timing)] if timing else []
     if note := timing and metrics.timing_note(timing):
-        print(f"note: {note}.")
+        notes.append(f"note: {note}.")
+
+    def cams():
+        return write_cams(model, image_set, evaluation, split.run_dir, args.img_size, args.cam_examples)
+
+    evaluation.result, _ = scoring.score(
+        scoring_of(args, image_set, split.run_dir, evaluation, {"group": split.groups}, page="run",
+                   ood=out_of_distribution, fields=fields, failed=failed, cams=cams, notes=notes)
+    )  # fmt: skip
     finishing(runtime, None)
     return evaluation
+
+
+def scoring_of(args, image_set, out_dir, evaluation, columns, **differs):
+    """The scoring.Scoring of an evaluation of a run; differs: what its caller adds or names its own way.
+
+    columns: {name: a value per image of the set, or None to leave it out}; "group" also makes the patient level.
+    """
+    columns = {name: [values[i] for i in evaluation.val] for name, values in columns.items() if values is not None}
+    return scoring.Scoring(
+        out_dir=out_dir,
+        class_names=image_set.class_names,
+        relpaths=[image_set.relpath(i) for i in evaluation.val],
+        targets=evaluation.targets,
+        probs=evaluation.probs,
+        data_root=image_set.root,
+        img_size=args.img_size,
+        remission_upto=args.remission_upto,
+        patient_grade=args.patient_grade,
+        groups=columns.get("group"),
+        columns=columns,
+        **differs,
+    )
 
 
 def finishing(runtime, num_images, cam_examples=0):
@@ -91,43 +108,6 @@ def finishing(runtime, num_images, cam_examples=0):
     seconds = 10 + min(num_images or 0, 50) // 5 + 2 * cam_examples  # the timing, the plots, Grad-CAM: rough
     doing = f"finishing the metrics and the report first, about {seconds} s"
     runtime.stop.finishing = None if num_images is None else doing
-
-
-def add_evidence(args, evaluation, groups, out_dir):
-    """The 95% intervals and, with groups (of every image of the set), the patient-level section."""
-    evidence.add_evidence(
-        evaluation.result,
-        evaluation.targets,
-        evaluation.probs,
-        out_dir,
-        evidence.groups_of(groups, evaluation.val),
-        args.patient_grade,
-        args.remission_upto,
-    )
-
-
-def write_outputs(args, image_set, split, evaluation, history):
-    """metrics.json, predictions.csv, the curves, confusion matrices, ROC curves and the error grid."""
-    rows = prediction_rows(image_set, evaluation, {"group": split.groups})
-    report.attempt(evaluation.failed, "curves.png", report.plot_curves, history, split.run_dir / "curves.png")
-    evaluation.failed += report.write_evaluation(
-        split.run_dir,
-        evaluation.result,
-        rows,
-        evaluation.targets,
-        evaluation.probs,
-        image_set.root,
-        args.img_size,
-        args.remission_upto,
-    )
-    files.write_json(split.run_dir / "metrics.json", evaluation.result)
-
-
-def prediction_rows(image_set, evaluation, columns):
-    """Rows of predictions.csv; columns: {name: a value per image of the set, or None to leave it out}."""
-    extra = {name: [values[i] for i in evaluation.val] for name, values in columns.items() if values is not None}
-    relpaths = [image_set.relpath(i) for i in evaluation.val]
-    return report.prediction_rows(relpaths, evaluation.targets, evaluation.probs, image_set.class_names, extra)
 
 
 def failures_line(evaluations):
@@ -153,18 +133,17 @@ def read_finished(split, image_set, folds):
     """The Evaluation of a fold that finished before the run was interrupted, from its files."""
     print(f"fold {split.fold}/{folds} already finished")
     path = split.run_dir / "predictions.csv"
-    rows, targets, probs = report.read_predictions(path, image_set.class_names)
+    rows, targets, probs = records.read_predictions(path, image_set.class_names)
     if [r["path"] for r in rows] != [image_set.relpath(i) for i in split.val]:
         raise UserError(
             f"the predictions.csv of '{split.run_dir}' are not for the images of its fold in split.csv; the run "
             "folder changed, so start a new run instead of resuming."
         )
-    return Evaluation(json.loads((split.run_dir / "metrics.json").read_text()), probs, targets, split.val)
+    return Evaluation(files.read_json(split.run_dir / "metrics.json"), probs, targets, split.val)
 
 
 def cross_validation(args, image_set, run_dir, groups, evaluations):
     """Pool the folds' out-of-fold predictions: every image validated once, by the model that did not train on it."""
-    class_names = image_set.class_names
     fold_results = [e.result for e in evaluations]
     pooled = Evaluation(
         None,
@@ -172,36 +151,34 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
         np.concatenate([e.targets for e in evaluations]),
         np.concatenate([e.val for e in evaluations]),
     )
-    pooled.result = metrics.compute_metrics(pooled.targets, pooled.probs, class_names, args.remission_upto)
-    add_evidence(args, pooled, groups, run_dir)
-    pooled.result["out_of_distribution"] = evidence.pooled_flagged(fold_results)
-    summary = metrics.summarize_folds(fold_results)
-    per_fold_keys = list(metrics.SCALARS) + ["num_images", "best_epoch"]
-    per_fold = [
-        {key: m[key] for key in per_fold_keys + (["remission"] if "remission" in m else [])} for m in fold_results
-    ]
-    cv_summary = {"folds": args.folds, "grouped": groups is not None, "mean_std": summary}
-    files.write_json(
-        run_dir / "cv_summary.json", cv_summary | {"pooled_out_of_fold": pooled.result, "per_fold": per_fold}
-    )
-    table = metrics.fold_table(summary, fold_results, pooled.result)
-    files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
     fold_of = np.repeat(np.arange(1, len(evaluations) + 1), [len(e.val) for e in evaluations])
     fold_column = np.zeros(len(image_set.paths), dtype=int)
     fold_column[pooled.val] = fold_of
-    rows = prediction_rows(image_set, pooled, {"fold": fold_column.tolist(), "group": groups})
-    pooled.failed = report.write_evaluation(
-        run_dir, pooled.result, rows, pooled.targets, pooled.probs, image_set.root, args.img_size,
-        args.remission_upto, pooled=True,
+    table = []
+
+    def write_summary(result):  # cv_summary.json and .csv: the folds' spread beside the pooled figures
+        summary = metrics.summarize_folds(fold_results)
+        per_fold_keys = list(metrics.SCALARS) + ["num_images", "best_epoch"]
+        per_fold = [
+            {key: m[key] for key in per_fold_keys + (["remission"] if "remission" in m else [])} for m in fold_results
+        ]
+        cv_summary = {"folds": args.folds, "grouped": groups is not None, "mean_std": summary}
+        files.write_json(run_dir / "cv_summary.json", cv_summary | {"pooled_out_of_fold": result, "per_fold": per_fold})
+        table.extend(metrics.fold_table(summary, fold_results, result))
+        files.write_csv(run_dir / "cv_summary.csv", table, list(table[0].keys()))
+
+    def terminal(result):
+        lines = [f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):"]
+        for row in table:
+            mean, std, pooled_value = (row[key] or "n/a" for key in ("mean", "std", "pooled"))
+            lines.append(f"  {row['metric']:<24}{mean:>7} ± {std:<7} pooled {pooled_value}")
+        return "\n".join(lines)
+
+    pooled.result, pooled.failed = scoring.score(
+        scoring_of(args, image_set, run_dir, pooled, {"fold": fold_column.tolist(), "group": groups}, page="cv",
+                   ood=evidence.pooled_flagged(fold_results), fields={"status": "finished", "folds": args.folds},
+                   write_more=write_summary, terminal=terminal)
     )  # fmt: skip
-    failed = {"failed": [{"part": part, "reason": reason} for part, reason in pooled.failed]} if pooled.failed else {}
-    files.write_json(run_dir / "metrics.json", pooled.result | {"status": "finished", "folds": args.folds} | failed)
-    report.cv_report(run_dir, table, pooled.result, pooled.failed)
-    print(f"\ncross-validation over {args.folds} folds (mean ± std; pooled out-of-fold):")
-    for row in table:
-        mean, std, pooled_value = (row[key] or "n/a" for key in ("mean", "std", "pooled"))
-        print(f"  {row['metric']:<24}{mean:>7} ± {std:<7} pooled {pooled_value}")
-    print(evidence.format_evidence(pooled.result))
     return pooled
 
 
@@ -213,7 +190,7 @@ def keep_when_interrupted(args, split, runtime):
         yield
     except (RunInterrupted, KeyboardInterrupt, BrokenPipeError):  # a second Ctrl-C stops at once
         history_csv = split.run_dir / "history.csv"
-        history = report.read_history(history_csv) if history_csv.is_file() else []
+        history = records.read_history(history_csv) if history_csv.is_file() else []
         if runtime.is_main:
             write_interrupted(args, split, history)
         if history:
@@ -234,7 +211,7 @@ def keep_when_interrupted(args, split, runtime):
 def write_interrupted(args, split, history):
     resume = f"python qq.py --resume {split.resume_dir}"
     if history:
-        report.plot_curves(history, split.run_dir / "curves.png")
+        figures.plot_curves(history, split.run_dir / "curves.png")
     best = engine.best_epoch(history, args.select) or {}
     status = {"status": "interrupted", "epochs_completed": len(history), "epochs": args.epochs}
     best = {"best_epoch": best.get("epoch"), "best_val_acc": best.get("val_acc")}

@@ -8,7 +8,7 @@ that a validation split, a cross-validation run and a test set report them alike
 
 from pathlib import Path
 
-from . import files, report, stats
+from . import figures, files, sections, stats
 
 BOOTSTRAP_SEED = 0  # the same intervals for the same predictions, whatever the run's --seed
 PATIENT_FIELDS = ["group", "images", "true", "predicted"]
@@ -33,7 +33,7 @@ def add_evidence(result, targets, probs, out_dir, groups=None, patient_grade="ma
         return result
     level = stats.patient_level(targets, probs, groups, class_names, patient_grade, remission_upto, seed=BOOTSTRAP_SEED)
     files.write_csv(Path(out_dir) / "patients.csv", level["patients"], PATIENT_FIELDS)
-    report.plot_confusion(
+    figures.plot_confusion(
         level["metrics"]["confusion_matrix"],
         class_names,
         Path(out_dir) / PATIENT_CONFUSION,
@@ -60,7 +60,7 @@ def format_evidence(result):
         patients = level["metrics"]
         lines += [
             f"\npatient level ({patients['num_patients']} patients; a patient's grade is "
-            f"{report.patient_rule_text(level['rule'])}):",
+            f"{sections.patient_rule_text(level['rule'])}):",
             stats.format_metrics_with_intervals(patients, level["intervals"]),
         ]
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def write_json(path, obj):
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _is_number(text):
+def is_number(text):
     try:
         float(text)
         return True
@@ -67,7 +67,7 @@ def spreadsheet_safe(value):
     """A cell that a spreadsheet shows as text, not runs as a formula (OWASP's CSV injection advice): text that
     starts with = + - @, a tab or a carriage return, and is not a number, gets a leading '. So does text that
     starts with ' itself, so that read_csv gives every value back unchanged."""
-    if isinstance(value, str) and value.startswith(FORMULA_START + ("'",)) and not _is_number(value):
+    if isinstance(value, str) and value.startswith(FORMULA_START + ("'",)) and not is_number(value):
         return "'" + value
     return value
 
@@ -103,7 +103,7 @@ def sha256_of(path):
 def read_status(run_dir):
     """The status in a run folder's metrics.json: finished, interrupted, or None if it has none yet."""
     try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text()).get("status")
+        return read_json(Path(run_dir) / "metrics.json").get("status")
     except (OSError, ValueError):
         return None
 
@@ -246,3 +246,8 @@ def new_run_dir(out_dir, name=None):
         except FileExistsError:
             continue
     raise RuntimeError(f"too many runs named {base!r} under {out_dir}")
+
+
+def read_json(path):
+    """The object in a JSON file (metrics.json, config.json); a damaged file raises ValueError."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -5,10 +5,10 @@ a cross-validation run folder (its folds' best.pt), or not at all: then the newe
 Without torch, so that a grading-only install finds its .onnx the same way.
 """
 
-import json
 import sys
 from pathlib import Path
 
+from . import files
 from .cli import UserError
 
 
@@ -44,7 +44,7 @@ def run_summary(run_dir):
     """', validation accuracy 0.91 after 25 of 25 epochs' from a run's metrics.json, so that a throwaway run used
     by default is noticed; '' when the file says nothing."""
     try:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        metrics = files.read_json(Path(run_dir) / "metrics.json")
         accuracy, done, epochs = metrics.get("accuracy"), metrics.get("epochs_completed"), metrics.get("epochs")
     except (OSError, ValueError, AttributeError):
         return ""

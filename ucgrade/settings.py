@@ -94,7 +94,7 @@ def read_run_config(run_dir):
             "written by qq.py."
         )
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = files.read_json(run_dir / "config.json")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(
             f"the config.json of '{run_dir}' is unreadable ({error}), so the run cannot be resumed; start a new run."

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evidence, files, metrics, report
+from . import files, metrics, scoring
 from .cli import UserError
 from .grader import grade_files, load_grader
 from .images import files_under, is_image_file
@@ -163,51 +163,51 @@ def evaluate_test_set(args, test_dir):
             f"such as {leaked[0]}; remove them for an honest estimate.",
             file=sys.stderr,
         )
-    targets = np.asarray(test_set.labels)
-    probs = np.mean(each, axis=0)
+    return score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None)
+
+
+def score_test_set(args, test_set, graders, each, scores, groups, leaked):
+    """Score the mean of the models' probabilities (each: one N x C per model) and the out-of-distribution scores
+    (None without the check), write the results folder and print its summary; the exit code."""
+    class_names, targets, probs = test_set.class_names, np.asarray(test_set.labels), np.mean(each, axis=0)
     out_dir = results_folder(args, graders)
-    result = metrics.compute_metrics(targets, probs, class_names, args.remission_upto)
-    evidence.add_evidence(result, targets, probs, out_dir, groups, args.patient_grade, args.remission_upto)
-    result |= {
+    fields = {
         "status": "finished",
         "evaluated": "test set",
-        "test_dir": str(Path(test_dir).resolve()),
+        "test_dir": str(test_set.root.resolve()),
         "weights": [str(g.path.resolve()) for g in graders],
         "ensemble": len(graders) > 1,
         "missing_grades": test_set.missing,
         "skipped_files": len(test_set.skipped),
-        "images_in_training": len(leaked) if checked else None,
+        "images_in_training": None if leaked is None else len(leaked),
     }
-    if scores is not None:
-        result["out_of_distribution"] = flagged_summary(scores)
-    else:
+    if scores is None:
         reason = (
             "needs an .onnx exported by a newer export.py"
-            if first.path.suffix.lower() == ".onnx"
+            if graders[0].path.suffix.lower() == ".onnx"
             else "needs a best.pt written by a newer qq.py"
         )
         print(f"note: the check for images unlike the training images {reason}; it was left out.", file=sys.stderr)
     if len(graders) > 1:
-        result["per_model"] = [
+        fields["per_model"] = [
             {"weights": str(g.path.resolve())}
             | scalars(metrics.compute_metrics(targets, p, class_names, args.remission_upto))
             for g, p in zip(graders, each)
         ]
-    extra = {"group": groups}
+    columns = {"group": groups}
     if scores is not None:
-        extra |= {"ood_score": [f"{s:.3f}" for s in scores[0]], "out_of_distribution": [int(f) for f in scores[1]]}
-    rows = report.prediction_rows([test_set.relpath(i) for i in range(len(targets))], targets, probs, class_names,
-                                  {k: v for k, v in extra.items() if v is not None})  # fmt: skip
-    report.write_evaluation(
-        out_dir, result, rows, targets, probs, test_set.root, first.img_size, args.remission_upto, images="test images"
-    )
-    files.write_csv(out_dir / "skipped.csv", [{"path": str(p), "reason": r} for p, r in test_set.skipped],
-                    ["path", "reason"])  # fmt: skip
-    files.write_json(out_dir / "metrics.json", result)
-    report.test_report(out_dir)
-    print(metrics.format_metrics(result))
-    print(evidence.format_evidence(result))
-    print(f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)")
+        columns |= {"ood_score": [f"{s:.3f}" for s in scores[0]], "out_of_distribution": [int(f) for f in scores[1]]}
+    skipped = [{"path": str(p), "reason": r} for p, r in test_set.skipped]
+    scoring.score(
+        scoring.Scoring(
+            out_dir=out_dir, class_names=class_names, relpaths=[test_set.relpath(i) for i in range(len(targets))],
+            targets=targets, probs=probs, data_root=test_set.root, img_size=graders[0].img_size, page="test",
+            remission_upto=args.remission_upto, patient_grade=args.patient_grade, groups=groups,
+            ood=None if scores is None else flagged_summary(scores), columns=columns, fields=fields,
+            write_more=lambda result: files.write_csv(out_dir / "skipped.csv", skipped, ["path", "reason"]),
+            notes=[f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)"],
+        )
+    )  # fmt: skip
     return 0
 
 

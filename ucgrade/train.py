@@ -27,7 +27,7 @@ from .model import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from .report import write_history
+from .records import write_history
 
 
 @dataclass
