@@ -1,5 +1,6 @@
 """Training recipes (issue 21): --recipe and each of its parts as a flag, checked against their definitions."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -246,3 +247,48 @@ def test_the_mayo_demo_data_is_imbalanced_grouped_and_readable(tmp_path):
     assert image_set.class_names == ["mayo0", "mayo1", "mayo2", "mayo3"] and image_set.class_counts() == [28, 13, 5, 4]
     groups = read_groups(root / "patients.csv", image_set)
     assert len(groups) == 50 and 50 / 6 <= len(set(groups)) <= 50 / 2 + 4  # 2 to 6 pictures per patient
+
+
+def test_every_option_resumes_exactly_after_ctrl_c(data18, tmp_path):
+    """A real SIGINT to a real process after its first epoch, then --resume: the epochs, the EMA and the weights
+    of a run never interrupted (the augmentation's and the EMA's states are in last.pt)."""
+    import signal
+
+    from test_interrupt_resume import interrupt_after_first_epoch
+
+    base = ["--data", data18, "--out", tmp_path, *FAST, *EVERY_OPTION, "--workers", "0"]
+    assert cli("qq.py", *base, "--name", "full").code == 0
+    run = tmp_path / "cut"
+    code, _, stderr = interrupt_after_first_epoch([*base, "--name", "cut"], run, signal.SIGINT, tmp_path)
+    assert code == 130 and 1 <= len(history_of(run)) < 3, stderr  # how fast it stops: test_interrupt_resume
+    assert cli("qq.py", "--resume", run, "--device", "cpu").code == 0
+    assert history_of(run) == history_of(tmp_path / "full")
+    full, cut = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
+    for key in ("model", "raw_model"):
+        assert all(torch.equal(full[key][k], cut[key][k]) for k in full[key]), key
+    assert full["ema_updates"] == cut["ema_updates"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "convnext_tiny"])
+def test_every_arch_trains_a_step_of_cdw_ce_with_ema_and_grades_with_tta(arch):
+    """The parts that touch the model, on each kind of backbone: batch norm (ResNet, EfficientNet) and layer norm."""
+    torch.manual_seed(0)
+    model = build_model(3, arch=arch).to(memory_format=torch.channels_last)
+    ema = engine.make_ema(model, 0.5)
+    criterion = engine.make_criterion("none", [0, 1, 2], 3, torch.device("cpu"), loss="cdw-ce")
+    optimizer, _ = engine.make_optimizer(model.parameters(), presets.apply_recipe(argparse.Namespace(
+        recipe="endoscopy", optimizer="adamw", lr=0.01), {"optimizer", "lr"}))  # fmt: skip
+    images = torch.stack(
+        [presets.train_transform(64, "endoscopy")(torch.randint(0, 256, (3, 73, 80), dtype=torch.uint8)) for _ in "ab"]
+    )
+    for _ in range(2):
+        loss = criterion(model.train()(presets.normalize(images)), torch.tensor([0, 2]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(model)
+    head = {"resnet18": "fc.weight", "efficientnet_b0": "classifier.1.weight", "convnext_tiny": "classifier.2.weight"}
+    assert not torch.equal(ema.module.state_dict()[head[arch]], model.state_dict()[head[arch]])
+    with torch.no_grad():
+        probs = GradingModel(ema.module.eval(), {"tta": True})(images)
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
