@@ -185,7 +185,7 @@ def test_every_option_with_folds_is_recorded_applied_and_graded(data18, tmp_path
         best, last = load_checkpoint(run / fold / "best.pt"), load_checkpoint(run / fold / "last.pt")
         assert best["tta"] is True and best["epoch"] == chosen + 1
         assert not torch.equal(last["model"]["fc.weight"], last["raw_model"]["fc.weight"])  # the EMA is saved
-        assert last["ema_updates"] == 3 * 2  # 12 training images in batches of 8, 3 epochs
+        assert last["ema_updates"] == 3 * 2  # 9 training images in batches of 8, 3 epochs
         grader = torch_grader(run / fold / "best.pt", "cpu", "fp32")  # the EMA checkpoint reloads, and grades
         assert grader.extra["model"].fc.weight.equal(best["model"]["fc.weight"])
         rows = files.read_csv(run / fold / "predictions.csv")
@@ -292,3 +292,18 @@ def test_every_arch_trains_a_step_of_cdw_ce_with_ema_and_grades_with_tta(arch):
     with torch.no_grad():
         probs = GradingModel(ema.module.eval(), {"tta": True})(images)
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_every_option_under_torchrun(data18, tmp_path):
+    """Two processes: the EMA of the module under DistributedDataParallel, CDW-CE, the schedule and TTA on each
+    process's share of the validation images, gathered in order."""
+    from test_torchrun import RUN, run_torchrun
+
+    result = run_torchrun("--data", data18, "--out", tmp_path, *RUN, *EVERY_OPTION, logs=tmp_path / "logs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "train"
+    assert [float(row["lr"]) for row in files.read_csv(run / "history.csv")] == pytest.approx([0.005, 0.01, 0.005])
+    val = [row["path"] for row in files.read_csv(run / "split.csv") if row["subset"] == "val"]
+    assert sorted(row["path"] for row in files.read_csv(run / "predictions.csv")) == sorted(val)  # each once
+    last = load_checkpoint(run / "last.pt")
+    assert last["tta"] is True and last["ema_updates"] == 3 * 2 and last["config"]["processes"] == 2
