@@ -265,7 +265,8 @@ def check_args(args):
         (args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})"),
         (
             0 <= args.warmup_epochs < args.epochs,
-            f"--warmup-epochs must be from 0 to fewer than --epochs {args.epochs} (got {args.warmup_epochs})",
+            f"the {args.warmup_epochs} warmup epochs (--warmup-epochs, or the recipe's) leave no epoch of the "
+            f"schedule in --epochs {args.epochs}; give more epochs or fewer warmup epochs",
         ),
         (0 <= args.ema < 1, f"--ema must be a decay in [0, 1), such as 0.999, or 0 for none (got {args.ema})"),
         (args.workers >= -1, f"--workers must be -1 (automatic) or at least 0 (got {args.workers})"),

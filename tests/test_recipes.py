@@ -307,3 +307,32 @@ def test_every_option_under_torchrun(data18, tmp_path):
     assert sorted(row["path"] for row in files.read_csv(run / "predictions.csv")) == sorted(val)  # each once
     last = load_checkpoint(run / "last.pt")
     assert last["tta"] is True and last["ema_updates"] == 3 * 2 and last["config"]["processes"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--recipe", "endoscopy", "--epochs", "2"], "the 2 warmup epochs (--warmup-epochs, or the recipe's) leave no"),
+        (["--loss", "cdw-ce", "--label-smoothing", "0.1"], "--label-smoothing is cross-entropy's, and --loss cdw-ce"),
+        (["--ema", "1"], "--ema must be a decay in [0, 1)"),
+        (["--cdw-alpha", "0"], "--cdw-alpha must be positive"),
+    ],
+)
+def test_impossible_recipe_settings_are_one_sentence_before_any_image_is_read(argv, message, tmp_path):
+    code, _, err = cli("qq.py", "--data", tmp_path / "nowhere", "--out", tmp_path, *argv).lines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: " + message), err
+
+
+def test_recipe_cdw_ce_drops_the_recipes_label_smoothing():
+    import qq
+
+    args = qq.get_args_parser().parse_args(["--recipe", "endoscopy", "--loss", "cdw-ce"])
+    from ucgrade.settings import resolve
+
+    resolved, _ = resolve(args, qq.get_args_parser())
+    assert (resolved.loss, resolved.label_smoothing, resolved.ema, resolved.augment) == (
+        "cdw-ce",
+        0.0,
+        0.999,
+        "endoscopy",
+    )
