@@ -239,6 +239,25 @@ def add_recipe_flags(add, recipe):
         "export.py (default: off)")  # fmt: skip
 
 
+def recipe_checks(args):
+    """(ok, message) of each setting of a recipe's parts."""
+    return [
+        (args.cdw_alpha > 0, f"--cdw-alpha must be positive (got {args.cdw_alpha})"),
+        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})"),
+        (
+            not (args.label_smoothing and args.loss == "cdw-ce"),
+            "--label-smoothing is cross-entropy's, and --loss cdw-ce has none; leave one of them out",
+        ),
+        (args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})"),
+        (
+            0 <= args.warmup_epochs < args.epochs,
+            f"the {args.warmup_epochs} warmup epochs (--warmup-epochs, or the recipe's) leave no epoch of the "
+            f"schedule in --epochs {args.epochs}; give more epochs or fewer warmup epochs",
+        ),
+        (0 <= args.ema < 1, f"--ema must be a decay in [0, 1), such as 0.999, or 0 for none (got {args.ema})"),
+    ]
+
+
 def check_args(args):
     """Reject impossible settings before any work starts."""
     from ucgrade import distributed, groups
@@ -256,19 +275,6 @@ def check_args(args):
         (0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})"),
         (args.step_size >= 1, f"--step-size must be at least 1 (got {args.step_size})"),
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1] (got {args.gamma})"),
-        (args.cdw_alpha > 0, f"--cdw-alpha must be positive (got {args.cdw_alpha})"),
-        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})"),
-        (
-            not (args.label_smoothing and args.loss == "cdw-ce"),
-            "--label-smoothing is cross-entropy's, and --loss cdw-ce has none; leave one of them out",
-        ),
-        (args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})"),
-        (
-            0 <= args.warmup_epochs < args.epochs,
-            f"the {args.warmup_epochs} warmup epochs (--warmup-epochs, or the recipe's) leave no epoch of the "
-            f"schedule in --epochs {args.epochs}; give more epochs or fewer warmup epochs",
-        ),
-        (0 <= args.ema < 1, f"--ema must be a decay in [0, 1), such as 0.999, or 0 for none (got {args.ema})"),
         (args.workers >= -1, f"--workers must be -1 (automatic) or at least 0 (got {args.workers})"),
         (args.folds == 0 or args.folds >= 2, f"--folds must be 0 (a single split) or at least 2 (got {args.folds})"),
         (0 <= args.seed < 2**32, f"--seed must be a whole number from 0 to 4294967295 (got {args.seed})"),
@@ -278,6 +284,7 @@ def check_args(args):
             "--weights and --pretrained no contradict each other; drop one of them",
         ),
     ]
+    checks += recipe_checks(args)
     processes = distributed.env_world_size()
     checks.append(
         (
