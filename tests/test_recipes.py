@@ -336,3 +336,29 @@ def test_recipe_cdw_ce_drops_the_recipes_label_smoothing():
         0.999,
         "endoscopy",
     )
+
+
+def test_a_run_recorded_before_the_recipes_resumes_with_the_seeds(data18, tmp_path):
+    """config.json without the recipe's settings, history.csv and last.pt without val_qwk: resumed as seed."""
+    from ucgrade.settings import RUN_SETTINGS
+
+    base = ["--data", data18, "--out", tmp_path, "--name", "old", *FAST, "--freeze-backbone", "--epochs", "1"]
+    assert cli("qq.py", *base).code == 0
+    run = tmp_path / "old"
+    config = json.loads((run / "config.json").read_text())
+    new = [key for key in RUN_SETTINGS if key in presets.RECIPE_FIELDS + ("recipe",)]
+    new = [
+        key for key in new if key not in ("epochs", "batch_size", "img_size", "lr", "momentum", "step_size", "gamma")
+    ]
+    (run / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in new}))
+    rows = [{k: v for k, v in row.items() if k != "val_qwk"} for row in files.read_csv(run / "history.csv")]
+    files.write_csv(run / "history.csv", rows, list(rows[0]))
+    last = torch.load(run / "last.pt", weights_only=True)
+    last["history"] = [{k: v for k, v in row.items() if k != "val_qwk"} for row in last["history"]]
+    (run / "last.pt").unlink()  # a hard link in no other run, but replaced as the tool replaces files
+    torch.save(last, run / "last.pt")
+    code, said, err = cli("qq.py", "--resume", run, "--epochs", "2", "--device", "cpu")
+    assert code == 0, err
+    history = files.read_csv(run / "history.csv")
+    assert [row["val_qwk"] for row in history][0] == "" and history[1]["val_qwk"] != ""
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
