@@ -174,6 +174,9 @@ def test_every_option_with_folds_is_recorded_applied_and_graded(data18, tmp_path
     expected |= {"warmup_epochs": 1, "ema": 0.9, "tta": True, "select": "qwk"}
     assert {key: config[key] for key in expected} == expected
     assert "  tta              True" in said  # the settings printed at the start
+    page = (run / "fold1" / "report.html").read_text()
+    assert "moving average (EMA 0.9), which is what was evaluated and saved" in page and "Best-QWK epoch" in page
+    assert "CDW-CE loss (alpha 2.0)" in page and "test-time flips averaged" in page
     for fold in ("fold1", "fold2"):
         history = files.read_csv(run / fold / "history.csv")
         # warmup: 0.01 x 1/2; then the cosine over the 2 epochs left: 0.01, 0.01 x (1 + cos(pi/2)) / 2

@@ -402,7 +402,7 @@ def recipe_text(config):
     parts = [f"augmentation {get('augment', 'seed')}", "CDW-CE loss (alpha " + f"{get('cdw_alpha')})"
              if get("loss") == "cdw-ce" else f"cross-entropy (label smoothing {get('label_smoothing', 0)})",
              f"{'AdamW' if get('optimizer') == 'adamw' else 'SGD'} (weight decay {get('weight_decay', 0)})",
-             f"{get('schedule', 'step')} schedule" + (f" after {get('warmup_epochs')} warmup epochs"
+             f"{get('schedule', 'step')} schedule" + (f" after {get('warmup_epochs')} warmup epoch(s)"
                                                       if get("warmup_epochs") else "")]  # fmt: skip
     if get("ema"):
         parts.append(f"the weights' moving average (EMA {get('ema')}), which is what was evaluated and saved")
