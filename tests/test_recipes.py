@@ -365,3 +365,27 @@ def test_a_run_recorded_before_the_recipes_resumes_with_the_seeds(data18, tmp_pa
     history = files.read_csv(run / "history.csv")
     assert [row["val_qwk"] for row in history][0] == "" and history[1]["val_qwk"] != ""
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
+def test_the_onnx_graph_of_a_tta_checkpoint_averages_the_flips_for_any_batch(tmp_path):
+    """export.py traces GradingModel with one crop; the graph must still grade a batch of 3, each crop's
+    out-of-distribution score from its own features."""
+    import onnxruntime
+
+    from ucgrade import ood
+    from ucgrade.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model(3, arch="resnet18").eval()
+    stats, _ = ood.fit(np.random.default_rng(0).normal(size=(40, 512)), np.random.default_rng(1).normal(size=(8, 512)))
+    checkpoint = {"tta": True, "ood": stats, "img_size": 64, "class_names": ["a", "b", "c"]}
+    graph = export_onnx(model, checkpoint, {"tta": "true"})
+    session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    crops = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    probs, scores = session.run(None, {"images": crops.numpy()})
+    with torch.no_grad():
+        want_probs, want_scores = GradingModel(model, checkpoint)(crops)
+        one = [GradingModel(model, checkpoint)(crops[i : i + 1])[1] for i in range(3)]
+    assert probs.shape == (3, 3) and scores.shape == (3,)
+    assert np.allclose(probs, want_probs.numpy(), atol=1e-5) and np.allclose(scores, want_scores.numpy(), rtol=1e-4)
+    assert np.allclose(scores, torch.cat(one).numpy(), rtol=1e-4)  # each crop's own, not the first view's of all
