@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from ucgrade import files, onnx_export, onnx_grade
+# torch-free imports only: torch loads in main, so that a grading-only install gets one sentence (cli.run_cli)
+from ucgrade import files, interrupt, onnx_export, onnx_grade
 from ucgrade.cli import ArgumentParser, UserError, main_entry
 from ucgrade.locate import models_in
-from ucgrade.metrics import fmt
-from ucgrade.torch_grader import torch_grader
 
 INT8_AGREEMENT_TARGET = 0.98  # issue 11: the int8 model agrees with fp32 on at least 98% of validation images
 
@@ -81,11 +80,16 @@ def find_checkpoint(run, fold):
     return models_in(path, "refuse" if fold is None else fold, flag=None)[0]
 
 
-def output_paths(checkpoint_path, out):
+def output_paths(checkpoint_path, out, int8=False):
     """(fp32 .onnx, int8 .onnx, export.json)."""
     path = Path(out) if out else checkpoint_path.parent / "model.onnx"
     if path.suffix != ".onnx":
         raise UserError(f"--out '{path}' must name an .onnx file, such as model.onnx.")
+    if int8 and path.name.lower().endswith(".int8.onnx"):
+        raise UserError(
+            f"--out '{path}' names the fp32 model, and --int8 writes the int8 one beside it with .int8.onnx added; "
+            f"give --out {path.with_name(path.name[: -len('.int8.onnx')] + '.onnx')}."
+        )
     if path.is_dir():
         raise UserError(f"--out '{path}' is a folder; give the name of the .onnx file to write.")
     files.check_folder_path(path.parent, "--out")
@@ -183,12 +187,38 @@ def export_int8(model_bytes, fp32, metadata, train_items, val, out, limit, class
     return figures | onnx_export.grade_metrics(val.labels, probs, class_names)
 
 
+def earlier_int8(out, out_int8, out_json, sha256):
+    """Without --int8, an int8 model already beside the new one: {"int8": its figures} when export.json says it came
+    from this same checkpoint, so that export.json describes every model in the folder; otherwise it would not match
+    the new fp32 model, so it is removed, and said."""
+    if not out_int8.exists():
+        return {}
+    try:
+        earlier = files.read_json(out_json) if out_json.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    if earlier.get("checkpoint_sha256") == sha256 and "int8" in earlier:
+        print(f"kept {out_int8} and its figures: it was exported from this same checkpoint", flush=True)
+        return {"int8": earlier["int8"]}
+    out_int8.unlink()
+    print(
+        f"note: removed {out_int8}, which was not exported from this checkpoint, so it would not match the new "
+        f"{out.name}; pass --int8 for an int8 model of this one.",
+        file=sys.stderr,
+    )
+    return {}
+
+
 def main(args):
     if args.calibration_images < 1:
         raise UserError("--calibration-images must be at least 1.")
     checkpoint_path = find_checkpoint(args.run, args.fold)
-    out, out_int8, out_json = output_paths(checkpoint_path, args.out)
+    out, out_int8, out_json = output_paths(checkpoint_path, args.out, args.int8)
+    from ucgrade.torch_grader import torch_grader  # torch first: what a grading-only install lacks first
+
     reference = torch_grader(checkpoint_path, "cpu", "fp32")  # what the export must agree with
+    from ucgrade.metrics import fmt
+
     checkpoint = reference.extra["checkpoint"]
     sha256 = files.sha256_of(checkpoint_path)
     metadata = onnx_export.metadata_for(checkpoint, sha256, "fp32", checkpoint_file=checkpoint_path.name)
@@ -218,7 +248,9 @@ def main(args):
         record["int8"] = export_int8(
             model_bytes, fp32_grades, metadata, train_items, val, out_int8, args.calibration_images, class_names
         )
-    models = [("fp32", fp32)] + ([("int8", record["int8"])] if args.int8 else [])
+    else:
+        record |= earlier_int8(out, out_int8, out_json, sha256)
+    models = [("fp32", fp32)] + ([("int8", record["int8"])] if "int8" in record else [])
     print(
         f"validation ({len(val.crops)} images): accuracy "
         + ", ".join(f"{name} {fmt(figures['accuracy'])}" for name, figures in models)
@@ -231,4 +263,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main_entry(main, get_args_parser())
+    with interrupt.stop_at_once():  # SIGTERM as Ctrl-C: the export's temporary files are removed, not left in TMPDIR
+        main_entry(main, get_args_parser())

@@ -8,8 +8,12 @@
     python predict.py image.jpg --weights outputs/train/model.int8.onnx  # int8, faster on a CPU
     python predict.py test_images/ --evaluate           # score a labelled test set: outputs/train/test/report.html
     python predict.py test_images/ --evaluate --weights outputs/train3 --groups test_patients.csv
+    python predict.py colonoscopy.mp4                   # a whole video: outputs/videos/colonoscopy/report.html
+    python predict.py videos/ --evaluate --labels videos.csv    # video-level QWK, accuracy, 95% intervals
+    python predict.py --live /dev/video0                # a capture device, graded as it plays
 
-Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`. Images that
+Each image gets one line: `path: grade (p=0.87)  grade_a=0.05 grade_b=0.87 ...`, the grades named without
+the start their names share (said once, on stderr). Images that
 cannot be read are reported and skipped; the exit code is 1 if any failed. With a .pt, an image unlike
 the training images gets "not like the training images: grade not reliable" beside its grade.
 
@@ -27,11 +31,13 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
+from ucgrade.cli import FULL_INSTALL, PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.files import check_folder_path
-from ucgrade.grader import BATCH_SIZE, OOD_WARNING, grade_files, load_grader
+from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, grade_labels, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
 from ucgrade.locate import find_models
+from ucgrade.video import is_video_file
+from ucgrade.videograde import add_video_arguments, grade_videos
 
 EXAMPLES = """examples:
   python predict.py image.jpg                         # best.pt of the newest run under outputs/
@@ -39,6 +45,7 @@ EXAMPLES = """examples:
   python predict.py folder/ --json > grades.json
   python predict.py image.jpg --cam heatmaps/         # also a Grad-CAM overlay per image
   python predict.py image.jpg --weights outputs/train/model.onnx   # ONNX Runtime, no torch
+  python predict.py video.mp4 --fps all --min-segment 3            # every frame of a video
   python predict.py -- -scan.jpg                      # a file name that starts with '-'"""
 
 
@@ -48,7 +55,7 @@ def get_args_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, videos and/or folders of them")
     parser.add_argument(
         "--weights",
         default=None,
@@ -67,9 +74,11 @@ def get_args_parser():
     )
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=None,
         choices=PRECISIONS,
-        help="auto: bf16 where supported, as in training; an .onnx runs as exported (default: %(default)s)",
+        help="a .pt grades in fp32, as its .onnx does, on any CPU; bf16 is faster where the CPU supports it but can "
+        "change a grade near a tie; auto: bf16 where supported, as in training; an .onnx runs as exported "
+        f"(default: {GRADING_PRECISION})",
     )
     parser.add_argument(
         "--batch-size",
@@ -77,6 +86,14 @@ def get_args_parser():
         default=BATCH_SIZE,
         metavar="N",
         help="images graded in one forward pass; the next batch is decoded meanwhile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads of a forward pass, at most one per core this process may use; on a CPU that other jobs "
+        "keep busy, 1 or 2 grade faster (default: one per available core)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     parser.add_argument(
@@ -101,7 +118,8 @@ def get_args_parser():
         "--remission-upto",
         default=None,
         metavar="CLASS",
-        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: off)",
+        help="with --evaluate, also score remission (grades up to CLASS) vs active disease (default: as the run "
+        "was trained, from its config.json; else off)",
     )
     parser.add_argument(
         "--groups",
@@ -112,18 +130,19 @@ def get_args_parser():
     )
     parser.add_argument(
         "--patient-grade",
-        default="max",
+        default=None,
         choices=("max", "mean-prob"),
         help="with --groups, a patient's predicted grade: the worst of their images' (Mayo), or that of their "
-        "images' mean probabilities (default: %(default)s)",
+        "images' mean probabilities (default: as the run was trained, from its config.json; else max)",
     )
+    add_video_arguments(parser)
     return parser
 
 
 def check_evaluate_args(args):
     """The --evaluate flags go together: one test folder, and the options that only it reads."""
     if not args.evaluate:
-        used = [flag for flag in ("eval_out", "remission_upto", "groups") if getattr(args, flag)]
+        used = [flag for flag in ("eval_out", "remission_upto", "groups", "labels") if getattr(args, flag)]
         if used:
             flags = ", ".join("--" + flag.replace("_", "-") for flag in used)
             raise UserError(f"{flags} only apply to --evaluate; add --evaluate with a labelled test folder.")
@@ -132,13 +151,18 @@ def check_evaluate_args(args):
         raise UserError("--evaluate takes one test folder (with one sub-folder per grade), not several inputs.")
     if args.json or args.cam:
         raise UserError("--evaluate writes its own results folder; leave out --json and --cam.")
+    if args.groups and args.labels:
+        raise UserError(
+            "--groups is for a test folder of images; with --labels, give the patients in its column patient."
+        )
     if args.groups and not Path(args.groups).is_file():
         raise UserError(f"--groups file '{args.groups}' does not exist; check the path.")
 
 
 def collect_images(inputs):
-    """(image paths, errors): folders are searched for images; files need an image extension, as in training."""
-    images, errors = [], []
+    """(image paths, video paths, errors): folders are searched for images and videos; files need an image or a
+    video extension (images as in training)."""
+    images, videos, errors = [], [], []
     for name in inputs:
         path = Path(name)
         if path.is_dir() and (path / "config.json").is_file() and (path / "metrics.json").is_file():
@@ -150,10 +174,13 @@ def collect_images(inputs):
                 )
             )
         elif path.is_dir():
-            found = [p for p in files_under(path) if is_image_file(p)]  # hidden folders skipped, as in training
-            if not found:
+            found = files_under(path)  # hidden folders skipped, as in training
+            images.extend(p for p in found if is_image_file(p))
+            videos.extend(p for p in found if is_video_file(p))
+            if not any(is_image_file(p) or is_video_file(p) for p in found):
                 errors.append((name, f"folder has no images ({', '.join(IMAGE_EXTENSIONS)})"))
-            images.extend(found)
+        elif path.exists() and is_video_file(path):
+            videos.append(path)
         elif path.exists() and not is_image_file(path):
             errors.append(
                 (
@@ -166,7 +193,7 @@ def collect_images(inputs):
             images.append(path)
         else:
             errors.append((name, "no such file or folder"))
-    return images, errors
+    return images, videos, errors
 
 
 def unique_path(folder, stem):
@@ -192,8 +219,8 @@ def open_grader(weights, args):
         )
     if args.cam:
         check_folder_path(args.cam, "--cam")
-    grader = load_grader(weights, args.device, args.precision)
-    if onnx and args.precision not in ("auto", grader.precision):
+    grader = load_grader(weights, args.device, args.precision, args.threads)
+    if onnx and args.precision not in (None, "auto", grader.precision):
         raise UserError(
             f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
             f"exported in ({grader.precision}), so leave --precision out."
@@ -243,6 +270,11 @@ def grade_images(grader, images, args, errors):
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    prefix, labels = grade_labels(grader.class_names)
+    short = dict(zip(grader.class_names, labels))
+    if prefix and not args.json:
+        print(f"note: grades are named without their shared start '{prefix}' (--json gives the whole names)",
+              file=sys.stderr)  # fmt: skip
     for batch in grade_files([grader], images, args.batch_size):
         for path, result, reason in image_results(grader, batch):
             if cam_dir is not None and result is not None:
@@ -257,48 +289,67 @@ def grade_images(grader, images, args, errors):
                 continue
             results.append(result)
             if not args.json:
-                print(result_line(result), flush=True)
+                print(result_line(result, short), flush=True)
     if cam_dir is not None:
         print(f"Grad-CAM overlays of {len(results)} image(s) written to {cam_dir}/", file=sys.stderr)
     return results
 
 
-def result_line(result):
+def result_line(result, short):
+    """path: grade (p=0.87)  grade_a=0.050  grade_b=0.870 ..., with the grades named by short (name -> the part that
+    differs), so that six long names still fit a line."""
     probabilities, grade = result["probabilities"], result["grade"]
-    others = "  ".join(f"{name}={p:.3f}" for name, p in probabilities.items())
+    others = "  ".join(f"{short[name]}={p:.3f}" for name, p in probabilities.items())
     warning = f"  [{OOD_WARNING}]" if result.get("out_of_distribution") else ""
-    return f"{result['path']}: {grade} (p={probabilities[grade]:.2f}){warning}  {others}"
+    return f"{result['path']}: {short[grade]} (p={probabilities[grade]:.2f}){warning}  {others}"
 
 
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, not {args.threads}.")
     check_evaluate_args(args)
-    if args.evaluate:
-        from ucgrade.testset import evaluate_test_set
+    if args.evaluate and args.labels:
+        from ucgrade.videoeval import evaluate_videos
 
+        return evaluate_videos(args, args.inputs[0])
+    if args.evaluate:
+        try:
+            from ucgrade.testset import evaluate_test_set
+        except ModuleNotFoundError as error:  # a grading-only install (requirements-predict.txt)
+            package = FULL_INSTALL.get((error.name or "").partition(".")[0])
+            if package is None:
+                raise
+            raise UserError(
+                f"--evaluate scores and plots with scikit-learn and matplotlib, and {package} is not installed "
+                "here; install them with pip install scikit-learn matplotlib (an .onnx still needs no torch)."
+            ) from None
         return evaluate_test_set(args, args.inputs[0])
+    if args.live and (len(args.inputs) != 1 or args.evaluate):
+        raise UserError("--live grades one source (a capture device, a stream URL or a file); give only that one.")
     weights = find_models(args.weights, args.out)[0]
     grader = open_grader(weights, args)
-    images, errors = collect_images(args.inputs)
+    if args.live:
+        from ucgrade.live import grade_live
+
+        return grade_live(grader, args.inputs[0], args, weights)
+    images, videos, errors = collect_images(args.inputs)
     for name, reason in errors:
         print(f"error: {name}: {reason}", file=sys.stderr)
     results = grade_images(grader, images, args, errors)
+    summaries = grade_videos(grader, videos, args, weights, errors) if videos else None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "weights": str(weights),
-                    "class_names": grader.class_names,
-                    "predictions": results,
-                    "errors": [{"path": n, "error": r} for n, r in errors],
-                },
-                indent=2,
-            )
-        )
+        graded = {"weights": str(weights), "precision": grader.precision, "class_names": grader.class_names}
+        graded |= {"predictions": results}
+        graded |= {} if summaries is None else {"videos": summaries}
+        graded |= {"errors": [{"path": n, "error": r} for n, r in errors]}
+        # strict JSON: the grader refuses a model whose outputs are not numbers
+        print(json.dumps(graded, indent=2, allow_nan=False))
     if errors:
+        also = "" if summaries is None else f" and {len(summaries)} video(s)"
         print(
-            f"{len(errors)} input(s) failed and {len(results)} image(s) were graded; see the errors above.",
+            f"{len(errors)} input(s) failed and {len(results)} image(s){also} were graded; see the errors above.",
             file=sys.stderr,
         )
         return 1

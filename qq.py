@@ -16,6 +16,7 @@ history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and r
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -165,6 +166,12 @@ def get_args_parser():
         default=None,
         metavar="RUN_DIR",
         help="continue a run from its last.pt, with its settings (default: none)",
+    )
+    add(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, nor a line per phase in a log; the epoch lines and the results stay (the same as "
+        "TQDM_DISABLE=1) (default: off)",
     )
     return parser
 
@@ -317,19 +324,22 @@ def check_args(args):
 
 
 def main(args):
-    from ucgrade import data, evaluate, settings, splits, train
+    from ucgrade import data, evaluate, metrics, settings, splits, train
     from ucgrade.device import explain_out_of_memory, make_runtime
     from ucgrade.interrupt import GracefulStop
 
     args, resumed = settings.resolve(args, get_args_parser())
     check_args(args)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # progress.quiet() reads it, in every loop of the run
+    scanned = data.scan_data(args)  # the layout and the grade names: before the banner and any download
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))
     settings.print_settings(args, runtime)
 
     with GracefulStop() as stop, files.run_lock(args.resume if runtime.is_main else None):
         runtime.stop = stop
         imagenet_state, source = train.initial_weights(args, resumed)  # a bad --weights file before the images
-        image_set = data.read_data(args, stop)
+        image_set = data.read_data(args, stop, scanned)
         if resumed:
             settings.check_same_data(resumed, image_set)
         plan = splits.plan(args, image_set, resumed)  # before check_same_files, so that a missing image is named
@@ -338,6 +348,8 @@ def main(args):
         run_dir = settings.run_folder(args, runtime)
         config = settings.write_config(args, run_dir, image_set, runtime, (imagenet_state is not None, source), resumed)
         print(f"ImageNet weights: {source}\nrun folder: {run_dir}")
+        if not config["pretrained_used"]:
+            print(f"warning: {metrics.RANDOM_WEIGHTS}.")
 
         evaluations = []
         with explain_out_of_memory(args.batch_size):
@@ -346,8 +358,9 @@ def main(args):
                     evaluations.append(evaluate.read_finished(split, image_set, args.folds))
                     continue
                 with evaluate.keep_when_interrupted(args, split, runtime):
-                    history, model = train.train(args, image_set, split, runtime, imagenet_state, config)
-                    evaluations.append(evaluate.evaluate_split(args, image_set, split, model, history, runtime))
+                    history, model, validation = train.train(args, image_set, split, runtime, imagenet_state, config)
+                    evaluation = evaluate.evaluate_split(args, image_set, split, model, history, runtime, validation)
+                    evaluations.append(evaluation)
             if args.folds and runtime.is_main:
                 evaluations.append(evaluate.cross_validation(args, image_set, run_dir, plan[0], evaluations))
     print(f"\nresults in {run_dir}  (open {run_dir / 'report.html'} in a browser)")

@@ -66,6 +66,7 @@ QUESTIONS = (
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Time each way to speed up training and inference side by side with the project's choice.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -91,6 +91,7 @@ RECIPE = presets.RECIPES[presets.DEFAULT_RECIPE]  # the recipe that qq.py trains
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Benchmark training and inference speed against the device's ceiling.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -17,6 +17,7 @@ import torch
 
 from ucgrade.cli import run_cli
 from ucgrade.demo import make_image
+from ucgrade.grader import GRADING_PRECISION
 from ucgrade.images import load_image
 from ucgrade.torch_grader import torch_grader
 
@@ -60,9 +61,9 @@ def copy_run(run_dir, destination, **copytree_args):
 
 def grade_with_library(images, weights, threads=None):
     """{str(path): (grade, probabilities)} from the torch grader, one image at a time, with the checkpoint on the CPU
-    in the precision predict.py chooses there. threads: those of a predict.py to compare with, if not this process's
-    (the order of a sum's terms moves the probabilities by about 1e-7)."""
-    grader = torch_grader(weights, "cpu", "auto")
+    in the precision predict.py grades in by default (fp32). threads: those of a predict.py to compare with, if not
+    this process's (the order of a sum's terms moves the probabilities by about 1e-7)."""
+    grader = torch_grader(weights, "cpu", GRADING_PRECISION)
     own = torch.get_num_threads()
     torch.set_num_threads(threads or own)
     try:

@@ -19,6 +19,7 @@ from ucgrade import files, ood, stats
 from ucgrade.demo import make_image
 from ucgrade.grader import load_grader
 from ucgrade.images import load_image
+from ucgrade.metrics import RANDOM_WEIGHTS
 from ucgrade.model import load_checkpoint
 
 NAMES = ["mild", "moderate", "severe"]
@@ -69,6 +70,9 @@ def test_validation_metrics_have_intervals_in_json_terminal_and_report(run):
     accuracy = result["intervals"]["accuracy"]
     assert accuracy["low"] <= result["accuracy"] <= accuracy["high"]
     assert "95% confidence intervals" in output and len(CI.findall(output)) >= 5
+    # issue 23: random weights are a warning at the start and with the figures, and the proportions' intervals exact
+    assert output.count(f"warning: {RANDOM_WEIGHTS}.") == 2 and result["warnings"][-1] == RANDOM_WEIGHTS
+    assert result["intervals"]["accuracy"]["method"] == "Clopper-Pearson"
     page = (run_dir / "report.html").read_text()
     assert "95% CI" in page and "resamples of images" in page
     assert "patient_level" not in result and not (run_dir / "patients.csv").exists()  # no --groups

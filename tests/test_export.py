@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FAST, ROOT, cli, run_script, run_scripts, train, user_lines
+from conftest import FAST, ROOT, cli, copy_run, run_script, run_scripts, train, user_lines
 
 from ucgrade import device, files, onnx_export, onnx_grade
 from ucgrade.cli import PRECISIONS, UserError
@@ -247,4 +247,24 @@ def test_the_exported_graph_normalises_like_training(run):
 def test_shipped_requirements_name_the_grading_packages():
     lines = (ROOT / "requirements-predict.txt").read_text().splitlines()
     names = {line.split(">=")[0].strip().lower() for line in lines if line.strip() and not line.startswith("#")}
-    assert names == {"onnxruntime", "numpy", "pillow"}
+    assert names == {"onnxruntime", "numpy", "pillow", "av"}
+
+
+def test_a_second_export_without_int8_never_leaves_a_mismatched_pair(run, exported, tmp_path):
+    """export.json describes every model in the folder (issue 23): an int8 model of the same checkpoint keeps its
+    record; one of another checkpoint is removed, and said."""
+    again = copy_run(run, tmp_path / "again")
+    int8_record = json.loads((run / "export.json").read_text())["int8"]
+    code, out, err = cli("export.py", again)
+    assert code == 0, err
+    assert json.loads((again / "export.json").read_text())["int8"] == int8_record
+    assert (again / "model.int8.onnx").is_file() and "kept" in out and "validation (" in out and "int8 " in out
+    # another checkpoint (as after --resume): the int8 model beside would grade as the old one
+    checkpoint = torch.load(again / "best.pt", weights_only=True)
+    checkpoint["model"]["fc.bias"] += 1.0
+    (again / "best.pt").unlink()  # a hard link to the shared run's: replaced, not written into
+    torch.save(checkpoint, again / "best.pt")
+    code, out, err = cli("export.py", again)
+    assert code == 0, err
+    assert not (again / "model.int8.onnx").exists() and "int8" not in json.loads((again / "export.json").read_text())
+    assert f"note: removed {again / 'model.int8.onnx'}, which was not exported from this checkpoint" in err

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from html import escape as html_escape
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -505,7 +506,7 @@ def test_grad_cam_shows_the_most_confident_right_image_per_grade_then_the_errors
     cams = read_csv(run / "cam" / "index.csv")
     shown = [re.fullmatch(r"(.+): true (\S+), predicted (\S+) \(p=(\d\.\d\d)\)", row["caption"]) for row in cams]
     assert all(shown), cams
-    by_path = {row["path"]: row for row in rows}
+    by_path = {Path(row["path"]).name: row for row in rows}  # a caption names the file (issue 23)
 
     def p(row):
         return float(row[f"prob:{row['predicted']}"])

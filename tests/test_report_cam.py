@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, cli, make_folder
 from PIL import Image
 
-from ucgrade import figures, presets, sections
+from ucgrade import figures, presets, sections, stats
 from ucgrade.cam import cam_on_original, cam_overlay, grad_cam
 from ucgrade.demo import make_image
 from ucgrade.files import read_csv
@@ -99,19 +99,23 @@ def test_report_is_self_contained_and_shows_the_run(trained_run):
         assert f"{grade} {n_train} {n_val} {n_train + n_val}" in text, grade
     assert "No files were skipped." in text
     metrics = json.loads((run / "metrics.json").read_text())
-    # the metrics table: name, value, its 95% CI, one line for clinicians
-    ci = sections.ci_text
-    assert f"QWK {metrics['qwk']:.3f} {ci(metrics, 'qwk')} quadratic weighted kappa" in text
+    # the metrics table: name, value, its 95% CI, the majority-grade baseline where it has one (issue 23), one line
+    # for clinicians
+    ci, baseline = sections.ci_text, metrics["baseline"]
+    assert f"QWK {metrics['qwk']:.3f} {ci(metrics, 'qwk')} 0.000 quadratic weighted kappa" in text
     assert (
         f"macro F1 {metrics['macro_f1']:.3f} {ci(metrics, 'macro_f1')} F1 (the balance of precision and recall)" in text
     )
     assert (
-        f"balanced accuracy {metrics['balanced_accuracy']:.3f} {ci(metrics, 'balanced_accuracy')} mean of the per-grade"
-        in text
+        f"balanced accuracy {metrics['balanced_accuracy']:.3f} {ci(metrics, 'balanced_accuracy')} "
+        f"{baseline['balanced_accuracy']:.3f} mean of the per-grade" in text
     )
     assert f"MAE (grade steps) {metrics['mae_grades']:.3f}" in text
-    for grade, row in metrics["per_class"].items():
-        assert f"{grade} {row['precision']:.3f} {row['recall']:.3f} {row['f1']:.3f} {row['support']}" in text
+    for grade, row in metrics["per_class"].items():  # with the exact interval of the recall (issue 23)
+        recall_ci = stats.interval_text(metrics["recall_intervals"][grade])
+        assert (
+            f"{grade} {row['precision']:.3f} {row['recall']:.3f} {recall_ci} {row['f1']:.3f} {row['support']}" in text
+        )
     # the inference row, whole: the device, the precision and the four figures of metrics.json, under their headings
     timing = metrics["inference_time"]
     html_text = (run / "report.html").read_text()

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_folder, train
+from conftest import FAST, cli, make_folder, train
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from test_report_cam import Page
@@ -402,3 +402,20 @@ def test_cross_validation_report_with_six_long_grade_names(hyperkvasir_cv_run):
     assert_apart([extent(t, renderer) for t in ax.get_xticklabels()], "x labels")
     with Image.open(run / "confusion_matrix.png") as image:
         assert image.width < 1400  # six short labels: no room spent on the shared prefix
+
+
+def test_predict_lines_with_six_long_grade_names_fit_120_characters(hyperkvasir_cv_run, tmp_path, monkeypatch):
+    """issue 23: a line per image of about 330 characters with the whole names; the part that differs, as the plots
+    show it, and the shared start named once."""
+    image = next((hyperkvasir_cv_run.parent.parent / "data" / HYPERKVASIR[3]).iterdir())
+    shutil.copy(image, tmp_path / "scan.jpg")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(
+        "predict.py", "scan.jpg", "--weights", hyperkvasir_cv_run / "fold1" / "best.pt", "--device", "cpu"
+    )
+    assert code == 0, err
+    (line,) = out.splitlines()
+    assert len(line) < 120, line
+    assert re.fullmatch(r"scan\.jpg: (0-1|1|1-2|2|2-3|3) \(p=\d\.\d\d\)(  \[[^]]+\])?  0-1=\d\.\d{3}  1=\d\.\d{3}  "
+                        r"1-2=\d\.\d{3}  2=\d\.\d{3}  2-3=\d\.\d{3}  3=\d\.\d{3}", line), line  # fmt: skip
+    assert "ulcerative-colitis-grade-" not in out and err.count("ulcerative-colitis-grade-") == 1

@@ -1,13 +1,15 @@
-"""95% bootstrap confidence intervals and patient-level grades (issue 12).
+"""95% confidence intervals (issues 12 and 23) and patient-level grades (issue 12).
 
 The vectorised metrics are checked against metrics.compute_metrics (scikit-learn) on the very same
-resamples; the intervals against cases whose answer is known without the code under test.
+resamples; the intervals against cases whose answer is known without the code under test: exact
+intervals against scipy's binomtest and values computed by hand.
 """
 
 import collections
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 from sklearn import metrics as skm
 
 from ucgrade import metrics, stats
@@ -85,12 +87,71 @@ def test_every_resample_counts_images_as_drawn():
     assert weights.tolist() == per_group[:, [1, 0, 1, 2]].tolist()  # an image counts as often as its group
 
 
-def test_right_every_time_gives_a_degenerate_interval():
+def test_right_every_time_gives_a_degenerate_bootstrap():
     targets = np.repeat([0, 1, 2], 10)
     probs = np.eye(3)[targets] * 0.8 + 0.2 / 3
-    intervals = stats.confidence_intervals(targets, probs, NAMES, remission_upto="mild")
+    intervals = stats.bootstrap_intervals(targets, probs, NAMES, remission_upto="mild")
     for name, value in [("accuracy", 1.0), ("mae_grades", 0.0), ("qwk", 1.0), ("remission_sensitivity", 1.0)]:
         assert intervals[name] == {"low": value, "high": value, "resamples": 2000}, name
+
+
+def test_24_of_24_right_is_an_exact_interval_not_1_00_to_1_00():
+    # the demo report's 24 validation images, all right: the percentile bootstrap said "1.00-1.00"
+    targets = np.repeat([0, 1, 2], 8)
+    probs = np.eye(3)[targets] * 0.8 + 0.2 / 3
+    intervals = stats.confidence_intervals(targets, probs, NAMES, remission_upto="mild")
+    accuracy = intervals["accuracy"]
+    # Clopper-Pearson for k = n: the lower bound solves p^n = 0.025
+    assert accuracy["low"] == pytest.approx(0.025 ** (1 / 24)) == pytest.approx(0.8575, abs=1e-4)
+    assert accuracy["high"] == 1.0 and accuracy["method"] == "Clopper-Pearson"
+    assert stats.format_ci(1.0, accuracy) == "1.00 (0.86-1.00)"
+    assert intervals["remission_sensitivity"]["low"] == pytest.approx(0.025 ** (1 / 16))  # the 16 active images
+    assert intervals["remission_specificity"]["low"] == pytest.approx(0.025 ** (1 / 8))
+    # the bootstrap metrics: every resample is perfect, which says nothing; no zero-width interval is given
+    for name in ("qwk", "mae_grades", "balanced_accuracy", "macro_f1", "roc_auc_ovr_macro"):
+        assert intervals[name]["degenerate"] and intervals[name]["low"] is None, name
+        assert intervals[name]["method"] == "percentile bootstrap"
+    assert stats.format_ci(1.0, intervals["qwk"]) == "1.00 (no interval: the resamples did not vary)"
+    assert all(stats.format_ci(0.5, i) != "0.50 (0.50-0.50)" for i in intervals.values())
+    for interval in stats.recall_intervals(targets, probs, NAMES).values():  # 8 of 8 per grade
+        assert interval["low"] == pytest.approx(0.025 ** (1 / 8)) == pytest.approx(0.6306, abs=1e-4)
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (0, 24), (1, 10), (7, 10), (12, 24), (23, 24), (50, 127), (35, 127)])
+def test_exact_intervals_are_scipys_clopper_pearson(k, n):
+    interval = stats.exact_interval(np.arange(n) < k)
+    reference = binomtest(k, n).proportion_ci(0.95, method="exact")
+    assert (interval["low"], interval["high"]) == pytest.approx((reference.low, reference.high), abs=1e-9)
+    assert interval["hits"] == k and interval["n"] == n
+
+
+def test_none_right_by_hand():
+    # Clopper-Pearson for k = 0: the upper bound solves (1 - p)^n = 0.025
+    interval = stats.exact_interval(np.zeros(10, bool))
+    assert interval["low"] == 0.0 and interval["high"] == pytest.approx(1 - 0.025 ** (1 / 10))
+    assert interval["high"] == pytest.approx(0.3085, abs=1e-4)
+    assert stats.exact_interval(np.zeros(0, bool))["low"] is None  # no images: no interval
+
+
+def test_grouped_exact_intervals_count_a_patient_about_once():
+    # 10 patients with 4 images each, all right: the data cannot say how alike a patient's images are, so they
+    # count as alike (design effect 4), and the interval is that of 10 images
+    hits, groups = np.ones(40, bool), [f"p{i // 4}" for i in range(40)]
+    interval = stats.exact_interval(hits, groups)
+    assert interval["design_effect"] == 4.0 and interval["effective_n"] == 10.0
+    assert interval["low"] == pytest.approx(0.025 ** (1 / 10)) == pytest.approx(0.6915, abs=1e-4)
+    assert "Korn-Graubard" in interval["method"]
+    # half the patients right on all 4 images: the cluster-robust variance by hand is G/(G-1) * 16 G p(1-p) / n^2,
+    # the binomial one p(1-p) / n, so the design effect is 10/9 * 16 * 10 / 40 = 4.44
+    hits = np.arange(40) < 20
+    interval = stats.exact_interval(hits, groups)
+    assert interval["design_effect"] == pytest.approx(40 / 9, abs=1e-3)
+    reference = binomtest(20, 40).proportion_ci(0.95, method="exact")
+    assert interval["low"] < reference.low and interval["high"] > reference.high
+    # each patient's images half right: no patient is alike in its images, so no wider than the binomial interval
+    interval = stats.exact_interval(np.arange(40) % 2 == 0, groups)
+    assert interval["design_effect"] == 1.0
+    assert (interval["low"], interval["high"]) == pytest.approx((reference.low, reference.high))
 
 
 def test_patients_half_right_give_a_degenerate_cluster_interval():
@@ -100,9 +161,9 @@ def test_patients_half_right_give_a_degenerate_cluster_interval():
     preds = np.where(np.arange(24) % 2 == 0, targets, (targets + 1) % 3)
     probs = np.eye(3)[preds]
     groups = [f"p{i // 2}" for i in range(24)]
-    clustered = stats.confidence_intervals(targets, probs, NAMES, groups=groups)["accuracy"]
+    clustered = stats.bootstrap_intervals(targets, probs, NAMES, groups=groups)["accuracy"]
     assert clustered == {"low": 0.5, "high": 0.5, "resamples": 2000}
-    by_image = stats.confidence_intervals(targets, probs, NAMES)["accuracy"]
+    by_image = stats.bootstrap_intervals(targets, probs, NAMES)["accuracy"]
     assert by_image["low"] < 0.4 and by_image["high"] > 0.6
 
 
@@ -112,9 +173,9 @@ def test_a_cluster_bootstrap_is_wider_when_patients_images_are_identical():
     targets, probs = predictions(40, 3, seed=7, skill=1.0)
     copies = np.repeat(np.arange(40), 4)
     groups = [f"p{i:02d}" for i in copies]
-    clustered = stats.confidence_intervals(targets[copies], probs[copies], NAMES, "mild", groups=groups)
-    one_each = stats.confidence_intervals(targets, probs, NAMES, "mild")
-    by_image = stats.confidence_intervals(targets[copies], probs[copies], NAMES, "mild")
+    clustered = stats.bootstrap_intervals(targets[copies], probs[copies], NAMES, "mild", groups=groups)
+    one_each = stats.bootstrap_intervals(targets, probs, NAMES, "mild")
+    by_image = stats.bootstrap_intervals(targets[copies], probs[copies], NAMES, "mild")
     for name in stats.INTERVAL_METRICS:
         # the same draws (the same seed draws 40 of 40 either way), so the same interval
         assert clustered[name] == pytest.approx(one_each[name]), name
@@ -128,12 +189,12 @@ def test_an_interval_counts_only_the_resamples_where_the_metric_is_defined():
     # one active (severe) image among 20: sensitivity is defined only in resamples that draw it
     targets = np.array([0] * 10 + [1] * 9 + [2])
     probs = np.eye(3)[targets]
-    intervals = stats.confidence_intervals(targets, probs, NAMES, "moderate", seed=3)
+    intervals = stats.bootstrap_intervals(targets, probs, NAMES, "moderate", seed=3)
     drawn = stats.resample_weights(np.random.default_rng(3), 20, n_resamples=2000)[:, 19] > 0
     assert intervals["remission_sensitivity"] == {"low": 1.0, "high": 1.0, "resamples": int(drawn.sum())}
     assert 0.5 < drawn.mean() < 0.75  # about 1 - (19/20)^20 = 64%
     # a single grade anywhere: QWK and the AUC are undefined on every resample
-    intervals = stats.confidence_intervals([1] * 10, np.eye(3)[[1] * 10], NAMES)
+    intervals = stats.bootstrap_intervals([1] * 10, np.eye(3)[[1] * 10], NAMES)
     assert intervals["qwk"] == intervals["roc_auc_ovr_macro"] == {"low": None, "high": None, "resamples": 0}
 
 

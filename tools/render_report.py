@@ -52,7 +52,7 @@ addEventListener("load", () => {
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="a finished run folder (default: train a demo run first)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the demo run (default: qq.py's, 25)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the pictures (default: docs)")

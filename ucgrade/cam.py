@@ -107,7 +107,7 @@ def write_cams(model, image_set, evaluation, run_dir, img_size, count):
 
     evaluation: the validation images' indices (val), targets and probabilities (probs). The most
     confident right image of each grade comes first, then the most confident errors.
-    Returns a list of (caption, PNG path).
+    Returns a list of (caption, PNG path); a caption names the file, not its folders, which the grade already says.
     """
     if count == 0:
         return []
@@ -133,7 +133,7 @@ def write_cams(model, image_set, evaluation, run_dir, img_size, count):
         save_png(image, out)
         cams.append(
             (
-                f"{image_set.relpath(val[k])}: true {image_set.class_names[targets[k]]}, predicted {predicted} "
+                f"{path.name}: true {image_set.class_names[targets[k]]}, predicted {predicted} "
                 f"(p={probs[k].max():.2f})",
                 out,
             )

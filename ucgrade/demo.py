@@ -156,7 +156,9 @@ def make_mayo_dataset(out, images=400, size=256, seed=0, overlap=0.45):
 
 
 def get_args_parser():  # used by tools/make_demo_data.py
-    parser = argparse.ArgumentParser(description="Generate synthetic endoscopy-like demo images in three grades.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Generate synthetic endoscopy-like demo images in three grades."
+    )
     parser.add_argument("--out", default="data", help="output folder (default: %(default)s)")
     parser.add_argument("--per-class", type=int, default=40, help="images per grade (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
@@ -170,3 +172,27 @@ def get_args_parser():  # used by tools/make_demo_data.py
         "orientation, a colour cast per patient, and patients.csv for --groups; to tell recipes apart (default: off)",
     )
     return parser
+
+
+def write_video(path, parts, size, rate=25, hold=5, codec="libx264", options=None):
+    """A video of demo pictures, for the tests and the benchmark: parts is a list of (pictures, seconds), each
+    part showing its pictures in turn, each for hold frames, as size x size frames (width, height) at rate."""
+    import av  # here: the demo images need no video library
+
+    width, height = (size, size) if isinstance(size, int) else size
+    container = av.open(str(path), "w")
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    stream.options = {"preset": "veryfast"} | (options or {}) if codec == "libx264" else options or {}
+    for pictures, seconds in parts:
+        frames = [
+            np.asarray(Image.fromarray(np.asarray(p, dtype=np.uint8)).convert("RGB").resize((width, height)))
+            for p in pictures
+        ]
+        for i in range(round(seconds * rate)):
+            frame = av.VideoFrame.from_ndarray(frames[(i // hold) % len(frames)], format="rgb24")
+            container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+    container.close()
+    return Path(path)

@@ -29,19 +29,18 @@ class Evaluation:
     failed: list = field(default_factory=list)  # (part, reason) of the optional parts that could not be made
 
 
-def evaluate_split(args, image_set, split, model, history, runtime):
-    """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report."""
+def evaluate_split(args, image_set, split, model, history, runtime, validation=None):
+    """Evaluate the split's best.pt on its validation images; write metrics, predictions, plots and the report.
+
+    validation: the kept epoch's own validation pass (loss, probabilities, targets, features) when training ran
+    it with the weights of best.pt; otherwise best.pt is evaluated here."""
     barrier(runtime)  # process 0 has written best.pt
     model.load_state_dict(load_checkpoint(split.run_dir / "best.pt")["model"])
-    resize = presets.resize_size_for(args.img_size)
-    val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
-    val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
-    val_loss, _, probs, targets, features = engine.evaluate(
-        model, val_loader, runtime, "best model", features=True, tta=args.tta
-    )
+    val_loss, probs, targets, features = validation or validation_pass(args, image_set, split, model, runtime)
     if not runtime.is_main:  # the files and the timing are made once
         return Evaluation(None, probs, targets, split.val)
     finishing(runtime, len(split.val), args.cam_examples)
+    resize = presets.resize_size_for(args.img_size)
     val_set = data.ImageDataset(image_set, split.val, presets.val_transform(args.img_size), resize)
     crops = (val_set[i][0] for i in range(len(val_set)))
     failed = []
@@ -57,6 +56,7 @@ def evaluate_split(args, image_set, split, model, history, runtime):
         "val_loss": val_loss,
         "device": str(runtime.device),
         "precision": runtime.precision,
+        "pretrained_used": pretrained_used(split.run_dir),
         "inference_time": timing,
     }
     out_of_distribution = ood.calibrate(model, image_set, split, args, runtime, features)  # into best.pt
@@ -75,6 +75,22 @@ def evaluate_split(args, image_set, split, model, history, runtime):
     )  # fmt: skip
     finishing(runtime, None)
     return evaluation
+
+
+def pretrained_used(run_dir):
+    """Whether the run's models started from ImageNet weights, as its config.json records."""
+    return files.read_json(run_dir / "config.json").get("pretrained_used")
+
+
+def validation_pass(args, image_set, split, model, runtime):
+    """(loss, probabilities, targets, features) of the model on the split's validation images."""
+    resize = presets.resize_size_for(args.img_size)
+    val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
+    val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
+    val_loss, _, probs, targets, features = engine.evaluate(
+        model, val_loader, runtime, "best model", features=True, tta=args.tta
+    )
+    return val_loss, probs, targets, features
 
 
 def scoring_of(args, image_set, out_dir, evaluation, columns, **differs):
@@ -176,7 +192,8 @@ def cross_validation(args, image_set, run_dir, groups, evaluations):
 
     pooled.result, pooled.failed = scoring.score(
         scoring_of(args, image_set, run_dir, pooled, {"fold": fold_column.tolist(), "group": groups}, page="cv",
-                   ood=evidence.pooled_flagged(fold_results), fields={"status": "finished", "folds": args.folds},
+                   ood=evidence.pooled_flagged(fold_results), fields={"status": "finished", "folds": args.folds,
+                   "precision": fold_results[0].get("precision"), "pretrained_used": pretrained_used(run_dir)},
                    write_more=write_summary, terminal=terminal)
     )  # fmt: skip
     return pooled

@@ -1,6 +1,7 @@
 """Evidence a clinician can cite, added to every evaluation (validation, pooled folds, test set).
 
-add_evidence() puts 95% bootstrap intervals of every metric into metrics.json ("intervals"), and
+add_evidence() puts 95% intervals of every metric into metrics.json ("intervals", and "recall_intervals" of
+each grade; how they were made under "interval_method"), and
 with groups (patients) the patient-level section ("patient_level", patients.csv and its confusion
 matrix). The intervals come from ucgrade.stats; this module only wires them into the outputs, so
 that a validation split, a cross-validation run and a test set report them alike.
@@ -23,12 +24,15 @@ def add_evidence(result, targets, probs, out_dir, groups=None, patient_grade="ma
     result["intervals"] = stats.confidence_intervals(
         targets, probs, class_names, remission_upto, groups=groups, seed=BOOTSTRAP_SEED
     )
+    result["recall_intervals"] = stats.recall_intervals(targets, probs, class_names, groups)
+    unit = "patient" if groups is not None else "image"
     result["bootstrap"] = {
         "resamples": stats.N_RESAMPLES,
         "seed": BOOTSTRAP_SEED,
-        "unit": "patient" if groups is not None else "image",
+        "unit": unit,
         "method": "percentile, 95%",
     }
+    result["interval_method"] = stats.method_note(unit)
     if groups is None:
         return result
     level = stats.patient_level(targets, probs, groups, class_names, patient_grade, remission_upto, seed=BOOTSTRAP_SEED)
@@ -52,8 +56,13 @@ def format_evidence(result):
     """The terminal table of the metrics with their 95% intervals, and the patient-level one with groups."""
     unit = result.get("bootstrap", {}).get("unit", "image")
     lines = [
-        f"\n95% confidence intervals (bootstrap of {stats.N_RESAMPLES} resamples of {unit}s):",
+        "\n95% confidence intervals:",
         stats.format_metrics_with_intervals(result, result["intervals"]),
+        *(
+            f"{'recall of ' + name:<32}{stats.format_ci(result['per_class'][name]['recall'], interval)}"
+            for name, interval in result.get("recall_intervals", {}).items()
+        ),
+        stats.method_note(unit),
     ]
     level = result.get("patient_level")
     if level:
@@ -62,6 +71,7 @@ def format_evidence(result):
             f"\npatient level ({patients['num_patients']} patients; a patient's grade is "
             f"{sections.patient_rule_text(level['rule'])}):",
             stats.format_metrics_with_intervals(patients, level["intervals"]),
+            stats.method_note("patient", clustered=False),
         ]
     return "\n".join(lines)
 

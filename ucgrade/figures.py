@@ -6,7 +6,6 @@ labels fit whatever the grades are called.
 """
 
 import itertools
-import os
 import re
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from . import files  # noqa: E402
+from .grader import SEPARATORS, grade_labels  # noqa: E402
 
 # ----------------------------------------------------------------------------- grade names on plots
 
 LABEL_POINTS = 10  # tick labels
-SEPARATORS = "-_ ./"
 _TEXT_PATHS = TextToPath()
 
 
@@ -42,20 +41,6 @@ def text_width(text, points=LABEL_POINTS):
 def text_height(text, points=LABEL_POINTS):
     """Inches that text of one or more lines takes (matplotlib spaces lines by 1.2 font sizes)."""
     return (text.count("\n") + 1) * 1.2 * points / 72
-
-
-def grade_labels(class_names):
-    """(prefix, labels): the start that all grade names share, up to a separator, and the rest of each name.
-
-    ['ulcerative-colitis-grade-0-1', 'ulcerative-colitis-grade-1'] gives ('ulcerative-colitis-grade-', ['0-1', '1']);
-    names with no such start in common come back whole, with the prefix ''.
-    """
-    names = [str(name) for name in class_names]
-    prefix = os.path.commonprefix(names)
-    prefix = prefix[: max(prefix.rfind(s) for s in SEPARATORS) + 1]
-    if len(names) < 2 or prefix in names:
-        return "", names
-    return prefix, [name[len(prefix) :] for name in names]
 
 
 def prefix_note(prefix):
@@ -138,16 +123,18 @@ def confusion_figure(matrix, class_names, normalize=False, title=None):
     while any(wrap(label, ywidth).count("\n") >= row_lines for label in labels) and ywidth < 6:
         ywidth += 0.4
     ylabels = [wrap(label, ywidth) for label in labels]
-    if normalize:  # a row of fractions hides how few images it may rest on
+    if normalize:  # a row of fractions hides how few images it may rest on; below its grade where the row has room,
+        # so that the two matrices of six grades stand side by side in the report
         ylabels = [
-            label + (" " if text_width(label.split("\n")[-1] + f" (n={t})") <= ywidth else "\n") + f"(n={t})"
+            label + ("\n" if label.count("\n") + 2 <= row_lines + 1 or text_width(label.split("\n")[-1] + f" (n={t})")
+                     > ywidth else " ") + f"(n={t})"
             for label, t in zip(ylabels, totals[:, 0].astype(int))
-        ]
+        ]  # fmt: skip
     vmax = 1 if normalize else max(int(matrix.max()), 1)
     side = n * cell
     left = 0.15 + 0.3 + widest_line(ylabels) + 0.12  # margin, axis label, tick labels, ticks
     bottom = 0.15 + 0.3 + max(text_height(label) for label in xlabels) + 0.12
-    right = 0.2 + 0.2 + 0.12 + text_width(f"{vmax:.1f}" if normalize else str(vmax), 9) + 0.15  # gap, colour bar
+    right = 0.12 + 0.15 + 0.12 + text_width(f"{vmax:.1f}" if normalize else str(vmax), 9) + 0.15  # gap, colour bar
     width = left + side + right
     centre = left + side / 2  # the title stands over the matrix
     heading = "\n".join(
@@ -157,7 +144,7 @@ def confusion_figure(matrix, class_names, normalize=False, title=None):
     height = bottom + side + 0.15 + text_height(heading, 12) + 0.15
     fig = Figure(figsize=(width, height))
     ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
-    colorbar_ax = fig.add_axes(((left + side + 0.2) / width, bottom / height, 0.2 / width, side / height))
+    colorbar_ax = fig.add_axes(((left + side + 0.12) / width, bottom / height, 0.15 / width, side / height))
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
     colorbar = fig.colorbar(image, cax=colorbar_ax)
     if not normalize:
@@ -285,8 +272,8 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     class_names: the grades, to show the part of their names that differs (default: the names in rows); images:
     what they are, for the heading (validation images, test images).
     """
-    from .data import UnreadableImage, load_image
-    from .presets import eval_transform
+    from .images import UnreadableImage, load_image, preprocess  # torch-free: predict.py --evaluate with an .onnx
+    from .presets import resize_size_for
 
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))
     wrong = wrong[:max_images]
@@ -318,7 +305,8 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
         bottom = height - heading_height - (k // cols) * row_height - caption_height - 2.7
         ax = fig.add_axes((left / width, bottom / height, 2.7 / width, 2.7 / height))
         try:
-            image = eval_transform(img_size)(load_image(Path(data_root) / row["path"])).permute(1, 2, 0).numpy()
+            image = preprocess(load_image(Path(data_root) / row["path"]), img_size, resize_size_for(img_size))
+            image = image.transpose(1, 2, 0)
             ax.imshow(image)
         except UnreadableImage:
             ax.text(0.5, 0.5, "image missing", ha="center")

@@ -7,20 +7,22 @@ import base64
 import datetime
 import html
 import io
+import re
 from pathlib import Path
 
 from PIL import Image
 
 from . import files
 
-# Plots are shown at their size in inches (96 CSS pixels each), so that their 10-point labels read as 10 points.
+# Plots are shown at their size in inches (96 CSS pixels each), so that their 10-point labels read as 10 points;
+# on a screen 1200 px wide or more, a pair of plots (the confusion matrices) stays side by side, shrunk if need be.
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
   color:#222;line-height:1.35}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
   vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.settings td{white-space:pre-line;overflow-wrap:anywhere}table.settings td:first-child{white-space:nowrap}
 .card{border:1px solid #c9d3e0;border-radius:6px;background:#f6f8fb;padding:0 1.2em .6em;margin-top:1.2em}
 .card h2{border:0;margin-top:.6em}
@@ -30,6 +32,7 @@ table.settings td{white-space:pre-line;overflow-wrap:anywhere}table.settings td:
 .tile span{display:block;color:#555;font-size:.9em}.tile b{display:block;font-size:1.7em;
   font-variant-numeric:tabular-nums}.tile small{display:block;color:#666;font-size:.8em;overflow-wrap:anywhere}
 .pair{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+@media screen and (min-width:1200px){.pair{flex-wrap:nowrap}.pair img{min-width:0;flex:0 1 auto}}
 img{max-width:100%;height:auto;border:1px solid #eee}.note{color:#666;font-size:.9em}.warn{color:#a40}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}.gallery figure{margin:0;width:250px}.gallery img{width:100%}
 .gallery figcaption{font-size:.85em}
@@ -44,6 +47,9 @@ img{max-width:100%;height:auto;border:1px solid #eee}.note{color:#666;font-size:
 """
 
 
+INTERVAL = re.compile(r"-?\d+\.\d+(-| to )-?\d+\.\d+")
+
+
 def table(header, rows, numbers=True, css_class=None):
     """An HTML table. With numbers, numbers are right-aligned so that their digits line up; text stays left."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
@@ -52,8 +58,9 @@ def table(header, rows, numbers=True, css_class=None):
 
 
 def cell(value, numbers=True):
-    """A <td>: a number, or a number with its spread ('0.81 ± 0.03'), is right-aligned."""
-    aligned = numbers and files.is_number(str(value).split(" ± ")[0])
+    """A <td>: a number, a number with its spread ('0.81 ± 0.03') or an interval ('0.20-0.35') is right-aligned,
+    and never wrapped."""
+    aligned = numbers and (files.is_number(str(value).split(" ± ")[0]) or INTERVAL.fullmatch(str(value)))
     return f"<td{' class=num' if aligned else ''}>{html.escape(str(value))}</td>"
 
 

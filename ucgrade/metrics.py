@@ -9,6 +9,8 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
+from .cli import UserError
+
 # The scalar metrics, in the order tables show them, with a one-line meaning for clinicians.
 SCALARS = {
     "accuracy": "share of images graded exactly right",
@@ -86,7 +88,53 @@ def compute_metrics(targets, probs, class_names, remission_upto=None):
     }
     if remission_upto is not None:
         result["remission"] = remission_metrics(targets, probs, class_names, remission_upto)
+    if len(targets):
+        result["baseline"] = majority_baseline(targets, class_names)
     return result
+
+
+BASELINE_METRICS = ("accuracy", "balanced_accuracy", "qwk")
+RANDOM_WEIGHTS = (
+    "the model started from random weights, not from ImageNet's, which is the main reason a model trained on a few "
+    "hundred images grades poorly; to give the weights offline, pass --weights FILE to qq.py or copy the file into "
+    "the torch hub cache (README: Pretrained weights and machines without internet)"
+)
+
+
+def majority_baseline(targets, class_names):
+    """What always answering the most frequent grade of these images scores, for the figures that a large grade can
+    flatter: its share as accuracy, 1 / the grades present as balanced accuracy, and QWK 0 (no agreement beyond
+    chance, by definition)."""
+    counts = np.bincount(np.asarray(targets), minlength=len(class_names))
+    grade = int(counts.argmax())
+    return {
+        "grade": class_names[grade],
+        "accuracy": float(counts[grade] / counts.sum()),
+        "balanced_accuracy": float(1 / np.count_nonzero(counts)),
+        "qwk": 0.0,
+    }
+
+
+def not_beaten(result):
+    """The BASELINE_METRICS on which the model does no better than the majority-grade baseline."""
+    baseline = result.get("baseline") or {}
+    return [name for name in BASELINE_METRICS if name in baseline and (result[name] or 0.0) <= baseline[name] + 1e-9]
+
+
+def warnings(result):
+    """What a reader must know before the figures: a model no better than always answering one grade, and a model
+    trained from random weights (result["pretrained_used"] False)."""
+    found = []
+    if missed := not_beaten(result):
+        baseline = result["baseline"]
+        figures = ", ".join(f"{LABELS[n]} {fmt(result[n], 3)} against {fmt(baseline[n], 3)}" for n in missed)
+        found.append(
+            f"the model does not beat always answering the largest grade, {baseline['grade']} ({figures}); "
+            "its grades carry no more information than that guess"
+        )
+    if result.get("pretrained_used") is False:
+        found.append(RANDOM_WEIGHTS)
+    return found
 
 
 def _balanced_accuracy(targets, preds):
@@ -111,6 +159,21 @@ def _auc_ovr(targets, probs, labels):
     if len(labels) == 2:
         return skm.roc_auc_score(targets, probs[:, 1])
     return skm.roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=labels)
+
+
+def check_remission_grade(remission_upto, class_names):
+    if remission_upto is None:
+        return
+    if remission_upto not in class_names:
+        raise UserError(
+            f"--remission-upto {remission_upto!r} is not one of the grades ({', '.join(class_names)}); name the last "
+            "grade that counts as remission."
+        )
+    if remission_upto == class_names[-1]:
+        raise UserError(
+            f"--remission-upto {remission_upto!r} is the most severe grade, which leaves no active grades; name a "
+            "milder grade."
+        )
 
 
 def remission_metrics(targets, probs, class_names, remission_upto):
@@ -144,9 +207,13 @@ def fmt(value, digits=3, missing="n/a"):
 
 
 def format_metrics(metrics):
-    """The metrics as a plain-text table for the terminal."""
-    lines = [f"{'metric':<20}{'value':>8}"]
-    lines += [f"{name:<20}{fmt(metrics[name]):>8}" for name in SCALARS]
+    """The metrics as a plain-text table for the terminal, with the majority-grade baseline beside the figures it
+    can flatter."""
+    baseline = metrics.get("baseline") or {}
+    lines = [f"{'metric':<20}{'value':>8}{'baseline':>10}" + (f"  (always {baseline['grade']})" if baseline else "")]
+    lines += [
+        f"{name:<20}{fmt(metrics[name]):>8}{fmt(baseline.get(name), missing=''):>10}".rstrip() for name in SCALARS
+    ]
     lines.append("")
     lines.append(f"{'class':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
     for name, row in metrics["per_class"].items():

@@ -41,6 +41,7 @@ class Kind:
     selection: str = ""
     remedy: str = ""
     dataset_note: str = ""  # a sentence above the dataset table
+    pictures: bool = True  # what is scored are pictures: a grid of the wrong ones, a check for training images
 
 
 def failures(metrics):
@@ -82,7 +83,7 @@ def load_cross_validation(page):
 
 def load_test_set(page):
     predictions = files.read_csv(page.folder / "predictions.csv")
-    page.split = [{"class": r["true"], "subset": "test images"} for r in predictions]
+    page.split = [{"class": r["true"], "subset": f"test {page.kind.images}"} for r in predictions]
     page.cams = []
 
 
@@ -123,6 +124,17 @@ KINDS = {
             "metrics": "Metrics (test set)",
             "dataset": "Test images",
         },
+    ),
+    "videos": Kind(
+        title="UC severity grading, videos: {name}",
+        images="videos",
+        load=load_test_set,
+        headings={
+            "confusion": "Confusion matrices (a grade per video)",
+            "metrics": "Metrics (a grade per video)",
+            "dataset": "Test videos",
+        },
+        pictures=False,
     ),
 }
 

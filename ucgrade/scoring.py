@@ -50,6 +50,7 @@ def score(scoring):
     if s.write_more:
         s.write_more(result)
     result |= s.fields
+    result["warnings"] = metrics.warnings(result)
     failed = s.failed
     failed += write_evaluation(s, result)
     write_metrics(s.out_dir, result, failed)
@@ -62,6 +63,8 @@ def score(scoring):
     pages.write_report(s.out_dir, s.page, cams)
     print(s.terminal(result))
     print(evidence.format_evidence(result))
+    for warning in result["warnings"]:
+        print(f"warning: {warning}.")
     for line in s.notes:
         print(line)
     return result, failed
@@ -89,9 +92,10 @@ def write_evaluation(scoring, result):
     attempt(failed, "the confusion matrices", figures.plot_confusions, result["confusion_matrix"], names, out_dir,
             s.page == "cv")  # fmt: skip
     attempt(failed, "roc.png", figures.plot_roc, s.targets, s.probs, names, out_dir / "roc.png", s.remission_upto)
-    images = pages.KINDS[s.page].images
-    attempt(failed, "errors.png", figures.plot_errors, rows, s.data_root, s.img_size, out_dir / "errors.png",
-            class_names=names, images=images)  # fmt: skip
+    kind = pages.KINDS[s.page]
+    if kind.pictures:
+        attempt(failed, "errors.png", figures.plot_errors, rows, s.data_root, s.img_size, out_dir / "errors.png",
+                class_names=names, images=kind.images)  # fmt: skip
     return failed
 
 

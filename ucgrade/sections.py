@@ -28,8 +28,12 @@ def headline(metrics, spread=None):
     """
     spread = spread or {}
 
+    baseline = metrics.get("baseline") or {}
+
     def details(key):
-        return [text for text in (spread.get(key) and f"folds: {spread[key]}", interval_text(metrics, key)) if text]
+        always = key in baseline and f"always {baseline['grade']}: {fmt(baseline[key])}"
+        return [text for text in (spread.get(key) and f"folds: {spread[key]}", interval_text(metrics, key), always)
+                if text]  # fmt: skip
 
     items = [(LABELS[name], fmt(metrics.get(name)), details(name)) for name in HEADLINE]
     remission = metrics.get("remission")
@@ -52,23 +56,22 @@ def headline(metrics, spread=None):
 
 def interval_text(metrics, name):
     """'95% CI 0.76-0.86' for a key of stats.INTERVAL_METRICS, or '' when metrics has no interval for it."""
-    interval = (metrics.get("intervals") or {}).get(name)
-    if not interval or interval["low"] is None:
-        return ""
-    return "95% CI " + stats.format_ci(0.0, interval).split("(", 1)[1].rstrip(")")
+    text = ci_text(metrics, name)
+    return {"n/a": "", "none": "95% CI: none, the resamples did not vary"}.get(text, "95% CI " + text)
 
 
 def ci_text(metrics, name):
-    """The 95% interval of a metric as a table shows it: '0.76-0.86', or 'n/a'."""
-    return interval_text(metrics, name).removeprefix("95% CI ") or "n/a"
+    """The 95% interval of a metric as a table shows it (stats.interval_text): '0.76-0.86', 'none' or 'n/a'."""
+    return stats.interval_text((metrics.get("intervals") or {}).get(name))
 
 
-def bootstrap_note(metrics):
+def method_note(metrics, clustered=None):
+    """How the table's intervals were made, under it (see stats.method_note)."""
     unit = (metrics.get("bootstrap") or {}).get("unit", "image")
     return (
-        f'<p class="note">95% CI: percentile bootstrap of {stats.N_RESAMPLES} resamples of {unit}s '
-        f"(seeded){', whole patients at a time' if unit == 'patient' else ''}; n/a where a metric is undefined "
-        "on too many resamples.</p>"
+        f'<p class="note">{html.escape(stats.method_note(unit, clustered))} The bootstrap is seeded'
+        f"{', whole patients at a time' if unit == 'patient' else ''}; n/a where a metric is undefined on too many "
+        "resamples, none where the resamples did not vary.</p>"
     )
 
 
@@ -80,12 +83,15 @@ def _label(name):
     return "remission " + LABELS[_key(name)] if name.startswith("remission_") else LABELS[name]
 
 
-def metric_rows(metrics, names, meanings):
-    """Rows of a metrics table: label, value, its 95% CI when metrics has intervals, and the meaning."""
+def metric_rows(metrics, names, meanings, baseline=False):
+    """Rows of a metrics table: label, value, its 95% CI when metrics has intervals, with baseline the majority-grade
+    baseline's value where it has one, and the meaning."""
     with_ci = "intervals" in metrics
+    always = metrics.get("baseline") or {}
     return [
         [LABELS[_key(name)], fmt(stats.metric_value(metrics, name))]
         + ([ci_text(metrics, name)] if with_ci else [])
+        + ([fmt(always.get(name), missing="")] if baseline else [])
         + [meanings[_key(name)]]
         for name in names
     ]
@@ -93,14 +99,20 @@ def metric_rows(metrics, names, meanings):
 
 def metrics_html(metrics):
     header = ["metric", "value"] + (["95% CI"] if "intervals" in metrics else []) + ["meaning"]
-    parts = [table(header, metric_rows(metrics, SCALARS, SCALARS))]
+    always = metrics.get("baseline")
+    with_baseline = [*header[:-1], f"always {always['grade']}", "meaning"] if always else header
+    parts = [table(with_baseline, metric_rows(metrics, SCALARS, SCALARS, baseline=bool(always)))]
     if "intervals" in metrics:
-        parts.append(bootstrap_note(metrics))
+        parts.append(method_note(metrics))
+    recall_ci = metrics.get("recall_intervals") or {}
     per_class = [
-        [name, fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), r["support"]]
+        [name, fmt(r["precision"]), fmt(r["recall"])]
+        + ([stats.interval_text(recall_ci.get(name))] if recall_ci else [])
+        + [fmt(r["f1"]), r["support"]]
         for name, r in metrics["per_class"].items()
     ]
-    parts.append(table(["grade", "precision", "recall", "F1", "support"], per_class))
+    recall_header = ["recall", "95% CI"] if recall_ci else ["recall"]
+    parts.append(table(["grade", "precision", *recall_header, "F1", "support"], per_class))
     remission = metrics.get("remission")
     if remission:
         parts.append(
@@ -109,6 +121,8 @@ def metrics_html(metrics):
         )
         names = [f"remission_{name}" for name in REMISSION_SCALARS]
         parts.append(table(header, metric_rows(metrics, names, REMISSION_SCALARS)))
+        if "intervals" in metrics:
+            parts.append(method_note(metrics))
         c = remission["confusion"]
         parts.append(
             '<p class="note">An image is called active when its predicted grade is above '
@@ -147,7 +161,7 @@ def patients_html(run_dir, metrics):
         "one row per patient in patients.csv.</p>"
         + (embed_png(png, "patient-level confusion matrix") if png.exists() else "")
         + table(["metric", "value", "95% CI", "meaning"], rows)
-        + bootstrap_note(patients)
+        + method_note(patients, clustered=False)
         + '<p class="note">Patient-level intervals are wider than image-level ones: there are fewer patients than '
         "images, and each patient counts once.</p>"
     )
@@ -164,7 +178,7 @@ def patient_summary(metrics):
     )
     return (
         f"<p>Per patient ({patients['num_patients']} patients, --patient-grade {html.escape(level['rule'])}): "
-        f"{html.escape(figures)}. The intervals resample whole patients.</p>"
+        f"{html.escape(figures)}. The intervals count each patient once.</p>"
     )
 
 
@@ -371,7 +385,8 @@ def test_intro(page):
         else html.escape(weights[0])
     )
     return (
-        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} images graded by {models}.</p>"
+        f"<p>Test set <b>{html.escape(metrics['test_dir'])}</b>: {metrics['num_images']} "
+        f"{'images' if page.kind.pictures else 'videos'} graded by {models}.</p>"
     )
 
 
@@ -411,6 +426,27 @@ def recipe_text(config):
     return html.escape(f"Recipe {get('recipe', 'seed')}: " + ", ".join(parts) + ".")
 
 
+def warnings_line(page):
+    """What a reader must know before the figures (metrics.warnings), in the card's warning colour."""
+    return "".join(f'<p class="warn">Warning: {html.escape(w)}.</p>' for w in page.metrics.get("warnings", []))
+
+
+def precision_line(page):
+    """The precision the figures were graded in, and for a test set where its analysis settings came from."""
+    metrics = page.metrics
+    precision = metrics.get("precision") or next((m.get("precision") for m in page.fold_metrics), None)
+    if not precision:
+        return ""
+    runtime = f" ({html.escape(metrics['runtime'])})" if metrics.get("runtime") else ""
+    settings = metrics.get("analysis_settings") or {}
+    sources = "; ".join(
+        f"--{key.replace('_', '-')} {html.escape(str(s['value'] or 'none'))} from {html.escape(s['from'])}"
+        for key, s in settings.items()
+        if key != "class_order"
+    )
+    return f"<p>Graded in {html.escape(precision)}{runtime}.{' Settings: ' + sources + '.' if sources else ''}</p>"
+
+
 def patients_line(page):
     return patient_summary(page.metrics)
 
@@ -436,6 +472,8 @@ def test_notes(page):
             "those grades are absent from the figures.</p>"
         )
     leaked = metrics.get("images_in_training")
+    if not page.kind.pictures:  # videos: no check of their bytes against the training images
+        return "".join(notes)
     if leaked:
         notes.append(
             f'<p class="warn">{leaked} test image(s) have the same bytes as images the model trained on: that is '
@@ -458,8 +496,10 @@ def failed_lines(page):
 SUMMARY = [
     cv_intro,
     test_intro,
+    warnings_line,
     headline_tiles,
     training_line,
+    precision_line,
     patients_line,
     ood_line,
     caveats_notes,
@@ -516,6 +556,8 @@ def roc_section(page):
 
 
 def errors_section(page):
+    if not page.kind.pictures:
+        return None
     png = page.folder / "errors.png"
     if png.exists():
         return embed_png(png, "errors")
@@ -536,6 +578,22 @@ def timing_section(page):
     if "inference_time" not in page.metrics:
         return None
     return inference_html(page.metrics["inference_time"])
+
+
+def videos_section(page):
+    """Each video of a video-level evaluation: its grade, its worst segment, and a link to its own report."""
+    path = page.folder / "videos.csv"
+    if not path.exists():
+        return None
+    rows = files.read_csv(path)
+    body = [
+        [r["path"], r["true"], r["grade"], f"{float(r['worst_start']):.1f}-{float(r['worst_end']):.1f} s",
+         r["mean_probability_grade"], f"{float(r['gradable_share']):.0%}"]
+        for r in rows
+    ]  # fmt: skip
+    header = ["video", "true", "grade", "worst segment", "mean-probability grade", "gradable"]
+    links = ", ".join(f'<a href="{html.escape(r["report"])}">{html.escape(r["path"])}</a>' for r in rows)
+    return table(header, body) + f"<p>Each video's own report (timeline, worst segment): {links}.</p>"
 
 
 def dataset_section(page):
@@ -566,6 +624,7 @@ SECTIONS = [
     ("curves", "Training curves", curves_section),
     ("roc", "ROC curves", roc_section),
     ("errors", "Most confidently wrong images", errors_section),
+    ("videos", "Each video", videos_section),
     ("cams", "Grad-CAM: where the model looked", cams_section),
     ("timing", "Inference time", timing_section),
     ("dataset", "Dataset and split", dataset_section),

@@ -1,10 +1,21 @@
-"""Figures a clinician can cite: 95% bootstrap confidence intervals, and grades per patient.
+"""Figures a clinician can cite: 95% confidence intervals, and grades per patient.
 
-The intervals are percentile bootstrap intervals. The predictions are resampled with replacement
-2,000 times (seeded), every metric is computed on each resample, and the interval runs from the
-2.5th to the 97.5th percentile of those values. With groups (patients), whole patients are
-resampled instead of images (a cluster bootstrap): the images of one patient are not independent
-evidence, so their intervals are wider, and honest.
+The proportions (accuracy, sensitivity, specificity, PPV, NPV and each grade's recall) get exact
+Clopper-Pearson intervals: a percentile bootstrap collapses to "1.00-1.00" for 24 of 24 right, where
+the exact interval is 0.86-1.00. With groups (patients), the images of one patient are not
+independent evidence, so the interval is Clopper-Pearson on the effective number of images, n
+divided by the design effect (Korn and Graubard, 1998): the design effect is the cluster-robust
+variance of the proportion over its binomial variance, at least 1; at 0% or 100%, where the data
+cannot measure it, it is that of patients whose images all agree (the sum of squared patient sizes
+over n), so that each patient counts about once.
+
+The other metrics (balanced accuracy, macro F1, QWK, MAE, the AUCs) get percentile bootstrap
+intervals. The predictions are resampled with replacement 2,000 times (seeded), every metric is
+computed on each resample, and the interval runs from the 2.5th to the 97.5th percentile of those
+values. With groups, whole patients are resampled instead of images (a cluster bootstrap). When
+every resample gives the same value (a model right on every image), the bootstrap has nothing to
+say: the interval is marked "degenerate" and given as none, never as a zero-width interval (so too when
+the 2.5th and 97.5th percentiles merely coincide).
 
 The metrics are those of metrics.compute_metrics, defined as there (by scikit-learn). Calling
 scikit-learn 2,000 times per metric is slow, so here every metric comes from one confusion matrix per
@@ -20,6 +31,7 @@ resample too, so its interval is None as well.
 """
 
 import numpy as np
+from scipy.stats import beta
 
 from . import metrics
 
@@ -28,12 +40,33 @@ N_RESAMPLES = 2000
 INTERVAL_METRICS = [*metrics.SCALARS, *(f"remission_{name}" for name in metrics.REMISSION_SCALARS)]
 AUC_METRICS = ("roc_auc_ovr_macro", "remission_auroc")
 PATIENT_RULES = ("max", "mean-prob")
+# The proportions, whose intervals are exact; each grade's recall is one too (recall_intervals).
+PROPORTIONS = ("accuracy", "remission_sensitivity", "remission_specificity", "remission_ppv", "remission_npv")
+EXACT = "Clopper-Pearson"
+CLUSTERED = "Clopper-Pearson on the effective number of images (design effect of patients, Korn-Graubard)"
+BOOTSTRAP = "percentile bootstrap"
+DEGENERATE = "no interval: the resamples did not vary"
 _BLOCK_CELLS = 1_000_000  # resamples x images per block of resamples: 8 MB of weights, a few times that in all
 
 
 def confidence_intervals(
     targets, probs, class_names, remission_upto=None, groups=None, seed=0, n_resamples=N_RESAMPLES
 ):
+    """95% intervals of every metric of compute_metrics: exact for the PROPORTIONS (see exact_interval), the
+    percentile bootstrap for the others (see bootstrap_intervals). Each interval names its "method"; a bootstrap
+    whose resamples all gave one value has no interval ("degenerate": True, low and high None)."""
+    intervals = bootstrap_intervals(targets, probs, class_names, remission_upto, groups, seed, n_resamples)
+    for name, interval in intervals.items():
+        interval["method"] = BOOTSTRAP
+        if interval["low"] is not None and interval["low"] == interval["high"]:
+            interval |= {"low": None, "high": None, "degenerate": True}
+    hits = proportion_hits(targets, np.asarray(probs).argmax(1), class_names, remission_upto)
+    for name, (counted, hit) in hits.items():
+        intervals[name] = exact_interval(hit[counted], None if groups is None else np.asarray(groups)[counted])
+    return intervals
+
+
+def bootstrap_intervals(targets, probs, class_names, remission_upto=None, groups=None, seed=0, n_resamples=N_RESAMPLES):
     """95% percentile-bootstrap intervals of every metric of compute_metrics.
 
     targets are the true class indices and probs the class probabilities (N x C). With groups (one
@@ -167,6 +200,65 @@ def _remission(confusion, targets, probs, weights, cut):
         }
 
 
+def proportion_hits(targets, preds, class_names, remission_upto=None):
+    """{name: (which images the proportion counts, whether each image is a hit)} for the PROPORTIONS."""
+    targets, preds = np.asarray(targets), np.asarray(preds)
+    result = {"accuracy": (np.ones(len(targets), bool), preds == targets)}
+    if remission_upto is not None:
+        cut = class_names.index(remission_upto)
+        active, called = targets > cut, preds > cut
+        result |= {
+            "remission_sensitivity": (active, called),
+            "remission_specificity": (~active, ~called),
+            "remission_ppv": (called, active),
+            "remission_npv": (~called, ~active),
+        }
+    return result
+
+
+def recall_intervals(targets, probs, class_names, groups=None):
+    """{grade: exact 95% interval of its recall}, the share of its images graded as it."""
+    targets, preds = np.asarray(targets), np.asarray(probs).argmax(1)
+    groups = None if groups is None else np.asarray(groups)
+    return {
+        name: exact_interval(preds[targets == c] == c, None if groups is None else groups[targets == c])
+        for c, name in enumerate(class_names)
+    }
+
+
+def exact_interval(hits, groups=None, confidence=0.95):
+    """The Clopper-Pearson interval of the share of hits (a bool per image); with groups (one per image), on the
+    effective number of images n / design_effect (see the module docstring). low and high are None without images."""
+    hits = np.asarray(hits, dtype=bool)
+    n, k = len(hits), int(hits.sum())
+    interval = {"low": None, "high": None, "method": EXACT if groups is None else CLUSTERED, "hits": k, "n": n}
+    if n == 0:
+        return interval
+    n_eff = n
+    if groups is not None:
+        effect = design_effect(hits, groups)
+        n_eff = n / effect
+        interval |= {"design_effect": round(effect, 3), "effective_n": round(n_eff, 1)}
+    x = k / n * n_eff  # Korn-Graubard: the same share of the effective number
+    alpha = 1 - confidence
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, x, n_eff - x + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, x + 1, n_eff - x))
+    return interval | {"low": low, "high": high}
+
+
+def design_effect(hits, groups):
+    """The cluster-robust (ratio estimator) variance of the share of hits over its binomial variance, at least 1;
+    where the share is 0 or 1 (no variance to measure), that of patients whose images all agree: sum(m^2) / n."""
+    hits = np.asarray(hits, dtype=np.float64)
+    n, share = len(hits), hits.mean()
+    _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    sizes, totals = np.bincount(codes), np.bincount(codes, weights=hits)
+    if share in (0.0, 1.0) or len(sizes) < 2:
+        return max(1.0, float((sizes**2).sum() / n))
+    clustered = len(sizes) / (len(sizes) - 1) * ((totals - share * sizes) ** 2).sum() / n**2
+    return max(1.0, float(clustered / (share * (1 - share) / n)))
+
+
 def _interval(values, n_resamples):
     defined = values[~np.isnan(values)]
     if len(defined) < n_resamples / 2:
@@ -177,9 +269,12 @@ def _interval(values, n_resamples):
 
 def format_ci(value, interval, digits=2):
     """A metric with its interval, as papers print it: '0.81 (0.76-0.86)'; with a negative bound
-    (QWK can be), '-0.10 (-0.32 to 0.14)'; 'n/a' for an undefined metric, '0.81 (n/a)' without an interval."""
+    (QWK can be), '-0.10 (-0.32 to 0.14)'; 'n/a' for an undefined metric, '0.81 (n/a)' without an interval,
+    '1.00 (no interval: the resamples did not vary)' for a degenerate bootstrap."""
     if value is None:
         return "n/a"
+    if interval is not None and interval.get("degenerate"):
+        return f"{value:.{digits}f} ({DEGENERATE})"
     if interval is None or interval["low"] is None:
         return f"{value:.{digits}f} (n/a)"
     low, high = interval["low"], interval["high"]
@@ -187,11 +282,32 @@ def format_ci(value, interval, digits=2):
     return f"{value:.{digits}f} ({low:.{digits}f}{separator}{high:.{digits}f})"
 
 
+def interval_text(interval):
+    """An interval alone, as a table cell shows it: '0.76-0.86' ('-0.32 to 0.14'), 'none' for a bootstrap whose
+    resamples did not vary, 'n/a' without an interval."""
+    if interval and interval.get("degenerate"):
+        return "none"
+    if not interval or interval["low"] is None:
+        return "n/a"
+    return format_ci(0.0, interval).split("(", 1)[1].rstrip(")")
+
+
 def metric_value(result, name):
     """The value of an INTERVAL_METRICS key in a compute_metrics result (remission_x: its remission block's x)."""
     if name.startswith("remission_"):
         return result.get("remission", {}).get(name.removeprefix("remission_"))
     return result[name]
+
+
+def method_note(unit="image", clustered=None):
+    """How the intervals were made, in one sentence for the terminal and under each table. unit: what the bootstrap
+    resamples; clustered: the exact intervals count images of one patient as less evidence (default: with patients)."""
+    clustered = unit == "patient" if clustered is None else clustered
+    exact = f"{EXACT} on the effective number of images, as images of one patient are alike" if clustered else EXACT
+    return (
+        f"95% CI: accuracy, sensitivity, specificity, PPV, NPV and per-grade recall: exact ({exact}); the other "
+        f"metrics: {BOOTSTRAP} of {N_RESAMPLES} resamples of {unit}s."
+    )
 
 
 def format_metrics_with_intervals(result, intervals):
@@ -239,7 +355,7 @@ def patient_level(
     targets, probs, groups, class_names, rule="max", remission_upto=None, seed=0, n_resamples=N_RESAMPLES
 ):
     """The patient-level section of a report: grades per patient (see patient_grades), their metrics and
-    95% bootstrap intervals over patients.
+    95% intervals over patients (as confidence_intervals: patients are independent).
 
     Returns {"rule", "patients": [{"group", "images", "true", "predicted"}] (the rows of patients.csv),
     "metrics": compute_metrics of the patients (its num_images counts patients; num_patients too),
@@ -260,7 +376,7 @@ def patient_level(
             result["remission"]["auroc"] = None
         for name in AUC_METRICS:
             if name in intervals:
-                intervals[name] = {"low": None, "high": None, "resamples": 0}
+                intervals[name] = {"low": None, "high": None, "resamples": 0, "method": BOOTSTRAP}
     rows = [
         {"group": g, "images": int(n), "true": class_names[t], "predicted": class_names[p]}
         for g, n, t, p in zip(ids, images, true, predicted)

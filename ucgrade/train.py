@@ -44,6 +44,11 @@ class Training:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # every random draw of the loaders: shuffling and the augmentation seeds
+    # the last epoch's validation pass (loss, probabilities, targets, features), and that of the kept model's
+    # epoch, which evaluate_split then need not run again; None with a frozen backbone, whose validation runs
+    # the head alone on features computed before
+    validation: tuple = None
+    kept_validation: tuple = None
     ema: torch.optim.swa_utils.AveragedModel = None  # --ema: the average of trainable, which is graded and saved
     tta: bool = False  # --tta: validation grades the mean of the flipped pictures' probabilities
 
@@ -154,7 +159,17 @@ def prepare(args, image_set, split, model, runtime, generator):
     step_model = torch.compile(step_model) if args.compile else step_model
     loaders = (train_loader, val_loader)
     return Training(
-        model, trainable, step_model, *loaders, criterion, optimizer, lr_scheduler, scaler, generator, ema, args.tta
+        model,
+        trainable,
+        step_model,
+        *loaders,
+        criterion,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        generator,
+        ema=ema,
+        tta=args.tta,
     )
 
 
@@ -166,9 +181,12 @@ def run_epoch(training, epoch, runtime):
     stats = engine.train_one_epoch(
         training.step_model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler, ema
     )
-    val_loss, val_acc, probs, targets = engine.evaluate(
-        training.graded(), training.val_loader, runtime, tta=training.tta
+    whole = training.trainable is training.model  # --freeze-backbone validates the head alone, on features
+    val_loss, val_acc, *validation = engine.evaluate(
+        training.graded(), training.val_loader, runtime, features=whole, tta=training.tta
     )
+    training.validation = (val_loss, *validation) if whole else None
+    probs, targets = validation[:2]
     if not math.isfinite(val_loss):
         lower = optimizer.param_groups[0]["initial_lr"] / 10
         raise UserError(
@@ -191,7 +209,8 @@ def run_epoch(training, epoch, runtime):
 
 
 def train(args, image_set, split, runtime, imagenet_state, config):
-    """Train one model on split.train, validating on split.val after every epoch: (history, model).
+    """Train one model on split.train, validating on split.val after every epoch: (history, model, the kept
+    model's validation pass or None when it was not run here: a frozen backbone, or an epoch before a resume).
 
     A model whose folder holds a last.pt goes on from it, with every random state restored.
     """
@@ -226,7 +245,7 @@ def train(args, image_set, split, runtime, imagenet_state, config):
             + (("  saved" if args.select == "last" else "  best") if kept else ""),
             flush=True,
         )
-    return history, model
+    return history, model, training.kept_validation
 
 
 def save(training, history, run_dir, config, runtime):
@@ -235,13 +254,15 @@ def save(training, history, run_dir, config, runtime):
     row = history[-1]
     val_metrics = {"val_acc": row["val_acc"], "val_loss": row["val_loss"]}
     kept = engine.best_epoch(history, config["select"])["epoch"] == row["epoch"]
-    if not runtime.is_main:
-        return kept
-    graded = graded_weights(training)
     if kept:
+        training.kept_validation = training.validation
+    graded = graded_weights(training)
+    if kept and runtime.is_main:
         save_checkpoint(
             run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics) | graded
         )
+    if not runtime.is_main:
+        return kept
     state = {
         "history": history,
         "rng": engine.rng_state(training.generator, runtime.device),
