@@ -23,7 +23,7 @@ from pathlib import Path
 # Only what parsing needs: torch and the modules that use it load in main, so --help answers at once.
 from ucgrade import files
 from ucgrade.cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, PRECISIONS, ArgumentParser, UserError, main_entry
-from ucgrade.presets import DEFAULT_RECIPE, RECIPES
+from ucgrade.presets import AUGMENTS, DEFAULT_RECIPE, RECIPES
 from ucgrade.splits import VAL_SPLIT_DEFAULT
 
 EXAMPLES = """examples:
@@ -44,17 +44,31 @@ def get_args_parser():
     add("--out", default="outputs", help="folder that receives a new run folder (default: %(default)s)")
     add("--name", default=None, help="run folder name; a number is added if it exists (default: train, train2, ...)")
     add("--arch", default=DEFAULT_ARCH, choices=ARCHITECTURE_NAMES, help="the backbone (default: %(default)s)")
-    add("--epochs", type=int, default=recipe.epochs, help="training epochs (default: %(default)s)")
-    add("--batch-size", type=int, default=recipe.batch_size, help="images per training step (default: %(default)s)")
-    add("--lr", type=float, default=recipe.lr, help="SGD learning rate (default: %(default)s)")
-    add("--momentum", type=float, default=recipe.momentum, help="SGD momentum (default: %(default)s)")
+    add("--epochs", type=int, default=recipe.epochs, help="[recipe] training epochs (default: %(default)s)")
+    add(
+        "--batch-size",
+        type=int,
+        default=recipe.batch_size,
+        help="[recipe] images per training step (default: %(default)s)",
+    )
+    add(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=tuple(RECIPES),
+        help="a named set of the flags marked [recipe]: seed is the method's; endoscopy adds flips and quarter "
+        "turns, colour jitter, TrivialAugment, label smoothing 0.1, weight decay 1e-4, 2 warmup epochs then a "
+        "cosine and an EMA of 0.999 (README: Recipes). A flag given overrides it (default: %(default)s)",
+    )
+    add("--lr", type=float, default=recipe.lr, help="[recipe] learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=recipe.momentum, help="[recipe] SGD momentum (default: %(default)s)")
     add(
         "--step-size",
         type=int,
         default=recipe.step_size,
-        help="StepLR: multiply the lr by --gamma every this many epochs (default: %(default)s)",
+        help="[recipe] StepLR: multiply the lr by --gamma every this many epochs (default: %(default)s)",
     )
-    add("--gamma", type=float, default=recipe.gamma, help="StepLR decay factor (default: %(default)s)")
+    add("--gamma", type=float, default=recipe.gamma, help="[recipe] StepLR decay factor (default: %(default)s)")
+    add_recipe_flags(add, recipe)
     add(
         "--val-split",
         type=float,
@@ -63,7 +77,10 @@ def get_args_parser():
     )
     add("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation (default: 0)")
     add(
-        "--img-size", type=int, default=recipe.img_size, help="input size in pixels, at least 64 (default: %(default)s)"
+        "--img-size",
+        type=int,
+        default=recipe.img_size,
+        help="[recipe] input size in pixels, at least 64 (default: %(default)s)",
     )
     add("--workers", type=int, default=-1, help="data loading processes; -1 suits them to the device (default: -1)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps; auto prefers a GPU (default: %(default)s)")
@@ -121,9 +138,10 @@ def get_args_parser():
     add(
         "--select",
         default="best",
-        choices=("best", "last"),
-        help="the epoch whose model becomes best.pt and is evaluated: best validation accuracy, or last, chosen "
-        "without looking at the validation images, for figures that are not optimistic (default: %(default)s)",
+        choices=("best", "qwk", "last"),
+        help="the epoch whose model becomes best.pt and is evaluated: best validation accuracy, best validation QWK "
+        "(ties: accuracy, then loss), or last, chosen without looking at the validation images, for figures that "
+        "are not optimistic (default: %(default)s)",
     )
     add(
         "--sync-bn",
@@ -158,6 +176,95 @@ def get_args_parser():
     return parser
 
 
+def add_recipe_flags(add, recipe):
+    """The parts of a recipe that are flags of their own; their defaults are the seed's, --recipe changes them."""
+    add(
+        "--augment",
+        default=recipe.augment,
+        choices=tuple(AUGMENTS),
+        help="[recipe] training augmentation: seed "
+        "(random resized crop, mirror) or endoscopy (also upside-down flips, quarter turns, colour jitter and "
+        "TrivialAugmentWide; with --freeze-backbone, features of all four flips) (default: %(default)s)",
+    )
+    add(
+        "--loss",
+        default=recipe.loss,
+        choices=("ce", "cdw-ce"),
+        help="[recipe] cross-entropy, or the ordinal "
+        "class-distance-weighted cross-entropy of Polat et al. 2022 (default: %(default)s)",
+    )
+    add(
+        "--cdw-alpha",
+        type=float,
+        default=recipe.cdw_alpha,
+        help="[recipe] CDW-CE's power of the distance "
+        "between grades; its authors found 5 to 7 best (default: %(default)s)",
+    )
+    add(
+        "--label-smoothing",
+        type=float,
+        default=recipe.label_smoothing,
+        help="[recipe] cross-entropy's label smoothing, in [0, 1) (default: %(default)s)",
+    )
+    add(
+        "--optimizer",
+        default=recipe.optimizer,
+        choices=("sgd", "adamw"),
+        help="[recipe] SGD with --momentum, or AdamW (default: %(default)s)",
+    )
+    add(
+        "--weight-decay",
+        type=float,
+        default=recipe.weight_decay,
+        help="[recipe] weight decay; AdamW's is decoupled (default: %(default)s)",
+    )
+    add(
+        "--schedule",
+        default=recipe.schedule,
+        choices=("step", "cosine"),
+        help="[recipe] the lr per epoch: StepLR "
+        "(--step-size, --gamma) or a cosine to nearly 0 at the last epoch (default: %(default)s)",
+    )
+    add(
+        "--warmup-epochs",
+        type=int,
+        default=recipe.warmup_epochs,
+        help="[recipe] epochs whose lr rises linearly, "
+        "--lr x epoch/(warmup + 1), before the schedule (default: %(default)s)",
+    )
+    add(
+        "--ema",
+        type=float,
+        default=recipe.ema,
+        metavar="DECAY",
+        help="[recipe] grade and save an exponential "
+        "moving average of the weights with this decay per step, e.g. 0.999 (warmed up: min(DECAY, "
+        "(1+n)/(10+n)) after n steps); 0 is off (default: %(default)s)",
+    )
+    add("--tta", action=argparse.BooleanOptionalAction, default=recipe.tta, help="[recipe] grade the mean "
+        "probabilities of each picture and its three flips, at validation, in best.pt and so in predict.py and "
+        "export.py (default: off)")  # fmt: skip
+
+
+def recipe_checks(args):
+    """(ok, message) of each setting of a recipe's parts."""
+    return [
+        (args.cdw_alpha > 0, f"--cdw-alpha must be positive (got {args.cdw_alpha})"),
+        (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1) (got {args.label_smoothing})"),
+        (
+            not (args.label_smoothing and args.loss == "cdw-ce"),
+            "--label-smoothing is cross-entropy's, and --loss cdw-ce has none; leave one of them out",
+        ),
+        (args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})"),
+        (
+            0 <= args.warmup_epochs < args.epochs,
+            f"the {args.warmup_epochs} warmup epochs (--warmup-epochs, or the recipe's) leave no epoch of the "
+            f"schedule in --epochs {args.epochs}; give more epochs or fewer warmup epochs",
+        ),
+        (0 <= args.ema < 1, f"--ema must be a decay in [0, 1), such as 0.999, or 0 for none (got {args.ema})"),
+    ]
+
+
 def check_args(args):
     """Reject impossible settings before any work starts."""
     from ucgrade import distributed, groups
@@ -184,6 +291,7 @@ def check_args(args):
             "--weights and --pretrained no contradict each other; drop one of them",
         ),
     ]
+    checks += recipe_checks(args)
     processes = distributed.env_world_size()
     checks.append(
         (

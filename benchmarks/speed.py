@@ -21,6 +21,7 @@ In one run, on the same images and on the device it runs on, this measures:
     python benchmarks/speed.py --quick                  # ~1 minute: 96 images, 2 epochs
     python benchmarks/speed.py --data data --epochs 2   # your own ImageFolder
     python benchmarks/speed.py --quick --images 12 --img-size 64 --epochs 1 --threads 1   # seconds: the smoke test
+    python benchmarks/speed.py --recipes --epochs 4      # only: an epoch of --recipe endoscopy against seed
 
 Run it on a quiet machine: other processes that want the cores slow two spinning OpenMP threads
 down far more than their share (the "others" column says how busy the CPUs were).
@@ -146,6 +147,11 @@ def get_args_parser():
         help="seed of the images, the split and the initialisation (default: %(default)s)",
     )
     add("--quick", action="store_true", help="fewer images, epochs and timed steps: under ~2 minutes on a 2-core CPU")
+    add(
+        "--recipes",
+        action="store_true",
+        help="only the cost of a whole epoch of --recipe endoscopy against seed, in turns (default: off)",
+    )
     add("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
     return parser
 
@@ -435,6 +441,31 @@ def train_project(run_args, image_set, split, device, precision, epochs):
     val_set = data.ImageDataset(image_set, split.val, presets.val_transform(run_args.img_size), resize)
     parts = {"model": model, "training": training, "runtime": runtime, "val_set": val_set}
     return history, setup_s, parts
+
+
+def time_recipes(args, data_dir, device, precision):
+    """Whole epochs of --recipe endoscopy (its augmentation, loss, schedule and EMA) against seed: the two trained
+    in turn, epoch by epoch, on the same split, so that a machine whose speed drifts slows both alike. The first
+    epoch pays for warm-up; the median of the others is compared (issue 21: at most +10%)."""
+    runtime, image_set, trainings = Runtime(device, precision), None, {}
+    for name in ("seed", "endoscopy"):
+        recipe = dataclasses.asdict(presets.RECIPES[name]) | {"recipe": name, "epochs": args.epochs}
+        recipe.pop("img_size")
+        run_args = project_args(data_dir, args.img_size, **recipe | the_benchmarks(args))
+        image_set = image_set or data.read_data(run_args)
+        split = Split(*split_holdout(image_set.labels, run_args.val_split, run_args.seed), run_dir=None)
+        torch.manual_seed(run_args.seed)
+        model = build_model(len(image_set.class_names)).to(device, memory_format=torch.channels_last)
+        generator = torch.Generator().manual_seed(run_args.seed)
+        trainings[name] = train.prepare(run_args, image_set, split, model, runtime, generator)
+    seconds = {name: [] for name in trainings}
+    for epoch in range(1, args.epochs + 1):
+        for name, training in trainings.items():
+            seconds[name].append(train.run_epoch(training, epoch, runtime)["epoch_time_s"])
+            print(f"  {name} epoch {epoch}/{args.epochs}: {seconds[name][-1]:.1f} s", flush=True)
+    median = {name: statistics.median(times[1:] or times) for name, times in seconds.items()}
+    extra = median["endoscopy"] / median["seed"] - 1
+    return {"epoch_s": median, "epochs": seconds, "extra": extra, "images": len(image_set.paths)}
 
 
 def time_project_steps(parts, steps):
@@ -922,11 +953,23 @@ def main(args):
         if not args.data:
             print(f"generating {args.images} endoscopy-like images of {args.image_px} px in {data_dir} ...", flush=True)
             make_dataset(data_dir, per_class=max(2, round(args.images / 3)), size=args.image_px, seed=args.seed)
-        results = run_benchmark(args, data_dir, device, precision)
+        if args.recipes:
+            results = {"recipes": time_recipes(args, data_dir, device, precision)}
+        else:
+            results = run_benchmark(args, data_dir, device, precision)
     setup["total_s"] = time.perf_counter() - start
     setup["others_cpu_share"] = others_cpu_share(cpu_start, cpu_snapshot())
     results = {"setup": setup} | results
-    print_table(results, setup)
+    if args.recipes:
+        cost = results["recipes"]
+        print(
+            f"\n{setup['device_name']}, {describe_cpu_features(setup['cpu_features'])}, {precision}, "
+            f"{cost['images']} images at {args.img_size} px: an epoch takes {cost['epoch_s']['seed']:.1f} s with "
+            f"--recipe seed and {cost['epoch_s']['endoscopy']:.1f} s with endoscopy ({cost['extra']:+.1%}); others "
+            f"used {percent(setup['others_cpu_share'])} of the CPUs"
+        )
+    else:
+        print_table(results, setup)
     print(f"benchmark time: {setup['total_s']:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

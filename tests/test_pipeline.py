@@ -413,6 +413,17 @@ def test_help_shows_every_flag_with_default():
         "--compile",
         "--cam-examples",
         "--resume",
+        "--recipe",
+        "--augment",
+        "--loss",
+        "--cdw-alpha",
+        "--label-smoothing",
+        "--optimizer",
+        "--weight-decay",
+        "--schedule",
+        "--warmup-epochs",
+        "--ema",
+        "--tta",
     ]
     options = [a for a in qq.get_args_parser()._actions if a.option_strings != ["-h", "--help"]]
     assert sorted(a.option_strings[0] for a in options) == sorted(

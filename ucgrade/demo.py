@@ -10,6 +10,7 @@ in a few minutes. The grades loosely follow the Mayo endoscopic subscore:
 Examples:
     python tools/make_demo_data.py                 # rewrite data/mild, data/moderate, data/severe
     python tools/make_demo_data.py --out /tmp/demo --per-class 10 --size 128
+    python tools/make_demo_data.py --out /tmp/mayo --mayo 400    # harder: Mayo 0-3, imbalanced, patients.csv
 """
 
 import argparse
@@ -100,6 +101,60 @@ def make_dataset(out, per_class=40, size=256, seed=0):
     return out
 
 
+# ----------------------------------------------------------------------------- a harder set, to tell recipes apart
+
+MAYO = ("mayo0", "mayo1", "mayo2", "mayo3")
+MAYO_SHARES = (0.54, 0.27, 0.11, 0.08)  # roughly the grades of real UC image sets (LIMUC: 54/27/11/8%)
+MAYO_COLOURS = np.array([(226, 150, 140), (220, 122, 108), (206, 86, 74), (160, 38, 36)], dtype=float)
+
+
+def make_mayo_image(severity, rng, size=256, cast=(1.0, 1.0, 1.0)):
+    """A picture whose findings follow a continuous severity (0 normal .. 3 severe), so that pictures of
+    neighbouring grades overlap; cast: the colour gains of a patient's processor and light source."""
+    s = float(np.clip(severity, 0, 3))
+    low = min(int(s), 2)
+    image = _base(rng, size, MAYO_COLOURS[low] + (s - low) * (MAYO_COLOURS[low + 1] - MAYO_COLOURS[low]))
+    grain = rng.normal(0, 7 * s, (size // 4, size // 4, 1))
+    image += np.kron(grain, np.ones((4, 4, 1)))
+    picture = Image.fromarray(np.clip(image * np.asarray(cast), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    _vessels(draw, rng, size, rng.poisson(10 * max(0.0, 1 - s / 1.6)))  # the vascular pattern fades
+    _spots(draw, rng, size, rng.poisson(6 * max(0.0, 1 - abs(s - 1.8))), (0.008, 0.02), (236, 220, 170), (200, 50, 45))
+    _spots(draw, rng, size, rng.poisson(2.5 * max(0.0, s - 2.1)), (0.05, 0.1), (232, 214, 150), rim=(120, 20, 20))
+    _spots(draw, rng, size, rng.poisson(3 * max(0.0, s - 2.4)), (0.02, 0.05), (95, 5, 10))  # bleeding
+    picture = picture.filter(ImageFilter.GaussianBlur(radius=size / 300))
+    _spots(ImageDraw.Draw(picture), rng, size, rng.integers(2, 6), (0.004, 0.015), (255, 255, 250))
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).ellipse([size * 0.02, size * 0.02, size * 0.98, size * 0.98], fill=255)
+    picture = Image.composite(
+        picture, Image.new("RGB", (size, size)), mask.filter(ImageFilter.GaussianBlur(size / 100))
+    )
+    picture = picture.rotate(rng.uniform(0, 360), resample=Image.BILINEAR)  # no up or down in the colon
+    return picture.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else picture
+
+
+def make_mayo_dataset(out, images=400, size=256, seed=0, overlap=0.45):
+    """Mayo 0-3 in the shares of MAYO_SHARES, 2 to 6 pictures per patient with the patient's colour cast, each
+    drawn at a severity of its grade plus normal noise of sd overlap; writes out/patients.csv for --groups."""
+    out, rng = Path(out), np.random.default_rng(seed)
+    counts = np.floor(np.asarray(MAYO_SHARES) * images).astype(int)
+    counts[0] += images - counts.sum()  # exactly images in all
+    rows, patient = [], 0
+    for grade, (name, count) in enumerate(zip(MAYO, counts)):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        made = 0
+        while made < count:
+            patient += 1
+            cast = rng.normal(1, 0.08, 3) * rng.uniform(0.8, 1.15)  # white balance and brightness
+            for _ in range(min(int(rng.integers(2, 7)), count - made)):
+                path = f"{name}/{name}_{made:04d}.jpg"
+                make_mayo_image(grade + rng.normal(0, overlap), rng, size, cast).save(out / path, quality=88)
+                rows.append(f"{path},p{patient:04d}\n")
+                made += 1
+    (out / "patients.csv").write_text("path,group\n" + "".join(rows))
+    return out
+
+
 def get_args_parser():  # used by tools/make_demo_data.py
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="Generate synthetic endoscopy-like demo images in three grades."
@@ -108,6 +163,14 @@ def get_args_parser():  # used by tools/make_demo_data.py
     parser.add_argument("--per-class", type=int, default=40, help="images per grade (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--mayo",
+        type=int,
+        default=0,
+        metavar="IMAGES",
+        help="instead: IMAGES pictures in mayo0..mayo3 (54/27/11/8%%), neighbouring grades overlapping, any "
+        "orientation, a colour cast per patient, and patients.csv for --groups; to tell recipes apart (default: off)",
+    )
     return parser
 
 

@@ -1,5 +1,6 @@
 """Engine: one training epoch, one evaluation pass, prediction, features and timing."""
 
+import functools
 import itertools
 import math
 import statistics
@@ -14,7 +15,7 @@ from . import distributed
 from .cli import RunInterrupted, UserError
 from .device import autocast, make_grad_scaler, synchronize
 from .model import head_inputs
-from .presets import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .presets import IMAGENET_MEAN, IMAGENET_STD, TTA_FLIPS, flip_views, normalize
 from .progress import progress
 
 
@@ -40,18 +41,93 @@ def _check_finite(loss, epoch, step):
         )
 
 
-def make_criterion(balance, train_labels, num_classes, device):
-    """Cross-entropy; with balance="weights", weighted by scikit-learn's "balanced" class weights."""
-    if balance != "weights":
-        return torch.nn.CrossEntropyLoss()
-    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(train_labels))
-    return torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+def make_criterion(balance, train_labels, num_classes, device, loss="ce", cdw_alpha=5.0, label_smoothing=0.0):
+    """The training loss: cross-entropy (with label_smoothing) or CDW-CE; with balance="weights", each image
+    weighted by scikit-learn's "balanced" weight of its grade."""
+    weights = None
+    if balance == "weights":
+        weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(train_labels))
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
+    if loss == "cdw-ce":
+        return ClassDistanceWeightedLoss(num_classes, cdw_alpha, weights).to(device)
+    return torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
 
 
-def make_optimizer(parameters, lr, momentum, step_size, gamma):
-    """The method's optimiser and schedule: SGD with momentum, and StepLR stepped once per epoch."""
-    optimizer = torch.optim.SGD([p for p in parameters if p.requires_grad], lr=lr, momentum=momentum)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+class ClassDistanceWeightedLoss(torch.nn.Module):
+    """CDW-CE (Polat et al. 2022, arXiv 2202.05167): -sum_i |i - c|^alpha * log(1 - p_i) for an image of grade c,
+    so probability on a far grade costs more than on a near one, and none is asked of the true grade itself.
+
+    With class weights, the mean over the batch is weighted as CrossEntropyLoss weights it: sum(w_c * loss) / sum(w_c).
+    """
+
+    def __init__(self, num_classes, alpha, weight=None):
+        super().__init__()
+        grades = torch.arange(num_classes, dtype=torch.float32)
+        self.register_buffer("distance", (grades[None, :] - grades[:, None]).abs() ** alpha)  # [true, other]
+        self.register_buffer("weight", weight)
+        self.register_buffer("others", ~torch.eye(num_classes, dtype=torch.bool))
+
+    def forward(self, logits, targets):
+        logits = logits.float()
+        # log(1 - p_i) = log(sum over j != i of exp(z_j)) - logsumexp(z): exact where 1 - p_i rounds to 0
+        others = logits[:, None, :].masked_fill(~self.others, float("-inf")).logsumexp(2)
+        log_rest = others - logits.logsumexp(1, keepdim=True)
+        losses = -(self.distance[targets] * log_rest).sum(1)
+        if self.weight is None:
+            return losses.mean()
+        weights = self.weight[targets]
+        return (weights * losses).sum() / weights.sum()
+
+
+def make_optimizer(parameters, args):
+    """The optimiser (SGD with momentum, or AdamW) of the trainable parameters, and its schedule."""
+    parameters = [p for p in parameters if p.requires_grad]
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return optimizer, make_lr_scheduler(optimizer, args)
+
+
+def make_lr_scheduler(optimizer, args):
+    """Stepped once per epoch: the method's StepLR, or after --warmup-epochs a step or cosine schedule."""
+    if args.schedule == "step" and not args.warmup_epochs:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(lr_factor, args.schedule, args.epochs, args.warmup_epochs, args.step_size, args.gamma),
+    )
+
+
+def lr_factor(schedule, epochs, warmup_epochs, step_size, gamma, epoch):
+    """The share of --lr that epoch (counted from 0) trains with: (epoch + 1) / (warmup + 1) in the warmup, then
+    gamma every step_size epochs, or a cosine from 1 that would reach 0 one epoch after the last."""
+    if epoch < warmup_epochs:
+        return (epoch + 1) / (warmup_epochs + 1)
+    after = epoch - warmup_epochs
+    if schedule == "step":
+        return gamma ** (after // step_size)
+    return 0.5 * (1 + math.cos(math.pi * after / max(1, epochs - warmup_epochs)))
+
+
+def make_ema(model, decay):
+    """An exponential moving average of the model's weights and batch-norm statistics (None when decay is 0).
+
+    Its decay warms up as TensorFlow's ExponentialMovingAverage does: min(decay, (1 + n) / (10 + n)) after n
+    updates, so a short run averages its last steps rather than its random start. One foreach operation per
+    group of tensors, not a loop over the parameters."""
+    if not decay:
+        return None
+
+    @torch.no_grad()
+    def update(averaged, current, updates):
+        if not torch.is_floating_point(averaged[0]):  # batch norm's counts of batches: taken, not averaged
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(updates)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def rng_state(generator, device):
@@ -71,16 +147,27 @@ def set_rng_state(state, generator, device):
 
 def best_epoch(history, select="best"):
     """The history row of the epoch whose model is kept: the highest validation accuracy, ties to
-    the lower loss; or, with select="last", the last epoch, chosen without the validation results."""
+    the lower loss; with select="qwk", the highest validation QWK, ties to the accuracy, then the loss;
+    or, with select="last", the last epoch, chosen without the validation results."""
     if select == "last":
         return history[-1] if history else None
+    if select == "qwk":
+        return max(
+            history, key=lambda row: (_number(row.get("val_qwk")), row["val_acc"], -row["val_loss"]), default=None
+        )
     return max(history, key=lambda row: (row["val_acc"], -row["val_loss"]), default=None)
 
 
-def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, scaler=None):
+def _number(value):
+    """A metric to rank by: an undefined one (NaN, as QWK of a single grade) ranks last."""
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
+def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, scaler=None, ema=None):
     """Train for one pass over data_loader; return the mean loss, the accuracy and images/s.
 
     scaler: the GradScaler of fp16 training (None: no loss scaling, as bf16 and fp32 need none).
+    ema: (the AveragedModel of make_ema, the plain module it averages), updated after every step.
     """
     device = runtime.device
     scaler = scaler or make_grad_scaler(device, "fp32")
@@ -98,6 +185,8 @@ def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema[0].update_parameters(ema[1])
         # one device-to-host copy per step (and with several processes one all_reduce, so that every
         # process sees the global batch's loss and every stop), for the progress bar and the checks; a
         # diverged step changes only the weights in memory, never a checkpoint, because the run stops here
@@ -130,11 +219,13 @@ def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, 
 
 
 @torch.inference_mode()
-def evaluate(model, data_loader, runtime, desc="val", features=False):
+def evaluate(model, data_loader, runtime, desc="val", features=False, tta=False):
     """Run the model over data_loader; return (loss, accuracy, probabilities N x C, targets N), and with
     features=True also the features its head read in the same pass (N x D), for the out-of-distribution check.
 
-    The loss is the plain (unweighted) cross-entropy, whatever loss training used.
+    The loss is the plain (unweighted) cross-entropy, whatever loss training used. With tta, the probabilities
+    are the mean over the flips of presets.flip_views (features then come with all views, N x V x D), the loss
+    that of the mean, and the features those of the picture itself.
 
     The metrics come from all predictions of the whole set, never from averages of batch averages.
     With several processes, each runs over its share of the set, and the shares are gathered in order.
@@ -144,16 +235,20 @@ def evaluate(model, data_loader, runtime, desc="val", features=False):
     bar = progress(data_loader, desc, "batches", log=False, disable=not runtime.is_main)
     for images, targets in bar:
         _check_stop(runtime)
+        inputs = to_input(images, runtime.device)
         # the head's input is collected only when asked for: a frozen backbone's loop evaluates the head alone
         with (
             autocast(runtime.device, runtime.precision),
             head_inputs(model) if features else nullcontext() as head_read,
         ):
-            logits = model(to_input(images, runtime.device))
+            logits = model(tta_views(inputs) if tta else inputs)
+        if tta:  # the log of the mean probability, a logit whose softmax is that mean
+            views = logits.float().log_softmax(1).unflatten(0, (len(TTA_FLIPS), -1))
+            logits = views.logsumexp(0) - math.log(len(TTA_FLIPS))
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
         if features:
-            all_features.append(head_read[0].float().cpu())
+            all_features.append(head_read[0][: len(targets)].float().cpu())
     logits = distributed.gather(torch.cat(all_logits) if all_logits else torch.empty(0), runtime)
     targets = distributed.gather(torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long), runtime)
     _check_stop(runtime, collective=True)
@@ -167,10 +262,16 @@ def evaluate(model, data_loader, runtime, desc="val", features=False):
     return loss, accuracy, probs, targets, features.numpy()
 
 
+def tta_views(inputs):
+    """Every test-time view of a batch, one view after another: the flips of images, or the features that
+    --freeze-backbone computed for each view (N x V x D)."""
+    return inputs.transpose(0, 1).flatten(0, 1) if inputs.dim() == 3 else flip_views(inputs)
+
+
 @torch.inference_mode()
-def extract_features(backbone, data_loader, runtime, flip=False):
-    """The backbone's features (N x D) of every image in data_loader, optionally mirrored (gathered in
-    order from every process's share, as evaluate() gathers)."""
+def extract_features(backbone, data_loader, runtime, flip=()):
+    """The backbone's features (N x D) of every image in data_loader, optionally flipped along the dims
+    of flip (gathered in order from every process's share, as evaluate() gathers)."""
     backbone.eval()
     features, targets = [], []
     desc = "features" + (" (mirrored)" if flip else "")
@@ -178,7 +279,7 @@ def extract_features(backbone, data_loader, runtime, flip=False):
         _check_stop(runtime)
         images = to_input(images, runtime.device)
         if flip:
-            images = images.flip(3)
+            images = images.flip(flip)
         with autocast(runtime.device, runtime.precision):
             features.append(backbone(images).float().cpu())
         targets.append(labels)

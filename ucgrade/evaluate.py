@@ -87,7 +87,9 @@ def validation_pass(args, image_set, split, model, runtime):
     resize = presets.resize_size_for(args.img_size)
     val_share = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
     val_loader = data.make_loader(val_share, args.batch_size, 0, runtime)
-    val_loss, _, probs, targets, features = engine.evaluate(model, val_loader, runtime, "best model", features=True)
+    val_loss, _, probs, targets, features = engine.evaluate(
+        model, val_loader, runtime, "best model", features=True, tta=args.tta
+    )
     return val_loss, probs, targets, features
 
 

@@ -77,7 +77,7 @@ def compute_metrics(targets, probs, class_names, remission_upto=None):
         "accuracy": _number(skm.accuracy_score(targets, preds)),
         "balanced_accuracy": _number(_balanced_accuracy(targets, preds)),
         "macro_f1": _number(skm.f1_score(targets, preds, labels=labels, average="macro", zero_division=0)),
-        "qwk": _number(_qwk(targets, preds, labels)),
+        "qwk": _number(qwk(targets, preds, labels)),
         "mae_grades": _number(skm.mean_absolute_error(targets, preds)),
         "roc_auc_ovr_macro": _number(_auc_ovr(targets, probs, labels)),
         "per_class": {
@@ -143,7 +143,7 @@ def _balanced_accuracy(targets, preds):
     return float(np.mean(recalls)) if len(recalls) else float("nan")
 
 
-def _qwk(targets, preds, labels):
+def qwk(targets, preds, labels):
     if len(set(targets.tolist()) | set(preds.tolist())) < 2:
         return float("nan")  # kappa is undefined when a single grade appears at all
     return skm.cohen_kappa_score(targets, preds, labels=labels, weights="quadratic")

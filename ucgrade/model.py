@@ -255,6 +255,7 @@ def make_checkpoint(model, config, epoch, val_metrics, **extra):
         "epoch": int(epoch),
         "val_metrics": _plain(val_metrics),
         "pretrained": bool(config.get("pretrained_used")),
+        "tta": bool(config.get("tta")),  # grade the mean of the flipped pictures (torch_grader.GradingModel)
         "config": _plain(config),
     }
     checkpoint.update(extra)
@@ -424,6 +425,8 @@ def checkpoint_problems(checkpoint):
             problems.append(f"{key} must be a list of three numbers (it is {checkpoint[key]!r})")
     if _numbers(checkpoint.get("std"), 3) and min(checkpoint["std"]) <= 0:
         problems.append(f"std must be positive (it is {checkpoint['std']!r})")
+    if not isinstance(checkpoint.get("tta", False), bool):
+        problems.append(f"tta must be true or false (it is {checkpoint['tta']!r})")
     model = checkpoint["model"]
     if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
         problems.append("model must map layer names to tensors")

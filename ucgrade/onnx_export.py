@@ -114,6 +114,8 @@ def metadata_for(checkpoint, checkpoint_sha256, precision, **extra):
         "precision": precision,
         "input": f"{onnx_grade.INPUT_NAME}: uint8 RGB (batch, 3, {img_size}, {img_size}), resized and centre-cropped",
         "output": f"{onnx_grade.OUTPUT_NAME}: float32 (batch, grades), softmax, in the order of class_names",
+        # --tta: the graph averages the probabilities of each crop and its flips itself, as validation did
+        "tta": json.dumps(bool(checkpoint.get("tta"))),
     }
     if checkpoint.get("ood"):  # the graph's second output, and the distance above which an image is flagged
         metadata["ood_threshold"] = repr(float(checkpoint["ood"]["threshold"]))

@@ -1,13 +1,15 @@
 """Presets: how a model is trained (a recipe, named as data) and the transforms that make its input.
 
-A recipe is a row of RECIPES, and qq.py's flags default to the seed's. A recipe that trains
-differently is one more row; a field that a later recipe needs (a loss, an EMA, test-time
-augmentation) comes with a default that leaves the recipes before it as they were.
+A recipe is a row of RECIPES, and qq.py's flags default to the seed's; --recipe NAME fills every
+flag that the command line leaves out from its row (apply_recipe). A recipe that trains
+differently is one more row; a field that a later recipe needs comes with a default that leaves
+the recipes before it as they were. An augmentation is a row of AUGMENTS.
 
 The recipes are read without torch, so that qq.py --help answers at once: the transforms import
 torch only when they are made.
 """
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -18,35 +20,76 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Augment:
+    """How a training image is varied: on the cached uint8 tensor, drawing only from torch's generator."""
+
+    crop_scale: tuple  # RandomResizedCrop: the crop's share of the image's area, from .. to
+    hflip_prob: float  # how often a training image is mirrored left to right
+    vflip_prob: float = 0.0  # .. and upside down
+    rot90: bool = False  # a quarter turn, k = 0..3 at random
+    # ColorJitter's brightness, contrast and saturation; no hue, whose HSV round trip costs more than the rest
+    jitter: tuple = None
+    trivial_augment: bool = False  # TrivialAugmentWide: one random operation of random strength
+
+
+AUGMENTS = {
+    "seed": Augment(crop_scale=(0.08, 1.0), hflip_prob=0.5),
+    # endoscopy has no up or down, and its colours move with the processor and the light source
+    "endoscopy": Augment(
+        crop_scale=(0.25, 1.0), hflip_prob=0.5, vflip_prob=0.5, rot90=True, jitter=(0.2, 0.2, 0.1),
+        trivial_augment=True,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A training recipe: the augmentation, SGD with StepLR, and how long and in what batches to train."""
+    """A training recipe: what qq.py trains with unless a flag says otherwise. The field names are the flags'."""
 
     epochs: int
     batch_size: int
     img_size: int  # the crop the model sees, in pixels
-    lr: float  # SGD
-    momentum: float
+    lr: float
+    momentum: float  # SGD
     step_size: int  # StepLR: the lr is multiplied by gamma every step_size epochs
     gamma: float
-    crop_scale: tuple  # RandomResizedCrop: the crop's share of the image's area, from .. to
-    hflip_prob: float  # how often a training image is mirrored
+    augment: str = "seed"  # a row of AUGMENTS
+    loss: str = "ce"  # ce (cross-entropy) or cdw-ce (class-distance-weighted, Polat et al. 2022)
+    cdw_alpha: float = 5.0  # CDW-CE's power of the distance between grades
+    label_smoothing: float = 0.0  # cross-entropy's
+    optimizer: str = "sgd"  # sgd or adamw
+    weight_decay: float = 0.0
+    schedule: str = "step"  # step (StepLR) or cosine, both stepped once per epoch
+    warmup_epochs: int = 0  # epochs whose lr rises linearly before the schedule
+    ema: float = 0.0  # the decay of an exponential moving average of the weights; 0 is off
+    tta: bool = False  # grade the mean probabilities of the image and its flips
 
 
 RECIPES = {
     # the PyTorch transfer-learning tutorial's recipe, which the project started from
-    "seed": Recipe(
-        epochs=25,
-        batch_size=16,
-        img_size=224,
-        lr=0.001,
-        momentum=0.9,
-        step_size=7,
-        gamma=0.1,
-        crop_scale=(0.08, 1.0),
-        hflip_prob=0.5,
+    "seed": Recipe(epochs=25, batch_size=16, img_size=224, lr=0.001, momentum=0.9, step_size=7, gamma=0.1),
+    # the seed's optimiser, with what timm's and torchvision's recipes add, for endoscopy (README: Recipes)
+    "endoscopy": Recipe(
+        epochs=25, batch_size=16, img_size=224, lr=0.001, momentum=0.9, step_size=7, gamma=0.1, augment="endoscopy",
+        label_smoothing=0.1, weight_decay=1e-4, schedule="cosine", warmup_epochs=2, ema=0.999,
     ),
-}
+}  # fmt: skip
 DEFAULT_RECIPE = "seed"
+RECIPE_FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
+
+
+def apply_recipe(args, given):
+    """Fill every setting of args.recipe that the command line did not give (given: the names it gave).
+
+    Label smoothing belongs to cross-entropy: a recipe's is left out with --loss cdw-ce, and one given with it is
+    refused by qq.check_args."""
+    recipe = RECIPES[args.recipe]
+    for name in RECIPE_FIELDS:
+        if name not in given:
+            setattr(args, name, getattr(recipe, name))
+    if args.loss == "cdw-ce" and "label_smoothing" not in given:
+        args.label_smoothing = 0.0
+    return args
 
 
 def resize_size_for(img_size):
@@ -54,12 +97,51 @@ def resize_size_for(img_size):
     return int(round(img_size * 256 / 224))
 
 
-def train_transform(img_size, recipe=RECIPES[DEFAULT_RECIPE]):
-    """The recipe's random crop and flip of a cached uint8 tensor."""
+def train_transform(img_size, augment="seed"):
+    """The random variation of a cached uint8 tensor that AUGMENTS[augment] names, cropped to img_size first, so
+    that the other operations work on the small picture."""
     from torchvision.transforms import v2
 
-    crop = v2.RandomResizedCrop(img_size, scale=recipe.crop_scale, antialias=True)
-    return v2.Compose([crop, v2.RandomHorizontalFlip(recipe.hflip_prob)])
+    spec = AUGMENTS[augment]
+    steps = [
+        v2.RandomResizedCrop(img_size, scale=spec.crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(spec.hflip_prob),
+    ]
+    if spec.vflip_prob:
+        steps.append(v2.RandomVerticalFlip(spec.vflip_prob))
+    if spec.rot90:
+        steps.append(QuarterTurn())
+    if spec.jitter:
+        steps.append(v2.ColorJitter(*spec.jitter))
+    if spec.trivial_augment:
+        steps.append(v2.TrivialAugmentWide())
+    return v2.Compose(steps)
+
+
+class QuarterTurn:
+    """Turn a square (C, S, S) picture by 0, 90, 180 or 270 degrees, k drawn from torch's generator."""
+
+    def __call__(self, image):
+        import torch
+
+        return torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+# Test-time augmentation: the picture and its mirror images, left-right, upside-down and both (a half turn);
+# endoscopy pictures have no up or down, so each is a picture the model could have been shown.
+TTA_FLIPS = ((), (3,), (2,), (2, 3))
+
+
+def flip_views(images):
+    """(N, 3, H, W) -> (len(TTA_FLIPS) * N, 3, H, W): every view of the batch, one after another."""
+    import torch
+
+    return torch.cat([images.flip(dims) if dims else images for dims in TTA_FLIPS])
+
+
+def mean_of_views(probs, views=len(TTA_FLIPS)):
+    """(views * N, C) probabilities of flip_views' batch -> (N, C), the mean over the views of each picture."""
+    return probs.unflatten(0, (views, -1)).mean(0)
 
 
 def val_transform(img_size):

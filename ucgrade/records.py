@@ -13,6 +13,7 @@ HISTORY_FIELDS = [
     "train_acc",
     "val_loss",
     "val_acc",
+    "val_qwk",
     "lr",
     "epoch_time_s",
     "train_images_per_s",
@@ -25,7 +26,8 @@ def write_history(path, history):
 
 def read_history(path):
     rows = files.read_csv(path)
-    return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in rows]
+    # a run begun before val_qwk was kept has no value for its earlier epochs
+    return [{k: (int(v) if k == "epoch" else float(v or "nan")) for k, v in row.items()} for row in rows]
 
 
 def prediction_rows(relpaths, targets, probs, class_names, extra=None):

@@ -399,16 +399,31 @@ def training_line(page):
     """The chosen epoch of a single run, and whether the training started from ImageNet weights."""
     if page.config is None:
         return ""
-    imagenet = f"ImageNet weights: {'yes' if page.config.get('pretrained_used') else 'no'}."
+    imagenet = f"ImageNet weights: {'yes' if page.config.get('pretrained_used') else 'no'}. {recipe_text(page.config)}"
     metrics = page.metrics
     if "epochs_completed" not in metrics:
         return f"<p>{imagenet}</p>"
-    chosen = "Last" if page.config.get("select") == "last" else "Best"
+    chosen = {"last": "Last", "qwk": "Best-QWK"}.get(page.config.get("select"), "Best")
     return (
         f"<p>{chosen} epoch {metrics.get('best_epoch')} of {metrics.get('epochs_completed')} "
         f"({html.escape(metrics.get('status', 'finished'))}), scored on {metrics['num_images']} validation images. "
         f"{imagenet}</p>"
     )
+
+
+def recipe_text(config):
+    """The recipe and its parts in one sentence; a run from before the recipes trained with the seed's."""
+    get = config.get
+    parts = [f"augmentation {get('augment', 'seed')}", "CDW-CE loss (alpha " + f"{get('cdw_alpha')})"
+             if get("loss") == "cdw-ce" else f"cross-entropy (label smoothing {get('label_smoothing', 0)})",
+             f"{'AdamW' if get('optimizer') == 'adamw' else 'SGD'} (weight decay {get('weight_decay', 0)})",
+             f"{get('schedule', 'step')} schedule" + (f" after {get('warmup_epochs')} warmup epoch(s)"
+                                                      if get("warmup_epochs") else "")]  # fmt: skip
+    if get("ema"):
+        parts.append(f"the weights' moving average (EMA {get('ema')}), which is what was evaluated and saved")
+    if get("tta"):
+        parts.append("test-time flips averaged (TTA), here and in predict.py")
+    return html.escape(f"Recipe {get('recipe', 'seed')}: " + ", ".join(parts) + ".")
 
 
 def warnings_line(page):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from . import distributed, files
+from . import distributed, files, presets
 from .cli import UserError
 from .model import load_checkpoint
 
@@ -21,7 +21,8 @@ from .model import load_checkpoint
 RUN_SETTINGS = (
     "data", "arch", "epochs", "batch_size", "lr", "momentum", "step_size", "gamma", "val_split", "seed", "img_size",
     "precision", "pretrained", "weights", "class_order", "remission_upto", "groups", "folds", "balance",
-    "freeze_backbone", "cache", "select", "sync_bn", "patient_grade",
+    "freeze_backbone", "cache", "select", "sync_bn", "patient_grade", "recipe", "augment", "loss", "cdw_alpha",
+    "label_smoothing", "optimizer", "weight_decay", "schedule", "warmup_epochs", "ema", "tta",
 )  # fmt: skip
 # What --resume may change, because the run goes on the same: the same images from elsewhere, more
 # epochs, another precision, cache or batch norm across processes. (--device, --workers, --compile and
@@ -29,14 +30,18 @@ RUN_SETTINGS = (
 # made their patients' grades by the rule the run started with, and the pooled report must use the same one.
 RESUME_MAY_CHANGE = ("data", "epochs", "precision", "cache", "sync_bn")
 # Defaults of settings that runs written by earlier versions did not record.
-EARLIER_DEFAULTS = {"select": "best", "arch": "resnet50", "sync_bn": False, "patient_grade": "max"}
+EARLIER_DEFAULTS = {"select": "best", "arch": "resnet50", "sync_bn": False, "patient_grade": "max", "recipe": "seed"}
+EARLIER_DEFAULTS |= {
+    name: getattr(presets.RECIPES["seed"], name) for name in presets.RECIPE_FIELDS if name in RUN_SETTINGS
+}  # a run from before the recipes trained with the seed's
 PATHS = ("data", "weights", "groups")  # recorded as absolute paths, so a run resumes from any folder
 
 
 def resolve(args, parser):
-    """(args, None) for a new run; for --resume, (the run's settings with the command line over them, its config)."""
+    """(args, None) for a new run, --recipe filling the settings the command line leaves out; for --resume, (the
+    run's settings with the command line over them, its config)."""
     if not args.resume:
-        return args, None
+        return presets.apply_recipe(args, given_on_command_line(parser, args.argv)), None
     run_dir = Path(args.resume)
     config = read_run_config(run_dir)
     defaults = {key: config[key] for key in RUN_SETTINGS if key != "precision"}  # auto: the precision last used
@@ -58,6 +63,14 @@ def resolve(args, parser):
         )
     check_epochs(run_dir, config, resumed.epochs)
     return resumed, config
+
+
+def given_on_command_line(parser, argv):
+    """The names of the settings that argv gives: parsed again with a default that no flag can give. (The parser's
+    defaults change; it is not used again.)"""
+    not_given = object()
+    parser.set_defaults(**{action.dest: not_given for action in parser._actions})
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not not_given} - {"argv"}
 
 
 def _same(key, args, config):

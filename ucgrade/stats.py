@@ -85,6 +85,27 @@ def bootstrap_intervals(targets, probs, class_names, remission_upto=None, groups
     return {name: _interval(np.concatenate([b[name] for b in blocks]), n_resamples) for name in blocks[0]}
 
 
+def paired_intervals(targets, probs, reference, class_names, groups=None, seed=0, n_resamples=N_RESAMPLES):
+    """95% intervals of every metric of probs, and of its difference to reference's (probs minus reference), both
+    graded on the same images: each resample draws the same images (or groups) for the two, so that the images'
+    own difficulty cancels out of the difference (a paired bootstrap). Returns ({metric: interval}, {metric:
+    interval of the difference}), as confidence_intervals gives them."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_CELLS // len(targets))
+    own, differences = [], []
+    for start in range(0, n_resamples, block):
+        weights = resample_weights(rng, len(targets), groups, min(block, n_resamples - start))
+        base = resample_metrics(targets, reference, class_names, weights)
+        other = resample_metrics(targets, probs, class_names, weights)
+        own.append(other)
+        differences.append({name: other[name] - base[name] for name in other})
+    return tuple(
+        {name: _interval(np.concatenate([b[name] for b in blocks]), n_resamples) for name in blocks[0]}
+        for blocks in (own, differences)
+    )
+
+
 def resample_weights(rng, n_images, groups=None, n_resamples=N_RESAMPLES):
     """How often each image is drawn in each resample (n_resamples x n_images): n_images draws of
     single images, or, with groups, as many draws of whole groups as there are groups. Calls that

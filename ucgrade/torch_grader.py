@@ -14,12 +14,16 @@ from .device import autocast, choose_device, choose_precision
 from .grader import Grader, Grades
 from .model import head_inputs, load_checkpoint, model_from_checkpoint
 from .ood import OodHead
-from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .presets import IMAGENET_MEAN, IMAGENET_STD, TTA_FLIPS, flip_views, mean_of_views, resize_size_for
 
 
 class GradingModel(nn.Module):
     """uint8 RGB crops (N, 3, S, S) -> grade probabilities (N, C), and with the checkpoint's training statistics
-    also the out-of-distribution scores (N,) of the same forward pass."""
+    also the out-of-distribution scores (N,) of the same forward pass.
+
+    A checkpoint trained with --tta grades the mean probabilities of each crop and its flips (presets.flip_views,
+    one batch of all views), as its validation did; the out-of-distribution score is that of the crop itself.
+    """
 
     def __init__(self, model, checkpoint):
         super().__init__()
@@ -28,15 +32,18 @@ class GradingModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.ood = OodHead(checkpoint["ood"]) if checkpoint.get("ood") else None
+        self.tta = bool(checkpoint.get("tta"))
 
     def forward(self, images):
         x = (images.float() / 255 - self.mean) / self.std  # the arithmetic of presets.normalize, in its order
         with head_inputs(self.model) as features:
-            logits = self.model(x)
-        probs = torch.softmax(logits.float(), dim=1)
+            logits = self.model(flip_views(x) if self.tta else x)
+        probs, features = torch.softmax(logits.float(), dim=1), features[0]
+        if self.tta:  # views first, by reshaping: a slice by len(images) would be a constant in the ONNX graph
+            probs, features = mean_of_views(probs), features.unflatten(0, (len(TTA_FLIPS), -1))[0]
         if self.ood is None:
             return probs
-        return probs, self.ood(features[0])
+        return probs, self.ood(features)
 
 
 def torch_grader(path, device="auto", precision="fp32", threads=None):

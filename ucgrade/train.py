@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, distributed, engine, files, presets
+from . import data, distributed, engine, files, metrics, presets
 from .cli import UserError
 from .device import make_grad_scaler
 from .distributed import shard
@@ -49,6 +49,12 @@ class Training:
     # the head alone on features computed before
     validation: tuple = None
     kept_validation: tuple = None
+    ema: torch.optim.swa_utils.AveragedModel = None  # --ema: the average of trainable, which is graded and saved
+    tta: bool = False  # --tta: validation grades the mean of the flipped pictures' probabilities
+
+    def graded(self):
+        """The module that validation runs: the moving average of trainable's weights, or trainable."""
+        return self.trainable if self.ema is None else self.ema.module
 
 
 def initial_weights(args, resumed=None):
@@ -86,7 +92,8 @@ def make_loaders(args, image_set, split, model, runtime, generator):
         workers, model = 0, head(model)
     else:
         resize = presets.resize_size_for(args.img_size)
-        train_set = data.ImageDataset(image_set, split.train, presets.train_transform(args.img_size), resize)
+        transform = presets.train_transform(args.img_size, args.augment)
+        train_set = data.ImageDataset(image_set, split.train, transform, resize)
         val_set = data.ImageDataset(image_set, shard(split.val, runtime), presets.val_transform(args.img_size), resize)
         workers = loader_workers(args, image_set, runtime.device)
     batch_size = args.batch_size // runtime.world_size
@@ -110,7 +117,8 @@ def balanced_sampler(image_set, split, generator):
 
 def frozen_features(args, image_set, split, model, runtime):
     """The backbone never changes, so its features are computed once per view (the centre crop and its
-    mirror image), and only the head trains on them: (training features, validation features)."""
+    mirror image; with --augment endoscopy every flip of TTA_FLIPS), and only the head trains on them:
+    (training features, validation features; with --tta those of every view, N x V x D)."""
     for p in model.parameters():
         p.requires_grad_(False)
     head(model).requires_grad_(True)
@@ -122,9 +130,13 @@ def frozen_features(args, image_set, split, model, runtime):
         return data.make_loader(dataset, args.batch_size, workers, runtime)
 
     start = time.perf_counter()
-    views = [engine.extract_features(features, loader(split.train), runtime, flip=flip)[0] for flip in (False, True)]
-    val_features, val_labels = engine.extract_features(features, loader(split.val), runtime)
-    seconds, count = time.perf_counter() - start, 2 * len(split.train) + len(split.val)
+    flips = presets.TTA_FLIPS if presets.AUGMENTS[args.augment].vflip_prob else ((), (3,))
+    views = [engine.extract_features(features, loader(split.train), runtime, flip=dims)[0] for dims in flips]
+    val_flips = presets.TTA_FLIPS if args.tta else ((),)
+    val_views = [engine.extract_features(features, loader(split.val), runtime, flip=dims) for dims in val_flips]
+    val_labels = val_views[0][1]
+    val_features = torch.stack([v[0] for v in val_views], 1) if args.tta else val_views[0][0]
+    seconds, count = time.perf_counter() - start, len(flips) * len(split.train) + len(val_flips) * len(split.val)
     print(f"backbone features computed once in {seconds:.1f} s ({count} image views)")
     labels = torch.as_tensor(np.asarray(image_set.labels)[split.train])
     return data.FeatureViews(torch.stack(views), labels), (val_features, val_labels)
@@ -136,27 +148,45 @@ def prepare(args, image_set, split, model, runtime, generator):
     if args.sync_bn and runtime.world_size > 1:  # before the optimiser is made, so that it holds these layers
         trainable = distributed.sync_batch_norm(trainable, runtime)
     train_labels = np.asarray(image_set.labels)[split.train]
-    criterion = engine.make_criterion(args.balance, train_labels, len(image_set.class_names), runtime.device)
-    optimizer, lr_scheduler = engine.make_optimizer(
-        trainable.parameters(), args.lr, args.momentum, args.step_size, args.gamma
-    )
+    criterion = engine.make_criterion(
+        args.balance, train_labels, len(image_set.class_names), runtime.device, args.loss, args.cdw_alpha,
+        args.label_smoothing,
+    )  # fmt: skip
+    optimizer, lr_scheduler = engine.make_optimizer(trainable.parameters(), args)
     scaler = make_grad_scaler(runtime.device, runtime.precision)
+    ema = engine.make_ema(trainable, args.ema)
     step_model = distributed.wrap(trainable, runtime)
     step_model = torch.compile(step_model) if args.compile else step_model
     loaders = (train_loader, val_loader)
-    return Training(model, trainable, step_model, *loaders, criterion, optimizer, lr_scheduler, scaler, generator)
+    return Training(
+        model,
+        trainable,
+        step_model,
+        *loaders,
+        criterion,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        generator,
+        ema=ema,
+        tta=args.tta,
+    )
 
 
 def run_epoch(training, epoch, runtime):
     """Train one epoch and validate; the epoch's row of history.csv."""
     start = time.perf_counter()
     optimizer = training.optimizer
+    ema = (training.ema, training.trainable) if training.ema is not None else None
     stats = engine.train_one_epoch(
-        training.step_model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler
+        training.step_model, training.criterion, optimizer, training.train_loader, runtime, epoch, training.scaler, ema
     )
-    whole = training.trainable is training.model
-    val_loss, val_acc, *validation = engine.evaluate(training.trainable, training.val_loader, runtime, features=whole)
+    whole = training.trainable is training.model  # --freeze-backbone validates the head alone, on features
+    val_loss, val_acc, *validation = engine.evaluate(
+        training.graded(), training.val_loader, runtime, features=whole, tta=training.tta
+    )
     training.validation = (val_loss, *validation) if whole else None
+    probs, targets = validation[:2]
     if not math.isfinite(val_loss):
         lower = optimizer.param_groups[0]["initial_lr"] / 10
         raise UserError(
@@ -171,6 +201,7 @@ def run_epoch(training, epoch, runtime):
         "train_acc": stats["acc"],
         "val_loss": val_loss,
         "val_acc": val_acc,
+        "val_qwk": metrics.qwk(targets, probs.argmax(1), np.arange(probs.shape[1])),
         "lr": lr,
         "epoch_time_s": time.perf_counter() - start,
         "train_images_per_s": stats["images_per_s"],
@@ -193,6 +224,8 @@ def train(args, image_set, split, runtime, imagenet_state, config):
     generator = torch.Generator().manual_seed(args.seed)
     if last:
         model = model_from_checkpoint(last, last_path)
+        if "raw_model" in last:  # with --ema, "model" holds the average, and training goes on from its own weights
+            model.load_state_dict(last["raw_model"])
     else:
         model = build_model(len(image_set.class_names), imagenet_state, args.arch)
     model = model.to(runtime.device, memory_format=torch.channels_last)
@@ -209,7 +242,7 @@ def train(args, image_set, split, runtime, imagenet_state, config):
             f"epoch {epoch}/{args.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  lr {row['lr']:.2g}  "
             f"{row['epoch_time_s']:.1f} s ({row['train_images_per_s']:.1f} img/s)"
-            + (("  best" if args.select == "best" else "  saved") if kept else ""),
+            + (("  saved" if args.select == "last" else "  best") if kept else ""),
             flush=True,
         )
     return history, model, training.kept_validation
@@ -223,8 +256,11 @@ def save(training, history, run_dir, config, runtime):
     kept = engine.best_epoch(history, config["select"])["epoch"] == row["epoch"]
     if kept:
         training.kept_validation = training.validation
+    graded = graded_weights(training)
     if kept and runtime.is_main:
-        save_checkpoint(run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics))
+        save_checkpoint(
+            run_dir / "best.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics) | graded
+        )
     if not runtime.is_main:
         return kept
     state = {
@@ -234,13 +270,40 @@ def save(training, history, run_dir, config, runtime):
         "lr_scheduler": training.lr_scheduler.state_dict(),
         "scaler": training.scaler.state_dict(),
     }
-    save_checkpoint(run_dir / "last.pt", make_checkpoint(training.model, config, row["epoch"], val_metrics, **state))
+    if training.ema is not None:
+        state |= {"raw_model": cpu_state(training.model), "ema_updates": int(training.ema.n_averaged)}
+    last = make_checkpoint(training.model, config, row["epoch"], val_metrics, **state) | graded
+    save_checkpoint(run_dir / "last.pt", last)
     write_history(run_dir / "history.csv", history)
     return kept
 
 
+def graded_weights(training):
+    """{"model": the weights that grade} when they are the moving average's (--ema), else {} (the model's own)."""
+    if training.ema is None:
+        return {}
+    prefix = trainable_prefix(training)
+    averaged = {prefix + k: v for k, v in cpu_state(training.ema.module).items()}
+    return {"model": cpu_state(training.model) | averaged}
+
+
+def trainable_prefix(training):
+    """Where trainable sits in the model: '' for the model itself, 'fc.' for a ResNet's head alone."""
+    name = next(name for name, module in training.model.named_modules() if module is training.trainable)
+    return name + "." if name else ""
+
+
+def cpu_state(module):
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def restore(training, last, runtime):
-    """The optimiser, schedule, loss scaling and random states of a last.pt."""
+    """The optimiser, schedule, loss scaling, moving average and random states of a last.pt."""
+    if training.ema is not None:
+        prefix = trainable_prefix(training)
+        averaged = {k.removeprefix(prefix): v for k, v in last["model"].items() if k.startswith(prefix)}
+        training.ema.module.load_state_dict(averaged)
+        training.ema.n_averaged.fill_(last["ema_updates"])
     training.optimizer.load_state_dict(last["optimizer"])
     training.lr_scheduler.load_state_dict(last["lr_scheduler"])
     if last["scaler"] and training.scaler.is_enabled():  # fp16 state; empty after a bf16 or fp32 epoch
