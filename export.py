@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from ucgrade import files, onnx_export, onnx_grade
+# torch-free imports only: torch loads in main, so that a grading-only install gets one sentence (cli.run_cli)
+from ucgrade import files, interrupt, onnx_export, onnx_grade
 from ucgrade.cli import ArgumentParser, UserError, main_entry
 from ucgrade.locate import models_in
-from ucgrade.metrics import fmt
-from ucgrade.torch_grader import torch_grader
 
 INT8_AGREEMENT_TARGET = 0.98  # issue 11: the int8 model agrees with fp32 on at least 98% of validation images
 
@@ -81,11 +80,16 @@ def find_checkpoint(run, fold):
     return models_in(path, "refuse" if fold is None else fold, flag=None)[0]
 
 
-def output_paths(checkpoint_path, out):
+def output_paths(checkpoint_path, out, int8=False):
     """(fp32 .onnx, int8 .onnx, export.json)."""
     path = Path(out) if out else checkpoint_path.parent / "model.onnx"
     if path.suffix != ".onnx":
         raise UserError(f"--out '{path}' must name an .onnx file, such as model.onnx.")
+    if int8 and path.name.lower().endswith(".int8.onnx"):
+        raise UserError(
+            f"--out '{path}' names the fp32 model, and --int8 writes the int8 one beside it with .int8.onnx added; "
+            f"give --out {path.with_name(path.name[: -len('.int8.onnx')] + '.onnx')}."
+        )
     if path.is_dir():
         raise UserError(f"--out '{path}' is a folder; give the name of the .onnx file to write.")
     files.check_folder_path(path.parent, "--out")
@@ -209,8 +213,12 @@ def main(args):
     if args.calibration_images < 1:
         raise UserError("--calibration-images must be at least 1.")
     checkpoint_path = find_checkpoint(args.run, args.fold)
-    out, out_int8, out_json = output_paths(checkpoint_path, args.out)
+    out, out_int8, out_json = output_paths(checkpoint_path, args.out, args.int8)
+    from ucgrade.torch_grader import torch_grader  # torch first: what a grading-only install lacks first
+
     reference = torch_grader(checkpoint_path, "cpu", "fp32")  # what the export must agree with
+    from ucgrade.metrics import fmt
+
     checkpoint = reference.extra["checkpoint"]
     sha256 = files.sha256_of(checkpoint_path)
     metadata = onnx_export.metadata_for(checkpoint, sha256, "fp32", checkpoint_file=checkpoint_path.name)
@@ -255,4 +263,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main_entry(main, get_args_parser())
+    with interrupt.stop_at_once():  # SIGTERM as Ctrl-C: the export's temporary files are removed, not left in TMPDIR
+        main_entry(main, get_args_parser())

@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from ucgrade.cli import PRECISIONS, ArgumentParser, UserError, main_entry
+from ucgrade.cli import FULL_INSTALL, PRECISIONS, ArgumentParser, UserError, main_entry
 from ucgrade.files import check_folder_path
 from ucgrade.grader import BATCH_SIZE, GRADING_PRECISION, OOD_WARNING, grade_files, grade_labels, load_grader
 from ucgrade.images import IMAGE_EXTENSIONS, UnreadableImage, files_under, is_image_file
@@ -80,6 +80,14 @@ def get_args_parser():
         default=BATCH_SIZE,
         metavar="N",
         help="images graded in one forward pass; the next batch is decoded meanwhile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads of a forward pass, at most one per core this process may use; on a CPU that other jobs "
+        "keep busy, 1 or 2 grade faster (default: one per available core)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     parser.add_argument(
@@ -196,7 +204,7 @@ def open_grader(weights, args):
         )
     if args.cam:
         check_folder_path(args.cam, "--cam")
-    grader = load_grader(weights, args.device, args.precision)
+    grader = load_grader(weights, args.device, args.precision, args.threads)
     if onnx and args.precision not in (None, "auto", grader.precision):
         raise UserError(
             f"--precision {args.precision} is for a .pt checkpoint; '{weights.name}' runs in the precision it was "
@@ -284,10 +292,20 @@ def result_line(result, short):
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, not {args.threads}.")
     check_evaluate_args(args)
     if args.evaluate:
-        from ucgrade.testset import evaluate_test_set
-
+        try:
+            from ucgrade.testset import evaluate_test_set
+        except ModuleNotFoundError as error:  # a grading-only install (requirements-predict.txt)
+            package = FULL_INSTALL.get((error.name or "").partition(".")[0])
+            if package is None:
+                raise
+            raise UserError(
+                f"--evaluate scores and plots with scikit-learn and matplotlib, and {package} is not installed "
+                "here; install them with pip install scikit-learn matplotlib (an .onnx still needs no torch)."
+            ) from None
         return evaluate_test_set(args, args.inputs[0])
     weights = find_models(args.weights, args.out)[0]
     grader = open_grader(weights, args)
@@ -306,6 +324,7 @@ def main(args):
                     "errors": [{"path": n, "error": r} for n, r in errors],
                 },
                 indent=2,
+                allow_nan=False,  # strict JSON: the grader refuses a model whose outputs are not numbers
             )
         )
     if errors:

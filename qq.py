@@ -16,6 +16,7 @@ history.csv, curves.png, confusion matrices, metrics.json, predictions.csv and r
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -148,6 +149,12 @@ def get_args_parser():
         metavar="RUN_DIR",
         help="continue a run from its last.pt, with its settings (default: none)",
     )
+    add(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, nor a line per phase in a log; the epoch lines and the results stay (the same as "
+        "TQDM_DISABLE=1) (default: off)",
+    )
     return parser
 
 
@@ -215,6 +222,8 @@ def main(args):
 
     args, resumed = settings.resolve(args, get_args_parser())
     check_args(args)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # progress.quiet() reads it, in every loop of the run
     scanned = data.scan_data(args)  # the layout and the grade names: before the banner and any download
     runtime = make_runtime(args.device, args.precision, settings.precision_used(resumed))
     settings.print_settings(args, runtime)

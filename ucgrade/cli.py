@@ -61,6 +61,7 @@ class RunInterrupted(Exception):
 
 def run_cli(main, args):
     """Call main(args); turn a UserError, Ctrl-C or a failed file operation into a one-line message and an exit code."""
+    never_fail_on_a_name()
     try:
         code = main(args) or 0
         sys.stdout.flush()  # inside the try: output still buffered may meet a closed pipe here
@@ -71,11 +72,16 @@ def run_cli(main, args):
     except RunInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted: stopped by Ctrl-C.", file=sys.stderr)
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM where interrupt.stop_at_once says why
+        print(f"interrupted: {error or 'stopped by Ctrl-C.'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         raise  # main_entry ends quietly
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.partition(".")[0] not in FULL_INSTALL:
+            raise
+        print(f"error: {missing_package_message(error.name.partition('.')[0])}", file=sys.stderr)
+        return 2
     except OSError as error:  # a full disk, a folder without write permission: the machine's, not the input's
         if disk_full(error):
             print(f"error: {disk_full_message(error)}", file=sys.stderr)
@@ -96,7 +102,8 @@ def run_cli(main, args):
         rank = os.environ.get("RANK", "?")
         print(
             f"error: process {rank} stopped because another process of this torchrun run stopped first; its "
-            "message above says why.",
+            "message above says why, and if it printed none, it was killed (out of memory: see dmesg, or by its "
+            "scheduler).",
             file=sys.stderr,
         )
         return 1
@@ -108,7 +115,20 @@ def disk_full(error):
 
 
 def disk_full_message(error):
+    """The advice for a full disk, for the command that met it (the script's name in sys.argv[0])."""
     where = f" while writing '{error.filename}'" if error.filename else ""
+    command = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if command == "predict.py":
+        return (
+            f"no space left{where} ({error.strerror or error}): a test set's results folder needs a few MB (its "
+            "plots and report.html) and nothing half-written was kept; free disk space, then run predict.py again."
+        )
+    if command == "export.py":
+        return (
+            f"no space left{where} ({error.strerror or error}): an export needs about the size of best.pt for "
+            "model.onnx, a quarter of it for model.int8.onnx and three times the model in the temporary folder "
+            "while quantising (TMPDIR); free disk space, then run export.py again."
+        )
     return (
         f"no space left{where} ({error.strerror or error}): a run of ResNet50 needs about 300 MB free (best.pt 111 MB, "
         "last.pt 188 MB, the plots and the report; K times that with --folds K; less for smaller --arch); free disk "
@@ -123,12 +143,46 @@ def lost_a_peer(error):
     return "WORLD_SIZE" in os.environ and any(text in str(error) for text in peer_gone)
 
 
+# What requirements.txt installs beyond a grading-only install (requirements-predict.txt), by import name.
+FULL_INSTALL = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "sklearn": "scikit-learn",
+    "scipy": "scipy",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "onnx": "onnx",
+}
+
+
+def missing_package_message(name):
+    command = os.path.basename(sys.argv[0]) if sys.argv else "this command"
+    return (
+        f"{command} needs {FULL_INSTALL[name]}, which is not installed here (a grading-only install from "
+        "requirements-predict.txt grades with an .onnx, and nothing more); install the full set with "
+        "pip install -r requirements.txt."
+    )
+
+
+def never_fail_on_a_name():
+    """Print a name the terminal's encoding cannot show (modéré on an ASCII console, a Windows console redirected
+    to a file) as an escape (mod\\xe9r\\xe9), instead of ending the command with a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: nothing will be printed on it anyway
+                pass
+
+
 def main_entry(main, parser):
     """The scripts' entry point: parse the command line, run main through run_cli, and exit.
 
     Output piped into a reader that stops early (`predict.py folder/ | head`) ends quietly, as
     other command-line tools do, instead of with a BrokenPipeError traceback.
     """
+    never_fail_on_a_name()  # argparse's own messages name the arguments too
     try:
         code = run_cli(main, parser.parse_args())
     except BrokenPipeError:

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .cli import RunInterrupted, UserError
 from .distributed import processes_on_this_machine
@@ -40,7 +39,9 @@ from .images import (  # noqa: F401
     resize_shorter_side,
     to_chw,
 )
+from .metrics import check_remission_grade
 from .presets import resize_size_for
+from .progress import progress
 
 
 @dataclass
@@ -198,7 +199,7 @@ def read_images(image_set, resize_size, keep, stop=None):
     stop() is polled between images so that Ctrl-C stops a long scan promptly.
     """
     paths, labels, images, digests = [], [], [], []
-    for path, label in zip(tqdm(image_set.paths, desc="reading images", unit="img", leave=False), image_set.labels):
+    for path, label in zip(progress(image_set.paths, "reading images", "images"), image_set.labels):
         if stop is not None and stop():
             break
         try:
@@ -368,21 +369,6 @@ def read_data(args, stop=None, image_set=None):
     grades = ", ".join(f"{n} ({c})" for n, c in zip(image_set.class_names, image_set.class_counts()))
     print(f"classes (grade order): {grades}")
     return image_set
-
-
-def check_remission_grade(remission_upto, class_names):
-    if remission_upto is None:
-        return
-    if remission_upto not in class_names:
-        raise UserError(
-            f"--remission-upto {remission_upto!r} is not one of the grades ({', '.join(class_names)}); name the last "
-            "grade that counts as remission."
-        )
-    if remission_upto == class_names[-1]:
-        raise UserError(
-            f"--remission-upto {remission_upto!r} is the most severe grade, which leaves no active grades; name a "
-            "milder grade."
-        )
 
 
 def check_class_sizes(image_set, minimum=2):

@@ -9,13 +9,13 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
-from tqdm import tqdm
 
 from . import distributed
 from .cli import RunInterrupted, UserError
 from .device import autocast, make_grad_scaler, synchronize
 from .model import head_inputs
 from .presets import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .progress import progress
 
 
 def to_input(batch, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -87,9 +87,8 @@ def train_one_epoch(model, criterion, optimizer, data_loader, runtime, epoch=0, 
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(
-        data_loader, f"epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main
-    )
+    # no line of its own in a log: train.py prints one per epoch
+    bar = progress(data_loader, f"epoch {epoch} train", "batches", log=False, disable=not runtime.is_main)
     for step, (images, targets) in enumerate(bar, 1):
         images, targets = to_input(images, device), targets.to(device, non_blocking=True)
         with autocast(device, runtime.precision):
@@ -142,7 +141,7 @@ def evaluate(model, data_loader, runtime, desc="val", features=False):
     """
     model.eval()
     all_logits, all_targets, all_features = [], [], []
-    bar = tqdm(data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main)
+    bar = progress(data_loader, desc, "batches", log=False, disable=not runtime.is_main)
     for images, targets in bar:
         _check_stop(runtime)
         # the head's input is collected only when asked for: a frozen backbone's loop evaluates the head alone
@@ -175,9 +174,7 @@ def extract_features(backbone, data_loader, runtime, flip=False):
     backbone.eval()
     features, targets = [], []
     desc = "features" + (" (mirrored)" if flip else "")
-    for images, labels in tqdm(
-        data_loader, desc, unit="batch", leave=False, dynamic_ncols=True, disable=not runtime.is_main
-    ):
+    for images, labels in progress(data_loader, desc, "batches", disable=not runtime.is_main):
         _check_stop(runtime)
         images = to_input(images, runtime.device)
         if flip:

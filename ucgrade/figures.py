@@ -272,8 +272,8 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
     class_names: the grades, to show the part of their names that differs (default: the names in rows); images:
     what they are, for the heading (validation images, test images).
     """
-    from .data import UnreadableImage, load_image
-    from .presets import eval_transform
+    from .images import UnreadableImage, load_image, preprocess  # torch-free: predict.py --evaluate with an .onnx
+    from .presets import resize_size_for
 
     wrong = sorted((r for r in rows if r["true"] != r["predicted"]), key=lambda r: -float(r["p_predicted"]))
     wrong = wrong[:max_images]
@@ -305,7 +305,8 @@ def plot_errors(rows, data_root, img_size, path, max_images=12, class_names=None
         bottom = height - heading_height - (k // cols) * row_height - caption_height - 2.7
         ax = fig.add_axes((left / width, bottom / height, 2.7 / width, 2.7 / height))
         try:
-            image = eval_transform(img_size)(load_image(Path(data_root) / row["path"])).permute(1, 2, 0).numpy()
+            image = preprocess(load_image(Path(data_root) / row["path"]), img_size, resize_size_for(img_size))
+            image = image.transpose(1, 2, 0)
             ax.imshow(image)
         except UnreadableImage:
             ax.text(0.5, 0.5, "image missing", ha="center")

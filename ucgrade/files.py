@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -246,6 +247,30 @@ def new_run_dir(out_dir, name=None):
         except FileExistsError:
             continue
     raise RuntimeError(f"too many runs named {base!r} under {out_dir}")
+
+
+@contextlib.contextmanager
+def written_whole(folder):
+    """Yield a hidden folder that stands in for the new, empty folder (made by new_run_dir, so that its name is
+    known and taken), and move it into place once the block has written every file. A stop, a full disk or any
+    error removes both, so a folder of results is whole or absent; after a kill -9, what is left is the empty
+    folder and a hidden '.NAME.partial-*' beside it."""
+    folder = Path(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    inside = staging / folder.name  # its own name, so that what is written inside may name it
+    try:
+        inside.mkdir()
+        yield inside
+        try:
+            os.replace(inside, folder)  # POSIX replaces an empty folder in one step
+        except OSError:  # Windows does not
+            folder.rmdir()
+            os.rename(inside, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_json(path):

@@ -64,7 +64,14 @@ class Grader:
         if not parts:
             return Grades(np.zeros((0, len(self.class_names))), None if self.ood_threshold is None else np.zeros(0))
         scores = None if parts[0].ood_scores is None else np.concatenate([p.ood_scores for p in parts])
-        return Grades(np.concatenate([p.probs for p in parts]).astype(np.float64), scores)
+        probs = np.concatenate([p.probs for p in parts]).astype(np.float64)
+        if not np.isfinite(probs).all() or (scores is not None and not np.isfinite(scores).all()):
+            what = "probabilities" if not np.isfinite(probs).all() else "out-of-distribution scores"
+            raise UserError(
+                f"the model '{self.path}' gave {what} that are not numbers (NaN or infinite), so its weights are "
+                "damaged; train it again, or export it again from a best.pt that grades well."
+            )
+        return Grades(probs, scores)
 
     def grade(self, pictures):
         """Grades of decoded pictures of any size (PIL images or H x W x 3 uint8 arrays), in one call."""
@@ -79,10 +86,22 @@ class Grader:
         return self.ood_threshold is not None
 
 
+def available_cores():
+    """The cores this process may run on: its CPU affinity (taskset, a cluster job's share), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def load_grader(path, device="auto", precision=None, threads=None):
     """The Grader of a .pt (torch, on device in precision, GRADING_PRECISION when None) or an .onnx (ONNX Runtime
-    on the CPU in the precision it was exported in, no torch)."""
+    on the CPU in the precision it was exported in, no torch).
+
+    threads: the CPU threads of one forward pass (None: one per available core). A runtime that starts one thread
+    per core of the machine, on a CPU another job keeps busy, waits for the slowest of them at every layer."""
     path = Path(path)
+    threads = min(threads or available_cores(), available_cores())
     if path.suffix.lower() == ".onnx":
         from .onnx_grade import onnx_grader
 
@@ -94,7 +113,7 @@ def load_grader(path, device="auto", precision=None, threads=None):
             f"grading with '{path.name}' needs torch, and {error.name or 'a package'} is not installed here; "
             "install requirements.txt, or grade with an .onnx that 'python export.py RUN_FOLDER' writes."
         ) from None
-    return torch_grader(path, device, precision or GRADING_PRECISION)
+    return torch_grader(path, device, precision or GRADING_PRECISION, threads)
 
 
 # Here, without matplotlib, because predict.py's lines name grades as the plots do.

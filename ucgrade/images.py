@@ -23,18 +23,27 @@ class UnreadableImage(Exception):
 # ----------------------------------------------------------------------------- finding image files
 
 
-def files_under(folder):
+def files_under(folder, inside=None, left_out=None):
     """Every file below folder, nested sub-folders included, in a stable order. Hidden files and folders (names
     starting with '.': .DS_Store, macOS's ._ copies, .ipynb_checkpoints) are left out silently, as clutter of the
     operating system or of tools, not the user's images. Linked folders are followed, each real folder once,
-    so a link back to a parent cannot loop."""
+    so a link back to a parent cannot loop.
+
+    inside: a folder that linked folders must stay in (a link to / would otherwise walk the whole machine); a
+    linked folder that leaves it is not followed, and goes into the list left_out."""
     found, seen = [], set()
+    boundary = os.path.realpath(inside) if inside is not None else None
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         stat = os.stat(dirpath)
         if (stat.st_dev, stat.st_ino) in seen:
             dirnames[:] = []
             continue
         seen.add((stat.st_dev, stat.st_ino))
+        real = os.path.realpath(dirpath)
+        if boundary is not None and os.path.commonpath([real, boundary]) != boundary:
+            left_out.append((Path(dirpath), real))
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / name for name in sorted(filenames) if not name.startswith("."))
     return found

@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM ask a run to stop after the current batch, so that what finished is kept."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -41,3 +42,24 @@ class GracefulStop:
 
     def __call__(self):
         return self.signal_name is not None
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """SIGTERM stops at once, as Ctrl-C does, by an exception: for work that keeps nothing half-done (a test set's
+    results, an export), whose clean-up must run. Python's default for SIGTERM ends the process without it,
+    leaving its temporary files behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        # a KeyboardInterrupt, as Ctrl-C's: a library's `except Exception` (ONNX Runtime's quantisation has some)
+        # cannot swallow it, as it could a RunInterrupted
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}; nothing half-written was kept.")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,8 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
+from .cli import UserError
+
 # The scalar metrics, in the order tables show them, with a one-line meaning for clinicians.
 SCALARS = {
     "accuracy": "share of images graded exactly right",
@@ -157,6 +159,21 @@ def _auc_ovr(targets, probs, labels):
     if len(labels) == 2:
         return skm.roc_auc_score(targets, probs[:, 1])
     return skm.roc_auc_score(targets, probs, multi_class="ovr", average="macro", labels=labels)
+
+
+def check_remission_grade(remission_upto, class_names):
+    if remission_upto is None:
+        return
+    if remission_upto not in class_names:
+        raise UserError(
+            f"--remission-upto {remission_upto!r} is not one of the grades ({', '.join(class_names)}); name the last "
+            "grade that counts as remission."
+        )
+    if remission_upto == class_names[-1]:
+        raise UserError(
+            f"--remission-upto {remission_upto!r} is the most severe grade, which leaves no active grades; name a "
+            "milder grade."
+        )
 
 
 def remission_metrics(targets, probs, class_names, remission_upto):

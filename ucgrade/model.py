@@ -19,11 +19,11 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
-from tqdm import tqdm
 
 from . import files
 from .cli import ARCHITECTURE_NAMES, DEFAULT_ARCH, UserError
 from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from .progress import progress
 
 CHECKPOINT_FORMAT = "ucgrade-checkpoint"
 CONNECT_TIMEOUT_S = 10.0
@@ -133,7 +133,7 @@ def _fetch(url, destination, timeout, answered, result):
             partial = destination.with_name(destination.name + ".partial")
             with (
                 open(partial, "wb") as f,
-                tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar,
+                progress(desc=f"downloading {destination.name}", unit="B", total=total or None) as bar,
             ):
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
@@ -429,7 +429,28 @@ def checkpoint_problems(checkpoint):
         problems.append("model must map layer names to tensors")
     elif "optimizer" in checkpoint and not problems:
         problems += optimizer_problems(checkpoint["optimizer"], checkpoint["arch"], checkpoint["num_classes"])
+    if checkpoint.get("ood") is not None and not problems:
+        problems += ood_problems(checkpoint["ood"], checkpoint["arch"])
     return problems
+
+
+def ood_problems(stats, arch):
+    """The out-of-distribution statistics of a best.pt (ood.fit) must be finite tensors that fit the features the
+    arch's head reads, with a finite positive threshold: a NaN threshold would turn the check off without a word."""
+    if not isinstance(stats, dict):
+        return ["its ood block must map names to values"]
+    mean, precision, threshold = stats.get("mean"), stats.get("precision"), stats.get("threshold")
+    with torch.device("meta"):
+        features = head(build_model(2, arch=arch)).in_features
+    if not torch.is_tensor(mean) or mean.dim() != 1 or len(mean) != features:
+        return [f"its ood mean must be a tensor of {features} feature values"]
+    if not torch.is_tensor(precision) or tuple(precision.shape) != (len(mean), len(mean)):
+        return [f"its ood precision must be a {len(mean)} x {len(mean)} tensor"]
+    if not (torch.isfinite(mean).all() and torch.isfinite(precision).all()):
+        return ["its ood statistics hold values that are not numbers (NaN or infinite)"]
+    if not _numbers([threshold], 1) or threshold <= 0:
+        return [f"its ood threshold must be a positive number (it is {threshold!r})"]
+    return []
 
 
 def optimizer_problems(state, arch, num_classes):

@@ -7,6 +7,7 @@ normalisation then lives in the graph with the constants of the checkpoint, wher
 it wrong. The metadata carries what onnx_grade needs to name the outputs (onnx_grade.METADATA_KEYS).
 """
 
+import contextlib
 import io
 import json
 import tempfile
@@ -15,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import files, grader, onnx_grade
 from .cli import UserError
 from .presets import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
-from .torch_grader import GradingModel
 
 OPSET = 17
 # fp32 ONNX Runtime against fp32 torch: the same arithmetic in another order (the export folds batch
@@ -139,6 +138,10 @@ def with_metadata(model_bytes, metadata):
 def export_onnx(model, checkpoint, metadata):
     """The bytes of an fp32 ONNX model of GradingModel(model), the torch grader's computation, with a dynamic batch
     axis, checked by onnx.checker."""
+    import torch  # here, so that export.py on a grading-only install is one sentence (cli.run_cli), not a traceback
+
+    from .torch_grader import GradingModel
+
     graph = GradingModel(model, checkpoint).eval()
     outputs = output_names(checkpoint)
     img_size = int(checkpoint["img_size"])
@@ -192,7 +195,9 @@ def quantize_int8(model_bytes, calibration_crops, metadata):
             batch = next(self.batches, None)
             return None if batch is None else {onnx_grade.INPUT_NAME: batch}
 
-    with tempfile.TemporaryDirectory() as folder:
+    # ONNX Runtime's own temporary files (pre.quant.*, ort.quant.*) go into this folder too, so that an export
+    # stopped by SIGTERM (export.py turns it into an exception) leaves nothing in TMPDIR
+    with tempfile.TemporaryDirectory(prefix="ucgrade-int8-") as folder, temporary_files_in(folder):
         fp32, prepared, int8 = (Path(folder) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         fp32.write_bytes(model_bytes)
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph optimisation (batch norm folded)
@@ -213,6 +218,17 @@ def quantize_int8(model_bytes, calibration_crops, metadata):
             nodes_to_exclude=fp32_nodes,
         )
         return with_metadata(int8.read_bytes(), metadata)
+
+
+@contextlib.contextmanager
+def temporary_files_in(folder):
+    """Every tempfile made meanwhile (by this process) lands in folder."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
 
 
 # ----------------------------------------------------------------------------- checking

@@ -10,6 +10,7 @@ graph's metadata describes it (see METADATA_KEYS), as a checkpoint describes its
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,22 +82,7 @@ def describe(path, session):
             "cannot be named; export the run's best.pt with 'python export.py RUN_FOLDER' and grade with that file."
         )
     try:
-        class_names = json.loads(metadata["class_names"])
-        img_size, resize_size = int(metadata["img_size"]), int(metadata["resize_size"])
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        names_ok = isinstance(class_names, list) and all(isinstance(name, str) for name in class_names)
-        if not names_ok or len(class_names) < 2:
-            raise ValueError("class_names is not a list of grade names")
-        if not 0 < img_size <= resize_size:
-            raise ValueError(f"img_size {img_size} and resize_size {resize_size} do not fit a centre crop")
-        if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)":
-            raise ValueError(f"the graph's input is not one uint8 tensor named '{INPUT_NAME}'")
-        names = [o.name for o in outputs]
-        if names not in ([OUTPUT_NAME], [OUTPUT_NAME, OOD_OUTPUT_NAME]) or outputs[0].shape[-1] != len(class_names):
-            raise ValueError(f"the graph's output is not '{OUTPUT_NAME}' with one column per grade")
-        if (OOD_OUTPUT_NAME in names) != ("ood_threshold" in metadata):
-            raise ValueError(f"the graph's '{OOD_OUTPUT_NAME}' output and its threshold do not come together")
-        float(metadata.get("ood_threshold", 0))
+        class_names, img_size, resize_size = check_description(metadata, session.get_inputs(), session.get_outputs())
     except (KeyError, ValueError, TypeError) as error:
         problem = f"no {error}" if isinstance(error, KeyError) else str(error)
         raise UserError(
@@ -104,6 +90,42 @@ def describe(path, session):
             "'python export.py RUN_FOLDER'."
         ) from None
     return OnnxModel(Path(path), session, class_names, img_size, resize_size, metadata)
+
+
+def check_description(metadata, inputs, outputs):
+    """(class_names, img_size, resize_size) of the metadata, checked as load_checkpoint checks a .pt's fields and
+    against the graph's input and output shapes; a ValueError (or KeyError) names what is wrong. The sizes bound
+    the memory of a crop: a crafted img_size of 100000 would ask for gigabytes per image."""
+    class_names = json.loads(metadata["class_names"])
+    img_size, resize_size = int(metadata["img_size"]), int(metadata["resize_size"])
+    if not isinstance(class_names, list) or not all(isinstance(name, str) and name.strip() for name in class_names):
+        raise ValueError("class_names is not a list of grade names")
+    if len(class_names) < 2 or len(set(class_names)) != len(class_names):
+        raise ValueError("class_names must name at least two grades, each once")
+    if not 64 <= img_size <= 4096 or not img_size <= resize_size <= 8192:
+        raise ValueError(f"img_size {img_size} and resize_size {resize_size} are not from 64 to 4096 px, crop first")
+    if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)":
+        raise ValueError(f"the graph's input is not one uint8 tensor named '{INPUT_NAME}'")
+    if not fits(inputs[0].shape, [None, 3, img_size, img_size]):
+        raise ValueError(f"the graph's input {inputs[0].shape} is not (batch, 3, {img_size}, {img_size})")
+    names = [o.name for o in outputs]
+    per_grade = fits(outputs[0].shape, [None, len(class_names)])
+    if names not in ([OUTPUT_NAME], [OUTPUT_NAME, OOD_OUTPUT_NAME]) or not per_grade:
+        raise ValueError(f"the graph's output is not '{OUTPUT_NAME}' (batch, {len(class_names)}), one column per grade")
+    if len(outputs) > 1 and not fits(outputs[1].shape, [None]):
+        raise ValueError(f"the graph's '{OOD_OUTPUT_NAME}' is not one score per image")
+    if (OOD_OUTPUT_NAME in names) != ("ood_threshold" in metadata):
+        raise ValueError(f"the graph's '{OOD_OUTPUT_NAME}' output and its threshold do not come together")
+    if not math.isfinite(float(metadata.get("ood_threshold", 0))):
+        raise ValueError(f"ood_threshold {metadata['ood_threshold']} is not a number")
+    return class_names, img_size, resize_size
+
+
+def fits(shape, expected):
+    """A graph's shape fits expected where both are known: a named (dynamic) axis or None fits any size."""
+    return len(shape) == len(expected) and all(
+        not isinstance(have, int) or want is None or have == want for have, want in zip(shape, expected)
+    )
 
 
 def onnx_grader(path, threads=None, session=None):

@@ -10,16 +10,17 @@ A cross-validation run folder grades with each fold's model, and the mean of the
 """
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import files, metrics, scoring
+from . import files, interrupt, metrics, scoring
 from .cli import UserError
 from .grader import grade_files, load_grader
-from .images import files_under, is_image_file
+from .images import _is_utf8, files_under, is_image_file
 from .locate import find_models
 
 
@@ -55,14 +56,18 @@ def scan_test_folder(root, class_names):
         )
     test_set = TestSet(root, list(class_names))
     for label, name in enumerate(class_names):
-        found = 0
-        for path in files_under(root / name) if name in folders else []:
-            if is_image_file(path):
-                test_set.paths.append(path)
-                test_set.labels.append(label)
-                found += 1
-            else:
-                test_set.skipped.append((path, "not an image file (by its extension)"))
+        found, left_out = 0, []
+        for path in files_under(root / name, inside=root, left_out=left_out) if name in folders else []:
+            reason = file_problem(path)
+            if reason:
+                test_set.skipped.append((printable(path), reason))
+                continue
+            test_set.paths.append(path)
+            test_set.labels.append(label)
+            found += 1
+        for link, target in left_out:  # a link to / would walk the whole machine, /proc included
+            test_set.skipped.append((printable(link), f"a linked folder that leads out of the test folder (to "
+                                     f"{printable(target)}), so it was not followed"))  # fmt: skip
         if not found:
             test_set.missing.append(name)
     if not test_set.paths:
@@ -71,6 +76,20 @@ def scan_test_folder(root, class_names):
             f"({', '.join(class_names)}); put the images in '{root}/<grade>/<image>'."
         )
     return test_set
+
+
+def file_problem(path):
+    """Why a file of the test folder is not graded, as training says it of its data ('' for an image file)."""
+    if not _is_utf8(path):  # CSV, JSON and HTML are UTF-8: such a name would fail them after grading
+        return "the file name is not valid UTF-8; rename the file"
+    if not is_image_file(path):
+        return "not an image file (by its extension)"
+    return ""
+
+
+def printable(path):
+    """A path as UTF-8 text: undecodable bytes of its name become U+FFFD."""
+    return Path(os.fsencode(path).decode("utf-8", "replace"))
 
 
 def grade_test_set(graders, test_set):
@@ -118,55 +137,82 @@ def leaked_images(test_set, graders):
     """(test images whose bytes are those of a training image, True) or ([], False) when it cannot be checked."""
     train = training_files(graders)
     if train is None:
-        return [], False
-    hashes = {files.sha256_of(p) for p in train if p.is_file()}
-    return [test_set.relpath(i) for i, p in enumerate(test_set.paths) if files.sha256_of(p) in hashes], True
-
-
-# ----------------------------------------------------------------------------- the evaluation
-
-
-def results_folder(args, graders):
-    if args.eval_out:
-        files.check_folder_path(args.eval_out, "--eval-out")
-        return files.new_run_dir(Path(args.eval_out).parent, Path(args.eval_out).name)
-    run_dir = graders[0].path.parent.parent if len(graders) > 1 else graders[0].path.parent
-    return files.new_run_dir(run_dir, "test")
-
-
-def evaluate_test_set(args, test_dir):
-    """Grade TEST_DIR with the model(s), write the results folder and print where it is; the exit code."""
-    graders = [load_grader(path, args.device, args.precision) for path in find_models(args.weights, args.out, "all")]
-    first = graders[0]
-    if any(g.class_names != first.class_names or g.img_size != first.img_size for g in graders):
-        raise UserError("the fold models of this run differ in their grades or input size; evaluate one at a time.")
-    class_names = first.class_names
-    from .data import check_remission_grade
-
-    config = run_config(first)
-    from_run = {"analysis_settings": inherit_analysis_settings(args, first, config)}
-    from_run["pretrained_used"] = config.get("pretrained_used")  # a model from random weights is warned of
-    check_remission_grade(args.remission_upto, class_names)
-    test_set = scan_test_folder(test_dir, class_names)
-    each, scores = grade_test_set(graders, test_set)
-    for path, reason in test_set.skipped:
-        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
-    if not test_set.paths:
-        raise UserError(f"no image in the test folder '{test_dir}' could be read; see the warnings above.")
-    groups = read_test_groups(args.groups, test_set) if args.groups else None
-    if test_set.missing:
         print(
-            f"note: the test set has no images of {', '.join(test_set.missing)}; those grades are scored as absent.",
+            "note: not checked for test images the model trained on (leakage): the run's split.csv or its data "
+            "folder is not at hand beside the model.",
             file=sys.stderr,
         )
-    leaked, checked = leaked_images(test_set, graders)
+        return [], False
+    hashes = {files.sha256_of(p) for p in train if p.is_file()}
+    leaked = [test_set.relpath(i) for i, p in enumerate(test_set.paths) if files.sha256_of(p) in hashes]
     if leaked:
         print(
             f"warning: {len(leaked)} test image(s) have the same bytes as images the model trained on (leakage), "
             f"such as {leaked[0]}; remove them for an honest estimate.",
             file=sys.stderr,
         )
-    return score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None, from_run)
+    return leaked, True
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def results_folder(args, graders, test_root):
+    """The results folder, made before grading (so that a mistake costs no grading time): --eval-out, or test,
+    test2, ... in the run's folder; a number is added to a name that exists. Never at the root of the filesystem,
+    and never inside the test folder, whose next evaluation would grade the plots as test images."""
+    if args.eval_out:
+        wanted = Path(args.eval_out)
+        files.check_folder_path(wanted, "--eval-out")
+        if wanted.name in ("", ".", "..") or wanted.resolve().parent == wanted.resolve():
+            raise UserError(
+                f"--eval-out '{wanted}' names no new folder; give the results folder to create, such as "
+                "--eval-out results/test."
+            )
+        parent, name = wanted.resolve().parent, wanted.name
+    else:
+        parent, name = graders[0].path.parent.parent if len(graders) > 1 else graders[0].path.parent, "test"
+    root, where = Path(test_root).resolve(), (parent / name).resolve()
+    if where == root or root in where.parents:
+        raise UserError(
+            f"the results folder '{parent / name}' would be inside the test folder '{test_root}', whose next "
+            "evaluation would grade its plots as test images; give --eval-out a folder outside it."
+        )
+    return files.new_run_dir(parent, name)
+
+
+def evaluate_test_set(args, test_dir):
+    """Grade TEST_DIR with the model(s), write the results folder and print where it is; the exit code."""
+    models = find_models(args.weights, args.out, "all")
+    graders = [load_grader(path, args.device, args.precision, args.threads) for path in models]
+    first = graders[0]
+    if any(g.class_names != first.class_names or g.img_size != first.img_size for g in graders):
+        raise UserError("the fold models of this run differ in their grades or input size; evaluate one at a time.")
+    config = run_config(first)
+    from_run = {"analysis_settings": inherit_analysis_settings(args, first, config)}
+    from_run["pretrained_used"] = config.get("pretrained_used")  # a model from random weights is warned of
+    metrics.check_remission_grade(args.remission_upto, first.class_names)
+    test_set = scan_test_folder(test_dir, first.class_names)
+    out_dir = results_folder(args, graders, test_set.root)
+    print(f"results folder: {out_dir} (filled once the test set is graded and scored)", flush=True)
+    # written into a hidden folder and moved into place at the end: Ctrl-C, SIGTERM or a full disk leave nothing
+    with interrupt.stop_at_once(), files.written_whole(out_dir) as partial:
+        each, scores = grade_test_set(graders, test_set)
+        for path, reason in test_set.skipped:
+            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+        if not test_set.paths:
+            raise UserError(f"no image in the test folder '{test_dir}' could be read; see the warnings above.")
+        groups = read_test_groups(args.groups, test_set) if args.groups else None
+        if test_set.missing:
+            print(
+                f"note: the test set has no images of {', '.join(test_set.missing)}; those grades are scored as "
+                "absent.",
+                file=sys.stderr,
+            )
+        leaked, checked = leaked_images(test_set, graders)
+        score_test_set(args, test_set, graders, each, scores, groups, leaked if checked else None, partial, from_run)
+    print(f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)")
+    return 0
 
 
 ANALYSIS_DEFAULTS = {"remission_upto": None, "patient_grade": "max"}
@@ -203,11 +249,10 @@ def inherit_analysis_settings(args, grader, config):
     return settings
 
 
-def score_test_set(args, test_set, graders, each, scores, groups, leaked, from_run=None):
+def score_test_set(args, test_set, graders, each, scores, groups, leaked, out_dir, from_run=None):
     """Score the mean of the models' probabilities (each: one N x C per model) and the out-of-distribution scores
-    (None without the check), write the results folder and print its summary; the exit code."""
+    (None without the check), write the results into out_dir and print their summary."""
     class_names, targets, probs = test_set.class_names, np.asarray(test_set.labels), np.mean(each, axis=0)
-    out_dir = results_folder(args, graders)
     fields = {
         "status": "finished",
         "evaluated": "test set",
@@ -245,10 +290,8 @@ def score_test_set(args, test_set, graders, each, scores, groups, leaked, from_r
             remission_upto=args.remission_upto, patient_grade=args.patient_grade, groups=groups,
             ood=None if scores is None else flagged_summary(scores), columns=columns, fields=fields,
             write_more=lambda result: files.write_csv(out_dir / "skipped.csv", skipped, ["path", "reason"]),
-            notes=[f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)"],
         )
     )  # fmt: skip
-    return 0
 
 
 def scalars(result):
@@ -258,10 +301,9 @@ def scalars(result):
 
 def read_test_groups(path, test_set):
     """One group (patient) per test image, from a path,group CSV with paths relative to TEST_DIR."""
-    from .data import ImageSet
     from .groups import read_groups
 
-    return read_groups(path, ImageSet(test_set.root, test_set.class_names, test_set.paths, test_set.labels))
+    return read_groups(path, test_set)  # a TestSet has what read_groups reads of an ImageSet: paths and relpath
 
 
 def flagged_summary(scores):

@@ -39,8 +39,11 @@ class GradingModel(nn.Module):
         return probs, self.ood(features[0])
 
 
-def torch_grader(path, device="auto", precision="fp32"):
-    """The Grader of a checkpoint written by qq.py, on device in precision (auto: as training chooses)."""
+def torch_grader(path, device="auto", precision="fp32", threads=None):
+    """The Grader of a checkpoint written by qq.py, on device in precision (auto: as training chooses); threads:
+    torch's CPU threads, at most (None: as they are)."""
+    if threads:
+        torch.set_num_threads(min(threads, torch.get_num_threads()))
     device = choose_device(device)
     precision = choose_precision(device, precision)
     checkpoint = load_checkpoint(path)
