@@ -59,11 +59,11 @@ def copy_run(run_dir, destination, **copytree_args):
     return Path(shutil.copytree(run_dir, destination, copy_function=link_checkpoints, **copytree_args))
 
 
-def grade_with_library(images, weights, threads=None):
+def grade_with_library(images, weights, threads=None, precision=GRADING_PRECISION):
     """{str(path): (grade, probabilities)} from the torch grader, one image at a time, with the checkpoint on the CPU
-    in the precision predict.py grades in by default (fp32). threads: those of a predict.py to compare with, if not
-    this process's (the order of a sum's terms moves the probabilities by about 1e-7)."""
-    grader = torch_grader(weights, "cpu", GRADING_PRECISION)
+    in the precision predict.py grades in by default (fp32), or another. threads: those of a predict.py to compare
+    with, if not this process's (the order of a sum's terms moves the probabilities by about 1e-7)."""
+    grader = torch_grader(weights, "cpu", precision)
     own = torch.get_num_threads()
     torch.set_num_threads(threads or own)
     try:

@@ -147,7 +147,9 @@ def test_ablations_run(benchmarks):
 
 
 @pytest.fixture
-def speed_module():
+def speed_module(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # and back as it was after the test: speed.py sets it on import
+    monkeypatch.delenv("TQDM_DISABLE")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import speed

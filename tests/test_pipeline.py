@@ -196,12 +196,14 @@ def predicted(trained_run, small_data):
     images with --json, and a folder and a file with the lines and the newest run under --out."""
     evaluated = {r["path"]: r for r in read_csv(trained_run / "predictions.csv")}  # the validation images
     images = [small_data / path for path in sorted(evaluated)]
+    precision = json.loads((trained_run / "metrics.json").read_text())["precision"]  # that of the run's evaluation
     as_json, as_lines = run_scripts(
-        ("predict.py", *images, "--weights", trained_run / "best.pt", "--json", "--device", "cpu"),
+        ("predict.py", *images, "--weights", trained_run / "best.pt", "--json", "--device", "cpu", "--precision",
+         precision),
         ("predict.py", small_data / "moderate", small_data / "mild" / "mild_000.jpg", "--out", trained_run.parent,
          "--device", "cpu"),
     )  # fmt: skip
-    return SimpleNamespace(evaluated=evaluated, images=images, json=as_json, lines=as_lines)
+    return SimpleNamespace(evaluated=evaluated, images=images, json=as_json, lines=as_lines, precision=precision)
 
 
 def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run, small_data, predicted):
@@ -210,7 +212,9 @@ def test_predict_cli_matches_model_in_memory_and_the_run_evaluation(trained_run,
     output = json.loads(result.stdout)
     assert output["weights"] == str(trained_run / "best.pt") and output["errors"] == []
     assert [p["path"] for p in output["predictions"]] == [str(image) for image in predicted.images]
-    library = grade_with_library(predicted.images, trained_run / "best.pt", threads=1)  # as run_scripts gave it
+    # in the precision of the run's evaluation, with the threads run_scripts gave predict.py
+    library = grade_with_library(predicted.images, trained_run / "best.pt", threads=1, precision=predicted.precision)
+    assert output["precision"] == predicted.precision
     for image, prediction in zip(predicted.images, output["predictions"]):
         grade, probabilities = library[str(image)]
         assert prediction["grade"] == grade

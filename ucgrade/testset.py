@@ -210,7 +210,7 @@ def evaluate_test_set(args, test_dir):
                 file=sys.stderr,
             )
         leaked, checked = leaked_images(test_set, graders)
-        from_run["images_in_training"] = len(leaked) if checked else None  # None: not checked
+        from_run["images_in_training"] = len(leaked) if checked else None
         score_test_set(args, test_set, graders, each, scores, groups, partial, from_run)
     print(f"\ntest results in {out_dir}  (open {out_dir / 'report.html'} in a browser)")
     return 0
@@ -250,9 +250,10 @@ def inherit_analysis_settings(args, grader, config):
     return settings
 
 
-def score_test_set(args, test_set, graders, each, scores, groups, out_dir, more=None):
+def score_test_set(args, test_set, graders, each, scores, groups, out_dir, known):
     """Score the mean of the models' probabilities (each: one N x C per model) and the out-of-distribution scores
-    (None without the check), write the results into out_dir and print their summary."""
+    (None without the check), write the results into out_dir and print their summary. known: the fields of
+    metrics.json that the caller found (the run's analysis settings, its weights, the test images it trained on)."""
     class_names, targets, probs = test_set.class_names, np.asarray(test_set.labels), np.mean(each, axis=0)
     fields = {
         "status": "finished",
@@ -264,7 +265,7 @@ def score_test_set(args, test_set, graders, each, scores, groups, out_dir, more=
         "skipped_files": len(test_set.skipped),
         "precision": graders[0].precision,
         "runtime": graders[0].runtime,
-        **(more or {}),  # where the analysis settings came from, the start from random weights, the leakage
+        **known,
     }
     if scores is None:
         reason = (
