@@ -417,6 +417,7 @@ def test_help_shows_every_flag_with_default():
         "--compile",
         "--cam-examples",
         "--resume",
+        "--quiet",
         "--recipe",
         "--augment",
         "--loss",
