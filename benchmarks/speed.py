@@ -75,6 +75,7 @@ from ucgrade.device import (  # noqa: E402
     setup_backends,
     synchronize,
 )
+from ucgrade.grader import GRADING_PRECISION  # noqa: E402
 from ucgrade.model import (  # noqa: E402
     build_model,
     load_checkpoint,
@@ -627,7 +628,7 @@ def time_folders(args, data_dir, folder, checkpoint_path, int8_path, side):
     print(f"predict.py on a folder of {args.folder_images} images, int8 .onnx and .pt ...", flush=True)
     images = grading.folder_of_images(data_dir, Path(folder) / "folder", args.folder_images)
     timings, threads = side["timings"], side["threads"]
-    pt_timing = timings[f"torch eager {side['precision_auto']}"]["batch1_median_ms"]
+    pt_timing = timings[f"torch eager {GRADING_PRECISION}"]["batch1_median_ms"]  # predict.py's precision for a .pt
     return {
         "int8 .onnx": grading.time_folder(int8_path, images, timings["ONNX Runtime int8"]["batch1_median_ms"], threads),
         "best.pt": grading.time_folder(checkpoint_path, images, pt_timing, threads),

@@ -58,10 +58,12 @@ def root(features):
 def fit(train_features, val_features, flag_rate=FLAG_RATE):
     """The statistics stored in a checkpoint: the training features' mean and shrunk precision matrix, and the
     distance above which flag_rate of the validation images lie."""
-    estimate = LedoitWolf().fit(root(train_features))
+    # the shrunk covariance is well conditioned, so a plain inverse serves; scikit-learn's own precision_ (a
+    # pseudo-inverse by eigendecomposition) took 4 s of a ResNet50's 2048 features on a 2-core CPU, ten times longer
+    estimate = LedoitWolf(store_precision=False).fit(root(train_features))
     stats = {
         "mean": torch.from_numpy(estimate.location_.astype(np.float32)),
-        "precision": torch.from_numpy(estimate.precision_.astype(np.float32)),
+        "precision": torch.from_numpy(np.linalg.inv(estimate.covariance_).astype(np.float32)),
     }
     with torch.inference_mode():  # the scores of the grader's own arithmetic, from the stored fp32 statistics
         val_scores = OodHead(stats)(torch.as_tensor(np.asarray(val_features), dtype=torch.float32)).double().numpy()
