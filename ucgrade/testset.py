@@ -9,7 +9,6 @@ A cross-validation run folder grades with each fold's model, and the mean of the
 (an ensemble) is what the report scores; each model's own figures are in metrics.json and the report.
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ def training_files(graders):
         split_csv, config_json = run_dir / "split.csv", run_dir / "config.json"
         if not split_csv.is_file() or not config_json.is_file():
             return None
-        data_root = Path(json.loads(config_json.read_text())["data"])
+        data_root = Path(files.read_json(config_json)["data"])
         if not data_root.is_dir():
             return None
         paths |= {data_root / row["path"] for row in files.read_csv(split_csv) if row.get("subset") == "train"}

@@ -7,7 +7,6 @@ picture is kept while the video is graded.
 """
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ def grade_colours(n):
 def read_timeline(out_dir):
     """(summary, times, probabilities N x C, gradable, segments rows) from a video's results folder."""
     out_dir = Path(out_dir)
-    summary = json.loads((out_dir / "video.json").read_text())
+    summary = files.read_json(out_dir / "video.json")
     rows = files.read_csv(out_dir / "frames.csv")
     names = summary["class_names"]
     times = np.array([float(r["time"]) for r in rows])

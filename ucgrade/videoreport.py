@@ -6,7 +6,6 @@ torch, matplotlib or scikit-learn, so the grading-only install writes it too.
 """
 
 import html
-import json
 from pathlib import Path
 
 from . import files
@@ -113,7 +112,7 @@ SECTIONS = [
 def write_video_report(folder):
     """report.html of a video's results folder, from its files."""
     folder = Path(folder)
-    summary = json.loads((folder / "video.json").read_text())
+    summary = files.read_json(folder / "video.json")
     shown = [(heading, section(folder, summary)) for _, heading, section in SECTIONS]
     title = f"UC severity grading, video: {Path(summary['video']).name}"
     write_page(folder / "report.html", title, summary_card(summary), [(h, c) for h, c in shown if c is not None])
