@@ -5,10 +5,16 @@ videos, Ctrl-C, rotation, interlacing and a variable frame rate.
 The videos are written with PyAV from the training images (4 s mild, 3 s severe, 2 s black at 25 frames/s),
 so that what is tested is the video pipeline, not how a 24-image model generalises."""
 
+import contextlib
+import http.server
 import json
 import os
+import re
 import signal
+import socket
 import struct
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,7 +26,7 @@ from conftest import FAST, cli, make_folder, run_script, train, user_lines
 from PIL import Image
 from test_export import NOT_INSTALLED
 
-from ucgrade import files, videograde
+from ucgrade import files, live, videograde
 from ucgrade.demo import make_image, write_video
 from ucgrade.video import Sampler, open_video, sample_frames
 
@@ -169,6 +175,8 @@ def damaged_copies(folder, good):
         "audio.mp4": "has sound but no video stream",
         "unknown.avi": "its video codec is unknown to FFmpeg",
         "tiny.mp4": "its 16x16 px frames are too small to grade",
+        "large.mkv": "its 7680x4320 px frames are larger than any clinical endoscope records (4K: at most 4096 px on "
+        "the longer side), and each would take about 16 times as long to decode as a 1080p frame and up to 100 MB",
     }
 
 
@@ -194,7 +202,7 @@ def test_bad_videos_get_one_sentence_each_and_the_others_are_graded(run, data, t
     assert len(errors) == len(expected)
     assert "Traceback" not in err
     graded = {Path(line.split(": ")[0]).name: line for line in user_lines(out)}
-    assert set(graded) == {"image.jpg", "good.mp4", "codec.avi", "hevc.mov", "cut.mkv", "large.mkv"}
+    assert set(graded) == {"image.jpg", "good.mp4", "codec.avi", "hevc.mov", "cut.mkv"}
     assert graded["image.jpg"].startswith(f"{folder / 'image.jpg'}: mild (p=")  # an image's line, as ever
     assert graded["good.mp4"].startswith(f"{good}: severe") and graded["hevc.mov"].split(": ")[1].startswith("severe")
     assert (
@@ -202,10 +210,14 @@ def test_bad_videos_get_one_sentence_each_and_the_others_are_graded(run, data, t
     )
     cut = json.loads((tmp_path / "v" / "cut" / "video.json").read_text())
     assert not cut["complete"] and 2.5 <= cut["seconds"] <= 4.5 and len(frames_of(cut["out"])) >= 12
-    assert f"note: {folder / 'large.mkv'}: its 7680x4320 px frames are larger than any endoscope's" in err
+    # refused from its header, before a frame is decoded: a downscaled copy is what to grade
+    (large,) = [line for line in errors if "large.mkv" in line]
+    assert large.endswith(f"; a copy scaled down grades the same: ffmpeg -i {folder / 'large.mkv'} -vf scale=1920:-2 "
+                          f"{folder / 'large_1080p.mkv'}")  # fmt: skip
+    assert not (tmp_path / "v" / "large").exists()
     assert (
         user_lines(err)[-1]
-        == f"{len(expected)} input(s) failed and 1 image(s) and 5 video(s) were graded; see the errors above."
+        == f"{len(expected)} input(s) failed and 1 image(s) and 4 video(s) were graded; see the errors above."
     )
 
 
@@ -281,16 +293,20 @@ def test_rotation_interlacing_and_a_variable_frame_rate(tmp_path):
 OUTPUTS = {"frames.csv", "segments.csv", "video.json", "timeline.png", "strip.png", "report.html"}
 
 
-def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mode(run, clip, tmp_path):
-    """Two frames a second and one torch thread, so that a machine busy with other tests still grades most of
-    them in time (a live grader drops the frames it cannot keep up with)."""
+def live_cli(*argv):
+    """predict.py --live, at two frames a second (give --fps 2) and with one torch thread, so that a machine busy
+    with other tests still grades most of them in time (a live grader drops the frames it cannot keep up with)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code, out, err = cli("predict.py", "--live", clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT,
-                             "--fps", "2", "--video-out", tmp_path / "v")  # fmt: skip
+        return cli("predict.py", "--live", *argv)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mode(run, clip, tmp_path):
+    code, out, err = live_cli(clip, "--weights", run / "best.pt", "--device", "cpu", *SHORT, "--fps", "2",
+                              "--video-out", tmp_path / "v")  # fmt: skip
     assert code == 0, err
     folder = tmp_path / "v" / "clip"
     assert {p.name for p in folder.iterdir()} == OUTPUTS
@@ -306,6 +322,144 @@ def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mo
     (line,) = user_lines(out)
     assert line.startswith(f"{clip}: severe (worst segment ") and line.endswith(f"-> {folder}/")
     assert user_lines(err)[0] == f"grading {clip} live; Ctrl-C stops and writes the results"
+
+
+class WebServer(http.server.BaseHTTPRequestHandler):
+    """The files of server.folder over HTTP, with the byte ranges asked for, as a web server sends them (FFmpeg
+    reads an mp4's index, which PyAV writes at its end, before its frames). With server.stall_at set, a response
+    stops at that byte and the server goes silent, as a stream that stopped sending."""
+
+    def do_GET(self):
+        path = self.server.folder / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start, end = 0, len(data) - 1
+        if asked := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
+            start, end = int(asked[1]), int(asked[2] or end)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.end_headers()
+        stall = self.server.stall_at
+        with contextlib.suppress(ConnectionError):  # FFmpeg hangs up once it has what it needs
+            self.wfile.write(data[start : end + 1 if stall is None else max(start, min(end + 1, stall))])
+            if stall is not None and end + 1 > stall:
+                self.wfile.flush()
+                time.sleep(3)  # silent, far longer than the read timeout the test gives
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web(tmp_path):
+    """A web server on 127.0.0.1, in a thread, serving tmp_path / "web"; its url(name) is a file's address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebServer)
+    server.daemon_threads = True  # a stalled response is not waited for at the end
+    server.folder, server.stall_at = tmp_path / "web", None
+    server.folder.mkdir()
+    server.url = lambda name: f"http://127.0.0.1:{server.server_port}/{name}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_live_mode_reads_a_stream_url_as_it_reads_a_file(run, data, web, tmp_path):
+    make_video(web.folder / "clip.mp4", data, [("mild", 1), ("severe", 3)])
+    url = web.url("clip.mp4")
+    code, out, err = live_cli(url, "--weights", run / "best.pt", "--device", "cpu", "--min-gradable", "1", "--fps", "2",
+                              "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 0, err
+    folder = tmp_path / "v" / "clip"  # named after the URL's file
+    assert {p.name for p in folder.iterdir()} == OUTPUTS  # the strip too: a recording at a URL is fetched again
+    summary = json.loads((folder / "video.json").read_text())
+    assert summary["video"] == url and summary["grade"] == "severe" and summary["complete"]
+    # a recording with a length is played at its own rate, as a file is (not fetched as fast as the network goes)
+    assert summary["seconds"] == pytest.approx(4.0, abs=0.6) and summary["wall_seconds"] >= 3.5
+    assert summary["live"]["frames_received"] == 8 and summary["worst_segment"]["grade"] == "severe"
+    assert len(frames_of(folder)) == summary["frames_graded"] == 8 - summary["live"]["frames_dropped"]
+    (line,) = user_lines(out)
+    assert line.startswith(f"{url}: severe (worst segment ") and line.endswith(f"-> {folder}/")
+
+
+def test_a_stream_that_stops_sending_keeps_the_footage_so_far(run, data, web, tmp_path, monkeypatch):
+    stream = make_video(web.folder / "stream.mkv", data, [("severe", 4)])
+    web.stall_at = stream.stat().st_size // 2
+    monkeypatch.setattr(live, "READ_TIMEOUT", 0.5)
+    code, out, err = live_cli(web.url("stream.mkv"), "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "0", "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "v" / "stream" / "video.json").read_text())
+    assert not summary["complete"] and 0 < summary["seconds"] < 4 and summary["frames_graded"] > 0
+    assert re.fullmatch(r"the source cannot be read after \d+\.\d s \(nothing arrived for 0\.5 s\)", summary["stopped"])
+    assert f"[incomplete: {summary['stopped']}]" in out
+
+
+def unused_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp_path, monkeypatch):
+    """A URL refused, missing or silent, a capture device that is not there or not a camera, and frames larger than
+    4K: each one sentence that says what to check, exit code 2, quickly (the open timeout is cut to 0.5 s)."""
+    monkeypatch.setattr(live, "OPEN_TIMEOUT", 0.5)
+    silent = socket.socket()  # takes the connection, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    large = write_video(web.folder / "large.mkv", [(pictures(data, "black"), 0.04)], (7680, 4320), codec="mjpeg")
+    no_camera = next(f"/dev/video{n}" for n in range(64, 256) if not os.path.exists(f"/dev/video{n}"))
+    expected = {
+        web.url("missing.mp4"): "the server answered 404 Not Found; check the URL.",
+        f"http://127.0.0.1:{unused_port()}/clip.mp4": "the connection was refused, so nothing serves at that host "
+        "and port; check the URL and that the stream is running.",
+        f"http://127.0.0.1:{silent.getsockname()[1]}/clip.mp4": "no answer within 0.5 s; check the URL, the network "
+        "and that the stream is running.",
+        no_camera: "there is no such capture device; ls /dev/video* lists the cameras connected (in a container, "
+        "pass the camera in, as docker run --device does).",
+        "/dev/null": "it is not a video capture device; ls /dev/video* lists the devices (a camera often adds a "
+        "second one that carries only metadata, and v4l2-ctl --list-devices tells them apart).",
+        web.url("large.mkv"): "its 7680x4320 px frames are larger than any clinical endoscope records (4K: at most "
+        "4096 px on the longer side), and each would take about 16 times as long to decode as a 1080p frame and up "
+        "to 100 MB, while the model sees it scaled down to its input (224 px by default) anyway; set the camera or "
+        "the stream to 1080p.",
+        large: "its 7680x4320 px frames are larger than any clinical endoscope records",  # a file: ffmpeg's command
+    }
+    try:
+        for source, sentence in expected.items():
+            code, out, err = cli("predict.py", "--live", source, "--weights", run / "best.pt", "--device", "cpu",
+                                 "--video-out", tmp_path / "v").lines()  # fmt: skip
+            assert code == 2 and out == [] and len(err) == 1, (source, err)
+            assert err[0].startswith(f"error: --live {source}: {sentence}"), (source, err)
+    finally:
+        silent.close()
+    assert err[0].endswith(f"ffmpeg -i {large} -vf scale=1920:-2 {large.with_name('large_1080p.mkv')}.")
+    assert not (tmp_path / "v").exists()  # no results folder for a source that never gave a frame
+
+
+def test_how_a_live_source_is_opened():
+    """What av.open is given for each kind of source: a capture device needs format v4l2, since FFmpeg cannot
+    guess it from a path (its open is tested above, on a device that is not there and on one that is no camera)."""
+    for device in ("/dev/video0", "/dev/null", "/dev/v4l/by-id/usb-Olympus_Corp._CV-190-video-index0"):
+        source = live.live_source(device)  # a character device, or a path under /dev that is not there
+        assert (source.kind, source.folder, source.av_arguments()) == ("device", "live", {"format": "v4l2"}), device
+    rtsp = live.live_source("rtsp://endoscope.local:554/stream1")
+    assert (rtsp.kind, rtsp.folder, rtsp.av_arguments()) == ("url", "stream1", {"timeout": (10.0, 10.0)})
+    assert [live.live_source(url).folder for url in ("http://10.0.0.5/", "https://h/a%20b.m3u8", "http://h/..")] == [
+        "10.0.0.5", "a_b", "h",
+    ]  # fmt: skip
+    for path in ("clip.mp4", "/dev/shm/clip.mp4"):
+        source = live.live_source(path)
+        assert (source.kind, source.folder, source.av_arguments()) == ("file", "clip", {}), path
 
 
 def test_video_level_evaluation_scores_the_videos_grades_with_intervals(run, data, tmp_path):

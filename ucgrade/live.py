@@ -4,26 +4,46 @@ A reader thread decodes the source as it plays and keeps only the newest sampled
 it when it is free, so when grading falls behind, frames are dropped rather than the grade lagging, and the
 latency (from a frame's arrival to its grade) is measured. The terminal shows the current smoothed grade
 and the worst segment so far. When the source ends or on Ctrl-C, the footage so far gets the outputs of a
-video file (ucgrade.videoout), from the same timeline. A file given as the source is read at its own
-frame rate, as a camera would deliver it: that is how the tests run the live mode.
+video file (ucgrade.videoout), from the same timeline. A recording (a file, or a URL whose stream has a
+length) is read at its own frame rate, as a camera would deliver it: that is how the tests run the live mode.
+A source that cannot be opened (no such device, not a capture device, a URL refused, missing or silent) is
+one sentence that says what to check.
 """
 
+import errno
+import functools
 import json
+import os
+import re
+import stat
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from . import files, timeline, videoout
 from .cli import UserError
 from .interrupt import GracefulStop
-from .video import Frame, Sampler, VideoError, open_video, timed_frames, to_picture
+from .video import (
+    Frame,
+    Sampler,
+    VideoError,
+    describe,
+    is_video_file,
+    open_video,
+    short_reason,
+    timed_frames,
+    to_picture,
+)
 from .videograde import grade_batch, video_settings
 
 STATUS_EVERY = 1.0  # s between two status lines on a terminal (10 s when the output is a file)
+OPEN_TIMEOUT = 10.0  # s: a stream URL that has not answered by then is reported, not waited for
+READ_TIMEOUT = 10.0  # s: a stream that sends nothing for this long has stopped; the footage so far is kept
 
 
 @dataclass
@@ -80,14 +100,101 @@ def read_source(video, fps, shorter, newest, paced):
         newest.finish(error)
 
 
-def open_source(source):
-    """(Video, paced): a regular file is read at its frame rate; /dev/video* through v4l2; anything else (a URL)
-    as FFmpeg opens it."""
-    path = Path(source)
-    if path.is_file():
-        return open_video(path), True
-    live_format = "v4l2" if source.startswith("/dev/video") else None
-    return open_video(source, live_format=live_format), False
+@dataclass
+class LiveSource:
+    """What --live SOURCE is: a file, a capture device (opened through v4l2) or a stream URL."""
+
+    text: str  # as given
+    kind: str  # "file", "device" or "url"
+    folder: str  # the name of its results folder
+
+    def av_arguments(self):
+        """The keyword arguments of av.open, beside the source's name: FFmpeg finds a device path's format only
+        when told it (v4l2), and a URL gets timeouts, so that a silent server is a sentence, not a hang."""
+        if self.kind == "device":
+            return {"format": "v4l2"}
+        if self.kind == "url":
+            return {"timeout": (OPEN_TIMEOUT, READ_TIMEOUT)}
+        return {}
+
+
+def live_source(source):
+    """The LiveSource of --live SOURCE: a URL has a scheme (rtsp://, http://); a character device (/dev/video0, or
+    a /dev/v4l/by-id/ link to one), or a path under /dev that is not there, is a capture device; else a file."""
+    if "://" in source:
+        return LiveSource(source, "url", url_folder(source))
+    try:
+        device = stat.S_ISCHR(os.stat(source).st_mode)
+    except OSError:  # not there: /dev/video0 is a camera unplugged, /dev/shm/clip.mp4 a file
+        device = Path(source).parts[:2] == ("/", "dev") and not is_video_file(source)
+    return LiveSource(source, "device", "live") if device else LiveSource(source, "file", Path(source).stem or "live")
+
+
+def url_folder(url):
+    """A URL's results folder: the name of the file in its path without the extension (clip for .../clip.mp4), or
+    its host, as a plain folder name."""
+    parts = urllib.parse.urlsplit(url)
+    names = (PurePosixPath(urllib.parse.unquote(parts.path)).stem, parts.hostname or "")
+    return next((name for name in (re.sub(r"[^\w.-]+", "_", n).strip("._") for n in names) if name), "live")
+
+
+def open_source(live):
+    """The open Video of a live source; VideoError, one sentence that says what to check, if it cannot be opened."""
+    if live.kind == "file":
+        return open_video(live.text)
+    import av
+
+    try:
+        container = av.open(live.text, metadata_errors="ignore", **live.av_arguments())
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as error:  # ValueError: an FFmpeg without v4l2
+        raise VideoError(device_problem(error) if live.kind == "device" else url_problem(error)) from None
+    try:
+        return describe(live.text, container, live=True)
+    except Exception:
+        container.close()
+        raise
+
+
+def device_problem(error):
+    """Why a capture device could not be opened, and what to check."""
+    number = getattr(error, "errno", None)
+    if number == errno.ENOENT:
+        return (
+            "there is no such capture device; ls /dev/video* lists the cameras connected (in a container, pass the "
+            "camera in, as docker run --device does)"
+        )
+    if number in (errno.EACCES, errno.EPERM):
+        return (
+            "permission denied; ls -l /dev/video* shows the group that may read it, usually video, so add your user "
+            "to it (sudo usermod -aG video $USER, then log in again)"
+        )
+    if number in (errno.ENOTTY, errno.ENODEV, errno.EINVAL):
+        return (
+            "it is not a video capture device; ls /dev/video* lists the devices (a camera often adds a second one "
+            "that carries only metadata, and v4l2-ctl --list-devices tells them apart)"
+        )
+    if number == errno.EBUSY:
+        return "the device is busy, in use by another program; close that program and try again"
+    return (
+        f"the capture device cannot be opened ({short_reason(error)}); check it with ls -l /dev/video* and that your "
+        "user is in the video group"
+    )
+
+
+def url_problem(error):
+    """Why a stream URL could not be opened, and what to check."""
+    import av
+
+    if isinstance(error, av.error.ExitError):  # PyAV's open timeout
+        return f"no answer within {OPEN_TIMEOUT:g} s; check the URL, the network and that the stream is running"
+    if isinstance(error, av.error.ConnectionRefusedError):
+        return (
+            "the connection was refused, so nothing serves at that host and port; check the URL and that the stream "
+            "is running"
+        )
+    if isinstance(error, (av.error.HTTPClientError, av.error.HTTPError)):
+        return f"the server answered {short_reason(error).removeprefix('Server returned ')}; check the URL"
+    return f"the stream cannot be opened ({short_reason(error)}); check the URL and that the stream is running"
 
 
 def status_line(run, latencies, newest):
@@ -112,13 +219,17 @@ def status_line(run, latencies, newest):
 def grade_live(grader, source, args, weights):
     """Grade a live source until it ends or Ctrl-C, then write the outputs of a video file; the exit code."""
     settings = video_settings(args)
+    live = live_source(source)
     try:
-        video, paced = open_source(source)
+        video = open_source(live)
     except VideoError as error:
         raise UserError(f"--live {source}: {error}.") from None
-    name = Path(source).stem if paced else "live"
-    run = videoout.VideoRun(files.new_run_dir(settings.video_out, name), grader, settings)
-    run.source, run.weights, run.seekable = Path(source) if paced else source, weights, paced
+    # a recording (a file, or a stream with a length) is played at its own rate and can be decoded again for the
+    # strip; a camera or a live stream comes at its own pace, once
+    paced = live.kind == "file" or (live.kind == "url" and video.duration is not None)
+    run = videoout.VideoRun(files.new_run_dir(settings.video_out, live.folder), grader, settings)
+    run.source, run.weights = Path(source) if live.kind == "file" else source, weights
+    run.reopen = functools.partial(open_source, live) if paced else None
     run.start(1 / min(settings.fps or video.rate, video.rate), live=True)
     newest, latencies = Newest(), []
     reader = threading.Thread(

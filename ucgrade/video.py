@@ -1,4 +1,5 @@
-"""Videos without torch: open a video file or a live source with PyAV, and sample its frames as small RGB pictures.
+"""Videos without torch: open a video file with PyAV (ucgrade.live opens a live source), and sample its frames as
+small RGB pictures.
 
 PyAV's wheels bring FFmpeg, so a grading-only install (requirements-predict.txt) decodes mp4, mov, avi and
 mkv files in H.264, HEVC or MJPEG without a system ffmpeg. Every frame is decoded, as far as the codec needs,
@@ -10,6 +11,7 @@ time, so a variable frame rate samples evenly in time.
 
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from .images import NOT_REGULAR, is_regular_file
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv")
 MIN_SIDE = 64  # px: a smaller picture upscaled to the model's 224 px holds nothing to grade; endoscopes record 480+
-LARGE_SIDE = 4096  # px: no clinical endoscope records more (4K); larger frames are graded, with a note on the cost
+LARGE_SIDE = 4096  # px: no clinical endoscope records more (4K), and an 8K frame costs 16 times a 1080p one to decode
 # the first bytes of the containers, to tell a damaged video (its header unreadable) from a file that is no video
 CONTAINER_MAGIC = {b"ftyp": 4, b"RIFF": 0, b"\x1a\x45\xdf\xa3": 0, b"OggS": 0, b"\x00\x00\x01\xba": 0}
 STILL_FORMATS = ("image2", "_pipe")  # FFmpeg's demuxers of single pictures: a .jpg renamed .mp4
@@ -55,6 +57,7 @@ class Video:
     codec: str
     rate: float  # frames per second, as the header gives it (the average over a variable rate)
     duration: float  # seconds, or None when the header does not say (a live source)
+    live: bool = False  # a capture device or a stream URL, not a file
     notes: list = field(default_factory=list)  # one sentence each, for the user
     stopped: str = None  # why decoding ended before the end of the stream, with the time
     damaged: int = 0  # packets that could not be decoded and were skipped
@@ -79,23 +82,20 @@ def _av():
     return av
 
 
-def open_video(path, live_format=None, options=None):
-    """Open a video file (or, with live_format, a capture device or stream URL) for decoding; VideoError if it
-    cannot be graded at all."""
+def open_video(path):
+    """Open a video file for decoding; VideoError if it cannot be graded at all (live sources: ucgrade.live)."""
     av = _av()
-    name = str(path)
-    if live_format is None:
-        check_file(Path(path))
+    check_file(Path(path))
     try:
-        container = av.open(name, format=live_format, options=options or {}, metadata_errors="ignore")
+        container = av.open(str(path), metadata_errors="ignore")
     except av.error.FileNotFoundError:
-        raise VideoError("no such file or device") from None
+        raise VideoError("no such file") from None
     except av.error.PermissionError:
         raise VideoError("permission denied") from None
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        raise VideoError(unreadable_reason(path, error, live_format)) from None
+        raise VideoError(unreadable_reason(path, error)) from None
     try:
-        return describe(name, container)
+        return describe(str(path), container)
     except Exception:
         container.close()
         raise
@@ -112,10 +112,8 @@ def check_file(path):
         raise VideoError("empty file (0 bytes)")
 
 
-def unreadable_reason(path, error, live_format):
+def unreadable_reason(path, error):
     reason = getattr(error, "strerror", None) or str(error)
-    if live_format is not None:
-        return f"the live source cannot be opened ({reason})"
     with open(path, "rb") as f:
         head = f.read(12)
     if head[4:8] == b"ftyp" and has_mp4_index(path) is False:
@@ -150,8 +148,9 @@ def has_mp4_index(path):
     return False
 
 
-def describe(name, container):
-    """The Video of an open container: its first video stream, checked for what can be graded."""
+def describe(name, container, live=False):
+    """The Video of an open container: its first video stream, checked for what can be graded (its frame size from
+    the header, before any frame is decoded)."""
     format_name = container.format.name or ""
     if any(part in format_name for part in STILL_FORMATS):
         raise VideoError("is a still picture, not a video; grade it as an image, with its image file extension")
@@ -166,11 +165,8 @@ def describe(name, container):
             "decoded; export the video from the recorder as H.264 (mp4)"
         )
     width, height = context.width, context.height
-    if width and height and min(width, height) < MIN_SIDE:
-        raise VideoError(
-            f"its {width}x{height} px frames are too small to grade (at least {MIN_SIDE} px a side; endoscopes "
-            "record 480 px or more)"
-        )
+    if width and height:
+        check_size(width, height, name, live)
     stream.thread_type = "AUTO"  # FFmpeg's frame and slice threads: decoding keeps pace with the model
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     duration = None
@@ -178,13 +174,33 @@ def describe(name, container):
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         duration = container.duration / 1_000_000  # AV_TIME_BASE
-    video = Video(name, container, stream, width, height, context.name, float(rate) if rate else 25.0, duration)
-    if width and height and max(width, height) > LARGE_SIDE:
-        video.notes.append(
-            f"its {width}x{height} px frames are larger than any endoscope's (4K at most), so decoding takes "
-            f"about {width * height / (1920 * 1080):.0f} times as long as 1080p; a downscaled copy grades the same"
+    rate = float(rate) if rate else 25.0
+    return Video(name, container, stream, width, height, context.name, rate, duration, live)
+
+
+def check_size(width, height, name, live):
+    """VideoError for frames too small to grade, or larger than any endoscope records (refused rather than decoded
+    at 16 times the cost of 1080p: the model sees each frame scaled down to its input anyway)."""
+    if min(width, height) < MIN_SIDE:
+        raise VideoError(
+            f"its {width}x{height} px frames are too small to grade (at least {MIN_SIDE} px a side; endoscopes "
+            "record 480 px or more)"
         )
-    return video
+    if max(width, height) <= LARGE_SIDE:
+        return
+    if live:
+        remedy = "set the camera or the stream to 1080p"
+    else:
+        scale = "1920:-2" if width >= height else "-2:1920"  # the longer side at 1920 px
+        copy = Path(name).with_name(f"{Path(name).stem}_1080p{Path(name).suffix}")
+        remedy = f"a copy scaled down grades the same: ffmpeg -i {shlex.quote(name)} -vf scale={scale} "
+        remedy += shlex.quote(str(copy))
+    raise VideoError(
+        f"its {width}x{height} px frames are larger than any clinical endoscope records (4K: at most {LARGE_SIDE} px "
+        f"on the longer side), and each would take about {width * height / (1920 * 1080):.0f} times as long to "
+        f"decode as a 1080p frame and up to {width * height * 3 / 1e6:.0f} MB, while the model sees it scaled down "
+        f"to its input (224 px by default) anyway; {remedy}"
+    )
 
 
 # ----------------------------------------------------------------------------- sampling frames
@@ -255,7 +271,12 @@ def decoded_frames(video):
         except StopIteration:
             return
         except (av.error.FFmpegError, OSError) as error:
-            video.stopped = f"the file cannot be read after {last_time:.1f} s ({short_reason(error)})"
+            reason = short_reason(error)
+            if isinstance(error, av.error.ExitError):  # a stream that sent nothing for its read timeout
+                reason = f"nothing arrived for {video.container.read_timeout:g} s"
+            video.stopped = (
+                f"the {'source' if video.live else 'file'} cannot be read after {last_time:.1f} s ({reason})"
+            )
             return
         try:
             frames = packet.decode()
@@ -320,19 +341,23 @@ def sample_frames(video, fps, shorter):
             yield Frame(number, round(time, 6), to_picture(frame, video.stream, shorter))
 
 
-def pictures_at(path, times, shorter):
-    """{time: picture} of the frames of a video file at these times (as sample_frames gave them), decoded again
-    from a seek to the keyframe before the first."""
+def pictures_at(reopen, times, shorter):
+    """{time: picture} of the frames of a video at these times (as sample_frames gave them), decoded again from a
+    seek to the keyframe before the first; reopen() opens the video again (a file, or a recording at a URL)."""
     wanted = sorted(times)
     if not wanted:
         return {}
-    video = open_video(path)
+    av = _av()
+    video = reopen()
     found = {}
     try:
         stream, tolerance = video.stream, 0.5 / video.rate
         if stream.start_time is not None and stream.time_base:
             target = wanted[0] + float(stream.start_time * stream.time_base)
-            video.container.seek(int(target / stream.time_base), stream=stream, backward=True)
+            try:
+                video.container.seek(int(target / stream.time_base), stream=stream, backward=True)
+            except av.error.FFmpegError as error:  # a server that cannot send a part of the file
+                raise VideoError(f"it cannot be searched ({short_reason(error)})") from None
         for _, time, frame in timed_frames(video):
             near = [t for t in wanted if abs(t - time) <= tolerance and t not in found]
             for t in near:

@@ -7,6 +7,7 @@ in a thread while this one is graded. Then the timeline gives the video's grade 
 ucgrade.videoout writes the results folder. Without torch (a .pt grader brings its own).
 """
 
+import functools
 import itertools
 import math
 import sys
@@ -216,7 +217,7 @@ def grade_video(grader, path, settings, stop, weights):
     try:
         first, batches = first_batch(video, settings, grader.resize_size)
         run = videoout.VideoRun(files.new_run_dir(settings.video_out, Path(path).stem or "video"), grader, settings)
-        run.source, run.weights = Path(path), weights
+        run.source, run.weights, run.reopen = Path(path), weights, functools.partial(open_video, path)
         run.start(1 / min(settings.fps or video.rate, video.rate))
         batches = prefetched(itertools.chain([first], batches))
         try:

@@ -25,7 +25,7 @@ class VideoRun:
         self.class_names = list(grader.class_names)
         self.timeline = None
         self.complete, self.stopped, self.seconds = True, None, 0.0
-        self.seekable = True  # a file can be decoded again for the strip; a capture device cannot
+        self.reopen = None  # opens the video again, to decode the strip's frames: a file can be, a live stream not
         self._file = open(self.out_dir / "frames.csv", "w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file, lineterminator="\n")
         self._writer.writerow([files.spreadsheet_safe(name) for name in self.frame_columns()])

@@ -127,13 +127,13 @@ def write_strip(run, summary):
     line, worst = run.timeline, summary["worst_segment"]
     if worst is None:
         return []
-    if not run.seekable:
+    if run.reopen is None:
         return ["strip.png was not made: a live source cannot be decoded again"]
     segment = next(s for s in line.segments if round(s.start, 3) == worst["start"])
     label = run.class_names.index(worst["grade"])
     chosen = strip_times(line, segment, label)
     try:
-        pictures = pictures_at(run.source, [line.times[i] for i in chosen], run.grader.resize_size)
+        pictures = pictures_at(run.reopen, [line.times[i] for i in chosen], run.grader.resize_size)
     except VideoError as error:
         return [f"strip.png was not made: the video could not be decoded again ({error})"]
     chosen = [i for i in chosen if line.times[i] in pictures]
