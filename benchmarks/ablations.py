@@ -28,13 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # before torch imports tqdm
+if __name__ == "__main__":  # run as a script, and before torch imports tqdm, which reads it then
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-from speed import RECIPE, cpu_snapshot, others_cpu_share, project_args  # noqa: E402  (benchmarks/speed.py)
+from machine import cpu_snapshot, others_cpu_share  # noqa: E402  (benchmarks/machine.py)
+from project import RECIPE, project_args  # noqa: E402  (benchmarks/project.py)
 
 from ucgrade import data, engine, presets  # noqa: E402
 from ucgrade.cli import run_cli  # noqa: E402

@@ -3,6 +3,8 @@ the numbers depend on the machine and on what else runs on it; they only have to
 
 import json
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -147,24 +149,44 @@ def test_ablations_run(benchmarks):
 
 
 @pytest.fixture
-def speed_module(monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "0")  # and back as it was after the test: speed.py sets it on import
-    monkeypatch.delenv("TQDM_DISABLE")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import speed
+def ceiling_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ceiling
 
-        yield speed
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return ceiling
 
 
-def test_ceiling_skips_bf16_on_a_cpu_without_native_bf16(speed_module, monkeypatch):
+def test_ceiling_skips_bf16_on_a_cpu_without_native_bf16(ceiling_module, monkeypatch):
     """On an AVX2-only CPU the bf16 ceiling is not measured (emulated, one matmul takes a minute), on any machine."""
     monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
-    monkeypatch.setattr(speed_module, "cpu_has_fast_bf16", lambda: False)
-    ceiling = speed_module.measure_ceilings(torch.device("cpu"), quick=True)
+    monkeypatch.setattr(ceiling_module, "cpu_has_fast_bf16", lambda: False)
+    ceiling = ceiling_module.measure_ceilings(torch.device("cpu"), quick=True)
     assert "no native bf16" in ceiling["bf16"]["skipped"] and "gflop_s" not in ceiling["bf16"]
     assert positive(ceiling["fp32"]["gflop_s"])
-    shares = speed_module.throughput(10.0, 64, ceiling)
+    shares = ceiling_module.throughput(10.0, 64, ceiling)
     assert shares["of_bf16_ceiling"] is None and positive(shares["of_fp32_ceiling"])
+
+
+def python(code):
+    """python -c code from the repository's root, in an environment without TQDM_DISABLE."""
+    env = {name: value for name, value in os.environ.items() if name != "TQDM_DISABLE"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
+def test_importing_the_benchmarks_leaves_tqdm_disable_alone():
+    code = "import os, sys\nsys.path.insert(0, 'benchmarks')\nimport ablations, speed\n"
+    code += "print(os.environ.get('TQDM_DISABLE'))"
+    assert python(code) == ["None"]
+
+
+@pytest.mark.parametrize("script", ["speed", "ablations"])
+def test_a_benchmark_run_as_a_script_disables_bars_before_tqdm_is_imported(script):
+    """Set after torch has imported tqdm, TQDM_DISABLE would not reach the bars tqdm makes itself."""
+    code = (
+        f"import os, runpy, sys\nsys.path.insert(0, 'benchmarks')\nsys.argv = ['{script}.py', '--help']\n"
+        f"try:\n    runpy.run_path('benchmarks/{script}.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "import tqdm\nprint(os.environ['TQDM_DISABLE'], tqdm.tqdm(range(1)).disable)"
+    )
+    assert python(code)[-2:] == ["1", "True"]

@@ -2,9 +2,11 @@
 from an .onnx, a test folder that never leaves itself, nothing half-written, no NaN, no crash on a name, and
 logs a person can read. One tiny run (ResNet18, 1 epoch, 64 px, random weights) and its fp32 .onnx are shared."""
 
+import contextlib
 import json
 import math
 import os
+import pty
 import re
 import resource
 import signal
@@ -18,10 +20,12 @@ import pytest
 import torch
 from conftest import FAST, ROOT, cli, make_folder, run_script, run_scripts, train, user_lines
 from onnx import numpy_helper
+from PIL import Image
 from test_export import NOT_INSTALLED
 
 from ucgrade import cli as cli_module
-from ucgrade import progress
+from ucgrade import files, progress
+from ucgrade.demo import write_video
 from ucgrade.grader import load_grader
 
 CPU = ["--device", "cpu"]
@@ -266,6 +270,53 @@ def test_a_test_set_is_scored_with_an_onnx_and_no_torch(run, test_dir, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "could not be made" not in result.stderr  # errors.png too
     assert {"metrics.json", "report.html", "roc.png", "predictions.csv"} <= {p.name for p in (tmp_path / "r").iterdir()}
+
+
+def on_a_terminal(argv, env):
+    """Run argv with its stderr on a pseudo-terminal, as in a terminal window (isatty() is true there): (exit code,
+    stdout, what it wrote to the terminal, its newlines as the terminal sends them: \\r\\n)."""
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [str(arg) for arg in argv], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal
+    )
+    os.close(terminal)
+    written = []
+    with contextlib.suppress(OSError):  # EIO: the process has closed its end
+        while chunk := os.read(master, 4096):
+            written.append(chunk)
+    os.close(master)
+    stdout, _ = process.communicate(timeout=600)
+    return process.returncode, stdout.decode(), b"".join(written).decode(errors="replace")
+
+
+def without_tqdm_disable():
+    return {name: value for name, value in os.environ.items() if name != "TQDM_DISABLE"}
+
+
+def test_a_terminal_without_tqdm_gets_the_line_a_log_gets(tmp_path):
+    """progress() on a real (pseudo-)terminal: a tqdm bar, and on an install without tqdm the one line of a log."""
+    code = "from ucgrade import progress\nprogress.LONG_PHASE_S = 0\n"
+    code += "bar = progress.progress(range(3), 'features', 'batches')\nprint(type(bar).__name__, sum(bar))"
+    status, out, _ = on_a_terminal([sys.executable, "-c", code], without_tqdm_disable())
+    assert status == 0 and out.split() == ["tqdm", "3"]  # the terminal is one: tqdm draws there
+    no_tqdm = without_tqdm_disable() | blocker(tmp_path / "no_tqdm", ["tqdm"])
+    status, out, terminal = on_a_terminal([sys.executable, "-c", code], no_tqdm)
+    assert status == 0 and out.split() == ["Progress", "3"], terminal
+    assert re.fullmatch(r"features: 3 batches in \d+\.\d s\r\n", terminal), terminal
+
+
+def test_predict_with_an_onnx_on_a_terminal_needs_no_tqdm(run, small_data, tmp_path):
+    """A grading-only install, used from a terminal: an image and a video (whose frames would get a bar) graded."""
+    severe = [Image.open(path) for path in sorted((small_data / "severe").glob("*.jpg"))]
+    clip = write_video(tmp_path / "clip.mp4", [(severe, 2)], 96)
+    image = small_data / "mild" / "mild_000.jpg"
+    env = without_tqdm_disable() | blocker(tmp_path / "grading_only", NOT_INSTALLED)
+    argv = [sys.executable, ROOT / "predict.py", image, clip, "--weights", run / "model.onnx"]
+    status, out, terminal = on_a_terminal([*argv, "--video-out", tmp_path / "v", "--min-gradable", "1"], env)
+    assert status == 0 and "Traceback" not in terminal, terminal[-2000:]
+    lines = user_lines(out)
+    assert len(lines) == 2 and lines[0].startswith(f"{image}: ") and lines[1].startswith(f"{clip}: "), lines
+    assert len(files.read_csv(tmp_path / "v" / "clip" / "frames.csv")) == 10  # 2 s at 5 frames/s
 
 
 def cli_result(completed):

@@ -33,8 +33,6 @@ SCRIPTS = {  # every parser of the project, by the module that builds it
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_no_parser_takes_an_abbreviated_flag(name, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS[name]))
-    monkeypatch.setenv("TQDM_DISABLE", "0")  # and back as it was after the test: the benchmarks set it on import
-    monkeypatch.delenv("TQDM_DISABLE")
     parser = importlib.import_module(name).get_args_parser()
     assert parser.allow_abbrev is False
 

@@ -4,7 +4,8 @@ Redirected to a file (nohup, a cluster job, CI), every redraw of a bar would be 
 thousands of them in a long run. So a bar is drawn only when stderr is a terminal; otherwise a phase
 (reading the images, the backbone's features, a download) that took LONG_PHASE_S or more ends with one
 line that says how long it took, and a training epoch says nothing here (qq.py prints its line).
-TQDM_DISABLE=1, or qq.py --quiet, turns both off. tqdm is imported only for a terminal.
+TQDM_DISABLE=1, or qq.py --quiet, turns both off. tqdm is imported only for a terminal, and a terminal without
+it (the grading-only install, requirements-predict.txt) gets what a log gets.
 """
 
 import os
@@ -21,12 +22,15 @@ def quiet():
 
 def progress(iterable=None, desc="", unit="it", total=None, log=True, disable=False):
     """iterable wrapped as tqdm would wrap it (set_postfix, update and close included), drawn as a bar on a
-    terminal; in a log, one line when it ends (log=False: none, for a loop whose caller prints its own)."""
+    terminal with tqdm installed; otherwise one line when it ends (log=False: none, for a loop whose caller prints
+    its own)."""
     if disable or quiet():
         return Progress(iterable, desc, unit, total, log=False)
     if sys.stderr.isatty():
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return Progress(iterable, desc, unit, total, log)
         return tqdm(iterable, desc, total=total, unit=unit, unit_scale=unit == "B", leave=False, dynamic_ncols=True)
     return Progress(iterable, desc, unit, total, log)
 

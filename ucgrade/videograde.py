@@ -174,10 +174,7 @@ def progress_bar(video, settings):
     nothing in a log, where the video's own line says how fast it went."""
     rate = video.rate if settings.fps is None else min(settings.fps, video.rate)
     total = round(video.duration * rate) if video.duration else None
-    try:
-        return progress(desc=Path(video.name).name, unit="frame", total=total, log=False)
-    except ImportError:  # a terminal on the grading-only install, which has no tqdm
-        return progress(desc=Path(video.name).name, unit="frame", total=total, log=False, disable=True)
+    return progress(desc=Path(video.name).name, unit="frame", total=total, log=False)
 
 
 def first_batch(video, settings, shorter):
