@@ -18,6 +18,7 @@ taken while it is above 1 do not count.
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,6 +55,10 @@ def get_args_parser():
     parser.add_argument("--arch", default="resnet50", help="of the throwaway run (default: %(default)s)")
     parser.add_argument("--work", default=None, help="folder for the video and the run (default: a temporary one)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
+    parser.add_argument(
+        "--int8-only", action="store_true", help="leave out the .pt runs (with benchmarks/avx2_onnxruntime.py's copy "
+        "of ONNX Runtime, which changes only the .onnx's speed)",
+    )  # fmt: skip
     return parser
 
 
@@ -152,6 +158,7 @@ def main(args):
     model, flags, cores = cpu_name()
     load = os.getloadavg()[0]
     print(f"CPU: {model}, {cores} cores, {' '.join(flags) or 'no AVX2'}; load average {load:.2f}", flush=True)
+    print(f"ONNX Runtime {onnxruntime.__version__} from {Path(onnxruntime.__file__).parent}")
     if load > 1:
         print("warning: the machine is busy (load above 1): these figures must be measured again on a quiet one.")
     work = Path(args.work or tempfile.mkdtemp(prefix="ucgrade-video-bench-"))
@@ -162,11 +169,8 @@ def main(args):
     video = write_benchmark_video(work / "bench.mp4", args.seconds, width, height, args.rate)
     short = write_benchmark_video(work / "short.mp4", min(SHORT_SECONDS, args.seconds), width, height, args.rate)
     rows = []
-    for weights, fps in (
-        (int8, str(FPS).removesuffix(".0")),
-        (int8, "all"),
-        (pt, str(FPS).removesuffix(".0")),
-        (pt, "all"),
+    for weights, fps in itertools.product(
+        (int8,) if args.int8_only else (int8, pt), (str(FPS).removesuffix(".0"), "all")
     ):
         result = time_predict(video, weights, fps, work)
         rows.append({"model": weights.name, "fps": fps, "real_time_x": args.seconds / result["wall_s"]} | result)
@@ -182,8 +186,9 @@ def main(args):
           "crops/s")  # fmt: skip
     if args.json:
         figures = {"cpu": model, "cpu_flags": flags, "cores": cores, "load_average": load, "seconds": args.seconds,
-                   "size": args.size, "rate": args.rate, "runs": [{k: v for k, v in r.items() if k != "summary"}
-                   for r in rows], "short_video_peak_rss_mb": memory["peak_rss_mb"], "parts": parts}  # fmt: skip
+                   "size": args.size, "rate": args.rate, "onnxruntime": str(Path(onnxruntime.__file__).parent),
+                   "runs": [{k: v for k, v in r.items() if k != "summary"} for r in rows],
+                   "short_video_peak_rss_mb": memory["peak_rss_mb"], "parts": parts}  # fmt: skip
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
