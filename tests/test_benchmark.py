@@ -4,9 +4,13 @@ the numbers depend on the machine and on what else runs on it; they only have to
 import json
 import math
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_scripts
@@ -190,3 +194,41 @@ def test_a_benchmark_run_as_a_script_disables_bars_before_tqdm_is_imported(scrip
         "import tqdm\nprint(os.environ['TQDM_DISABLE'], tqdm.tqdm(range(1)).disable)"
     )
     assert python(code)[-2:] == ["1", "True"]
+
+
+@pytest.mark.skipif(
+    shutil.which("objdump") is None or platform.machine() != "x86_64", reason="needs objdump on x86-64 Linux"
+)
+def test_the_avx2_copy_of_onnx_runtime_is_imported_in_its_place_and_grades(tmp_path):
+    """benchmarks/avx2_onnxruntime.py patches every xgetbv of a copy, which a process then imports and runs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 222, 222])],
+        [weights],
+    )
+    model = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    copy = tmp_path / "ort"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/avx2_onnxruntime.py", copy, "--check", model],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    patched = re.search(r"(\d+) xgetbv instructions now report AVX state only", result.stdout)
+    assert patched and int(patched.group(1)) > 0, result.stdout
+    assert f"{model}: batch 1 median" in result.stdout and "ms with the AVX2 kernels" in result.stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import onnxruntime; print(onnxruntime.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert where.startswith(str(copy / "onnxruntime"))
+    again = subprocess.run(
+        [sys.executable, "benchmarks/avx2_onnxruntime.py", copy], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 1 and again.stderr.strip() == f"error: {copy / 'onnxruntime'} exists; give a new folder."
