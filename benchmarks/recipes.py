@@ -145,13 +145,14 @@ def compare(runs, resamples=stats.N_RESAMPLES, seed=0):
 
 
 def print_table(rows):
-    print(f"\n{'candidate':<32}{'metric':<12}{'value (95% CI)':<22}{'minus seed (paired 95% CI)':<30}excludes 0")
+    width = max(len("candidate"), *(len(row["candidate"]) for row in rows)) + 2
+    print(f"\n{'candidate':<{width}}{'metric':<12}{'value (95% CI)':<22}{'minus seed (paired 95% CI)':<30}excludes 0")
     for row in rows:
         value = stats.format_ci(row["value"], row, 3)
         interval = {"low": row["difference_low"], "high": row["difference_high"]}
         delta = stats.format_ci(row["difference_to_seed"], interval, 3)
         same = row["candidate"] == REFERENCE
-        print(f"{row['candidate']:<32}{row['metric']:<12}{value:<22}{'' if same else delta:<30}"
+        print(f"{row['candidate']:<{width}}{row['metric']:<12}{value:<22}{'' if same else delta:<30}"
               f"{'' if same else ('yes' if row['excludes_0'] else 'no')}")  # fmt: skip
 
 
