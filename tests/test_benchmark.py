@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,33 +197,54 @@ def test_a_benchmark_run_as_a_script_disables_bars_before_tqdm_is_imported(scrip
     assert python(code)[-2:] == ["1", "True"]
 
 
+def int8_conv(path, weight_bits):
+    """An .onnx of one int8 convolution (QLinearConv) whose weights span weight_bits bits, signed."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    top = 2 ** (weight_bits - 1) - 1
+    weights = np.random.default_rng(0).integers(-top, top + 1, (8, 3, 3, 3)).astype(np.int8)
+    constants = [
+        numpy_helper.from_array(np.array(value, dtype), name)
+        for name, value, dtype in [
+            ("x_scale", 0.02, np.float32), ("x_zero", 0, np.uint8), ("w_scale", 0.01, np.float32),
+            ("w_zero", 0, np.int8), ("y_scale", 0.5, np.float32), ("y_zero", 128, np.uint8),
+        ]
+    ]  # fmt: skip
+    inputs = ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"]
+    graph = helper.make_graph(
+        [helper.make_node("QLinearConv", inputs, ["y"])],
+        "int8 conv",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 8, 222, 222])],
+        [numpy_helper.from_array(weights, "w"), *constants],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def cpu_flags():
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return set(text.split())
+
+
 @pytest.mark.skipif(
     shutil.which("objdump") is None or platform.machine() != "x86_64", reason="needs objdump on x86-64 Linux"
 )
-def test_the_avx2_copy_of_onnx_runtime_is_imported_in_its_place_and_grades(tmp_path):
-    """benchmarks/avx2_onnxruntime.py patches every xgetbv of a copy, which a process then imports and runs."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"])],
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 222, 222])],
-        [weights],
-    )
-    model = tmp_path / "conv.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
-    copy = tmp_path / "ort"
+def test_the_avx2_copy_of_onnx_runtime_runs_the_avx2_kernels_in_place_of_the_installed_one(tmp_path):
+    """benchmarks/avx2_onnxruntime.py patches every xgetbv of a copy, which a process then imports in place of the
+    installed ONNX Runtime. With 7-bit weights, as export.py writes them, its int8 outputs are the installed ones bit
+    for bit. With 8-bit weights, a CPU with AVX-512 VNNI (and no AVX-VNNI or AMX, which the copy would still use)
+    gives other outputs through the copy: AVX2's 16-bit sums saturate, so the copy really runs the AVX2 kernels."""
+    copy, seven = tmp_path / "ort", int8_conv(tmp_path / "seven.onnx", 7)
     result = subprocess.run(
-        [sys.executable, "benchmarks/avx2_onnxruntime.py", copy, "--check", model],
+        [sys.executable, "benchmarks/avx2_onnxruntime.py", copy, "--check", seven],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     patched = re.search(r"(\d+) xgetbv instructions now report AVX state only", result.stdout)
     assert patched and int(patched.group(1)) > 0, result.stdout
-    assert f"{model}: batch 1 median" in result.stdout and "ms with the AVX2 kernels" in result.stdout
+    assert f"{seven}: batch 1 median" in result.stdout and "ms with the AVX2 kernels" in result.stdout
+    assert "the same outputs" in result.stdout, result.stdout
     where = subprocess.run(
         [sys.executable, "-c", "import onnxruntime; print(onnxruntime.__file__)"],
         env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True, check=True,
@@ -232,3 +254,20 @@ def test_the_avx2_copy_of_onnx_runtime_is_imported_in_its_place_and_grades(tmp_p
         [sys.executable, "benchmarks/avx2_onnxruntime.py", copy], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert again.returncode == 1 and again.stderr.strip() == f"error: {copy / 'onnxruntime'} exists; give a new folder."
+    assert sorted(path.name for path in copy.iterdir()) == ["onnxruntime"]  # nothing half-made beside it
+
+    flags = cpu_flags()
+    if "avx512_vnni" not in flags or flags & {"avx_vnni", "amx_int8"}:
+        pytest.skip("only a CPU with AVX-512 VNNI and without AVX-VNNI or AMX shows the AVX2 kernels' saturation")
+    eight = int8_conv(tmp_path / "eight.onnx", 8)
+    script = "\n".join(
+        [
+            "import sys; sys.argv[1:] = []",
+            "sys.path.insert(0, 'benchmarks')",
+            "import avx2_onnxruntime as a",
+            f"a.check({str(eight)!r}, {str(copy)!r})",
+        ]
+    )
+    checked = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert "outputs differ" in checked.stdout and "overflow AVX2's 16-bit sums" in checked.stdout, checked.stdout

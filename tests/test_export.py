@@ -16,7 +16,8 @@ from conftest import FAST, ROOT, cli, copy_run, run_script, run_scripts, train, 
 from ucgrade import device, files, onnx_export, onnx_grade
 from ucgrade.cli import PRECISIONS, UserError
 
-# What a grading-only install (requirements-predict.txt) lacks: importing any of these fails.
+# What a grading-only install (requirements-predict.txt) lacks, and tqdm, which it has but predict.py must not need
+# (a bar is drawn only on a terminal): importing any of these fails.
 NOT_INSTALLED = ("torch", "torchvision", "matplotlib", "sklearn", "scipy", "tqdm", "onnx")
 # predict.py with a .pt chooses its device and precision (an .onnx runs on the CPU in its own precision).
 ON_THE_CPU_IN_FP32 = ["--device", "cpu", "--precision", "fp32"]
@@ -247,7 +248,7 @@ def test_the_exported_graph_normalises_like_training(run):
 def test_shipped_requirements_name_the_grading_packages():
     lines = (ROOT / "requirements-predict.txt").read_text().splitlines()
     names = {line.split(">=")[0].strip().lower() for line in lines if line.strip() and not line.startswith("#")}
-    assert names == {"onnxruntime", "numpy", "pillow", "av"}
+    assert names == {"onnxruntime", "numpy", "pillow", "av", "tqdm"}
 
 
 def test_a_second_export_without_int8_never_leaves_a_mismatched_pair(run, exported, tmp_path):
