@@ -327,9 +327,14 @@ def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mo
 class WebServer(http.server.BaseHTTPRequestHandler):
     """The files of server.folder over HTTP, with the byte ranges asked for, as a web server sends them (FFmpeg
     reads an mp4's index, which PyAV writes at its end, before its frames). With server.stall_at set, a response
-    stops at that byte and the server goes silent, as a stream that stopped sending."""
+    stops at that byte and the server goes silent, as a stream that stopped sending. With server.silent_from set,
+    that request (counted from 1) and every later one get no answer at all, until the test ends."""
 
     def do_GET(self):
+        self.server.requests += 1
+        if self.server.silent_from is not None and self.server.requests >= self.server.silent_from:
+            self.server.released.wait(60)
+            return
         path = self.server.folder / self.path.lstrip("/")
         if not path.is_file():
             self.send_error(404)
@@ -362,11 +367,13 @@ def web(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebServer)
     server.daemon_threads = True  # a stalled response is not waited for at the end
     server.folder, server.stall_at = tmp_path / "web", None
+    server.requests, server.silent_from, server.released = 0, None, threading.Event()
     server.folder.mkdir()
     server.url = lambda name: f"http://127.0.0.1:{server.server_port}/{name}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
+    server.released.set()
     server.shutdown()
     server.server_close()
     thread.join()
@@ -401,6 +408,23 @@ def test_a_stream_that_stops_sending_keeps_the_footage_so_far(run, data, web, tm
     assert not summary["complete"] and 0 < summary["seconds"] < 4 and summary["frames_graded"] > 0
     assert re.fullmatch(r"the source cannot be read after \d+\.\d s \(nothing arrived for 0\.5 s\)", summary["stopped"])
     assert f"[incomplete: {summary['stopped']}]" in out
+
+
+def test_a_server_silent_when_the_strip_is_fetched_again_only_costs_the_strip(run, data, web, tmp_path, monkeypatch):
+    """The strip's frames of a recording at a URL are fetched again, from a seek; a server that never answers the
+    seek's request (the third: the first plays the video, the second opens it again) ends in FFmpeg's rw_timeout,
+    since PyAV's timeouts do not cover a seek, and the outputs are written without the strip."""
+    make_video(web.folder / "clip.mkv", data, [("mild", 1), ("severe", 3)])
+    web.silent_from = 3
+    monkeypatch.setattr(live, "OPEN_TIMEOUT", 0.5)
+    monkeypatch.setattr(live, "READ_TIMEOUT", 0.5)
+    code, out, err = live_cli(web.url("clip.mkv"), "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "1", "--video-out", tmp_path / "v")  # fmt: skip
+    assert code == 0, err
+    folder = tmp_path / "v" / "clip"
+    summary = json.loads((folder / "video.json").read_text())
+    assert summary["grade"] == "severe" and summary["complete"] and web.requests >= 3
+    assert not (folder / "strip.png").exists() and any(n.startswith("strip.png was not made") for n in summary["notes"])
 
 
 def unused_port():
@@ -453,7 +477,8 @@ def test_how_a_live_source_is_opened():
         source = live.live_source(device)  # a character device, or a path under /dev that is not there
         assert (source.kind, source.folder, source.av_arguments()) == ("device", "live", {"format": "v4l2"}), device
     rtsp = live.live_source("rtsp://endoscope.local:554/stream1")
-    assert (rtsp.kind, rtsp.folder, rtsp.av_arguments()) == ("url", "stream1", {"timeout": (10.0, 10.0)})
+    assert (rtsp.kind, rtsp.folder) == ("url", "stream1")
+    assert rtsp.av_arguments() == {"timeout": (10.0, 10.0), "options": {"rw_timeout": "20000000"}}
     assert [live.live_source(url).folder for url in ("http://10.0.0.5/", "https://h/a%20b.m3u8", "http://h/..")] == [
         "10.0.0.5", "a_b", "h",
     ]  # fmt: skip

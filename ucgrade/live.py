@@ -114,7 +114,10 @@ class LiveSource:
         if self.kind == "device":
             return {"format": "v4l2"}
         if self.kind == "url":
-            return {"timeout": (OPEN_TIMEOUT, READ_TIMEOUT)}
+            # PyAV's timeouts cover opening and reading, not a seek (the strip's frames of a recording): FFmpeg's
+            # own rw_timeout (in microseconds) ends any wait for the network, a little after PyAV's would
+            wait = 2 * max(OPEN_TIMEOUT, READ_TIMEOUT)
+            return {"timeout": (OPEN_TIMEOUT, READ_TIMEOUT), "options": {"rw_timeout": str(round(wait * 1e6))}}
         return {}
 
 
