@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from fractions import Fraction
 from pathlib import Path
 
@@ -335,7 +336,7 @@ class WebServer(http.server.BaseHTTPRequestHandler):
         if self.server.silent_from is not None and self.server.requests >= self.server.silent_from:
             self.server.released.wait(60)
             return
-        path = self.server.folder / self.path.lstrip("/")
+        path = self.server.folder / urllib.parse.urlsplit(self.path).path.lstrip("/")  # a query is not the file's
         if not path.is_file():
             self.send_error(404)
             return
@@ -381,9 +382,11 @@ def web(tmp_path):
 
 def test_live_mode_reads_a_stream_url_as_it_reads_a_file(run, data, web, tmp_path):
     make_video(web.folder / "clip.mp4", data, [("mild", 1), ("severe", 3)])
-    url = web.url("clip.mp4")
-    code, out, err = live_cli(url, "--weights", run / "best.pt", "--device", "cpu", "--min-gradable", "1", "--fps", "2",
-                              "--video-out", tmp_path / "v")  # fmt: skip
+    # a password and a token in the URL are never printed nor written: *** stands for them
+    secret = web.url("clip.mp4?token=abcTOKEN9&camera=2").replace("http://", "http://alice:s3cret@")
+    url = web.url("clip.mp4?token=***&camera=***").replace("http://", "http://***@")
+    code, out, err = live_cli(secret, "--weights", run / "best.pt", "--device", "cpu", "--min-gradable", "1",
+                              "--fps", "2", "--video-out", tmp_path / "v")  # fmt: skip
     assert code == 0, err
     folder = tmp_path / "v" / "clip"  # named after the URL's file
     assert {p.name for p in folder.iterdir()} == OUTPUTS  # the strip too: a recording at a URL is fetched again
@@ -395,6 +398,12 @@ def test_live_mode_reads_a_stream_url_as_it_reads_a_file(run, data, web, tmp_pat
     assert len(frames_of(folder)) == summary["frames_graded"] == 8 - summary["live"]["frames_dropped"]
     (line,) = user_lines(out)
     assert line.startswith(f"{url}: severe (worst segment ") and line.endswith(f"-> {folder}/")
+    assert user_lines(err)[0] == f"grading {url} live; Ctrl-C stops and writes the results"
+    code, _, gone_err = live_cli(secret.replace("clip.mp4", "gone.mp4"), "--weights", run / "best.pt", "--json")
+    assert code == 2 and gone_err.startswith(f"error: --live {url.replace('clip.mp4', 'gone.mp4')}: the server answ")
+    written = b"".join(path.read_bytes() for path in (tmp_path / "v").rglob("*") if path.is_file())
+    for text in (out, err, gone_err, written.decode("latin-1")):
+        assert "s3cret" not in text and "abcTOKEN9" not in text
 
 
 def test_a_stream_that_stops_sending_keeps_the_footage_so_far(run, data, web, tmp_path, monkeypatch):
@@ -418,11 +427,14 @@ def test_a_server_silent_when_the_strip_is_fetched_again_only_costs_the_strip(ru
     web.silent_from = 3
     monkeypatch.setattr(live, "OPEN_TIMEOUT", 0.5)
     monkeypatch.setattr(live, "READ_TIMEOUT", 0.5)
-    code, out, err = live_cli(web.url("clip.mkv"), "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
-                              "--min-gradable", "1", "--video-out", tmp_path / "v")  # fmt: skip
+    secret = web.url("clip.mkv?token=abcTOKEN9").replace("http://", "http://alice:s3cret@")
+    code, out, err = live_cli(secret, "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "1", "--video-out", tmp_path / "v", "--json")  # fmt: skip
     assert code == 0, err
+    assert "s3cret" not in out + err and "abcTOKEN9" not in out + err  # nor in --json's summary
     folder = tmp_path / "v" / "clip"
-    summary = json.loads((folder / "video.json").read_text())
+    (summary,) = json.loads(out)["videos"]
+    assert summary == json.loads((folder / "video.json").read_text())
     assert summary["grade"] == "severe" and summary["complete"] and web.requests >= 3
     assert not (folder / "strip.png").exists() and any(n.startswith("strip.png was not made") for n in summary["notes"])
 

@@ -104,9 +104,14 @@ def read_source(video, fps, shorter, newest, paced):
 class LiveSource:
     """What --live SOURCE is: a file, a capture device (opened through v4l2) or a stream URL."""
 
-    text: str  # as given
+    text: str  # as given: only av.open sees it
     kind: str  # "file", "device" or "url"
     folder: str  # the name of its results folder
+    shown: str = None  # as printed and written: a URL without its password and query values (tokens)
+
+    def __post_init__(self):
+        if self.shown is None:
+            self.shown = display_url(self.text) if self.kind == "url" else self.text
 
     def av_arguments(self):
         """The keyword arguments of av.open, beside the source's name: FFmpeg finds a device path's format only
@@ -133,6 +138,17 @@ def live_source(source):
     return LiveSource(source, "device", "live") if device else LiveSource(source, "file", Path(source).stem or "live")
 
 
+def display_url(url):
+    """A URL as it may be printed and written in the results: a user and password become ***, and the values of
+    its query (where tokens go) *** too; the fragment is dropped."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc if "@" not in parts.netloc else "***@" + parts.netloc.rpartition("@")[2]
+    query = "&".join(f"{name}=***" for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    if parts.query and not query:
+        query = "***"  # a query that is not name=value pairs is masked whole
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def url_folder(url):
     """A URL's results folder: the name of the file in its path without the extension (clip for .../clip.mp4), or
     its host, as a plain folder name."""
@@ -152,7 +168,7 @@ def open_source(live):
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as error:  # ValueError: an FFmpeg without v4l2
         raise VideoError(device_problem(error) if live.kind == "device" else url_problem(error)) from None
     try:
-        return describe(live.text, container, live=True)
+        return describe(live.shown, container, live=True)
     except Exception:
         container.close()
         raise
@@ -226,12 +242,12 @@ def grade_live(grader, source, args, weights):
     try:
         video = open_source(live)
     except VideoError as error:
-        raise UserError(f"--live {source}: {error}.") from None
+        raise UserError(f"--live {live.shown}: {error}.") from None
     # a recording (a file, or a stream with a length) is played at its own rate and can be decoded again for the
     # strip; a camera or a live stream comes at its own pace, once
     paced = live.kind == "file" or (live.kind == "url" and video.duration is not None)
     run = videoout.VideoRun(files.new_run_dir(settings.video_out, live.folder), grader, settings)
-    run.source, run.weights = Path(source) if live.kind == "file" else source, weights
+    run.source, run.weights = Path(source) if live.kind == "file" else live.shown, weights
     run.reopen = functools.partial(open_source, live) if paced else None
     run.start(1 / min(settings.fps or video.rate, video.rate), live=True)
     newest, latencies = Newest(), []
@@ -240,7 +256,7 @@ def grade_live(grader, source, args, weights):
     )
     terminal = sys.stderr.isatty()
     started = last_status = time.perf_counter()
-    print(f"grading {source} live; Ctrl-C stops and writes the results", file=sys.stderr, flush=True)
+    print(f"grading {live.shown} live; Ctrl-C stops and writes the results", file=sys.stderr, flush=True)
     with GracefulStop() as stop:
         stop.finishing = "writing the results of the footage so far"
         reader.start()
