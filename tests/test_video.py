@@ -480,6 +480,12 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
         silent.close()
     assert err[0].endswith(f"ffmpeg -i {large} -vf scale=1920:-2 {large.with_name('large_1080p.mkv')}.")
     assert not (tmp_path / "v").exists()  # no results folder for a source that never gave a frame
+    code, out, err = cli("predict.py", "--live", "http://[::1/x.mp4", "--weights", run / "best.pt").lines()
+    assert (code, out, err) == (
+        2,
+        [],
+        ["error: --live: the URL is not valid (Invalid IPv6 URL); check how it is written."],
+    )
 
 
 def test_how_a_live_source_is_opened():

@@ -238,7 +238,10 @@ def status_line(run, latencies, newest):
 def grade_live(grader, source, args, weights):
     """Grade a live source until it ends or Ctrl-C, then write the outputs of a video file; the exit code."""
     settings = video_settings(args)
-    live = live_source(source)
+    try:
+        live = live_source(source)
+    except ValueError as error:  # urllib's: an unclosed [ of an IPv6 address, a port out of range
+        raise UserError(f"--live: the URL is not valid ({error}); check how it is written.") from None
     try:
         video = open_source(live)
     except VideoError as error:
