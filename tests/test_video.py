@@ -12,7 +12,9 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -439,6 +441,46 @@ def test_a_server_silent_when_the_strip_is_fetched_again_only_costs_the_strip(ru
     assert not (folder / "strip.png").exists() and any(n.startswith("strip.png was not made") for n in summary["notes"])
 
 
+@pytest.fixture
+def https_web(web, tmp_path):
+    """The web server behind TLS, with a self-signed certificate for 127.0.0.1 (made by the openssl command)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                               "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                              capture_output=True)  # fmt: skip
+    except FileNotFoundError:
+        pytest.skip("no openssl command to make a certificate with")
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {made.stderr[-300:]}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    web.socket = context.wrap_socket(web.socket, server_side=True)
+    web.cert = cert
+    web.url = lambda name: f"https://127.0.0.1:{web.server_port}/{name}"
+    return web
+
+
+def test_an_https_certificate_is_checked_against_the_systems(run, data, https_web, tmp_path, monkeypatch):
+    make_video(https_web.folder / "clip.mp4", data, [("severe", 1)])
+    url = https_web.url("clip.mp4")
+    code, out, err = cli("predict.py", "--live", url, "--weights", run / "best.pt", "--device", "cpu",
+                         "--video-out", tmp_path / "v").lines()  # fmt: skip
+    assert (code, out) == (2, []) and err == [
+        f"error: --live {url}: its certificate could not be verified (self-signed, expired or for another host); "
+        "check the URL, or add the server's CA certificate to the system's (or point SSL_CERT_FILE at it)."
+    ]
+    monkeypatch.setenv("SSL_CERT_FILE", str(https_web.cert))  # the certificate trusted: the stream is graded
+    options = live.live_source(url).av_arguments()["options"]
+    assert (options["tls_verify"], options["ca_file"]) == ("1", str(https_web.cert))
+    code, out, err = live_cli(url, "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "0", "--video-out", tmp_path / "v", "--json")  # fmt: skip
+    assert code == 0, err
+    (summary,) = json.loads(out)["videos"]
+    assert summary["complete"] and summary["frames_graded"] == 2 - summary["live"]["frames_dropped"] > 0
+    assert not any("certificate" in note for note in summary["notes"])
+
+
 def unused_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -497,6 +539,8 @@ def test_how_a_live_source_is_opened():
     rtsp = live.live_source("rtsp://endoscope.local:554/stream1")
     assert (rtsp.kind, rtsp.folder) == ("url", "stream1")
     assert rtsp.av_arguments() == {"timeout": (10.0, 10.0), "options": {"rw_timeout": "20000000"}}
+    https = live.live_source("https://endoscope.local/clip.mp4").av_arguments()["options"]
+    assert https["tls_verify"] == "1" and os.path.isfile(https["ca_file"])  # the system's CA bundle
     assert [live.live_source(url).folder for url in ("http://10.0.0.5/", "https://h/a%20b.m3u8", "http://h/..")] == [
         "10.0.0.5", "a_b", "h",
     ]  # fmt: skip

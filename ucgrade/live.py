@@ -15,6 +15,8 @@ import functools
 import json
 import os
 import re
+import socket
+import ssl
 import stat
 import sys
 import threading
@@ -122,8 +124,25 @@ class LiveSource:
             # PyAV's timeouts cover opening and reading, not a seek (the strip's frames of a recording): FFmpeg's
             # own rw_timeout (in microseconds) ends any wait for the network, a little after PyAV's would
             wait = 2 * max(OPEN_TIMEOUT, READ_TIMEOUT)
-            return {"timeout": (OPEN_TIMEOUT, READ_TIMEOUT), "options": {"rw_timeout": str(round(wait * 1e6))}}
+            options = {"rw_timeout": str(round(wait * 1e6))}
+            if self.verified_with():  # FFmpeg checks no certificate unless told to, and with no CA bundle of its own
+                options |= {"tls_verify": "1", "ca_file": self.verified_with()}
+            return {"timeout": (OPEN_TIMEOUT, READ_TIMEOUT), "options": options}
         return {}
+
+    def verified_with(self):
+        """The CA bundle an https URL's certificate is checked with; None for other sources, or when there is none."""
+        return ca_bundle() if self.kind == "url" and self.text.lower().startswith("https://") else None
+
+
+def ca_bundle():
+    """The system's CA certificates, as Python finds them (SSL_CERT_FILE first), or a usual place; None if none."""
+    paths = ssl.get_default_verify_paths()
+    usual = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+    for path in (paths.cafile, os.environ.get("SSL_CERT_FILE"), paths.openssl_cafile, *usual):
+        if path and os.path.isfile(path):
+            return path
+    return None
 
 
 def live_source(source):
@@ -166,12 +185,15 @@ def open_source(live):
     try:
         container = av.open(live.text, metadata_errors="ignore", **live.av_arguments())
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as error:  # ValueError: an FFmpeg without v4l2
-        raise VideoError(device_problem(error) if live.kind == "device" else url_problem(error)) from None
+        raise VideoError(device_problem(error) if live.kind == "device" else url_problem(error, live)) from None
     try:
-        return describe(live.shown, container, live=True)
+        video = describe(live.shown, container, live=True)
     except Exception:
         container.close()
         raise
+    if live.text.lower().startswith("https://") and live.verified_with() is None:
+        video.notes.append("the server's certificate was not checked: no CA bundle was found (set SSL_CERT_FILE)")
+    return video
 
 
 def device_problem(error):
@@ -200,9 +222,15 @@ def device_problem(error):
     )
 
 
-def url_problem(error):
+def url_problem(error, live):
     """Why a stream URL could not be opened, and what to check."""
     import av
+
+    if getattr(error, "errno", None) == errno.EIO and certificate_refused(live):
+        return (
+            "its certificate could not be verified (self-signed, expired or for another host); check the URL, or add "
+            "the server's CA certificate to the system's (or point SSL_CERT_FILE at it)"
+        )
 
     if isinstance(error, av.error.ExitError):  # PyAV's open timeout
         return f"no answer within {OPEN_TIMEOUT:g} s; check the URL, the network and that the stream is running"
@@ -214,6 +242,23 @@ def url_problem(error):
     if isinstance(error, (av.error.HTTPClientError, av.error.HTTPError)):
         return f"the server answered {short_reason(error).removeprefix('Server returned ')}; check the URL"
     return f"the stream cannot be opened ({short_reason(error)}); check the URL and that the stream is running"
+
+
+def certificate_refused(live):
+    """Whether an https server's certificate fails the check FFmpeg made (which says only "Input/output error"),
+    by a TLS handshake of Python's with the same CA bundle."""
+    ca_file, parts = live.verified_with(), urllib.parse.urlsplit(live.text)
+    if ca_file is None:
+        return False
+    context = ssl.create_default_context(cafile=ca_file)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=OPEN_TIMEOUT) as connection:
+            context.wrap_socket(connection, server_hostname=parts.hostname).close()
+    except ssl.SSLCertVerificationError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def status_line(run, latencies, newest):
