@@ -481,6 +481,49 @@ def test_an_https_certificate_is_checked_against_the_systems(run, data, https_we
     assert not any("certificate" in note for note in summary["notes"])
 
 
+def test_a_stream_that_opens_but_sends_no_frame_says_why_and_leaves_no_folder(run, data, web, tmp_path, monkeypatch):
+    stream = make_video(web.folder / "stream.mkv", data, [("severe", 4)])
+    web.stall_at = stream.read_bytes().find(b"\x1f\x43\xb6\x75") + 100  # the header, then silence in the first frame
+    monkeypatch.setattr(live, "OPEN_TIMEOUT", 0.5)
+    monkeypatch.setattr(live, "READ_TIMEOUT", 0.5)
+    code, out, err = cli("predict.py", "--live", web.url("stream.mkv"), "--weights", run / "best.pt", "--device",
+                         "cpu", "--video-out", tmp_path / "v").lines()  # fmt: skip
+    assert (code, out) == (2, []) and err[-1] == (
+        f"error: --live {web.url('stream.mkv')}: no frame arrived: the source cannot be read after 0.0 s (nothing "
+        "arrived for 0.5 s); check that the stream is running and sends video."
+    ), err
+    assert list((tmp_path / "v").iterdir()) == []  # no results folder with only a header row
+
+
+def test_ctrl_c_while_a_url_is_opening_stops_at_once(run, tmp_path):
+    """FFmpeg waits for a server that never answers until its open timeout (10 s); Ctrl-C ends the wait at once."""
+    silent = socket.socket()  # takes the connection, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/clip.mp4"
+
+    def ctrl_c_once_connected():
+        connections.append(silent.accept()[0])  # FFmpeg is waiting for the answer
+        os.kill(os.getpid(), signal.SIGINT)
+
+    connections = []
+
+    interrupter = threading.Thread(target=ctrl_c_once_connected, daemon=True)
+    interrupter.start()
+    try:
+        code, out, err = cli("predict.py", "--live", url, "--weights", run / "best.pt", "--device", "cpu",
+                             "--video-out", tmp_path / "v").lines()  # fmt: skip
+    finally:
+        interrupter.join(1)
+        for connection in [*connections, silent]:
+            connection.close()
+    assert (code, out) == (130, []) and err == [
+        "SIGINT received: no longer waiting for the source to open (Ctrl-C again stops at once).",
+        f"interrupted: stopped by SIGINT while {url} was opening; nothing was graded.",
+    ]
+    assert not (tmp_path / "v").exists()
+
+
 def unused_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -287,44 +287,75 @@ def grade_live(grader, source, args, weights):
         live = live_source(source)
     except ValueError as error:  # urllib's: an unclosed [ of an IPv6 address, a port out of range
         raise UserError(f"--live: the URL is not valid ({error}); check how it is written.") from None
-    try:
-        video = open_source(live)
-    except VideoError as error:
-        raise UserError(f"--live {live.shown}: {error}.") from None
-    # a recording (a file, or a stream with a length) is played at its own rate and can be decoded again for the
-    # strip; a camera or a live stream comes at its own pace, once
-    paced = live.kind == "file" or (live.kind == "url" and video.duration is not None)
-    run = videoout.VideoRun(files.new_run_dir(settings.video_out, live.folder), grader, settings)
-    run.source, run.weights = Path(source) if live.kind == "file" else live.shown, weights
-    run.reopen = functools.partial(open_source, live) if paced else None
-    run.start(1 / min(settings.fps or video.rate, video.rate), live=True)
-    newest, latencies = Newest(), []
-    reader = threading.Thread(
-        target=read_source, args=(video, settings.fps, grader.resize_size, newest, paced), daemon=True
-    )
-    terminal = sys.stderr.isatty()
-    started = last_status = time.perf_counter()
-    print(f"grading {live.shown} live; Ctrl-C stops and writes the results", file=sys.stderr, flush=True)
     with GracefulStop() as stop:
+        stop.finishing = "no longer waiting for the source to open"
+        video = open_until_stopped(live, stop)
         stop.finishing = "writing the results of the footage so far"
+        # a recording (a file, or a stream with a length) is played at its own rate and can be decoded again for
+        # the strip; a camera or a live stream comes at its own pace, once
+        paced = live.kind == "file" or (live.kind == "url" and video.duration is not None)
+        run = videoout.VideoRun(files.new_run_dir(settings.video_out, live.folder), grader, settings)
+        run.source, run.weights = Path(source) if live.kind == "file" else live.shown, weights
+        run.reopen = functools.partial(open_source, live) if paced else None
+        run.start(1 / min(settings.fps or video.rate, video.rate), live=True)
+        newest = Newest()
+        reader = threading.Thread(
+            target=read_source, args=(video, settings.fps, grader.resize_size, newest, paced), daemon=True
+        )
+        print(f"grading {live.shown} live; Ctrl-C stops and writes the results", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         reader.start()
-        while not stop():
-            arrival = newest.take(timeout=0.2)
-            if arrival is None and newest.done:
-                break
-            if arrival is None:
-                continue
-            run.add([arrival.frame], *grade_batch(grader, [arrival.frame], settings.thresholds))
-            latencies.append(time.perf_counter() - arrival.arrived)
-            if time.perf_counter() - last_status >= (STATUS_EVERY if terminal else 10 * STATUS_EVERY):
-                last_status = time.perf_counter()
-                print(("\r" if terminal else "") + status_line(run, latencies, newest), end="" if terminal else "\n",
-                      file=sys.stderr, flush=True)  # fmt: skip
+        latencies = grade_arrivals(run, newest, stop)
         newest.stop.set()
         reader.join()
+    return finish_live(run, video, newest, latencies, time.perf_counter() - started, stop, args)
+
+
+def open_until_stopped(live, stop):
+    """open_source in a thread, so that Ctrl-C ends the wait for a source that does not answer at once: Python runs
+    its signal handler only between bytecodes, and av.open waits inside FFmpeg until its timeout. The thread, if
+    left waiting, ends with the process."""
+    opened = {}
+
+    def open_it():
+        try:
+            opened["video"] = open_source(live)
+        except Exception as error:
+            opened["error"] = error
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop():
+        thread.join(0.1)
+    if stop():  # even if the open failed meanwhile: the user asked to stop
+        raise KeyboardInterrupt(f"stopped by {stop.signal_name} while {live.shown} was opening; nothing was graded.")
+    if isinstance(opened.get("error"), VideoError):
+        raise UserError(f"--live {live.shown}: {opened['error']}.")
+    if "error" in opened:
+        raise opened["error"]
+    return opened["video"]
+
+
+def grade_arrivals(run, newest, stop):
+    """Grade each frame the reader hands on until the source ends or Ctrl-C; the latencies (s)."""
+    grader, settings, latencies = run.grader, run.settings, []
+    terminal = sys.stderr.isatty()
+    last_status = time.perf_counter()
+    while not stop():
+        arrival = newest.take(timeout=0.2)
+        if arrival is None and newest.done:
+            break
+        if arrival is None:
+            continue
+        run.add([arrival.frame], *grade_batch(grader, [arrival.frame], settings.thresholds))
+        latencies.append(time.perf_counter() - arrival.arrived)
+        if time.perf_counter() - last_status >= (STATUS_EVERY if terminal else 10 * STATUS_EVERY):
+            last_status = time.perf_counter()
+            print(("\r" if terminal else "") + status_line(run, latencies, newest), end="" if terminal else "\n",
+                  file=sys.stderr, flush=True)  # fmt: skip
     if terminal:
         print(file=sys.stderr)
-    return finish_live(run, video, newest, latencies, time.perf_counter() - started, stop, args)
+    return latencies
 
 
 def finish_live(run, video, newest, latencies, seconds, stop, args):
@@ -334,8 +365,14 @@ def finish_live(run, video, newest, latencies, seconds, stop, args):
         run.complete, run.stopped = False, f"stopped by {stop.signal_name}"
     elif newest.error is not None:
         run.complete, run.stopped = False, f"the source failed: {newest.error}"
-    if not run.timeline.times:
-        raise UserError(f"no frame arrived from the live source{f' ({newest.error})' if newest.error else ''}.")
+    if not run.timeline.times:  # nothing to keep: no results folder
+        run.discard()
+        if stop():
+            raise KeyboardInterrupt(f"stopped by {stop.signal_name} before the first frame; nothing was written.")
+        reason = newest.error or video.stopped or "the stream ended before its first frame"
+        raise UserError(
+            f"--live {run.source}: no frame arrived: {reason}; check that the stream is running and sends video."
+        )
     summary = run.finish(video)
     latency = np.asarray(latencies) * 1000
     summary["live"] = {
