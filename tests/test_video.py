@@ -408,6 +408,17 @@ def test_live_mode_reads_a_stream_url_as_it_reads_a_file(run, data, web, tmp_pat
         assert "s3cret" not in text and "abcTOKEN9" not in text
 
 
+def test_a_recording_at_a_url_without_a_length_is_paced_by_its_timestamps(run, data, web, tmp_path):
+    make_video(web.folder / "raw.h264", data, [("severe", 2)])  # raw H.264: no header, so no duration
+    code, out, err = live_cli(web.url("raw.h264"), "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "0", "--video-out", tmp_path / "v", "--json")  # fmt: skip
+    assert code == 0, err
+    (summary,) = json.loads(out)["videos"]
+    assert summary["input"]["duration"] is None and summary["complete"]
+    # played at 25 frames/s as its timestamps say, not read as fast as the server sends it
+    assert summary["live"]["frames_received"] == 4 and summary["wall_seconds"] >= 1.5
+
+
 def test_a_stream_that_stops_sending_keeps_the_footage_so_far(run, data, web, tmp_path, monkeypatch):
     stream = make_video(web.folder / "stream.mkv", data, [("severe", 4)])
     web.stall_at = stream.stat().st_size // 2

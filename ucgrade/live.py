@@ -4,8 +4,8 @@ A reader thread decodes the source as it plays and keeps only the newest sampled
 it when it is free, so when grading falls behind, frames are dropped rather than the grade lagging, and the
 latency (from a frame's arrival to its grade) is measured. The terminal shows the current smoothed grade
 and the worst segment so far. When the source ends or on Ctrl-C, the footage so far gets the outputs of a
-video file (ucgrade.videoout), from the same timeline. A recording (a file, or a URL whose stream has a
-length) is read at its own frame rate, as a camera would deliver it: that is how the tests run the live mode.
+video file (ucgrade.videoout), from the same timeline. Anything but a camera (a file, a URL) is read at its own
+frame rate, by its timestamps, as a camera would deliver it: that is how the tests run the live mode.
 A source that cannot be opened (no such device, not a capture device, a URL refused, missing or silent) is
 one sentence that says what to check.
 """
@@ -84,13 +84,14 @@ class Newest:
 
 
 def read_source(video, fps, shorter, newest, paced):
-    """The reader thread: decode the source, sample it, and hand on each sampled frame at once (a file, paced:
-    when its time comes, as a camera would)."""
-    sampler, started = Sampler(fps), time.perf_counter()
+    """The reader thread: decode the source, sample it, and hand on each sampled frame at once (paced: when its
+    time comes, counted from the first frame, as a camera would)."""
+    sampler, started = Sampler(fps), None
     try:
         for index, at, frame in timed_frames(video):
             if newest.stop.is_set():
                 break
+            started = time.perf_counter() - at if started is None else started
             if paced and (wait := started + at - time.perf_counter()) > 0:
                 time.sleep(wait)
             if sampler.take(at):
@@ -291,12 +292,15 @@ def grade_live(grader, source, args, weights):
         stop.finishing = "no longer waiting for the source to open"
         video = open_until_stopped(live, stop)
         stop.finishing = "writing the results of the footage so far"
-        # a recording (a file, or a stream with a length) is played at its own rate and can be decoded again for
-        # the strip; a camera or a live stream comes at its own pace, once
-        paced = live.kind == "file" or (live.kind == "url" and video.duration is not None)
+        # anything but a camera is played by its timestamps: a recording (even one whose header gives no length,
+        # as raw H.264) would otherwise be read as fast as the network goes, its frames dropped, and a live stream
+        # never runs ahead of them; a recording (a file, or a stream with a length) can be decoded again for the
+        # strip, while a camera or a live stream comes once
+        paced = live.kind != "device"
+        recording = live.kind == "file" or (live.kind == "url" and video.duration is not None)
         run = videoout.VideoRun(files.new_run_dir(settings.video_out, live.folder), grader, settings)
         run.source, run.weights = Path(source) if live.kind == "file" else live.shown, weights
-        run.reopen = functools.partial(open_source, live) if paced else None
+        run.reopen = functools.partial(open_source, live) if recording else None
         run.start(1 / min(settings.fps or video.rate, video.rate), live=True)
         newest = Newest()
         reader = threading.Thread(
