@@ -329,7 +329,8 @@ def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mo
 
 class WebServer(http.server.BaseHTTPRequestHandler):
     """The files of server.folder over HTTP, with the byte ranges asked for, as a web server sends them (FFmpeg
-    reads an mp4's index, which PyAV writes at its end, before its frames). With server.stall_at set, a response
+    reads an mp4's index, which PyAV writes at its end, before its frames), or the error server.status gives for
+    a file's name. With server.stall_at set, a response
     stops at that byte and the server goes silent, as a stream that stopped sending. With server.silent_from set,
     that request (counted from 1) and every later one get no answer at all, until the test ends."""
 
@@ -339,6 +340,9 @@ class WebServer(http.server.BaseHTTPRequestHandler):
             self.server.released.wait(60)
             return
         path = self.server.folder / urllib.parse.urlsplit(self.path).path.lstrip("/")  # a query is not the file's
+        if path.name in self.server.status:  # an error answered for that name
+            self.send_error(self.server.status[path.name])
+            return
         if not path.is_file():
             self.send_error(404)
             return
@@ -371,6 +375,7 @@ def web(tmp_path):
     server.daemon_threads = True  # a stalled response is not waited for at the end
     server.folder, server.stall_at = tmp_path / "web", None
     server.requests, server.silent_from, server.released = 0, None, threading.Event()
+    server.status = {}  # file name: the HTTP error answered for it
     server.folder.mkdir()
     server.url = lambda name: f"http://127.0.0.1:{server.server_port}/{name}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -550,8 +555,17 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
     silent.listen()
     large = write_video(web.folder / "large.mkv", [(pictures(data, "black"), 0.04)], (7680, 4320), codec="mjpeg")
     no_camera = next(f"/dev/video{n}" for n in range(64, 256) if not os.path.exists(f"/dev/video{n}"))
+    web.status = {"busy.mp4": 503, "gone.mp4": 410}
+    (web.folder / "empty.mp4").write_bytes(b"")
+    (web.folder / "page.mp4").write_text("<!DOCTYPE html><html><body>Sign in</body></html>\n" * 20)
     expected = {
         web.url("missing.mp4"): "the server answered 404 Not Found; check the URL.",
+        web.url("busy.mp4"): "the server answered 503 Service Unavailable; try again later.",
+        web.url("gone.mp4"): "the server answered 410 Gone; check the URL.",
+        "http://no-such-host.invalid/clip.mp4": "there is no such host (no-such-host.invalid); check the URL and the "
+        "network.",
+        web.url("empty.mp4"): "what the server sent is not a video (empty, or a web page); check the URL.",
+        web.url("page.mp4"): "what the server sent is not a video (empty, or a web page); check the URL.",
         f"http://127.0.0.1:{unused_port()}/clip.mp4": "the connection was refused, so nothing serves at that host "
         "and port; check the URL and that the stream is running.",
         f"http://127.0.0.1:{silent.getsockname()[1]}/clip.mp4": "no answer within 0.5 s; check the URL, the network "

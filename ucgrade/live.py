@@ -10,8 +10,11 @@ A source that cannot be opened (no such device, not a capture device, a URL refu
 one sentence that says what to check.
 """
 
+import base64
 import errno
 import functools
+import http
+import http.client
 import json
 import os
 import re
@@ -227,12 +230,7 @@ def url_problem(error, live):
     """Why a stream URL could not be opened, and what to check."""
     import av
 
-    if getattr(error, "errno", None) == errno.EIO and certificate_refused(live):
-        return (
-            "its certificate could not be verified (self-signed, expired or for another host); check the URL, or add "
-            "the server's CA certificate to the system's (or point SSL_CERT_FILE at it)"
-        )
-
+    host = urllib.parse.urlsplit(live.text).hostname
     if isinstance(error, av.error.ExitError):  # PyAV's open timeout
         return f"no answer within {OPEN_TIMEOUT:g} s; check the URL, the network and that the stream is running"
     if isinstance(error, av.error.ConnectionRefusedError):
@@ -240,9 +238,58 @@ def url_problem(error, live):
             "the connection was refused, so nothing serves at that host and port; check the URL and that the stream "
             "is running"
         )
+    if isinstance(error, (av.error.HTTPServerError, av.error.HTTPOtherClientError)):  # FFmpeg says 5XX or 4XX
+        code = http_status(live)
+        answer = f"{code} {http.HTTPStatus(code).phrase}" if code in http.HTTPStatus._value2member_map_ else None
+        if isinstance(error, av.error.HTTPServerError):
+            return f"the server answered {answer or 'with an error of its own (5XX)'}; try again later"
+        return f"the server answered {answer or 'with a client error (4XX)'}; check the URL"
     if isinstance(error, (av.error.HTTPClientError, av.error.HTTPError)):
         return f"the server answered {short_reason(error).removeprefix('Server returned ')}; check the URL"
+    if isinstance(error, av.error.InvalidDataError):
+        return "what the server sent is not a video (empty, or a web page); check the URL"
+    if getattr(error, "errno", None) == errno.EIO and host and not resolves(host):
+        return f"there is no such host ({host}); check the URL and the network"
+    if getattr(error, "errno", None) == errno.EIO and certificate_refused(live):
+        return (
+            "its certificate could not be verified (self-signed, expired or for another host); check the URL, or add "
+            "the server's CA certificate to the system's (or point SSL_CERT_FILE at it)"
+        )
     return f"the stream cannot be opened ({short_reason(error)}); check the URL and that the stream is running"
+
+
+def resolves(host):
+    """Whether a host name has an address (FFmpeg reports one that has none only as an input/output error)."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def http_status(live):
+    """The status code an http(s) URL answers (FFmpeg's error names only 4XX or 5XX), or None."""
+    parts = urllib.parse.urlsplit(live.text)
+    if parts.scheme not in ("http", "https"):
+        return None
+    headers = {"Range": "bytes=0-0"}
+    if parts.username is not None:
+        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=live.verified_with())
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=OPEN_TIMEOUT, context=context)
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=OPEN_TIMEOUT)
+    try:
+        connection.request(
+            "GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")), headers=headers
+        )
+        return connection.getresponse().status
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        connection.close()
 
 
 def certificate_refused(live):
