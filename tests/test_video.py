@@ -612,6 +612,7 @@ def test_how_a_live_source_is_opened():
     assert [live.live_source(url).folder for url in ("http://10.0.0.5/", "https://h/a%20b.m3u8", "http://h/..")] == [
         "10.0.0.5", "a_b", "h",
     ]  # fmt: skip
+    assert live.live_source(f"http://h/{'é' * 300}.mp4").folder == "é" * 80  # a name a file system takes
     for path in ("clip.mp4", "/dev/shm/clip.mp4"):
         source = live.live_source(path)
         assert (source.kind, source.folder, source.av_arguments()) == ("file", "clip", {}), path

@@ -48,6 +48,7 @@ from .videograde import grade_batch, video_settings
 
 STATUS_EVERY = 1.0  # s between two status lines on a terminal (10 s when the output is a file)
 OPEN_TIMEOUT = 10.0  # s: a stream URL that has not answered by then is reported, not waited for
+FOLDER_NAME = 80  # characters at most of a results folder named after a URL
 READ_TIMEOUT = 10.0  # s: a stream that sends nothing for this long has stopped; the footage so far is kept
 
 
@@ -177,7 +178,9 @@ def url_folder(url):
     its host, as a plain folder name."""
     parts = urllib.parse.urlsplit(url)
     names = (PurePosixPath(urllib.parse.unquote(parts.path)).stem, parts.hostname or "")
-    return next((name for name in (re.sub(r"[^\w.-]+", "_", n).strip("._") for n in names) if name), "live")
+    # at most FOLDER_NAME characters: a file system refuses a name over 255 bytes ("File name too long")
+    plain = (re.sub(r"[^\w.-]+", "_", name)[:FOLDER_NAME].strip("._") for name in names)
+    return next((name for name in plain if name), "live")
 
 
 def open_source(live):
