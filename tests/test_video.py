@@ -178,8 +178,8 @@ def damaged_copies(folder, good):
         "audio.mp4": "has sound but no video stream",
         "unknown.avi": "its video codec is unknown to FFmpeg",
         "tiny.mp4": "its 16x16 px frames are too small to grade",
-        "large.mkv": "its 7680x4320 px frames are larger than any clinical endoscope records (4K: at most 4096 px on "
-        "the longer side), and each would take about 16 times as long to decode as a 1080p frame and up to 100 MB",
+        "large.mkv": "its 7680x4320 px frames are larger than any clinical endoscope records (4K: 4096 px a side), and "
+        "each would take 16 times as long to decode as 1080p for a model that sees it scaled down",
     }
 
 
@@ -215,8 +215,8 @@ def test_bad_videos_get_one_sentence_each_and_the_others_are_graded(run, data, t
     assert not cut["complete"] and 2.5 <= cut["seconds"] <= 4.5 and len(frames_of(cut["out"])) >= 12
     # refused from its header, before a frame is decoded: a downscaled copy is what to grade
     (large,) = [line for line in errors if "large.mkv" in line]
-    assert large.endswith(f"; a copy scaled down grades the same: ffmpeg -i {folder / 'large.mkv'} -vf scale=1920:-2 "
-                          f"{folder / 'large_1080p.mkv'}")  # fmt: skip
+    assert large.endswith(f"; a copy scaled down grades the same: `ffmpeg -i {folder / 'large.mkv'} -vf "
+                          f"scale=1920:-2 {folder / 'large_1080p.mkv'}`")  # fmt: skip
     assert not (tmp_path / "v" / "large").exists()
     assert (
         user_lines(err)[-1]
@@ -574,10 +574,9 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
         "pass the camera in, as docker run --device does).",
         "/dev/null": "it is not a video capture device; ls /dev/video* lists the devices (a camera often adds a "
         "second one that carries only metadata, and v4l2-ctl --list-devices tells them apart).",
-        web.url("large.mkv"): "its 7680x4320 px frames are larger than any clinical endoscope records (4K: at most "
-        "4096 px on the longer side), and each would take about 16 times as long to decode as a 1080p frame and up "
-        "to 100 MB, while the model sees it scaled down to its input (224 px by default) anyway; set the camera or "
-        "the stream to 1080p.",
+        web.url("large.mkv"): "its 7680x4320 px frames are larger than any clinical endoscope records (4K: 4096 px a "
+        "side), and each would take 16 times as long to decode as 1080p for a model that sees it scaled down; set the "
+        "camera or the stream to 1080p.",
         large: "its 7680x4320 px frames are larger than any clinical endoscope records",  # a file: ffmpeg's command
     }
     try:
@@ -588,7 +587,8 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
             assert err[0].startswith(f"error: --live {source}: {sentence}"), (source, err)
     finally:
         silent.close()
-    assert err[0].endswith(f"ffmpeg -i {large} -vf scale=1920:-2 {large.with_name('large_1080p.mkv')}.")
+    assert err[0].endswith(f"`ffmpeg -i {large} -vf scale=1920:-2 {large.with_name('large_1080p.mkv')}`.")
+    assert len(err[0].split(f"{large}: ")[1].split("`")[0]) < 230, err[0]  # the words a reader takes in before it
     assert not (tmp_path / "v").exists()  # no results folder for a source that never gave a frame
     code, out, err = cli("predict.py", "--live", "http://[::1/x.mp4", "--weights", run / "best.pt").lines()
     assert (code, out, err) == (
