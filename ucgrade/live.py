@@ -243,7 +243,7 @@ def url_problem(error, live):
         )
     if isinstance(error, (av.error.HTTPServerError, av.error.HTTPOtherClientError)):  # FFmpeg says 5XX or 4XX
         code = http_status(live)
-        answer = f"{code} {http.HTTPStatus(code).phrase}" if code in http.HTTPStatus._value2member_map_ else None
+        answer = f"{code} {http.HTTPStatus(code).phrase}" if code in set(http.HTTPStatus) else None
         if isinstance(error, av.error.HTTPServerError):
             return f"the server answered {answer or 'with an error of its own (5XX)'}; try again later"
         return f"the server answered {answer or 'with a client error (4XX)'}; check the URL"
