@@ -12,9 +12,12 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
+import urllib.parse
 from fractions import Fraction
 from pathlib import Path
 
@@ -175,8 +178,8 @@ def damaged_copies(folder, good):
         "audio.mp4": "has sound but no video stream",
         "unknown.avi": "its video codec is unknown to FFmpeg",
         "tiny.mp4": "its 16x16 px frames are too small to grade",
-        "large.mkv": "its 7680x4320 px frames are larger than any clinical endoscope records (4K: at most 4096 px on "
-        "the longer side), and each would take about 16 times as long to decode as a 1080p frame and up to 100 MB",
+        "large.mkv": "its 7680x4320 px frames are larger than any clinical endoscope records (4K: 4096 px a side), and "
+        "each would take 16 times as long to decode as 1080p for a model that sees it scaled down",
     }
 
 
@@ -212,8 +215,8 @@ def test_bad_videos_get_one_sentence_each_and_the_others_are_graded(run, data, t
     assert not cut["complete"] and 2.5 <= cut["seconds"] <= 4.5 and len(frames_of(cut["out"])) >= 12
     # refused from its header, before a frame is decoded: a downscaled copy is what to grade
     (large,) = [line for line in errors if "large.mkv" in line]
-    assert large.endswith(f"; a copy scaled down grades the same: ffmpeg -i {folder / 'large.mkv'} -vf scale=1920:-2 "
-                          f"{folder / 'large_1080p.mkv'}")  # fmt: skip
+    assert large.endswith(f"; a copy scaled down grades the same: `ffmpeg -i {folder / 'large.mkv'} -vf "
+                          f"scale=1920:-2 {folder / 'large_1080p.mkv'}`")  # fmt: skip
     assert not (tmp_path / "v" / "large").exists()
     assert (
         user_lines(err)[-1]
@@ -326,11 +329,20 @@ def test_live_mode_reads_a_file_at_its_rate_and_writes_the_outputs_of_offline_mo
 
 class WebServer(http.server.BaseHTTPRequestHandler):
     """The files of server.folder over HTTP, with the byte ranges asked for, as a web server sends them (FFmpeg
-    reads an mp4's index, which PyAV writes at its end, before its frames). With server.stall_at set, a response
-    stops at that byte and the server goes silent, as a stream that stopped sending."""
+    reads an mp4's index, which PyAV writes at its end, before its frames), or the error server.status gives for
+    a file's name. With server.stall_at set, a response
+    stops at that byte and the server goes silent, as a stream that stopped sending. With server.silent_from set,
+    that request (counted from 1) and every later one get no answer at all, until the test ends."""
 
     def do_GET(self):
-        path = self.server.folder / self.path.lstrip("/")
+        self.server.requests += 1
+        if self.server.silent_from is not None and self.server.requests >= self.server.silent_from:
+            self.server.released.wait(60)
+            return
+        path = self.server.folder / urllib.parse.urlsplit(self.path).path.lstrip("/")  # a query is not the file's
+        if path.name in self.server.status:  # an error answered for that name
+            self.send_error(self.server.status[path.name])
+            return
         if not path.is_file():
             self.send_error(404)
             return
@@ -362,11 +374,14 @@ def web(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebServer)
     server.daemon_threads = True  # a stalled response is not waited for at the end
     server.folder, server.stall_at = tmp_path / "web", None
+    server.requests, server.silent_from, server.released = 0, None, threading.Event()
+    server.status = {}  # file name: the HTTP error answered for it
     server.folder.mkdir()
     server.url = lambda name: f"http://127.0.0.1:{server.server_port}/{name}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
+    server.released.set()
     server.shutdown()
     server.server_close()
     thread.join()
@@ -374,9 +389,11 @@ def web(tmp_path):
 
 def test_live_mode_reads_a_stream_url_as_it_reads_a_file(run, data, web, tmp_path):
     make_video(web.folder / "clip.mp4", data, [("mild", 1), ("severe", 3)])
-    url = web.url("clip.mp4")
-    code, out, err = live_cli(url, "--weights", run / "best.pt", "--device", "cpu", "--min-gradable", "1", "--fps", "2",
-                              "--video-out", tmp_path / "v")  # fmt: skip
+    # a password and a token in the URL are never printed nor written: *** stands for them
+    secret = web.url("clip.mp4?token=abcTOKEN9&camera=2").replace("http://", "http://alice:s3cret@")
+    url = web.url("clip.mp4?token=***&camera=***").replace("http://", "http://***@")
+    code, out, err = live_cli(secret, "--weights", run / "best.pt", "--device", "cpu", "--min-gradable", "1",
+                              "--fps", "2", "--video-out", tmp_path / "v")  # fmt: skip
     assert code == 0, err
     folder = tmp_path / "v" / "clip"  # named after the URL's file
     assert {p.name for p in folder.iterdir()} == OUTPUTS  # the strip too: a recording at a URL is fetched again
@@ -388,6 +405,23 @@ def test_live_mode_reads_a_stream_url_as_it_reads_a_file(run, data, web, tmp_pat
     assert len(frames_of(folder)) == summary["frames_graded"] == 8 - summary["live"]["frames_dropped"]
     (line,) = user_lines(out)
     assert line.startswith(f"{url}: severe (worst segment ") and line.endswith(f"-> {folder}/")
+    assert user_lines(err)[0] == f"grading {url} live; Ctrl-C stops and writes the results"
+    code, _, gone_err = live_cli(secret.replace("clip.mp4", "gone.mp4"), "--weights", run / "best.pt", "--json")
+    assert code == 2 and gone_err.startswith(f"error: --live {url.replace('clip.mp4', 'gone.mp4')}: the server answ")
+    written = b"".join(path.read_bytes() for path in (tmp_path / "v").rglob("*") if path.is_file())
+    for text in (out, err, gone_err, written.decode("latin-1")):
+        assert "s3cret" not in text and "abcTOKEN9" not in text
+
+
+def test_a_recording_at_a_url_without_a_length_is_paced_by_its_timestamps(run, data, web, tmp_path):
+    make_video(web.folder / "raw.h264", data, [("severe", 2)])  # raw H.264: no header, so no duration
+    code, out, err = live_cli(web.url("raw.h264"), "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "0", "--video-out", tmp_path / "v", "--json")  # fmt: skip
+    assert code == 0, err
+    (summary,) = json.loads(out)["videos"]
+    assert summary["input"]["duration"] is None and summary["complete"]
+    # played at 25 frames/s as its timestamps say, not read as fast as the server sends it
+    assert summary["live"]["frames_received"] == 4 and summary["wall_seconds"] >= 1.5
 
 
 def test_a_stream_that_stops_sending_keeps_the_footage_so_far(run, data, web, tmp_path, monkeypatch):
@@ -401,6 +435,109 @@ def test_a_stream_that_stops_sending_keeps_the_footage_so_far(run, data, web, tm
     assert not summary["complete"] and 0 < summary["seconds"] < 4 and summary["frames_graded"] > 0
     assert re.fullmatch(r"the source cannot be read after \d+\.\d s \(nothing arrived for 0\.5 s\)", summary["stopped"])
     assert f"[incomplete: {summary['stopped']}]" in out
+
+
+def test_a_server_silent_when_the_strip_is_fetched_again_only_costs_the_strip(run, data, web, tmp_path, monkeypatch):
+    """The strip's frames of a recording at a URL are fetched again, from a seek; a server that never answers the
+    seek's request (the third: the first plays the video, the second opens it again) ends in FFmpeg's rw_timeout,
+    since PyAV's timeouts do not cover a seek, and the outputs are written without the strip."""
+    make_video(web.folder / "clip.mkv", data, [("mild", 1), ("severe", 3)])
+    web.silent_from = 3
+    monkeypatch.setattr(live, "OPEN_TIMEOUT", 0.5)
+    monkeypatch.setattr(live, "READ_TIMEOUT", 0.5)
+    secret = web.url("clip.mkv?token=abcTOKEN9").replace("http://", "http://alice:s3cret@")
+    code, out, err = live_cli(secret, "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "1", "--video-out", tmp_path / "v", "--json")  # fmt: skip
+    assert code == 0, err
+    assert "s3cret" not in out + err and "abcTOKEN9" not in out + err  # nor in --json's summary
+    folder = tmp_path / "v" / "clip"
+    (summary,) = json.loads(out)["videos"]
+    assert summary == json.loads((folder / "video.json").read_text())
+    assert summary["grade"] == "severe" and summary["complete"] and web.requests >= 3
+    assert not (folder / "strip.png").exists() and any(n.startswith("strip.png was not made") for n in summary["notes"])
+
+
+@pytest.fixture
+def https_web(web, tmp_path):
+    """The web server behind TLS, with a self-signed certificate for 127.0.0.1 (made by the openssl command)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                               "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                              capture_output=True)  # fmt: skip
+    except FileNotFoundError:
+        pytest.skip("no openssl command to make a certificate with")
+    if made.returncode != 0:
+        pytest.skip(f"openssl could not make a certificate: {made.stderr[-300:]}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    web.socket = context.wrap_socket(web.socket, server_side=True)
+    web.cert = cert
+    web.url = lambda name: f"https://127.0.0.1:{web.server_port}/{name}"
+    return web
+
+
+def test_an_https_certificate_is_checked_against_the_systems(run, data, https_web, tmp_path, monkeypatch):
+    make_video(https_web.folder / "clip.mp4", data, [("severe", 1)])
+    url = https_web.url("clip.mp4")
+    code, out, err = cli("predict.py", "--live", url, "--weights", run / "best.pt", "--device", "cpu",
+                         "--video-out", tmp_path / "v").lines()  # fmt: skip
+    assert (code, out) == (2, []) and err == [
+        f"error: --live {url}: its certificate could not be verified (self-signed, expired or for another host); "
+        "check the URL, or add the server's CA certificate to the system's (or point SSL_CERT_FILE at it)."
+    ]
+    monkeypatch.setenv("SSL_CERT_FILE", str(https_web.cert))  # the certificate trusted: the stream is graded
+    options = live.live_source(url).av_arguments()["options"]
+    assert (options["tls_verify"], options["ca_file"]) == ("1", str(https_web.cert))
+    code, out, err = live_cli(url, "--weights", run / "best.pt", "--device", "cpu", "--fps", "2",
+                              "--min-gradable", "0", "--video-out", tmp_path / "v", "--json")  # fmt: skip
+    assert code == 0, err
+    (summary,) = json.loads(out)["videos"]
+    assert summary["complete"] and summary["frames_graded"] == 2 - summary["live"]["frames_dropped"] > 0
+    assert not any("certificate" in note for note in summary["notes"])
+
+
+def test_a_stream_that_opens_but_sends_no_frame_says_why_and_leaves_no_folder(run, data, web, tmp_path, monkeypatch):
+    stream = make_video(web.folder / "stream.mkv", data, [("severe", 4)])
+    web.stall_at = stream.read_bytes().find(b"\x1f\x43\xb6\x75") + 100  # the header, then silence in the first frame
+    monkeypatch.setattr(live, "OPEN_TIMEOUT", 0.5)
+    monkeypatch.setattr(live, "READ_TIMEOUT", 0.5)
+    code, out, err = cli("predict.py", "--live", web.url("stream.mkv"), "--weights", run / "best.pt", "--device",
+                         "cpu", "--video-out", tmp_path / "v").lines()  # fmt: skip
+    assert (code, out) == (2, []) and err[-1] == (
+        f"error: --live {web.url('stream.mkv')}: no frame arrived: the source cannot be read after 0.0 s (nothing "
+        "arrived for 0.5 s); check that the stream is running and sends video."
+    ), err
+    assert list((tmp_path / "v").iterdir()) == []  # no results folder with only a header row
+
+
+def test_ctrl_c_while_a_url_is_opening_stops_at_once(run, tmp_path):
+    """FFmpeg waits for a server that never answers until its open timeout (10 s); Ctrl-C ends the wait at once."""
+    silent = socket.socket()  # takes the connection, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/clip.mp4"
+
+    def ctrl_c_once_connected():
+        connections.append(silent.accept()[0])  # FFmpeg is waiting for the answer
+        os.kill(os.getpid(), signal.SIGINT)
+
+    connections = []
+
+    interrupter = threading.Thread(target=ctrl_c_once_connected, daemon=True)
+    interrupter.start()
+    try:
+        code, out, err = cli("predict.py", "--live", url, "--weights", run / "best.pt", "--device", "cpu",
+                             "--video-out", tmp_path / "v").lines()  # fmt: skip
+    finally:
+        interrupter.join(1)
+        for connection in [*connections, silent]:
+            connection.close()
+    assert (code, out) == (130, []) and err == [
+        "SIGINT received: no longer waiting for the source to open (Ctrl-C again stops at once).",
+        f"interrupted: stopped by SIGINT while {url} was opening; nothing was graded.",
+    ]
+    assert not (tmp_path / "v").exists()
 
 
 def unused_port():
@@ -418,8 +555,17 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
     silent.listen()
     large = write_video(web.folder / "large.mkv", [(pictures(data, "black"), 0.04)], (7680, 4320), codec="mjpeg")
     no_camera = next(f"/dev/video{n}" for n in range(64, 256) if not os.path.exists(f"/dev/video{n}"))
+    web.status = {"busy.mp4": 503, "gone.mp4": 410}
+    (web.folder / "empty.mp4").write_bytes(b"")
+    (web.folder / "page.mp4").write_text("<!DOCTYPE html><html><body>Sign in</body></html>\n" * 20)
     expected = {
         web.url("missing.mp4"): "the server answered 404 Not Found; check the URL.",
+        web.url("busy.mp4"): "the server answered 503 Service Unavailable; try again later.",
+        web.url("gone.mp4"): "the server answered 410 Gone; check the URL.",
+        "http://no-such-host.invalid/clip.mp4": "there is no such host (no-such-host.invalid); check the URL and the "
+        "network.",
+        web.url("empty.mp4"): "what the server sent is not a video (empty, or a web page); check the URL.",
+        web.url("page.mp4"): "what the server sent is not a video (empty, or a web page); check the URL.",
         f"http://127.0.0.1:{unused_port()}/clip.mp4": "the connection was refused, so nothing serves at that host "
         "and port; check the URL and that the stream is running.",
         f"http://127.0.0.1:{silent.getsockname()[1]}/clip.mp4": "no answer within 0.5 s; check the URL, the network "
@@ -428,10 +574,9 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
         "pass the camera in, as docker run --device does).",
         "/dev/null": "it is not a video capture device; ls /dev/video* lists the devices (a camera often adds a "
         "second one that carries only metadata, and v4l2-ctl --list-devices tells them apart).",
-        web.url("large.mkv"): "its 7680x4320 px frames are larger than any clinical endoscope records (4K: at most "
-        "4096 px on the longer side), and each would take about 16 times as long to decode as a 1080p frame and up "
-        "to 100 MB, while the model sees it scaled down to its input (224 px by default) anyway; set the camera or "
-        "the stream to 1080p.",
+        web.url("large.mkv"): "its 7680x4320 px frames are larger than any clinical endoscope records (4K: 4096 px a "
+        "side), and each would take 16 times as long to decode as 1080p for a model that sees it scaled down; set the "
+        "camera or the stream to 1080p.",
         large: "its 7680x4320 px frames are larger than any clinical endoscope records",  # a file: ffmpeg's command
     }
     try:
@@ -442,8 +587,15 @@ def test_a_live_source_that_cannot_be_opened_is_one_sentence(run, data, web, tmp
             assert err[0].startswith(f"error: --live {source}: {sentence}"), (source, err)
     finally:
         silent.close()
-    assert err[0].endswith(f"ffmpeg -i {large} -vf scale=1920:-2 {large.with_name('large_1080p.mkv')}.")
+    assert err[0].endswith(f"`ffmpeg -i {large} -vf scale=1920:-2 {large.with_name('large_1080p.mkv')}`.")
+    assert len(err[0].split(f"{large}: ")[1].split("`")[0]) < 230, err[0]  # the words a reader takes in before it
     assert not (tmp_path / "v").exists()  # no results folder for a source that never gave a frame
+    code, out, err = cli("predict.py", "--live", "http://[::1/x.mp4", "--weights", run / "best.pt").lines()
+    assert (code, out, err) == (
+        2,
+        [],
+        ["error: --live: the URL is not valid (Invalid IPv6 URL); check how it is written."],
+    )
 
 
 def test_how_a_live_source_is_opened():
@@ -453,10 +605,14 @@ def test_how_a_live_source_is_opened():
         source = live.live_source(device)  # a character device, or a path under /dev that is not there
         assert (source.kind, source.folder, source.av_arguments()) == ("device", "live", {"format": "v4l2"}), device
     rtsp = live.live_source("rtsp://endoscope.local:554/stream1")
-    assert (rtsp.kind, rtsp.folder, rtsp.av_arguments()) == ("url", "stream1", {"timeout": (10.0, 10.0)})
+    assert (rtsp.kind, rtsp.folder) == ("url", "stream1")
+    assert rtsp.av_arguments() == {"timeout": (10.0, 10.0), "options": {"rw_timeout": "20000000"}}
+    https = live.live_source("https://endoscope.local/clip.mp4").av_arguments()["options"]
+    assert https["tls_verify"] == "1" and os.path.isfile(https["ca_file"])  # the system's CA bundle
     assert [live.live_source(url).folder for url in ("http://10.0.0.5/", "https://h/a%20b.m3u8", "http://h/..")] == [
         "10.0.0.5", "a_b", "h",
     ]  # fmt: skip
+    assert live.live_source(f"http://h/{'é' * 300}.mp4").folder == "é" * 80  # a name a file system takes
     for path in ("clip.mp4", "/dev/shm/clip.mp4"):
         source = live.live_source(path)
         assert (source.kind, source.folder, source.av_arguments()) == ("file", "clip", {}), path

@@ -193,13 +193,13 @@ def check_size(width, height, name, live):
     else:
         scale = "1920:-2" if width >= height else "-2:1920"  # the longer side at 1920 px
         copy = Path(name).with_name(f"{Path(name).stem}_1080p{Path(name).suffix}")
-        remedy = f"a copy scaled down grades the same: ffmpeg -i {shlex.quote(name)} -vf scale={scale} "
-        remedy += shlex.quote(str(copy))
+        # in backticks: the sentence's full stop is not pasted with the command
+        remedy = f"a copy scaled down grades the same: `ffmpeg -i {shlex.quote(name)} -vf scale={scale} "
+        remedy += f"{shlex.quote(str(copy))}`"
     raise VideoError(
-        f"its {width}x{height} px frames are larger than any clinical endoscope records (4K: at most {LARGE_SIDE} px "
-        f"on the longer side), and each would take about {width * height / (1920 * 1080):.0f} times as long to "
-        f"decode as a 1080p frame and up to {width * height * 3 / 1e6:.0f} MB, while the model sees it scaled down "
-        f"to its input (224 px by default) anyway; {remedy}"
+        f"its {width}x{height} px frames are larger than any clinical endoscope records (4K: {LARGE_SIDE} px a side), "
+        f"and each would take {width * height / (1920 * 1080):.0f} times as long to decode as 1080p for a model that "
+        f"sees it scaled down; {remedy}"
     )
 
 

@@ -7,6 +7,7 @@ matplotlib, which the grading-only install does not have: there they are skipped
 
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,11 @@ class VideoRun:
                 + [f"{measures[0][k]:.1f}", f"{measures[1][k]:.4f}", f"{measures[2][k]:.1f}", number(scores[k])]
             )
         self._file.flush()
+
+    def discard(self):
+        """Remove the results folder of a video that gave no frame: it would hold only frames.csv's header."""
+        self._file.close()
+        shutil.rmtree(self.out_dir)
 
     def finish(self, video):
         """Read the timeline, and write every output; returns the summary written to video.json."""
