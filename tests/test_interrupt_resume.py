@@ -4,6 +4,7 @@ files, a diverging loss and running out of memory.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,53 @@ def test_sigterm_to_the_process_and_its_loader_workers_stops_the_run(data24, tmp
         stderr.count("SIGTERM received: stopping after the current batch") == 1
     )  # said by the main process, not by each worker
     check_interrupted_run(run, code, seconds, stderr)
+
+
+# A process group signalled while a loader's workers start: the time between torch's signal handlers and the
+# worker_init_fn of each worker is made 1 s long, and SIGTERM reaches the group within it.
+WORKERS_SIGNALLED_AS_THEY_START = """
+import os, signal, sys, time
+import torch
+from torch.utils.data._utils import signal_handling
+sys.path.insert(0, {root!r})
+from ucgrade import data
+
+handlers = signal_handling._set_worker_signal_handlers
+def slow_start():
+    handlers()  # torch's: a SIGTERM that its parent did not send kills the worker
+    time.sleep(1.0)
+signal_handling._set_worker_signal_handlers = slow_start
+received = []
+signal.signal(signal.SIGTERM, lambda *_: received.append("SIGTERM"))
+loader = {loader}(torch.utils.data.TensorDataset(torch.arange(8)), batch_size=2, num_workers=2,
+                       worker_init_fn=data._leave_signals_to_the_main_process)
+batches = iter(loader)
+os.killpg(0, signal.SIGTERM)
+print(sorted(int(i) for batch in batches for i in batch[0]), received)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_a_signal_while_the_loader_workers_start_reaches_only_the_main_process():
+    """A scheduler's SIGTERM to the group as an epoch's workers start: with the project's loader the workers
+    live on and the main process alone gets the signal, to stop after its batch; a plain DataLoader loses a worker,
+    and the run would end in a traceback (test_sigterm_to_the_process_and_its_loader_workers_stops_the_run met
+    it once, in CI, when its signal came as the second epoch's workers started)."""
+    outcomes = {}
+    for loader in ("data.SignalSafeLoader", "torch.utils.data.DataLoader"):
+        script = WORKERS_SIGNALLED_AS_THEY_START.format(root=str(ROOT), loader=loader)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, start_new_session=True
+            )
+            outcomes[loader] = (result.returncode, result.stdout.strip(), result.stderr)
+        except subprocess.TimeoutExpired:
+            outcomes[loader] = (None, "", "hung")
+    code, out, err = outcomes["data.SignalSafeLoader"]
+    assert code == 0 and out == "[0, 1, 2, 3, 4, 5, 6, 7] ['SIGTERM']", err
+    code, _, err = outcomes["torch.utils.data.DataLoader"]
+    lost = re.search(r"DataLoader worker \(pid.*\) (is killed by signal: Terminated|exited unexpectedly)", err)
+    assert code != 0 and lost, err
 
 
 def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path):

@@ -308,7 +308,7 @@ def make_loader(dataset, batch_size, workers, runtime, shuffle=False, generator=
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
     if sampler is not None:
         sampler = SeededSampler(sampler, generator, runtime.rank, runtime.world_size)
-    return torch.utils.data.DataLoader(
+    return SignalSafeLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -321,11 +321,33 @@ def make_loader(dataset, batch_size, workers, runtime, shuffle=False, generator=
     )
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class SignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes start with Ctrl-C and SIGTERM blocked, until their worker_init_fn
+    ignores them: a signal to the process group while an epoch's workers start would otherwise kill a worker
+    before it ignores them, and the run would end in a traceback, not stop after its batch. The main process
+    holds its own signal for those few milliseconds (a blocked signal waits; it is not lost)."""
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # Windows starts workers afresh
+            return super().__iter__()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _leave_signals_to_the_main_process(worker_id):
     """Ctrl-C and SIGTERM reach every process of the group. A worker that died of them would crash
-    the run; ignoring them lets the main process stop after the batch and then shut the workers down."""
+    the run; ignoring them lets the main process stop after the batch and then shut the workers down.
+    They were blocked since the worker started (SignalSafeLoader): one that came meanwhile is dropped here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 # ----------------------------------------------------------------------------- a run's images
