@@ -286,14 +286,14 @@ print(sorted(int(i) for batch in batches for i in batch[0]), received)
 def test_a_signal_while_the_loader_workers_start_reaches_only_the_main_process():
     """A scheduler's SIGTERM to the group as an epoch's workers start: with the project's loader the workers
     live on and the main process alone gets the signal, to stop after its batch; a plain DataLoader loses a worker,
-    and the run would end in a traceback (test_sigterm_to_the_process_and_its_loader_workers_stops_the_run met
+    and the run would end in a traceback or hang (test_sigterm_to_the_process_and_its_loader_workers_stops_the_run met
     it once, in CI, when its signal came as the second epoch's workers started)."""
     outcomes = {}
-    for loader in ("data.SignalSafeLoader", "torch.utils.data.DataLoader"):
+    for loader, seconds in (("data.SignalSafeLoader", 60), ("torch.utils.data.DataLoader", 20)):
         script = WORKERS_SIGNALLED_AS_THEY_START.format(root=str(ROOT), loader=loader)
         try:
             result = subprocess.run(
-                [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, start_new_session=True
+                [sys.executable, "-c", script], capture_output=True, text=True, timeout=seconds, start_new_session=True
             )
             outcomes[loader] = (result.returncode, result.stdout.strip(), result.stderr)
         except subprocess.TimeoutExpired:
@@ -301,8 +301,9 @@ def test_a_signal_while_the_loader_workers_start_reaches_only_the_main_process()
     code, out, err = outcomes["data.SignalSafeLoader"]
     assert code == 0 and out == "[0, 1, 2, 3, 4, 5, 6, 7] ['SIGTERM']", err
     code, _, err = outcomes["torch.utils.data.DataLoader"]
+    # a lost worker is an error, or a process that never ends (its other worker ignores the SIGTERM of exit)
     lost = re.search(r"DataLoader worker \(pid.*\) (is killed by signal: Terminated|exited unexpectedly)", err)
-    assert code != 0 and lost, err
+    assert code != 0 and (lost or err == "hung"), err
 
 
 def test_a_diverging_loss_stops_the_run_with_a_hint(small_data, tmp_path):
