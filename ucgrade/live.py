@@ -130,8 +130,9 @@ class LiveSource:
             # own rw_timeout (in microseconds) ends any wait for the network, a little after PyAV's would
             wait = 2 * max(OPEN_TIMEOUT, READ_TIMEOUT)
             options = {"rw_timeout": str(round(wait * 1e6))}
-            if self.verified_with():  # FFmpeg checks no certificate unless told to, and with no CA bundle of its own
-                options |= {"tls_verify": "1", "ca_file": self.verified_with()}
+            # FFmpeg checks no certificate unless told to, and with no CA bundle of its own
+            if ca_file := self.verified_with():
+                options |= {"tls_verify": "1", "ca_file": ca_file}
             return {"timeout": (OPEN_TIMEOUT, READ_TIMEOUT), "options": options}
         return {}
 
